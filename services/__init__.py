@@ -1,0 +1,1 @@
+"""Callmesh services: ingest, transcribe, analyze and crm, plus their shared package."""

@@ -1,0 +1,123 @@
+"""Bootstrap for the gRPC services: one ``serve()`` shape for all of them.
+
+Builds a ``grpc.aio`` server with tracing, health and reflection beside the
+servicer, binds the listen address (port 0 picks a free port), writes the bound
+address to ``CALLMESH_READY_FILE`` when set, and on SIGTERM or SIGINT stops
+accepting, lets in-flight calls finish within the grace period, then runs the
+service's own cleanup.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_server_interceptor
+
+from services.common.config import GrpcServerSettings
+
+log = logging.getLogger(__name__)
+
+# Recordings travel in chunks; analysis requests carry whole transcripts.
+MAX_MESSAGE_BYTES = 32 * 1024 * 1024
+_CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.lb_policy_name", "round_robin"),
+]
+
+
+@dataclass
+class ServiceBinding:
+    """What a service registers on the server."""
+
+    name: str  # full service name, e.g. "callcenter.v1.TranscriptionService"
+    register: Callable[[grpc.aio.Server], None]
+
+
+@dataclass
+class RunningServer:
+    server: grpc.aio.Server
+    health: health.aio.HealthServicer
+    address: str
+    port: int
+    services: tuple[str, ...]
+
+    async def stop(self, grace: float) -> None:
+        """Report NOT_SERVING, then stop with ``grace`` seconds for in-flight calls."""
+        for name in (*self.services, ""):
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.server.stop(grace)
+
+
+async def start_server(listen: str, bindings: Iterable[ServiceBinding]) -> RunningServer:
+    """Start a server on ``listen`` with health, reflection and tracing."""
+    bindings = list(bindings)
+    server = grpc.aio.server(
+        interceptors=[aio_server_interceptor()],
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ],
+    )
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for b in bindings:
+        b.register(server)
+    names = tuple(b.name for b in bindings)
+    reflection.enable_server_reflection((*names, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    port = server.add_insecure_port(listen)
+    if port == 0:
+        raise RuntimeError(f"could not bind {listen}")
+    await server.start()
+    for name in (*names, ""):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    host = listen.rsplit(":", 1)[0]
+    address = f"{host}:{port}"
+    return RunningServer(server, health_servicer, address, port, names)
+
+
+def write_ready_file(settings: GrpcServerSettings, address: str) -> None:
+    if settings.ready_file is not None:
+        tmp = settings.ready_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"address": address}))
+        tmp.replace(settings.ready_file)
+
+
+def install_stop_signals(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+
+async def serve(
+    service: str,
+    settings: GrpcServerSettings,
+    bindings: Iterable[ServiceBinding],
+    on_stop: Callable[[], Awaitable[None]] | None = None,
+) -> None:
+    """Run until SIGTERM/SIGINT, then drain gracefully."""
+    running = await start_server(settings.listen, bindings)
+    log.info("%s listening on %s", service, running.address)
+    write_ready_file(settings, running.address)
+    stop = asyncio.Event()
+    install_stop_signals(stop)
+    await stop.wait()
+    log.info("%s stopping: draining in-flight calls for up to %.0f s", service, settings.grace_seconds)
+    await running.stop(settings.grace_seconds)
+    if on_stop is not None:
+        await on_stop()
+    log.info("%s stopped", service)
+
+
+def insecure_channel(target: str) -> grpc.aio.Channel:
+    """A traced client channel with the mesh's message limits and per-call balancing."""
+    return grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS, interceptors=aio_client_interceptors())

@@ -1,0 +1,1 @@
+"""Transcribe service: streams Whisper segments over gRPC as faster-whisper decodes them."""

@@ -1,0 +1,95 @@
+"""Settings of the transcribe service, from the environment."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from services.common.config import (
+    ConfigError,
+    GrpcServerSettings,
+    data_dir,
+    env_bool,
+    env_float,
+    env_int,
+    env_str,
+)
+
+
+@dataclass(frozen=True)
+class DecodeSettings:
+    """faster-whisper decoding options; defaults chosen to hold on hard (synthetic, telephone) audio."""
+
+    beam_size: int = 5
+    temperature: float = 0.0
+    condition_on_previous_text: bool = False
+    no_repeat_ngram_size: int = 3
+    repetition_penalty: float = 1.1
+    vad_filter: bool = True
+    compression_ratio_threshold: float = 2.4
+    no_speech_threshold: float = 0.6
+    language_detection_segments: int = 3
+
+    @classmethod
+    def from_env(cls) -> "DecodeSettings":
+        d = cls()
+        return cls(
+            beam_size=env_int("WHISPER_BEAM_SIZE", d.beam_size, minimum=1),
+            temperature=env_float("WHISPER_TEMPERATURE", d.temperature, minimum=0.0),
+            condition_on_previous_text=env_bool("WHISPER_CONDITION_ON_PREVIOUS_TEXT", d.condition_on_previous_text),
+            no_repeat_ngram_size=env_int("WHISPER_NO_REPEAT_NGRAM_SIZE", d.no_repeat_ngram_size, minimum=0),
+            repetition_penalty=env_float("WHISPER_REPETITION_PENALTY", d.repetition_penalty, minimum=0.0),
+            vad_filter=env_bool("WHISPER_VAD", d.vad_filter),
+            compression_ratio_threshold=env_float("WHISPER_COMPRESSION_RATIO_THRESHOLD", d.compression_ratio_threshold),
+            no_speech_threshold=env_float("WHISPER_NO_SPEECH_THRESHOLD", d.no_speech_threshold),
+            language_detection_segments=env_int("WHISPER_LANGUAGE_DETECTION_SEGMENTS", d.language_detection_segments, minimum=1),
+        )
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """Which Whisper model runs where."""
+
+    model_path: Path
+    device: str = "cpu"
+    compute_type: str = "int8"
+    cpu_threads: int = 0
+    num_workers: int = 1
+    decode: DecodeSettings = DecodeSettings()
+
+    @classmethod
+    def from_env(cls) -> "EngineSettings":
+        device = env_str("WHISPER_DEVICE", "cpu")
+        if device not in {"cpu", "cuda", "auto"}:
+            raise ConfigError(f"WHISPER_DEVICE={device!r}: use cpu, cuda or auto")
+        default_compute = "float16" if device == "cuda" else "int8"
+        workers = env_int("TRANSCRIBE_MAX_CONCURRENT", 1, minimum=1)
+        return cls(
+            model_path=Path(env_str("WHISPER_MODEL", str(data_dir() / "models" / "whisper-base"))),
+            device=device,
+            compute_type=env_str("WHISPER_COMPUTE_TYPE", default_compute),
+            cpu_threads=env_int("WHISPER_CPU_THREADS", os.cpu_count() or 1, minimum=0),
+            num_workers=workers,
+            decode=DecodeSettings.from_env(),
+        )
+
+
+@dataclass(frozen=True)
+class TranscribeSettings:
+    server: GrpcServerSettings
+    engine: EngineSettings
+    max_concurrent: int
+    max_queued: int
+    max_audio_bytes: int
+
+    @classmethod
+    def from_env(cls) -> "TranscribeSettings":
+        engine = EngineSettings.from_env()
+        return cls(
+            server=GrpcServerSettings.from_env("TRANSCRIBE", 50051),
+            engine=engine,
+            max_concurrent=engine.num_workers,
+            max_queued=env_int("TRANSCRIBE_MAX_QUEUED", 8, minimum=0),
+            max_audio_bytes=env_int("TRANSCRIBE_MAX_AUDIO_BYTES", 512 * 1024 * 1024, minimum=1),
+        )

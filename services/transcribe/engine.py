@@ -1,0 +1,263 @@
+"""The Whisper engine: faster-whisper behind plain Python types, no gRPC.
+
+``WhisperEngine.run`` is a blocking generator meant for a worker thread: it
+decodes the recording, yields the language as soon as it is known, then each
+segment as faster-whisper yields it, then a summary. Setting the ``cancel``
+event stops it between segments.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO, Literal
+
+import numpy as np
+
+from services.transcribe.config import EngineSettings
+
+log = logging.getLogger(__name__)
+
+SAMPLE_RATE = 16_000
+Speaker = Literal["agent", "customer", "unknown"]
+
+
+class AudioDecodeError(ValueError):
+    """The recording is not audio FFmpeg can decode, or holds no samples."""
+
+
+class DecodeCancelled(Exception):
+    """The caller went away; the decode stopped."""
+
+
+@dataclass(frozen=True)
+class TranscribeOptions:
+    """What the caller asked for."""
+
+    language: str | None = None
+    stereo: bool = False
+    agent_channel: Literal["left", "right"] = "left"
+    word_timestamps: bool = False
+    hotwords: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class WordResult:
+    text: str
+    start: float
+    end: float
+    probability: float
+
+
+@dataclass(frozen=True)
+class SegmentResult:
+    index: int
+    start: float
+    end: float
+    text: str
+    speaker: Speaker
+    channel: int
+    avg_logprob: float
+    no_speech_prob: float
+    language: str
+    words: tuple[WordResult, ...] = ()
+
+
+@dataclass(frozen=True)
+class LanguageResult:
+    code: str
+    probability: float
+    from_hint: bool
+
+
+@dataclass(frozen=True)
+class SummaryResult:
+    language: str
+    language_probability: float
+    audio_duration: float
+    speech_duration: float
+    segment_count: int
+    processing_time: float
+    model: str
+
+
+Event = LanguageResult | SegmentResult | SummaryResult
+
+
+@dataclass
+class EngineStats:
+    """Counters the service and tests read to see what the engine is doing."""
+
+    active: int = 0
+    completed: int = 0
+    cancelled: int = 0
+    segments: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, **deltas: int) -> None:
+        with self._lock:
+            for name, delta in deltas.items():
+                setattr(self, name, getattr(self, name) + delta)
+
+
+def decode_audio(source: str | Path | BinaryIO, *, split_stereo: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """Decode any container FFmpeg reads into 16 kHz float32 samples."""
+    from faster_whisper import decode_audio as fw_decode
+
+    try:
+        audio = fw_decode(str(source) if isinstance(source, Path) else source,
+                          sampling_rate=SAMPLE_RATE, split_stereo=split_stereo)
+    except Exception as exc:  # PyAV raises several error types for bad input
+        raise AudioDecodeError(f"the recording is not audio that can be decoded ({type(exc).__name__}: {exc})") from exc
+    first = audio[0] if split_stereo else audio
+    if first.size == 0:
+        raise AudioDecodeError("the recording holds no audio samples")
+    return audio
+
+
+class WhisperEngine:
+    """One loaded Whisper model, shared by every stream."""
+
+    def __init__(self, settings: EngineSettings) -> None:
+        from faster_whisper import WhisperModel
+
+        if not (settings.model_path / "model.bin").is_file():
+            raise FileNotFoundError(
+                f"no Whisper model in {settings.model_path}: run `python -m callmesh.models` "
+                "or point WHISPER_MODEL at a CTranslate2 Whisper directory"
+            )
+        self.settings = settings
+        self.model_name = settings.model_path.name
+        started = time.perf_counter()
+        self.model = WhisperModel(
+            str(settings.model_path),
+            device=settings.device,
+            compute_type=settings.compute_type,
+            cpu_threads=settings.cpu_threads,
+            num_workers=settings.num_workers,
+            local_files_only=True,
+        )
+        self.stats = EngineStats()
+        log.info(
+            "loaded Whisper model %s on device=%s compute_type=%s cpu_threads=%d workers=%d in %.1f s",
+            self.model_name, settings.device, settings.compute_type, settings.cpu_threads,
+            settings.num_workers, time.perf_counter() - started,
+        )
+
+    def _transcribe_kwargs(self, options: TranscribeOptions, language: str | None) -> dict:
+        d = self.settings.decode
+        return dict(
+            language=language,
+            beam_size=d.beam_size,
+            temperature=d.temperature,
+            condition_on_previous_text=d.condition_on_previous_text,
+            no_repeat_ngram_size=d.no_repeat_ngram_size,
+            repetition_penalty=d.repetition_penalty,
+            compression_ratio_threshold=d.compression_ratio_threshold,
+            no_speech_threshold=d.no_speech_threshold,
+            vad_filter=d.vad_filter,
+            word_timestamps=options.word_timestamps,
+            hotwords=" ".join(options.hotwords) or None,
+            language_detection_segments=d.language_detection_segments,
+        )
+
+    def run(self, source: str | Path | BinaryIO, options: TranscribeOptions,
+            cancel: threading.Event | None = None) -> Iterator[Event]:
+        """Transcribe ``source``; blocking, so run it off the event loop."""
+        cancel = cancel or threading.Event()
+        self.stats.add(active=1)
+        started = time.perf_counter()
+        finished = False
+        try:
+            if options.stereo:
+                yield from self._run_stereo(source, options, cancel, started)
+            else:
+                yield from self._run_mono(source, options, cancel, started)
+            finished = True
+        finally:
+            self.stats.add(active=-1, completed=1 if finished else 0, cancelled=0 if finished else 1)
+
+    def _check(self, cancel: threading.Event) -> None:
+        if cancel.is_set():
+            raise DecodeCancelled()
+
+    def _segments(self, audio: np.ndarray, options: TranscribeOptions, language: str | None,
+                  speaker: Speaker, channel: int) -> tuple[Iterator[SegmentResult], object]:
+        segments, info = self.model.transcribe(audio, **self._transcribe_kwargs(options, language))
+
+        def convert() -> Iterator[SegmentResult]:
+            for seg in segments:
+                text = seg.text.strip()
+                if not text:
+                    continue
+                words = tuple(
+                    WordResult(w.word, float(w.start), float(w.end), float(w.probability)) for w in (seg.words or ())
+                )
+                yield SegmentResult(
+                    index=-1, start=float(seg.start), end=float(seg.end), text=text, speaker=speaker,
+                    channel=channel, avg_logprob=float(seg.avg_logprob), no_speech_prob=float(seg.no_speech_prob),
+                    language=info.language, words=words,
+                )
+
+        return convert(), info
+
+    def _numbered(self, segments: Iterator[SegmentResult], cancel: threading.Event) -> Iterator[SegmentResult]:
+        for index, seg in enumerate(segments):
+            self._check(cancel)
+            self.stats.add(segments=1)
+            yield SegmentResult(**{**seg.__dict__, "index": index})
+
+    def _run_mono(self, source, options: TranscribeOptions, cancel: threading.Event, started: float) -> Iterator[Event]:
+        audio = decode_audio(source)
+        self._check(cancel)
+        segments, info = self._segments(audio, options, options.language, "unknown", 0)
+        yield LanguageResult(info.language, 1.0 if options.language else float(info.language_probability),
+                             from_hint=bool(options.language))
+        count = 0
+        for seg in self._numbered(segments, cancel):
+            count += 1
+            yield seg
+        yield SummaryResult(
+            language=info.language,
+            language_probability=1.0 if options.language else float(info.language_probability),
+            audio_duration=audio.size / SAMPLE_RATE,
+            speech_duration=float(info.duration_after_vad),
+            segment_count=count,
+            processing_time=time.perf_counter() - started,
+            model=self.model_name,
+        )
+
+    def _run_stereo(self, source, options: TranscribeOptions, cancel: threading.Event, started: float) -> Iterator[Event]:
+        left, right = decode_audio(source, split_stereo=True)
+        self._check(cancel)
+        if options.language:
+            language, probability = options.language, 1.0
+        else:
+            d = self.settings.decode
+            language, probability, _ = self.model.detect_language(
+                audio=(left + right) / 2, vad_filter=d.vad_filter,
+                language_detection_segments=d.language_detection_segments,
+            )
+        yield LanguageResult(language, float(probability), from_hint=bool(options.language))
+        agent_is_left = options.agent_channel == "left"
+        left_segments, left_info = self._segments(left, options, language, "agent" if agent_is_left else "customer", 0)
+        right_segments, right_info = self._segments(right, options, language, "customer" if agent_is_left else "agent", 1)
+        merged = heapq.merge(left_segments, right_segments, key=lambda s: (s.start, s.channel))
+        count = 0
+        for seg in self._numbered(merged, cancel):
+            count += 1
+            yield seg
+        yield SummaryResult(
+            language=language,
+            language_probability=float(probability),
+            audio_duration=left.size / SAMPLE_RATE,
+            speech_duration=float(left_info.duration_after_vad) + float(right_info.duration_after_vad),
+            segment_count=count,
+            processing_time=time.perf_counter() - started,
+            model=self.model_name,
+        )
