@@ -65,3 +65,12 @@ def context_from(carrier: Mapping[str, str] | None):
 def trace_id_hex(span: trace.Span | None = None) -> str:
     ctx = (span or trace.get_current_span()).get_span_context()
     return format(ctx.trace_id, "032x") if ctx.is_valid else ""
+
+
+def instrument_aiohttp_server() -> None:
+    """Trace every aiohttp server application made from now on (idempotent)."""
+    from opentelemetry.instrumentation.aiohttp_server import AioHttpServerInstrumentor
+
+    instrumentor = AioHttpServerInstrumentor()
+    if not instrumentor.is_instrumented_by_opentelemetry:
+        instrumentor.instrument()

@@ -1,0 +1,125 @@
+"""Start the four services as separate local processes, the embedded one-machine way.
+
+Each service listens on port 0 and reports the address it bound through
+``CALLMESH_READY_FILE``; ingest starts last, pointed at the other three. Used
+by the demo and the end-to-end tests; stopping sends SIGTERM so each drains.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+log = logging.getLogger(__name__)
+
+GRPC_SERVICES = (("transcribe", "TRANSCRIBE_LISTEN", "TRANSCRIBE_ADDR"),
+                 ("analyze", "ANALYZE_LISTEN", "ANALYZE_ADDR"),
+                 ("crm", "CRM_SYNC_LISTEN", "CRM_SYNC_ADDR"))
+
+
+class MeshError(RuntimeError):
+    """A service did not start; the message carries the end of its log."""
+
+
+@dataclass
+class ServiceProcess:
+    name: str
+    process: subprocess.Popen
+    address: str
+    log_path: Path
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+@dataclass
+class Mesh:
+    """The running services; ``ingest_url`` is where the recorder posts."""
+
+    workdir: Path
+    env: dict[str, str]
+    services: dict[str, ServiceProcess] = field(default_factory=dict)
+
+    @property
+    def ingest_url(self) -> str:
+        return f"http://{self.services['ingest'].address}"
+
+    def start_service(self, name: str, extra_env: dict[str, str] | None = None, timeout: float = 180.0) -> ServiceProcess:
+        ready = self.workdir / f"{name}.ready"
+        ready.unlink(missing_ok=True)
+        log_path = self.workdir / f"{name}.log"
+        env = {**self.env, **(extra_env or {}), "CALLMESH_READY_FILE": str(ready)}
+        out: IO = log_path.open("ab")
+        process = subprocess.Popen([sys.executable, "-m", f"services.{name}"], env=env, stdout=out,
+                                   stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[1])
+        deadline = time.monotonic() + timeout
+        while not ready.exists():
+            if process.poll() is not None:
+                raise MeshError(f"{name} exited with code {process.returncode}:\n" + _tail(log_path))
+            if time.monotonic() > deadline:
+                process.kill()
+                raise MeshError(f"{name} did not start within {timeout:.0f} s:\n" + _tail(log_path))
+            time.sleep(0.05)
+        address = json.loads(ready.read_text())["address"]
+        svc = ServiceProcess(name, process, address, log_path)
+        self.services[name] = svc
+        log.info("%-10s %s (pid %d)", name, address, process.pid)
+        return svc
+
+    def start(self, timeout: float = 300.0) -> "Mesh":
+        for name, listen_var, _ in GRPC_SERVICES:
+            self.env.setdefault(listen_var, "127.0.0.1:0")
+        # Start the three gRPC services at once; they load models in parallel.
+        for name, _, addr_var in GRPC_SERVICES:
+            self.start_service(name, timeout=timeout)
+            self.env[addr_var] = self.services[name].address
+        self.env.setdefault("INGEST_PORT", "0")
+        self.start_service("ingest", timeout=timeout)
+        return self
+
+    def stop_service(self, name: str, timeout: float = 30.0) -> int | None:
+        svc = self.services.pop(name, None)
+        if svc is None:
+            return None
+        if svc.process.poll() is None:
+            svc.process.send_signal(signal.SIGTERM)
+            try:
+                svc.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                svc.process.kill()
+                svc.process.wait()
+        return svc.process.returncode
+
+    def stop(self) -> None:
+        for name in ("ingest", "crm", "analyze", "transcribe"):
+            self.stop_service(name)
+
+    def __enter__(self) -> "Mesh":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def new_mesh(env: dict[str, str] | None = None, workdir: Path | None = None) -> Mesh:
+    base = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_WAIT_POLICY": "PASSIVE", **(env or {})}
+    return Mesh(workdir or Path(tempfile.mkdtemp(prefix="callmesh-")), base)

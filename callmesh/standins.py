@@ -1,0 +1,118 @@
+"""Stand-ins for the systems around the product: the call recorder and the CRM.
+
+Both speak plain HTTP on loopback, as the real ones do: the recorder serves
+recordings from a folder; the CRM receiver takes JSON records, remembers each
+POST and its Idempotency-Key, and can be told to be down or to answer errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+log = logging.getLogger(__name__)
+
+
+class Recorder:
+    """Serves files from ``directory`` at ``/recordings/<name>``."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.requests: list[str] = []
+        self._runner: web.AppRunner | None = None
+        self.url = ""
+
+    async def _serve(self, request: web.Request) -> web.StreamResponse:
+        name = request.match_info["name"]
+        self.requests.append(name)
+        path = (self.directory / name).resolve()
+        if path.parent != self.directory.resolve() or not path.is_file():
+            raise web.HTTPNotFound()
+        return web.FileResponse(path)
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> "Recorder":
+        app = web.Application()
+        app.router.add_get("/recordings/{name}", self._serve)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port)
+        await site.start()
+        bound = site._server.sockets[0].getsockname()[1]
+        self.url = f"http://{host}:{bound}"
+        return self
+
+    def url_for(self, name: str) -> str:
+        return f"{self.url}/recordings/{name}"
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+
+@dataclass
+class ReceivedRecord:
+    idempotency_key: str
+    body: dict[str, Any]
+
+
+@dataclass
+class CrmReceiver:
+    """A CRM endpoint: ``POST /records``. ``fail_with`` makes it answer that status instead."""
+
+    records: list[ReceivedRecord] = field(default_factory=list)
+    posts: int = 0
+    fail_with: int | None = None
+    url: str = ""
+    _runner: web.AppRunner | None = None
+    _arrived: asyncio.Condition | None = None
+    print_records: bool = False
+
+    async def _post(self, request: web.Request) -> web.Response:
+        self.posts += 1
+        if self.fail_with is not None:
+            return web.json_response({"error": "unavailable"}, status=self.fail_with)
+        try:
+            body = await request.json()
+        except json.JSONDecodeError:
+            return web.json_response({"error": "not JSON"}, status=400)
+        key = request.headers.get("Idempotency-Key", "")
+        if any(r.idempotency_key == key for r in self.records):
+            return web.json_response({"status": "duplicate"}, status=200)
+        self.records.append(ReceivedRecord(key, body))
+        if self.print_records:
+            log.info("CRM received record for call %s", body.get("call_id"))
+        assert self._arrived is not None
+        async with self._arrived:
+            self._arrived.notify_all()
+        return web.json_response({"status": "created"}, status=201)
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> "CrmReceiver":
+        self._arrived = asyncio.Condition()
+        app = web.Application()
+        app.router.add_post("/records", self._post)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port)
+        await site.start()
+        bound = site._server.sockets[0].getsockname()[1]
+        self.url = f"http://{host}:{bound}/records"
+        return self
+
+    def for_call(self, call_id: str) -> list[ReceivedRecord]:
+        return [r for r in self.records if r.body.get("call_id") == call_id]
+
+    async def wait_for(self, call_id: str, timeout: float) -> ReceivedRecord:
+        assert self._arrived is not None
+        async with self._arrived:
+            await asyncio.wait_for(self._arrived.wait_for(lambda: bool(self.for_call(call_id))), timeout)
+        return self.for_call(call_id)[0]
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()

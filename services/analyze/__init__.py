@@ -1,0 +1,1 @@
+"""Analyze service: summary, topic, sentiment, emotion and translation from a local LLM."""

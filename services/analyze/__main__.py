@@ -1,0 +1,43 @@
+"""``python -m services.analyze``: load the LLM backend once, serve AnalysisService until SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from callcenter.v1 import analyze_pb2, analyze_pb2_grpc
+from services.analyze.analyzer import Analyzer
+from services.analyze.backends import create_backend
+from services.analyze.config import AnalyzeSettings
+from services.analyze.servicer import AnalysisServicer
+from services.common.grpc_server import ServiceBinding, serve
+from services.common.limits import AdmissionLimiter
+from services.common.logs import setup_logging
+from services.common.telemetry import setup_tracing, shutdown_tracing
+
+SERVICE = "analyze"
+log = logging.getLogger(SERVICE)
+
+
+async def amain() -> None:
+    settings = AnalyzeSettings.from_env()
+    backend = create_backend(settings.llm)
+    analyzer = Analyzer(backend, settings.topics, settings.emotions, settings.llm.context_tokens,
+                        settings.llm.max_answer_tokens)
+    servicer = AnalysisServicer(analyzer, AdmissionLimiter(settings.max_concurrent, settings.max_queued))
+    name = analyze_pb2.DESCRIPTOR.services_by_name["AnalysisService"].full_name
+    binding = ServiceBinding(name, lambda s: analyze_pb2_grpc.add_AnalysisServiceServicer_to_server(servicer, s))
+    await serve(SERVICE, settings.server, [binding], on_stop=backend.close)
+
+
+def main() -> None:
+    setup_logging(SERVICE)
+    setup_tracing(SERVICE)
+    try:
+        asyncio.run(amain())
+    finally:
+        shutdown_tracing()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""gRPC face of the analyzer."""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+
+from callcenter.v1 import analyze_pb2, analyze_pb2_grpc, common_pb2
+from services.analyze.analyzer import AnalysisError, Analyzer, TranscriptTooLong, Utterance
+from services.analyze.backends import BackendUnavailable
+from services.common.limits import AdmissionLimiter, Overloaded
+from services.common.logs import call_context
+from services.common.protoconv import duration
+
+log = logging.getLogger(__name__)
+
+_SPEAKER_NAMES = {common_pb2.SPEAKER_AGENT: "agent", common_pb2.SPEAKER_CUSTOMER: "customer"}
+_SENTIMENTS = {
+    "positive": common_pb2.SENTIMENT_POSITIVE,
+    "neutral": common_pb2.SENTIMENT_NEUTRAL,
+    "negative": common_pb2.SENTIMENT_NEGATIVE,
+}
+
+
+class AnalysisServicer(analyze_pb2_grpc.AnalysisServiceServicer):
+    def __init__(self, analyzer: Analyzer, limiter: AdmissionLimiter) -> None:
+        self.analyzer = analyzer
+        self.limiter = limiter
+
+    async def Analyze(self, request: analyze_pb2.AnalyzeRequest, context: grpc.aio.ServicerContext) -> analyze_pb2.AnalyzeResponse:
+        utterances = [
+            Utterance(_SPEAKER_NAMES.get(s.speaker, "unknown"), s.start_offset.ToTimedelta().total_seconds(), s.text)
+            for s in request.segments if s.text.strip()
+        ]
+        if not utterances:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the transcript has no text to analyse")
+        with call_context(request.call_id or "-"):
+            try:
+                async with self.limiter.admit():
+                    async with self.limiter.run_slot():
+                        result = await self.analyzer.analyze(utterances, request.language_code)
+            except Overloaded as exc:
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+            except TranscriptTooLong as exc:
+                await context.abort(grpc.StatusCode.OUT_OF_RANGE, str(exc))
+            except BackendUnavailable as exc:
+                log.warning("LLM unavailable: %s", exc)
+                await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+            except AnalysisError as exc:
+                log.error("analysis failed: %s", exc)
+                await context.abort(grpc.StatusCode.INTERNAL, str(exc))
+            log.info("analysed in %.1f s: topic=%s sentiment=%s emotion=%s", result.seconds, result.topic,
+                     result.sentiment, result.emotion)
+            return analyze_pb2.AnalyzeResponse(
+                summary=list(result.summary),
+                topic=result.topic,
+                sentiment=_SENTIMENTS[result.sentiment],
+                emotion=result.emotion,
+                translated_transcript=result.translated_transcript,
+                model=result.model,
+                prompt_version=result.prompt_version,
+                processing_time=duration(result.seconds),
+            )

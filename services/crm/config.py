@@ -1,0 +1,33 @@
+"""Settings of the crm service, from the environment."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from services.common.config import GrpcServerSettings, data_dir, env_float, env_int, env_str
+
+
+@dataclass(frozen=True)
+class CrmSettings:
+    server: GrpcServerSettings
+    crm_url: str  # where records are POSTed as JSON; empty keeps them queued
+    crm_token: str  # sent as a bearer token when set
+    database: Path
+    timeout_seconds: float
+    backoff_initial: float
+    backoff_max: float
+    concurrency: int
+
+    @classmethod
+    def from_env(cls) -> "CrmSettings":
+        return cls(
+            server=GrpcServerSettings.from_env("CRM_SYNC", 50053),
+            crm_url=env_str("CRM_URL", ""),
+            crm_token=env_str("CRM_TOKEN", ""),
+            database=Path(env_str("CRM_DATABASE", str(data_dir() / "crm-outbox.db"))),
+            timeout_seconds=env_float("CRM_TIMEOUT_SECONDS", 15.0, minimum=0.1),
+            backoff_initial=env_float("CRM_BACKOFF_INITIAL_SECONDS", 1.0, minimum=0.01),
+            backoff_max=env_float("CRM_BACKOFF_MAX_SECONDS", 300.0, minimum=0.01),
+            concurrency=env_int("CRM_DELIVERY_CONCURRENCY", 4, minimum=1),
+        )

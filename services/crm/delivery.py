@@ -1,0 +1,120 @@
+"""The delivery worker: POSTs queued records to the CRM until it accepts them.
+
+2xx means delivered (409 too: the CRM already has that Idempotency-Key).
+Connection errors, timeouts, 408, 425, 429 and 5xx are retried with exponential
+backoff and full jitter, capped, with no limit on attempts: a CRM that is down
+for a day gets its records the day after. Any other 4xx is a permanent refusal:
+the delivery is marked failed with the CRM's answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+
+import aiohttp
+from opentelemetry import trace
+from opentelemetry.instrumentation.aiohttp_client import create_trace_config
+
+from services.common.logs import call_context
+from services.common.telemetry import context_from, tracer
+from services.crm.config import CrmSettings
+from services.crm.outbox import DeliveryRow, Outbox
+
+log = logging.getLogger(__name__)
+_tracer = tracer(__name__)
+
+RETRYABLE_STATUS = {408, 425, 429}
+LEASE_SECONDS = 120.0
+
+
+def backoff_delay(attempts: int, initial: float, cap: float, rng: random.Random = random.Random()) -> float:
+    """Full-jitter exponential backoff: uniform in [initial/2, min(cap, initial * 2**attempts)]."""
+    ceiling = min(cap, initial * (2 ** max(0, attempts)))
+    return rng.uniform(min(initial / 2, ceiling), ceiling)
+
+
+class DeliveryWorker:
+    def __init__(self, outbox: Outbox, settings: CrmSettings) -> None:
+        self.outbox = outbox
+        self.settings = settings
+        self._wake = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._session: aiohttp.ClientSession | None = None
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def start(self) -> None:
+        if not self.settings.crm_url:
+            log.warning("CRM_URL is not set: records are kept in the outbox until it is")
+        self._session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=self.settings.timeout_seconds),
+            trace_configs=[create_trace_config()],
+        )
+        self._task = asyncio.create_task(self._loop(), name="crm-delivery")
+
+    async def stop(self) -> None:
+        """Stop claiming; let the POSTs in flight finish; unfinished ones stay queued."""
+        self._stopping.set()
+        self._wake.set()
+        if self._task is not None:
+            await self._task
+        if self._session is not None:
+            await self._session.close()
+
+    async def _loop(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                rows = await self.outbox.claim_due(self.settings.concurrency, LEASE_SECONDS) if self.settings.crm_url else []
+                if rows:
+                    await asyncio.gather(*(self._deliver(r) for r in rows))
+                    continue
+                due = await self.outbox.next_due_at()
+                wait = 5.0 if due is None else max(0.05, min(5.0, due - time.time()))
+            except Exception:  # keep delivering whatever one bad row does
+                log.exception("delivery loop error")
+                wait = 1.0
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=wait)
+            except asyncio.TimeoutError:
+                pass
+
+    async def _deliver(self, row: DeliveryRow) -> None:
+        assert self._session is not None
+        headers = {"Idempotency-Key": row.idempotency_key, "Content-Type": "application/json"}
+        if self.settings.crm_token:
+            headers["Authorization"] = f"Bearer {self.settings.crm_token}"
+        with call_context(row.call_id), _tracer.start_as_current_span(
+            "crm.post", context=context_from(row.trace_context), kind=trace.SpanKind.INTERNAL,
+            attributes={"callmesh.call_id": row.call_id, "crm.attempt": row.attempts + 1},
+        ) as span:
+            try:
+                async with self._session.post(self.settings.crm_url, json=row.payload, headers=headers) as resp:
+                    body = (await resp.text())[:300]
+                    status = resp.status
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+                await self._retry(row, f"CRM unreachable: {type(exc).__name__}: {exc}".strip())
+                span.set_attribute("crm.outcome", "retry")
+                return
+            span.set_attribute("http.response.status_code", status)
+            if 200 <= status < 300 or status == 409:
+                await self.outbox.mark_delivered(row.call_id)
+                span.set_attribute("crm.outcome", "delivered")
+                log.info("delivered to the CRM (HTTP %d) after %d attempt(s)", status, row.attempts + 1)
+            elif status >= 500 or status in RETRYABLE_STATUS:
+                await self._retry(row, f"CRM answered HTTP {status}: {body}")
+                span.set_attribute("crm.outcome", "retry")
+            else:
+                await self.outbox.mark_failed(row.call_id, f"CRM refused the record: HTTP {status}: {body}")
+                span.set_attribute("crm.outcome", "failed")
+                log.error("the CRM refused the record permanently: HTTP %d", status)
+
+    async def _retry(self, row: DeliveryRow, error: str) -> None:
+        delay = backoff_delay(row.attempts, self.settings.backoff_initial, self.settings.backoff_max)
+        await self.outbox.mark_retry(row.call_id, error, time.time() + delay)
+        log.warning("delivery attempt %d failed (%s); next try in %.1f s", row.attempts + 1, error, delay)

@@ -1,0 +1,56 @@
+"""gRPC face of the outbox."""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+
+from callcenter.v1 import crm_pb2, crm_pb2_grpc
+from services.common.logs import call_context
+from services.common.protoconv import timestamp
+from services.common.telemetry import current_traceparent
+from services.crm.delivery import DeliveryWorker
+from services.crm.outbox import DELIVERED, FAILED, QUEUED, DeliveryRow, Outbox
+from services.common.records import record_to_json
+
+log = logging.getLogger(__name__)
+
+_STATES = {QUEUED: crm_pb2.DELIVERY_STATE_QUEUED, DELIVERED: crm_pb2.DELIVERY_STATE_DELIVERED,
+           FAILED: crm_pb2.DELIVERY_STATE_FAILED}
+
+
+def to_delivery(row: DeliveryRow) -> crm_pb2.Delivery:
+    d = crm_pb2.Delivery(call_id=row.call_id, state=_STATES[row.state], attempts=row.attempts,
+                         last_error=row.last_error, idempotency_key=row.idempotency_key,
+                         create_time=timestamp(row.created_at))
+    if row.delivered_at is not None:
+        d.deliver_time.CopyFrom(timestamp(row.delivered_at))
+    if row.state == QUEUED and row.next_attempt_at is not None:
+        d.next_attempt_time.CopyFrom(timestamp(row.next_attempt_at))
+    return d
+
+
+class CrmSyncServicer(crm_pb2_grpc.CrmSyncServiceServicer):
+    def __init__(self, outbox: Outbox, worker: DeliveryWorker) -> None:
+        self.outbox = outbox
+        self.worker = worker
+
+    async def Deliver(self, request: crm_pb2.DeliverRequest, context: grpc.aio.ServicerContext) -> crm_pb2.DeliverResponse:
+        record = request.record
+        if not record.call_id:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "record.call_id is required")
+        with call_context(record.call_id):
+            row, new = await self.outbox.enqueue(record.call_id, record_to_json(record), current_traceparent())
+            if new:
+                log.info("queued for the CRM")
+                self.worker.wake()
+            else:
+                log.info("already in the outbox (%s): not queued again", row.state)
+            return crm_pb2.DeliverResponse(delivery=to_delivery(row))
+
+    async def GetDelivery(self, request: crm_pb2.GetDeliveryRequest, context: grpc.aio.ServicerContext) -> crm_pb2.GetDeliveryResponse:
+        row = await self.outbox.get(request.call_id)
+        if row is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no delivery for call {request.call_id!r}")
+        return crm_pb2.GetDeliveryResponse(delivery=to_delivery(row))

@@ -1,0 +1,1 @@
+"""Ingest service: webhook and status API, durable job store, safe downloader and the pipeline worker."""

@@ -1,0 +1,68 @@
+"""``python -m services.ingest``: the webhook, the status API and the pipeline worker, until SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+
+from aiohttp import web
+
+from services.common.config import env_str
+from services.common.grpc_server import install_stop_signals
+from services.common.logs import setup_logging
+from services.common.telemetry import setup_tracing, shutdown_tracing
+from services.ingest.api import create_app
+from services.ingest.config import IngestSettings
+from services.ingest.downloader import Downloader
+from services.ingest.pipeline import PipelineWorker
+from services.ingest.store import JobStore
+
+SERVICE = "ingest"
+log = logging.getLogger(SERVICE)
+
+
+async def amain() -> None:
+    settings = IngestSettings.from_env()
+    store = JobStore(settings.database)
+    await store.open()
+    downloader = Downloader(settings.download)
+    if not settings.download.allowed_hosts:
+        log.warning("RECORDING_ALLOWED_HOSTS is empty: recordings are fetched from any host with a public address")
+    worker = PipelineWorker(store, downloader, settings.pipeline)
+    app = create_app(store, worker, downloader.policy, api_token=env_str("API_TOKEN", ""),
+                     public_url=settings.public_url)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=settings.grace_seconds)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.host, settings.port)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # the bound port when INGEST_PORT=0
+    address = f"{settings.host}:{port}"
+    log.info("ingest listening on http://%s (transcribe %s, analyze %s, crm %s)", address,
+             settings.pipeline.transcribe_addr, settings.pipeline.analyze_addr, settings.pipeline.crm_addr)
+    if settings.ready_file is not None:
+        tmp = settings.ready_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"address": address, "url": f"http://{address}"}))
+        tmp.replace(settings.ready_file)
+    await worker.start()
+    stop = asyncio.Event()
+    install_stop_signals(stop)
+    await stop.wait()
+    log.info("ingest stopping: no new webhooks, draining jobs for up to %.0f s", settings.grace_seconds)
+    await runner.cleanup()
+    await worker.stop(settings.grace_seconds)
+    await store.close()
+    log.info("ingest stopped")
+
+
+def main() -> None:
+    setup_logging(SERVICE)
+    setup_tracing(SERVICE)
+    try:
+        asyncio.run(amain())
+    finally:
+        shutdown_tracing()
+
+
+if __name__ == "__main__":
+    main()

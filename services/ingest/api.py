@@ -1,0 +1,209 @@
+"""The HTTP face of ingest: the recorder's webhook and the status API.
+
+``POST /v1/calls`` validates, writes the job durably and answers 202 with the
+status URL; the work happens later in the pipeline worker. ``GET
+/v1/calls/{call_id}`` says where each call is, with a time per stage, the
+error and its stage when it failed, and the CRM record when done.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import re
+from datetime import datetime, timezone
+from typing import Any
+
+from aiohttp import web
+
+from services.common.logs import call_context
+from services.common.telemetry import current_traceparent, instrument_aiohttp_server, trace_id_hex
+from services.ingest.pipeline import PipelineWorker
+from services.ingest.store import FAILED, STATES, Job, JobOptions, JobStore
+from services.ingest.urlpolicy import UrlPolicy, UrlRejected
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 64 * 1024
+CALL_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+LANGUAGE_RE = re.compile(r"[a-z]{2,3}")
+STORE = web.AppKey("store", JobStore)
+WORKER = web.AppKey("worker", PipelineWorker)
+POLICY = web.AppKey("policy", UrlPolicy)
+SETTINGS = web.AppKey("settings", dict)
+
+
+def problem(status: int, title: str, detail: str, **extra: Any) -> web.Response:
+    """An RFC 9457 problem document."""
+    body = {"type": "about:blank", "title": title, "status": status, "detail": detail, **extra}
+    return web.json_response(body, status=status, content_type="application/problem+json")
+
+
+def _iso(ts: float | None) -> str | None:
+    return None if ts is None else datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds")
+
+
+def job_view(job: Job, base_url: str = "") -> dict[str, Any]:
+    transcript = job.transcript or {}
+    view: dict[str, Any] = {
+        "call_id": job.call_id,
+        "status": job.state,
+        "status_url": f"{base_url}/v1/calls/{job.call_id}",
+        "recording_url": job.recording_url,
+        "options": {k: v for k, v in job.options.__dict__.items() if v is not None},
+        "created_at": _iso(job.created_at),
+        "updated_at": _iso(job.updated_at),
+        "stages": {state: _iso(ts) for state, ts in sorted(job.stage_times.items(), key=lambda kv: kv[1])},
+        "attempts": job.attempts,
+        "trace_id": job.trace_id,
+        "error": None,
+        "progress": {
+            "language": transcript.get("language"),
+            "segments": len(transcript.get("segments", [])),
+            "transcript_complete": bool(transcript.get("complete")),
+        },
+    }
+    if job.error:
+        view["error"] = {"stage": job.error_stage, "message": job.error}
+    if job.state not in ("done", FAILED) and job.error:
+        view["next_attempt_at"] = _iso(job.next_attempt_at)
+    if job.result and "delivery" in job.result:
+        view["delivery"] = job.result["delivery"]
+    if job.state == "done" and job.result:
+        view["result"] = job.result.get("record")
+    return view
+
+
+def validate_webhook(payload: Any, policy: UrlPolicy) -> tuple[str, str, JobOptions]:
+    """Return (call_id, recording_url, options) or raise ValueError with what is wrong."""
+    if not isinstance(payload, dict):
+        raise ValueError("the body must be a JSON object with call_id and recording_url")
+    missing = [k for k in ("call_id", "recording_url") if k not in payload]
+    if missing:
+        raise ValueError(f"missing field(s): {', '.join(missing)}")
+    call_id, url = payload["call_id"], payload["recording_url"]
+    if not isinstance(call_id, str) or not CALL_ID_RE.fullmatch(call_id) or set(call_id) <= {"."}:
+        raise ValueError("call_id must be 1 to 128 characters of A-Z a-z 0-9 . _ : - (and not only dots)")
+    if not isinstance(url, str) or len(url) > 2048:
+        raise ValueError("recording_url must be a string of at most 2048 characters")
+    policy.check_url(url)
+    language = payload.get("language")
+    if language is not None and (not isinstance(language, str) or not LANGUAGE_RE.fullmatch(language.lower())):
+        raise ValueError("language must be an ISO 639-1 code such as 'es'")
+    agent = payload.get("agent_channel")
+    if agent is not None and agent not in ("left", "right"):
+        raise ValueError("agent_channel must be 'left' or 'right' (stereo recordings), or absent for mono")
+    return call_id, url, JobOptions(language=language.lower() if language else None, agent_channel=agent)
+
+
+def _base_url(request: web.Request) -> str:
+    configured = request.app[SETTINGS].get("public_url")
+    return configured or f"{request.scheme}://{request.host}"
+
+
+def _authorized(request: web.Request) -> bool:
+    token = request.app[SETTINGS].get("api_token")
+    if not token:
+        return True
+    header = request.headers.get("Authorization", "")
+    return hmac.compare_digest(header.encode(), f"Bearer {token}".encode())
+
+
+async def post_call(request: web.Request) -> web.Response:
+    if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
+        return problem(413, "Payload Too Large", f"the body is over {MAX_BODY_BYTES} bytes")
+    if request.content_type != "application/json":
+        return problem(415, "Unsupported Media Type", "send the webhook as application/json")
+    body = await request.content.read(MAX_BODY_BYTES + 1)
+    if len(body) > MAX_BODY_BYTES:
+        return problem(413, "Payload Too Large", f"the body is over {MAX_BODY_BYTES} bytes")
+    try:
+        payload = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        return problem(400, "Bad Request", f"the body is not valid JSON: {exc}")
+    try:
+        call_id, url, options = validate_webhook(payload, request.app[POLICY])
+    except (ValueError, UrlRejected) as exc:
+        return problem(422, "Unprocessable Content", str(exc))
+    with call_context(call_id):
+        job, new = await request.app[STORE].create(call_id, url, options, current_traceparent(), trace_id_hex())
+        if not new and (job.recording_url != url):
+            return problem(409, "Conflict", f"call {call_id} was already received with another recording_url",
+                           status_url=f"{_base_url(request)}/v1/calls/{call_id}")
+        if new:
+            log.info("call received")
+            request.app[WORKER].wake()
+        else:
+            log.info("call received again: same job, not processed twice")
+    view = job_view(job, _base_url(request))
+    body = {"call_id": call_id, "status": job.state, "status_url": view["status_url"], "trace_id": job.trace_id,
+            "duplicate": not new}
+    return web.json_response(body, status=202, headers={"Location": view["status_url"]})
+
+
+async def get_call(request: web.Request) -> web.Response:
+    if not _authorized(request):
+        return problem(401, "Unauthorized", "a valid bearer token is required", )
+    call_id = request.match_info["call_id"]
+    job = await request.app[STORE].get(call_id)
+    if job is None:
+        return problem(404, "Not Found", f"no call {call_id!r}")
+    return web.json_response(job_view(job, _base_url(request)))
+
+
+async def post_call_action(request: web.Request) -> web.Response:
+    if not _authorized(request):
+        return problem(401, "Unauthorized", "a valid bearer token is required")
+    name = request.match_info["call_id"]
+    if not name.endswith(":retry"):
+        return problem(404, "Not Found", "unknown action; POST /v1/calls/{call_id}:retry replays a failed call")
+    call_id = name.removesuffix(":retry")
+    store = request.app[STORE]
+    job = await store.get(call_id)
+    if job is None:
+        return problem(404, "Not Found", f"no call {call_id!r}")
+    if job.state != FAILED:
+        return problem(409, "Conflict", f"call {call_id} is {job.state}, only failed calls can be retried")
+    await store.update(call_id, None, state=job.error_stage or "received", release=True, error=None,
+                       next_attempt_at=0)
+    request.app[WORKER].wake()
+    job = await store.get(call_id)
+    assert job is not None
+    return web.json_response(job_view(job, _base_url(request)), status=202)
+
+
+async def list_calls(request: web.Request) -> web.Response:
+    if not _authorized(request):
+        return problem(401, "Unauthorized", "a valid bearer token is required")
+    status = request.query.get("status")
+    if status is not None and status not in STATES:
+        return problem(400, "Bad Request", f"status must be one of {', '.join(STATES)}")
+    try:
+        limit = min(500, max(1, int(request.query.get("limit", "100"))))
+        offset = max(0, int(request.query.get("offset", "0")))
+    except ValueError:
+        return problem(400, "Bad Request", "limit and offset must be integers")
+    jobs = await request.app[STORE].list(status, limit, offset)
+    base = _base_url(request)
+    return web.json_response({"calls": [job_view(j, base) for j in jobs], "counts": await request.app[STORE].counts()})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+def create_app(store: JobStore, worker: PipelineWorker, policy: UrlPolicy, *, api_token: str = "",
+               public_url: str = "") -> web.Application:
+    instrument_aiohttp_server()
+    app = web.Application(client_max_size=MAX_BODY_BYTES)
+    app[STORE] = store
+    app[WORKER] = worker
+    app[POLICY] = policy
+    app[SETTINGS] = {"api_token": api_token, "public_url": public_url}
+    app.router.add_post("/v1/calls", post_call)
+    app.router.add_get("/v1/calls", list_calls)
+    app.router.add_get("/v1/calls/{call_id}", get_call)
+    app.router.add_post("/v1/calls/{call_id}", post_call_action)
+    app.router.add_get("/healthz", healthz)
+    return app

@@ -1,0 +1,104 @@
+"""Settings of the ingest service, from the environment."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from pathlib import Path
+
+from services.common.config import ConfigError, data_dir, env_float, env_int, env_list, env_str
+
+
+def _networks(name: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    nets = []
+    for item in env_list(name):
+        try:
+            nets.append(ipaddress.ip_network(item, strict=False))
+        except ValueError as exc:
+            raise ConfigError(f"{name}: {item!r} is not a network in CIDR notation") from exc
+    return tuple(nets)
+
+
+@dataclass(frozen=True)
+class DownloadSettings:
+    allowed_hosts: tuple[str, ...]  # empty: any host name (addresses are still checked)
+    allowed_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+    max_bytes: int
+    connect_timeout: float
+    read_timeout: float
+    total_timeout: float
+    max_redirects: int
+    directory: Path
+
+    @classmethod
+    def from_env(cls, root: Path) -> "DownloadSettings":
+        return cls(
+            allowed_hosts=tuple(h.lower() for h in env_list("RECORDING_ALLOWED_HOSTS")),
+            allowed_networks=_networks("RECORDING_ALLOWED_NETWORKS"),
+            max_bytes=env_int("RECORDING_MAX_BYTES", 2 * 1024**3, minimum=1),
+            connect_timeout=env_float("RECORDING_CONNECT_TIMEOUT_SECONDS", 10.0, minimum=0.1),
+            read_timeout=env_float("RECORDING_READ_TIMEOUT_SECONDS", 30.0, minimum=0.1),
+            total_timeout=env_float("RECORDING_TOTAL_TIMEOUT_SECONDS", 1800.0, minimum=1.0),
+            max_redirects=env_int("RECORDING_MAX_REDIRECTS", 3, minimum=0),
+            directory=Path(env_str("RECORDING_DIR", str(root / "recordings"))),
+        )
+
+
+@dataclass(frozen=True)
+class PipelineSettings:
+    transcribe_addr: str
+    analyze_addr: str
+    crm_addr: str
+    concurrency: int
+    max_attempts: int
+    backoff_initial: float
+    backoff_max: float
+    transcribe_timeout: float
+    analyze_timeout: float
+    rpc_timeout: float
+    delivery_poll_seconds: float
+    chunk_bytes: int
+
+    @classmethod
+    def from_env(cls) -> "PipelineSettings":
+        return cls(
+            transcribe_addr=env_str("TRANSCRIBE_ADDR", "127.0.0.1:50051"),
+            analyze_addr=env_str("ANALYZE_ADDR", "127.0.0.1:50052"),
+            crm_addr=env_str("CRM_SYNC_ADDR", "127.0.0.1:50053"),
+            concurrency=env_int("PIPELINE_CONCURRENCY", 2, minimum=1),
+            max_attempts=env_int("PIPELINE_MAX_ATTEMPTS", 6, minimum=1),
+            backoff_initial=env_float("PIPELINE_BACKOFF_INITIAL_SECONDS", 2.0, minimum=0.01),
+            backoff_max=env_float("PIPELINE_BACKOFF_MAX_SECONDS", 120.0, minimum=0.01),
+            transcribe_timeout=env_float("TRANSCRIBE_TIMEOUT_SECONDS", 3600.0, minimum=1.0),
+            analyze_timeout=env_float("ANALYZE_TIMEOUT_SECONDS", 900.0, minimum=1.0),
+            rpc_timeout=env_float("RPC_TIMEOUT_SECONDS", 15.0, minimum=0.1),
+            delivery_poll_seconds=env_float("DELIVERY_POLL_SECONDS", 2.0, minimum=0.05),
+            chunk_bytes=env_int("TRANSCRIBE_CHUNK_BYTES", 256 * 1024, minimum=1024),
+        )
+
+
+@dataclass(frozen=True)
+class IngestSettings:
+    host: str
+    port: int
+    database: Path
+    public_url: str  # base of the status URLs we hand out; empty: from the request
+    download: DownloadSettings
+    pipeline: PipelineSettings
+    grace_seconds: float
+    ready_file: Path | None
+
+    @classmethod
+    def from_env(cls) -> "IngestSettings":
+        root = data_dir()
+        ready = env_str("CALLMESH_READY_FILE", "")
+        return cls(
+            host=env_str("INGEST_HOST", "127.0.0.1"),
+            port=env_int("INGEST_PORT", 8080, minimum=0),
+            database=Path(env_str("INGEST_DATABASE", str(root / "ingest.db"))),
+            public_url=env_str("INGEST_PUBLIC_URL", "").rstrip("/"),
+            download=DownloadSettings.from_env(root),
+            pipeline=PipelineSettings.from_env(),
+            grace_seconds=env_float("SHUTDOWN_GRACE_SECONDS", 20.0, minimum=0.0),
+            ready_file=Path(ready) if ready else None,
+        )

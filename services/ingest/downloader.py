@@ -1,0 +1,155 @@
+"""Download a recording to disk safely: vetted addresses, checked redirects, limits, audio sniffing."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urljoin
+
+import aiohttp
+from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.resolver import ThreadedResolver
+from opentelemetry.instrumentation.aiohttp_client import create_trace_config
+
+from services.common.telemetry import tracer
+from services.ingest.config import DownloadSettings
+from services.ingest.urlpolicy import UrlPolicy, UrlRejected, parse_ip_literal
+
+log = logging.getLogger(__name__)
+_tracer = tracer(__name__)
+
+_REDIRECTS = {301, 302, 303, 307, 308}
+_PERMANENT_HTTP = {400, 401, 403, 404, 405, 410, 451}
+
+
+class DownloadError(Exception):
+    """The recording could not be fetched. ``permanent`` says whether trying again can help."""
+
+    def __init__(self, message: str, *, permanent: bool) -> None:
+        super().__init__(message)
+        self.permanent = permanent
+
+
+@dataclass(frozen=True)
+class Downloaded:
+    path: Path
+    size: int
+    content_type: str
+
+
+def looks_like_audio(head: bytes) -> bool:
+    """Recognise the containers FFmpeg reads for recordings from their first bytes."""
+    if len(head) < 4:
+        return False
+    if head[:4] == b"RIFF" and head[8:12] in (b"WAVE", b"RF64"):
+        return True
+    if head[:4] in (b"RF64", b"OggS", b"fLaC", b"FORM", b".snd", b"caff", b"\x1aE\xdf\xa3") or head[:3] == b"ID3":
+        return True
+    if head[:5] == b"#!AMR" or head[4:8] == b"ftyp" or head[:4] == b"\x30\x26\xb2\x75":
+        return True
+    # MPEG audio frame sync (mp3 without ID3) or ADTS AAC
+    return head[0] == 0xFF and (head[1] & 0xE0) == 0xE0
+
+
+class _VettedResolver(AbstractResolver):
+    """Resolves through the system, then refuses the name if any answer is not allowed."""
+
+    def __init__(self, policy: UrlPolicy) -> None:
+        self.policy = policy
+        self._inner = ThreadedResolver()
+
+    async def resolve(self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
+        answers = await self._inner.resolve(host, port, family)
+        for answer in answers:
+            address = parse_ip_literal(answer["host"])
+            if address is None:
+                raise UrlRejected(f"{host} resolved to something that is not an address: {answer['host']!r}")
+            self.policy.check_address(address, host)
+        return answers
+
+    async def close(self) -> None:
+        await self._inner.close()
+
+
+class Downloader:
+    def __init__(self, settings: DownloadSettings) -> None:
+        self.settings = settings
+        self.policy = UrlPolicy(settings.allowed_hosts, settings.allowed_networks)
+        settings.directory.mkdir(parents=True, exist_ok=True)
+
+    async def fetch(self, url: str) -> Downloaded:
+        """Stream ``url`` to a file with a generated name; raise :class:`DownloadError`."""
+        s = self.settings
+        timeout = aiohttp.ClientTimeout(total=s.total_timeout, connect=s.connect_timeout, sock_read=s.read_timeout)
+        connector = aiohttp.TCPConnector(resolver=_VettedResolver(self.policy), use_dns_cache=False, limit=4)
+        with _tracer.start_as_current_span("recording.download") as span:
+            async with aiohttp.ClientSession(timeout=timeout, connector=connector, trust_env=False,
+                                             trace_configs=[create_trace_config()]) as session:
+                try:
+                    result = await self._follow(session, url)
+                except UrlRejected as exc:
+                    raise DownloadError(str(exc), permanent=True) from exc
+                except asyncio.TimeoutError as exc:
+                    raise DownloadError("the recorder timed out", permanent=False) from exc
+                except aiohttp.ClientError as exc:
+                    raise DownloadError(f"the recorder could not be reached: {type(exc).__name__}: {exc}",
+                                        permanent=False) from exc
+            span.set_attribute("recording.bytes", result.size)
+            return result
+
+    async def _follow(self, session: aiohttp.ClientSession, url: str) -> Downloaded:
+        for hop in range(self.settings.max_redirects + 1):
+            self.policy.check_url(url)
+            async with session.get(url, allow_redirects=False) as resp:
+                if resp.status in _REDIRECTS:
+                    location = resp.headers.get("Location")
+                    if not location:
+                        raise DownloadError(f"HTTP {resp.status} without a Location", permanent=True)
+                    url = urljoin(url, location)
+                    log.info("redirect %d to %s", hop + 1, url)
+                    continue
+                if resp.status in _PERMANENT_HTTP:
+                    raise DownloadError(f"the recorder answered HTTP {resp.status} for the recording", permanent=True)
+                if resp.status != 200:
+                    raise DownloadError(f"the recorder answered HTTP {resp.status}", permanent=resp.status < 500 and resp.status != 429)
+                length = resp.content_length
+                if length is not None and length > self.settings.max_bytes:
+                    raise DownloadError(f"the recording is {length} bytes, over the {self.settings.max_bytes}-byte limit",
+                                        permanent=True)
+                return await self._save(resp)
+        raise DownloadError(f"more than {self.settings.max_redirects} redirects", permanent=True)
+
+    async def _save(self, resp: aiohttp.ClientResponse) -> Downloaded:
+        path = self.settings.directory / f"{uuid.uuid4().hex}.audio"
+        partial = path.with_suffix(".partial")
+        size = 0
+        head = b""
+        try:
+            with partial.open("wb") as out:
+                async for chunk in resp.content.iter_chunked(256 * 1024):
+                    if len(head) < 16:
+                        head += chunk[: 16 - len(head)]
+                        if len(head) >= 16 and not looks_like_audio(head):
+                            raise DownloadError(
+                                f"the recording is not audio (Content-Type {resp.content_type!r}, starts with {head[:8]!r})",
+                                permanent=True)
+                    size += len(chunk)
+                    if size > self.settings.max_bytes:
+                        raise DownloadError(f"the recording is over the {self.settings.max_bytes}-byte limit", permanent=True)
+                    out.write(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+            if size == 0:
+                raise DownloadError("the recording is empty", permanent=True)
+            if not looks_like_audio(head):
+                raise DownloadError(f"the recording is not audio (starts with {head[:8]!r})", permanent=True)
+            partial.replace(path)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
+        return Downloaded(path, size, resp.content_type)

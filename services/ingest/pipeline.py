@@ -1,0 +1,335 @@
+"""The pipeline worker: drives each claimed job through download, Transcribe, Analyze and CRM sync.
+
+Each stage's outcome is written to the job store before the next begins, so a
+restart resumes at the stage it stopped in. Transient failures are retried
+with exponential backoff and jitter; a service that is down (UNAVAILABLE) is
+waited for without using up the attempts; permanent failures fail the call at
+once with the stage and the reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+from opentelemetry import trace
+
+from callcenter.v1 import analyze_pb2, analyze_pb2_grpc, common_pb2, crm_pb2, crm_pb2_grpc, transcribe_pb2, transcribe_pb2_grpc
+from services.common.grpc_server import insecure_channel
+from services.common.logs import call_context
+from services.common.protoconv import duration, seconds, timestamp
+from services.common.records import SENTIMENT_NAMES, SPEAKER_NAMES, record_to_json
+from services.common.telemetry import context_from, tracer
+from services.ingest.config import PipelineSettings
+from services.ingest.downloader import DownloadError, Downloader
+from services.ingest.store import (
+    ANALYZING, DELIVERING, DONE, DOWNLOADING, FAILED, RECEIVED, TRANSCRIBING, Job, JobStore, LeaseLost,
+)
+
+log = logging.getLogger(__name__)
+_tracer = tracer(__name__)
+
+LEASE_SECONDS = 120.0
+TRANSIENT_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED,
+                   grpc.StatusCode.ABORTED, grpc.StatusCode.UNKNOWN, grpc.StatusCode.CANCELLED}
+_SPEAKER_VALUES = {name: value for value, name in SPEAKER_NAMES.items()}
+_SENTIMENT_VALUES = {name: value for value, name in SENTIMENT_NAMES.items()}
+
+
+class StageError(Exception):
+    def __init__(self, message: str, *, permanent: bool, waiting: bool = False) -> None:
+        super().__init__(message)
+        self.permanent = permanent
+        self.waiting = waiting  # a dependency is down: wait without using up attempts
+
+
+class _Reschedule(Exception):
+    """Nothing failed; look at this job again after ``delay`` seconds."""
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+
+
+def _rpc_error(stage: str, exc: grpc.aio.AioRpcError) -> StageError:
+    code = exc.code()
+    message = f"{stage}: {code.name}: {exc.details()}"
+    return StageError(message, permanent=code not in TRANSIENT_CODES, waiting=code == grpc.StatusCode.UNAVAILABLE)
+
+
+def segment_from_dict(s: dict) -> common_pb2.TranscriptSegment:
+    return common_pb2.TranscriptSegment(
+        index=s["index"], start_offset=duration(s["start"]), end_offset=duration(s["end"]), text=s["text"],
+        speaker=_SPEAKER_VALUES.get(s["speaker"], common_pb2.SPEAKER_UNKNOWN), channel=s.get("channel", 0),
+        language_code=s.get("language", ""),
+    )
+
+
+class PipelineWorker:
+    def __init__(self, store: JobStore, downloader: Downloader, settings: PipelineSettings) -> None:
+        self.store = store
+        self.downloader = downloader
+        self.settings = settings
+        self.owner = f"ingest-{uuid.uuid4().hex[:8]}"
+        self._channels = {
+            "transcribe": insecure_channel(settings.transcribe_addr),
+            "analyze": insecure_channel(settings.analyze_addr),
+            "crm": insecure_channel(settings.crm_addr),
+        }
+        self.transcribe = transcribe_pb2_grpc.TranscriptionServiceStub(self._channels["transcribe"])
+        self.analyze = analyze_pb2_grpc.AnalysisServiceStub(self._channels["analyze"])
+        self.crm = crm_pb2_grpc.CrmSyncServiceStub(self._channels["crm"])
+        self._wake = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._tasks: set[asyncio.Task] = set()
+        self._loop_task: asyncio.Task | None = None
+        self._rng = random.Random()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def start(self) -> None:
+        self._loop_task = asyncio.create_task(self._loop(), name="pipeline")
+
+    async def stop(self, grace: float) -> None:
+        """Stop claiming; give running jobs ``grace`` seconds, then hand them back to the queue."""
+        self._stopping.set()
+        self._wake.set()
+        if self._loop_task is not None:
+            await self._loop_task
+        if self._tasks:
+            log.info("waiting up to %.0f s for %d job(s) in flight", grace, len(self._tasks))
+            done, pending = await asyncio.wait(self._tasks, timeout=grace)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending)
+        for channel in self._channels.values():
+            await channel.close()
+
+    async def _loop(self) -> None:
+        while not self._stopping.is_set():
+            wait = 1.0
+            try:
+                room = self.settings.concurrency - len(self._tasks)
+                if room > 0:
+                    for job in await self.store.claim(self.owner, room, LEASE_SECONDS):
+                        task = asyncio.create_task(self._run(job), name=f"job-{job.call_id}")
+                        self._tasks.add(task)
+                        task.add_done_callback(self._finished)
+                    due = await self.store.next_due_at()
+                    wait = 5.0 if due is None else max(0.05, min(5.0, due - time.time()))
+            except Exception:
+                log.exception("pipeline loop error")
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=wait)
+            except asyncio.TimeoutError:
+                pass
+
+    def _finished(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        self._wake.set()
+
+    async def _heartbeat(self, call_id: str) -> None:
+        while True:
+            await asyncio.sleep(LEASE_SECONDS / 4)
+            await self.store.renew(call_id, self.owner, LEASE_SECONDS)
+
+    async def _run(self, job: Job) -> None:
+        with call_context(job.call_id):
+            heartbeat = asyncio.create_task(self._heartbeat(job.call_id))
+            try:
+                await self._advance(job)
+            except LeaseLost as exc:
+                log.warning("%s", exc)
+            except asyncio.CancelledError:
+                log.info("shutting down: job handed back at stage %s", job.state)
+                await asyncio.shield(self.store.update(job.call_id, self.owner, release=True))
+                raise
+            except Exception:
+                log.exception("unexpected error at stage %s", job.state)
+                await self._failed_attempt(job, StageError(f"{job.state}: internal error", permanent=False))
+            finally:
+                heartbeat.cancel()
+
+    async def _advance(self, job: Job) -> None:
+        """Run stages until the job is done, fails, or has to wait."""
+        parent = context_from(job.trace_context)
+        while job.state not in (DONE, FAILED):
+            stage = DOWNLOADING if job.state == RECEIVED else job.state
+            if stage != job.state:
+                await self.store.update(job.call_id, self.owner, state=stage)
+                job.state, job.attempts = stage, 0
+            try:
+                with _tracer.start_as_current_span(f"pipeline.{stage}", context=parent,
+                                                   attributes={"callmesh.call_id": job.call_id,
+                                                               "callmesh.attempt": job.attempts + 1}) as span:
+                    try:
+                        next_state, fields = await getattr(self, f"_stage_{stage}")(job)
+                    except StageError as exc:
+                        span.set_status(trace.Status(trace.StatusCode.ERROR, str(exc)))
+                        raise
+            except StageError as exc:
+                await self._failed_attempt(job, exc)
+                return
+            except _Reschedule as r:
+                await self.store.update(job.call_id, self.owner, release=True, next_attempt_at=time.time() + r.delay)
+                return
+            await self.store.update(job.call_id, self.owner, state=next_state, error=None, error_stage=None, **fields)
+            log.info("%s → %s", stage, next_state)
+            job.state, job.attempts = next_state, 0
+            for key, value in fields.items():
+                setattr(job, key, value)
+        await self.store.update(job.call_id, self.owner, release=True)
+
+    async def _failed_attempt(self, job: Job, exc: StageError) -> None:
+        attempts = job.attempts + 1
+        if exc.permanent or (attempts >= self.settings.max_attempts and not exc.waiting):
+            reason = str(exc) if exc.permanent else f"{exc} (gave up after {attempts} attempts)"
+            await self.store.update(job.call_id, self.owner, state=FAILED, release=True, error=reason,
+                                    error_stage=job.state, attempts=attempts)
+            log.error("failed at %s: %s", job.state, reason)
+            return
+        ceiling = min(self.settings.backoff_max, self.settings.backoff_initial * 2 ** (attempts - 1))
+        delay = self._rng.uniform(ceiling / 2, ceiling)
+        await self.store.update(job.call_id, self.owner, release=True, attempts=attempts, error=str(exc),
+                                error_stage=job.state, next_attempt_at=time.time() + delay)
+        log.warning("attempt %d at %s failed (%s); retrying in %.1f s", attempts, job.state, exc, delay)
+
+    # -- stages: each returns (next state, fields to store) or raises StageError / _Reschedule --
+
+    async def _stage_downloading(self, job: Job) -> tuple[str, dict]:
+        try:
+            downloaded = await self.downloader.fetch(job.recording_url)
+        except DownloadError as exc:
+            raise StageError(f"download: {exc}", permanent=exc.permanent) from exc
+        log.info("downloaded %d bytes", downloaded.size)
+        return TRANSCRIBING, {"recording_path": str(downloaded.path)}
+
+    async def _audio_requests(self, job: Job, path: Path) -> AsyncIterator[transcribe_pb2.TranscribeRequest]:
+        opts = job.options
+        config = transcribe_pb2.TranscriptionConfig(
+            call_id=job.call_id, language_code=opts.language or "",
+            channel_layout=transcribe_pb2.CHANNEL_LAYOUT_STEREO if opts.agent_channel else transcribe_pb2.CHANNEL_LAYOUT_MONO,
+            agent_channel=transcribe_pb2.AGENT_CHANNEL_RIGHT if opts.agent_channel == "right" else transcribe_pb2.AGENT_CHANNEL_LEFT,
+        )
+        yield transcribe_pb2.TranscribeRequest(config=config)
+        with path.open("rb") as f:
+            while chunk := await asyncio.to_thread(f.read, self.settings.chunk_bytes):
+                yield transcribe_pb2.TranscribeRequest(audio=chunk)
+
+    async def _stage_transcribing(self, job: Job) -> tuple[str, dict]:
+        if not job.recording_path or not Path(job.recording_path).is_file():
+            # The file is gone (a restart with a fresh disk): fetch it again.
+            return DOWNLOADING, {"recording_path": None}
+        segments: list[dict] = []
+        language, probability, summary = "", 0.0, None
+        last_saved = time.monotonic()
+        call = self.transcribe.Transcribe(self._audio_requests(job, Path(job.recording_path)),
+                                          timeout=self.settings.transcribe_timeout)
+        try:
+            async for response in call:
+                kind = response.WhichOneof("response")
+                if kind == "language":
+                    language, probability = response.language.language_code, response.language.probability
+                elif kind == "segment":
+                    s = response.segment
+                    segments.append({"index": s.index, "start": round(seconds(s.start_offset), 3),
+                                     "end": round(seconds(s.end_offset), 3), "text": s.text,
+                                     "speaker": SPEAKER_NAMES.get(s.speaker, "unknown"), "channel": s.channel,
+                                     "language": s.language_code})
+                    if time.monotonic() - last_saved > 2.0:  # progress the status API can show
+                        await self.store.update(job.call_id, self.owner, transcript={
+                            "language": language, "language_probability": probability, "segments": segments,
+                            "complete": False})
+                        last_saved = time.monotonic()
+                elif kind == "summary":
+                    summary = response.summary
+        except grpc.aio.AioRpcError as exc:
+            raise _rpc_error("transcribe", exc) from exc
+        if summary is None:
+            raise StageError("transcribe: the stream ended without a summary", permanent=False)
+        transcript = {
+            "language": summary.language_code or language, "language_probability": summary.language_probability,
+            "segments": segments, "audio_duration": seconds(summary.audio_duration),
+            "speech_duration": seconds(summary.speech_duration),
+            "processing_time": seconds(summary.processing_time), "model": summary.model, "complete": True,
+        }
+        log.info("transcribed: language %s, %d segments", transcript["language"], len(segments))
+        return ANALYZING, {"transcript": transcript}
+
+    async def _stage_analyzing(self, job: Job) -> tuple[str, dict]:
+        transcript = job.transcript or {}
+        segments = transcript.get("segments", [])
+        if not any(s["text"].strip() for s in segments):
+            log.info("no speech in the recording: nothing to analyse")
+            return DELIVERING, {"analysis": {"summary": [], "topic": "", "sentiment": "neutral", "emotion": "",
+                                             "translated_transcript": "", "model": "", "prompt_version": "",
+                                             "no_speech": True}}
+        request = analyze_pb2.AnalyzeRequest(call_id=job.call_id, language_code=transcript.get("language", ""),
+                                             segments=[segment_from_dict(s) for s in segments])
+        try:
+            response = await self.analyze.Analyze(request, timeout=self.settings.analyze_timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise _rpc_error("analyze", exc) from exc
+        analysis = {
+            "summary": list(response.summary), "topic": response.topic,
+            "sentiment": SENTIMENT_NAMES.get(response.sentiment, "neutral"), "emotion": response.emotion,
+            "translated_transcript": response.translated_transcript, "model": response.model,
+            "prompt_version": response.prompt_version, "processing_time": seconds(response.processing_time),
+        }
+        return DELIVERING, {"analysis": analysis}
+
+    def build_record(self, job: Job) -> crm_pb2.CallRecord:
+        t, a = job.transcript or {}, job.analysis or {}
+        segments = t.get("segments", [])
+        return crm_pb2.CallRecord(
+            call_id=job.call_id, language_code=t.get("language", ""),
+            transcript=" ".join(s["text"].strip() for s in segments),
+            translated_transcript=a.get("translated_transcript", ""), summary=a.get("summary", []),
+            topic=a.get("topic", ""), sentiment=_SENTIMENT_VALUES.get(a.get("sentiment", ""), common_pb2.SENTIMENT_NEUTRAL),
+            emotion=a.get("emotion", ""), create_time=timestamp(job.stage_times.get(DELIVERING) or time.time()),
+            segments=[segment_from_dict(s) for s in segments], audio_duration=duration(t.get("audio_duration", 0.0)),
+            language_probability=t.get("language_probability", 0.0), transcription_model=t.get("model", ""),
+            analysis_model=a.get("model", ""), prompt_version=a.get("prompt_version", ""),
+        )
+
+    async def _stage_delivering(self, job: Job) -> tuple[str, dict]:
+        try:
+            if not (job.result or {}).get("queued"):
+                record = self.build_record(job)
+                response = await self.crm.Deliver(crm_pb2.DeliverRequest(record=record), timeout=self.settings.rpc_timeout)
+                result = {"queued": True, "record": record_to_json(record)}
+                await self.store.update(job.call_id, self.owner, result=result)
+                job.result = result
+                delivery = response.delivery
+            else:
+                delivery = (await self.crm.GetDelivery(crm_pb2.GetDeliveryRequest(call_id=job.call_id),
+                                                       timeout=self.settings.rpc_timeout)).delivery
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:  # the outbox lost it: queue again
+                await self.store.update(job.call_id, self.owner, result={**(job.result or {}), "queued": False})
+                job.result = {**(job.result or {}), "queued": False}
+            raise _rpc_error("crm", exc) from exc
+        result = {**(job.result or {}), "delivery": {
+            "state": crm_pb2.DeliveryState.Name(delivery.state).removeprefix("DELIVERY_STATE_").lower(),
+            "attempts": delivery.attempts, "last_error": delivery.last_error,
+            "idempotency_key": delivery.idempotency_key}}
+        if delivery.state == crm_pb2.DELIVERY_STATE_DELIVERED:
+            self._cleanup(job)
+            return DONE, {"result": result}
+        if delivery.state == crm_pb2.DELIVERY_STATE_FAILED:
+            raise StageError(f"crm: {delivery.last_error}", permanent=True)
+        await self.store.update(job.call_id, self.owner, result=result)
+        job.result = result
+        raise _Reschedule(self.settings.delivery_poll_seconds)
+
+    def _cleanup(self, job: Job) -> None:
+        if job.recording_path:
+            Path(job.recording_path).unlink(missing_ok=True)

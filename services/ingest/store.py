@@ -1,0 +1,197 @@
+"""The durable job store: one row per call, from webhook to CRM.
+
+SQLite by default (WAL, ``synchronous=FULL``). A job is claimed under a lease;
+a worker that dies leaves a lease that expires, and the job is claimed again.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from services.common.sqlite import AsyncSqlite
+
+RECEIVED, DOWNLOADING, TRANSCRIBING, ANALYZING, DELIVERING, DONE, FAILED = (
+    "received", "downloading", "transcribing", "analyzing", "delivering", "done", "failed")
+STATES = (RECEIVED, DOWNLOADING, TRANSCRIBING, ANALYZING, DELIVERING, DONE, FAILED)
+ACTIVE_STATES = (RECEIVED, DOWNLOADING, TRANSCRIBING, ANALYZING, DELIVERING)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    call_id TEXT PRIMARY KEY,
+    seq INTEGER NOT NULL,
+    recording_url TEXT NOT NULL,
+    options TEXT NOT NULL DEFAULT '{}',
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL,
+    lease_owner TEXT,
+    lease_until REAL NOT NULL DEFAULT 0,
+    error TEXT,
+    error_stage TEXT,
+    stage_times TEXT NOT NULL DEFAULT '{}',
+    trace_context TEXT NOT NULL DEFAULT '{}',
+    trace_id TEXT NOT NULL DEFAULT '',
+    recording_path TEXT,
+    transcript TEXT,
+    analysis TEXT,
+    result TEXT,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS jobs_due ON jobs (state, next_attempt_at);
+"""
+
+
+@dataclass(frozen=True)
+class JobOptions:
+    """What the webhook said about the recording beyond its URL."""
+
+    language: str | None = None
+    agent_channel: str | None = None  # "left"/"right" for stereo recordings; None for mono
+
+
+@dataclass
+class Job:
+    call_id: str
+    recording_url: str
+    options: JobOptions
+    state: str
+    attempts: int
+    next_attempt_at: float
+    error: str | None
+    error_stage: str | None
+    stage_times: dict[str, float]
+    trace_context: dict[str, str]
+    trace_id: str
+    recording_path: str | None
+    transcript: dict | None
+    analysis: dict | None
+    result: dict | None
+    created_at: float
+    updated_at: float
+    lease_owner: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> "Job":
+        def j(name: str) -> Any:
+            value = row[name]
+            return json.loads(value) if value else None
+
+        return cls(
+            call_id=row["call_id"], recording_url=row["recording_url"], options=JobOptions(**j("options")),
+            state=row["state"], attempts=row["attempts"], next_attempt_at=row["next_attempt_at"],
+            error=row["error"], error_stage=row["error_stage"], stage_times=j("stage_times") or {},
+            trace_context=j("trace_context") or {}, trace_id=row["trace_id"], recording_path=row["recording_path"],
+            transcript=j("transcript"), analysis=j("analysis"), result=j("result"),
+            created_at=row["created_at"], updated_at=row["updated_at"], lease_owner=row["lease_owner"],
+        )
+
+
+class JobStore:
+    def __init__(self, path: Path) -> None:
+        self.db = AsyncSqlite(path, SCHEMA)
+
+    async def open(self) -> None:
+        await self.db.open()
+
+    async def close(self) -> None:
+        await self.db.close()
+
+    async def create(self, call_id: str, recording_url: str, options: JobOptions, trace_context: dict[str, str],
+                     trace_id: str) -> tuple[Job, bool]:
+        """Store a new job, or return the existing one for this call_id; says whether it is new."""
+        now = time.time()
+        opts = json.dumps({k: v for k, v in options.__dict__.items() if v is not None})
+
+        def tx(c: sqlite3.Connection) -> tuple[Job, bool]:
+            seq = c.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs").fetchone()[0]
+            cur = c.execute(
+                "INSERT OR IGNORE INTO jobs (call_id, seq, recording_url, options, state, next_attempt_at, "
+                "stage_times, trace_context, trace_id, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                (call_id, seq, recording_url, opts, RECEIVED, now, json.dumps({RECEIVED: now}),
+                 json.dumps(trace_context), trace_id, now, now))
+            row = c.execute("SELECT * FROM jobs WHERE call_id = ?", (call_id,)).fetchone()
+            return Job.from_row(row), cur.rowcount == 1
+
+        return await self.db.transaction(tx)
+
+    async def get(self, call_id: str) -> Job | None:
+        row = await self.db.fetchone("SELECT * FROM jobs WHERE call_id = ?", (call_id,))
+        return Job.from_row(row) if row else None
+
+    async def list(self, state: str | None = None, limit: int = 100, offset: int = 0) -> list[Job]:
+        if state:
+            rows = await self.db.fetchall("SELECT * FROM jobs WHERE state = ? ORDER BY seq DESC LIMIT ? OFFSET ?",
+                                          (state, limit, offset))
+        else:
+            rows = await self.db.fetchall("SELECT * FROM jobs ORDER BY seq DESC LIMIT ? OFFSET ?", (limit, offset))
+        return [Job.from_row(r) for r in rows]
+
+    async def counts(self) -> dict[str, int]:
+        rows = await self.db.fetchall("SELECT state, COUNT(*) FROM jobs GROUP BY state")
+        return {r[0]: r[1] for r in rows}
+
+    async def claim(self, owner: str, limit: int, lease_seconds: float) -> list[Job]:
+        """Lease up to ``limit`` due jobs, oldest first."""
+        now = time.time()
+        placeholders = ",".join("?" * len(ACTIVE_STATES))
+
+        def tx(c: sqlite3.Connection) -> list[Job]:
+            rows = c.execute(
+                f"SELECT * FROM jobs WHERE state IN ({placeholders}) AND next_attempt_at <= ? AND lease_until < ? "
+                "ORDER BY next_attempt_at, seq LIMIT ?", (*ACTIVE_STATES, now, now, limit)).fetchall()
+            for r in rows:
+                c.execute("UPDATE jobs SET lease_owner = ?, lease_until = ? WHERE call_id = ?",
+                          (owner, now + lease_seconds, r["call_id"]))
+            return [Job.from_row(r) for r in rows]
+
+        return await self.db.transaction(tx)
+
+    async def next_due_at(self) -> float | None:
+        placeholders = ",".join("?" * len(ACTIVE_STATES))
+        row = await self.db.fetchone(
+            f"SELECT MIN(MAX(next_attempt_at, lease_until)) FROM jobs WHERE state IN ({placeholders})", ACTIVE_STATES)
+        return row[0] if row else None
+
+    async def renew(self, call_id: str, owner: str, lease_seconds: float) -> bool:
+        def tx(c: sqlite3.Connection) -> bool:
+            cur = c.execute("UPDATE jobs SET lease_until = ? WHERE call_id = ? AND lease_owner = ?",
+                            (time.time() + lease_seconds, call_id, owner))
+            return cur.rowcount == 1
+
+        return await self.db.transaction(tx)
+
+    async def update(self, call_id: str, owner: str | None, *, state: str | None = None, release: bool = False,
+                     **fields: Any) -> None:
+        """Write ``fields`` (JSON-encoding dicts); entering a new ``state`` stamps its time and resets attempts."""
+        now = time.time()
+
+        def tx(c: sqlite3.Connection) -> None:
+            row = c.execute("SELECT state, stage_times, lease_owner FROM jobs WHERE call_id = ?", (call_id,)).fetchone()
+            if row is None:
+                raise KeyError(call_id)
+            if owner is not None and row["lease_owner"] != owner:
+                raise LeaseLost(f"job {call_id} is leased by {row['lease_owner']}, not {owner}")
+            sets: dict[str, Any] = {"updated_at": now}
+            if state is not None and state != row["state"]:
+                times = json.loads(row["stage_times"])
+                times[state] = now
+                sets.update(state=state, stage_times=json.dumps(times), attempts=0)
+            for key, value in fields.items():
+                sets[key] = json.dumps(value, ensure_ascii=False) if isinstance(value, (dict, list)) else value
+            if release:
+                sets.update(lease_owner=None, lease_until=0)
+            assignments = ", ".join(f"{k} = ?" for k in sets)
+            c.execute(f"UPDATE jobs SET {assignments} WHERE call_id = ?", (*sets.values(), call_id))
+
+        await self.db.transaction(tx)
+
+
+class LeaseLost(Exception):
+    """Another worker holds the job now; stop working on it."""

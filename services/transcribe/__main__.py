@@ -1,0 +1,45 @@
+"""``python -m services.transcribe``: load Whisper once, serve TranscriptionService until SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from callcenter.v1 import transcribe_pb2, transcribe_pb2_grpc
+from services.common.grpc_server import ServiceBinding, serve
+from services.common.limits import AdmissionLimiter
+from services.common.logs import setup_logging
+from services.common.telemetry import setup_tracing, shutdown_tracing
+from services.transcribe.config import TranscribeSettings
+from services.transcribe.engine import WhisperEngine
+from services.transcribe.servicer import TranscriptionServicer
+
+SERVICE = "transcribe"
+log = logging.getLogger(SERVICE)
+
+
+def build(settings: TranscribeSettings) -> tuple[TranscriptionServicer, ServiceBinding]:
+    engine = WhisperEngine(settings.engine)
+    servicer = TranscriptionServicer(engine, AdmissionLimiter(settings.max_concurrent, settings.max_queued),
+                                     settings.max_audio_bytes)
+    name = transcribe_pb2.DESCRIPTOR.services_by_name["TranscriptionService"].full_name
+    return servicer, ServiceBinding(name, lambda s: transcribe_pb2_grpc.add_TranscriptionServiceServicer_to_server(servicer, s))
+
+
+async def amain() -> None:
+    settings = TranscribeSettings.from_env()
+    _, binding = build(settings)
+    await serve(SERVICE, settings.server, [binding])
+
+
+def main() -> None:
+    setup_logging(SERVICE)
+    setup_tracing(SERVICE)
+    try:
+        asyncio.run(amain())
+    finally:
+        shutdown_tracing()
+
+
+if __name__ == "__main__":
+    main()

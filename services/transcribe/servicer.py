@@ -1,0 +1,161 @@
+"""gRPC face of the Whisper engine: protobuf in, engine events out as protobuf."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import tempfile
+import threading
+from collections.abc import AsyncIterator
+
+import grpc
+from callcenter.v1 import common_pb2, transcribe_pb2, transcribe_pb2_grpc
+from services.common.limits import AdmissionLimiter, Overloaded
+from services.common.logs import call_context
+from services.common.protoconv import duration
+from services.common.telemetry import tracer
+from services.transcribe.engine import (
+    AudioDecodeError,
+    LanguageResult,
+    SegmentResult,
+    SummaryResult,
+    TranscribeOptions,
+    WhisperEngine,
+)
+
+log = logging.getLogger(__name__)
+_tracer = tracer(__name__)
+
+_SPEAKERS = {
+    "agent": common_pb2.SPEAKER_AGENT,
+    "customer": common_pb2.SPEAKER_CUSTOMER,
+    "unknown": common_pb2.SPEAKER_UNKNOWN,
+}
+_SPOOL_IN_MEMORY = 8 * 1024 * 1024
+_DONE = object()
+
+
+def options_from_config(config: transcribe_pb2.TranscriptionConfig) -> TranscribeOptions:
+    return TranscribeOptions(
+        language=config.language_code.strip().lower() or None,
+        stereo=config.channel_layout == transcribe_pb2.CHANNEL_LAYOUT_STEREO,
+        agent_channel="right" if config.agent_channel == transcribe_pb2.AGENT_CHANNEL_RIGHT else "left",
+        word_timestamps=config.word_timestamps,
+        hotwords=tuple(h for h in config.hotwords if h.strip()),
+    )
+
+
+def to_response(event: LanguageResult | SegmentResult | SummaryResult) -> transcribe_pb2.TranscribeResponse:
+    if isinstance(event, LanguageResult):
+        return transcribe_pb2.TranscribeResponse(language=transcribe_pb2.LanguageDetection(
+            language_code=event.code, probability=event.probability, from_hint=event.from_hint))
+    if isinstance(event, SegmentResult):
+        return transcribe_pb2.TranscribeResponse(segment=common_pb2.TranscriptSegment(
+            index=event.index, start_offset=duration(event.start), end_offset=duration(event.end),
+            text=event.text, speaker=_SPEAKERS[event.speaker], channel=event.channel,
+            avg_logprob=event.avg_logprob, no_speech_prob=event.no_speech_prob, language_code=event.language,
+            words=[common_pb2.Word(text=w.text, start_offset=duration(w.start), end_offset=duration(w.end),
+                                   probability=w.probability) for w in event.words],
+        ))
+    return transcribe_pb2.TranscribeResponse(summary=transcribe_pb2.TranscriptionSummary(
+        language_code=event.language, language_probability=event.language_probability,
+        audio_duration=duration(event.audio_duration), speech_duration=duration(event.speech_duration),
+        segment_count=event.segment_count, processing_time=duration(event.processing_time), model=event.model,
+    ))
+
+
+class TranscriptionServicer(transcribe_pb2_grpc.TranscriptionServiceServicer):
+    """Receives a recording, streams back its transcript as it is decoded."""
+
+    def __init__(self, engine: WhisperEngine, limiter: AdmissionLimiter, max_audio_bytes: int) -> None:
+        self.engine = engine
+        self.limiter = limiter
+        self.max_audio_bytes = max_audio_bytes
+
+    async def Transcribe(self, request_iterator: AsyncIterator[transcribe_pb2.TranscribeRequest],
+                         context: grpc.aio.ServicerContext) -> AsyncIterator[transcribe_pb2.TranscribeResponse]:
+        try:
+            async with self.limiter.admit():
+                first = await anext(request_iterator, None)
+                if first is None or first.WhichOneof("request") != "config":
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                        "the first message must carry the config, audio follows in later messages")
+                config = first.config
+                with call_context(config.call_id or "-"), tempfile.SpooledTemporaryFile(_SPOOL_IN_MEMORY) as spool:
+                    size = await self._receive_audio(request_iterator, spool, context)
+                    log.info("received %d bytes of audio", size)
+                    spool.seek(0)
+                    async with self.limiter.run_slot():
+                        async for response in self._decode(spool, options_from_config(config), config.call_id):
+                            yield response
+        except Overloaded as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        except _InvalidAudio as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+
+    async def _receive_audio(self, request_iterator, spool, context: grpc.aio.ServicerContext) -> int:
+        size = 0
+        async for message in request_iterator:
+            if message.WhichOneof("request") != "audio":
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "only the first message may carry a config")
+            size += len(message.audio)
+            if size > self.max_audio_bytes:
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                    f"the recording is over the {self.max_audio_bytes}-byte limit")
+            spool.write(message.audio)
+        if size == 0:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "no audio was sent after the config")
+        return size
+
+    async def _decode(self, source, options: TranscribeOptions, call_id: str) -> AsyncIterator[transcribe_pb2.TranscribeResponse]:
+        """Run the blocking engine in a thread and hand its events over as they come."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        cancel = threading.Event()
+
+        def work() -> None:
+            try:
+                for event in self.engine.run(source, options, cancel):
+                    loop.call_soon_threadsafe(queue.put_nowait, event)
+            except BaseException as exc:  # handed to the event loop, raised there
+                loop.call_soon_threadsafe(queue.put_nowait, exc)
+            else:
+                loop.call_soon_threadsafe(queue.put_nowait, _DONE)
+
+        with _tracer.start_as_current_span("whisper.decode", attributes={
+            "callmesh.call_id": call_id, "whisper.model": self.engine.model_name,
+            "whisper.stereo": options.stereo, "whisper.language_hint": options.language or "",
+        }) as span:
+            thread = threading.Thread(target=work, name=f"decode-{call_id}", daemon=True)
+            thread.start()
+            try:
+                while True:
+                    event = await queue.get()
+                    if event is _DONE:
+                        break
+                    if isinstance(event, AudioDecodeError):
+                        span.record_exception(event)
+                        raise _InvalidAudio(str(event))
+                    if isinstance(event, BaseException):
+                        raise event
+                    if isinstance(event, SegmentResult):
+                        span.add_event("segment", {"index": event.index, "start": event.start, "end": event.end,
+                                                   "speaker": event.speaker})
+                    elif isinstance(event, LanguageResult):
+                        span.set_attribute("whisper.language", event.code)
+                        log.info("language %s (p=%.2f%s)", event.code, event.probability, ", hint" if event.from_hint else "")
+                    else:
+                        span.set_attribute("whisper.segments", event.segment_count)
+                        span.set_attribute("whisper.audio_seconds", event.audio_duration)
+                        log.info("decoded %.1f s of audio into %d segments in %.1f s", event.audio_duration,
+                                 event.segment_count, event.processing_time)
+                    yield to_response(event)
+            finally:
+                if thread.is_alive():
+                    cancel.set()
+                    log.info("stream ended early: stopping the decode")
+                    await asyncio.to_thread(thread.join)
+
+
+class _InvalidAudio(Exception):
+    """The engine could not decode the recording."""
