@@ -22,7 +22,7 @@ from services.common.telemetry import tracer
 log = logging.getLogger(__name__)
 _tracer = tracer(__name__)
 
-PROMPT_VERSION = "2026-11-25.1"
+PROMPT_VERSION = "2026-11-25.2"
 SENTIMENTS = ("positive", "neutral", "negative")
 LANGUAGE_NAMES = {
     "en": "English", "es": "Spanish", "fr": "French", "de": "German", "it": "Italian", "pt": "Portuguese",
@@ -70,20 +70,22 @@ def render_transcript(utterances: list[Utterance]) -> str:
 
 
 def analysis_schema(topics: tuple[str, ...], emotions: tuple[str, ...]) -> dict:
+    # Sentiment and emotion come first: the model judges the customer before it writes
+    # the summary, so its own wording cannot sway the judgement.
     return {
         "type": "object",
         "properties": {
+            "sentiment": {"type": "string", "enum": list(SENTIMENTS)},
+            "emotion": {"type": "string", "enum": list(emotions)},
+            "topic": {"type": "string", "enum": list(topics)},
             "summary": {
                 "type": "array",
                 "items": {"type": "string", "minLength": 3, "maxLength": 200},
                 "minItems": 3,
                 "maxItems": 3,
             },
-            "topic": {"type": "string", "enum": list(topics)},
-            "sentiment": {"type": "string", "enum": list(SENTIMENTS)},
-            "emotion": {"type": "string", "enum": list(emotions)},
         },
-        "required": ["summary", "topic", "sentiment", "emotion"],
+        "required": ["sentiment", "emotion", "topic", "summary"],
         "additionalProperties": False,
     }
 
@@ -100,11 +102,12 @@ def translation_schema(source_chars: int) -> dict:
 ANALYSIS_SYSTEM = (
     "You analyse recorded customer-service phone calls for a contact center. "
     "Read the transcript and answer in JSON only, in English whatever the call's language:\n"
-    "- summary: exactly three short bullet points (one sentence each) on what the customer wanted, "
-    "what the agent did, and how the call ended. Use only facts stated in the transcript.\n"
+    "- sentiment: the customer's overall sentiment. negative when the customer complains, is angry, upset or "
+    "threatens to leave; positive when the customer thanks or praises; neutral otherwise.\n"
+    "- emotion: the customer's dominant emotion, from the allowed list.\n"
     "- topic: the one category from the allowed list that best fits the call.\n"
-    "- sentiment: the customer's overall sentiment: positive, neutral or negative.\n"
-    "- emotion: the customer's dominant emotion, from the allowed list."
+    "- summary: exactly three short bullet points, one sentence each, on what was said. Use only facts stated "
+    "in the transcript; never invent what a speaker said or did, names or amounts."
 )
 
 TRANSLATION_SYSTEM = (

@@ -91,5 +91,5 @@ class TranscribeSettings:
             engine=engine,
             max_concurrent=engine.num_workers,
             max_queued=env_int("TRANSCRIBE_MAX_QUEUED", 8, minimum=0),
-            max_audio_bytes=env_int("TRANSCRIBE_MAX_AUDIO_BYTES", 512 * 1024 * 1024, minimum=1),
+            max_audio_bytes=env_int("TRANSCRIBE_MAX_AUDIO_BYTES", 2 * 1024**3, minimum=1),
         )

@@ -74,24 +74,28 @@ class TranscriptionServicer(transcribe_pb2_grpc.TranscriptionServiceServicer):
 
     async def Transcribe(self, request_iterator: AsyncIterator[transcribe_pb2.TranscribeRequest],
                          context: grpc.aio.ServicerContext) -> AsyncIterator[transcribe_pb2.TranscribeResponse]:
-        try:
-            async with self.limiter.admit():
-                first = await anext(request_iterator, None)
-                if first is None or first.WhichOneof("request") != "config":
-                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                        "the first message must carry the config, audio follows in later messages")
-                config = first.config
-                with call_context(config.call_id or "-"), tempfile.SpooledTemporaryFile(_SPOOL_IN_MEMORY) as spool:
-                    size = await self._receive_audio(request_iterator, spool, context)
-                    log.info("received %d bytes of audio", size)
-                    spool.seek(0)
+        first = await anext(request_iterator, None)
+        if first is None or first.WhichOneof("request") != "config":
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                "the first message must carry the config, audio follows in later messages")
+        config = first.config
+        with call_context(config.call_id or "-"), tempfile.SpooledTemporaryFile(_SPOOL_IN_MEMORY) as spool:
+            # Admission is decided once the client has sent everything: rejecting a stream
+            # while the client is still writing surfaces as INTERNAL on the client, not as
+            # the RESOURCE_EXHAUSTED it should retry on.
+            size = await self._receive_audio(request_iterator, spool, context)
+            log.info("received %d bytes of audio", size)
+            spool.seek(0)
+            try:
+                async with self.limiter.admit():
                     async with self.limiter.run_slot():
                         async for response in self._decode(spool, options_from_config(config), config.call_id):
                             yield response
-        except Overloaded as exc:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
-        except _InvalidAudio as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            except Overloaded as exc:
+                log.warning("rejected: %s", exc)
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+            except _InvalidAudio as exc:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
 
     async def _receive_audio(self, request_iterator, spool, context: grpc.aio.ServicerContext) -> int:
         size = 0

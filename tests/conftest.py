@@ -1,0 +1,62 @@
+"""Shared fixtures: generated audio, the Whisper model, real servers on 127.0.0.1 port 0."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from callmesh.models import MODELS, is_installed  # noqa: E402
+from callmesh.samples import SAMPLES, synthesize  # noqa: E402
+from services.common.config import data_dir  # noqa: E402
+
+LONG_TEXT = (
+    "Good morning, thank you for calling. I would like to ask about my last invoice. "
+    "The amount is higher than usual and I do not understand the extra charges. "
+    "Could you explain what the service fee is for and whether it will appear every month. "
+    "I have been a customer for many years and I always paid on time. "
+)
+
+
+def require_model(key: str) -> Path:
+    model = MODELS[key]
+    root = data_dir()
+    if not is_installed(model, root):
+        pytest.fail(f"model {key} is not installed in {root}: run `python -m callmesh.models {key}` first",
+                    pytrace=False)
+    return model.path(root)
+
+
+@pytest.fixture(scope="session")
+def whisper_dir() -> Path:
+    return require_model("whisper-base")
+
+
+@pytest.fixture(scope="session")
+def llm_small() -> Path:
+    return require_model("qwen2.5-coder-0.5b") / "model.gguf"
+
+
+@pytest.fixture(scope="session")
+def llm_main() -> Path:
+    return require_model("qwen2.5-coder-1.5b") / "model.gguf"
+
+
+@pytest.fixture(scope="session")
+def audio_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Recordings generated for this run with espeak-ng and ffmpeg; nothing is committed."""
+    d = tmp_path_factory.mktemp("audio")
+    for key, sample in SAMPLES.items():
+        synthesize(sample.text, sample.voice, d / f"{key}.wav")
+    synthesize(LONG_TEXT * 3, "en-us", d / "long-en.wav", speed=160)
+    # The Spanish call as 8 kHz telephone-band mp3.
+    subprocess.run(["ffmpeg", "-loglevel", "error", "-y", "-i", str(d / "es-billing-angry.wav"), "-ar", "8000",
+                    "-ac", "1", str(d / "es-billing-angry-8k.mp3")], check=True)
+    (d / "not-audio.txt").write_text("<html><body>This is not a recording.</body></html>\n" * 20)
+    # Looks like WAV from its first bytes, but the rest is garbage.
+    (d / "broken.wav").write_bytes(b"RIFF\x24\x08\x00\x00WAVEfmt " + os.urandom(4000))
+    return d

@@ -1,0 +1,167 @@
+"""Transcribe over real gRPC on 127.0.0.1 port 0, with the real Whisper base model."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+import pytest_asyncio
+
+from callcenter.v1 import common_pb2, transcribe_pb2, transcribe_pb2_grpc
+from services.common.grpc_server import RunningServer, ServiceBinding, insecure_channel, start_server
+from services.common.limits import AdmissionLimiter
+from services.transcribe.config import EngineSettings
+from services.transcribe.engine import WhisperEngine
+from services.transcribe.servicer import TranscriptionServicer
+
+SERVICE_NAME = transcribe_pb2.DESCRIPTOR.services_by_name["TranscriptionService"].full_name
+
+
+@pytest.fixture(scope="session")
+def engine(whisper_dir: Path) -> WhisperEngine:
+    return WhisperEngine(EngineSettings(model_path=whisper_dir, cpu_threads=2))
+
+
+async def _serve(engine: WhisperEngine, max_running: int, max_queued: int) -> tuple[RunningServer, TranscriptionServicer]:
+    servicer = TranscriptionServicer(engine, AdmissionLimiter(max_running, max_queued), max_audio_bytes=64 * 1024 * 1024)
+    binding = ServiceBinding(SERVICE_NAME, lambda s: transcribe_pb2_grpc.add_TranscriptionServiceServicer_to_server(servicer, s))
+    return await start_server("127.0.0.1:0", [binding]), servicer
+
+
+@pytest_asyncio.fixture(scope="session")
+async def stub(engine: WhisperEngine) -> AsyncIterator[transcribe_pb2_grpc.TranscriptionServiceStub]:
+    server, _ = await _serve(engine, max_running=1, max_queued=4)
+    channel = insecure_channel(server.address)
+    yield transcribe_pb2_grpc.TranscriptionServiceStub(channel)
+    await channel.close()
+    await server.stop(1)
+
+
+async def requests(path: Path, config: transcribe_pb2.TranscriptionConfig | None = None, chunk: int = 32 * 1024):
+    yield transcribe_pb2.TranscribeRequest(config=config or transcribe_pb2.TranscriptionConfig(call_id="t"))
+    data = path.read_bytes()
+    for i in range(0, len(data), chunk):
+        yield transcribe_pb2.TranscribeRequest(audio=data[i:i + chunk])
+
+
+async def collect(call) -> list[transcribe_pb2.TranscribeResponse]:
+    return [r async for r in call]
+
+
+async def test_streams_language_then_segments_then_summary(stub, audio_dir: Path) -> None:
+    responses = await collect(stub.Transcribe(requests(audio_dir / "es-billing-angry.wav")))
+    kinds = [r.WhichOneof("response") for r in responses]
+    assert kinds[0] == "language" and kinds[-1] == "summary"
+    assert set(kinds[1:-1]) == {"segment"}
+    assert responses[0].language.language_code == "es"
+    summary = responses[-1].summary
+    assert summary.segment_count == len(kinds) - 2
+    assert summary.audio_duration.seconds >= 10
+    text = " ".join(r.segment.text for r in responses if r.HasField("segment")).lower()
+    assert "factura" in text and "dinero" in text
+    assert all(r.segment.speaker == common_pb2.SPEAKER_UNKNOWN for r in responses if r.HasField("segment"))
+
+
+async def test_telephone_band_mp3_decodes(stub, audio_dir: Path) -> None:
+    responses = await collect(stub.Transcribe(requests(audio_dir / "es-billing-angry-8k.mp3")))
+    assert responses[0].language.language_code == "es"
+    assert responses[-1].summary.segment_count >= 1
+
+
+async def test_language_hint_wins_over_detection(stub, audio_dir: Path) -> None:
+    config = transcribe_pb2.TranscriptionConfig(call_id="hint", language_code="en")
+    responses = await collect(stub.Transcribe(requests(audio_dir / "es-billing-angry.wav", config)))
+    assert responses[0].language.language_code == "en"
+    assert responses[0].language.from_hint
+    assert responses[-1].summary.language_code == "en"
+
+
+async def test_undecodable_audio_is_invalid_argument(stub, audio_dir: Path) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await collect(stub.Transcribe(requests(audio_dir / "broken.wav")))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "not audio" in info.value.details()
+
+
+async def test_audio_before_config_is_invalid_argument(stub) -> None:
+    async def audio_first():
+        yield transcribe_pb2.TranscribeRequest(audio=b"RIFF")
+
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await collect(stub.Transcribe(audio_first()))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_first_segment_arrives_while_decode_still_runs(engine, stub, audio_dir: Path) -> None:
+    call = stub.Transcribe(requests(audio_dir / "long-en.wav"))
+    first_segment_seen_while_active = None
+    async for response in call:
+        if response.HasField("segment") and first_segment_seen_while_active is None:
+            first_segment_seen_while_active = engine.stats.active == 1
+        if response.HasField("summary"):
+            assert response.summary.segment_count > 1
+            assert response.summary.audio_duration.seconds > 30
+    assert first_segment_seen_while_active is True
+    assert engine.stats.active == 0
+
+
+async def test_cancelling_the_stream_stops_the_decode(engine, stub, audio_dir: Path) -> None:
+    full = await collect(stub.Transcribe(requests(audio_dir / "long-en.wav")))
+    total_segments = full[-1].summary.segment_count
+    before = engine.stats.segments
+    cancelled_before = engine.stats.cancelled
+    call = stub.Transcribe(requests(audio_dir / "long-en.wav"))
+    async for response in call:
+        if response.HasField("segment"):
+            call.cancel()
+            break
+    for _ in range(300):  # the decode thread notices within one segment
+        if engine.stats.active == 0:
+            break
+        await asyncio.sleep(0.1)
+    assert engine.stats.active == 0
+    assert engine.stats.cancelled == cancelled_before + 1
+    assert engine.stats.segments - before < total_segments
+
+
+async def test_over_the_concurrency_limit_is_resource_exhausted(engine, audio_dir: Path) -> None:
+    server, servicer = await _serve(engine, max_running=1, max_queued=0)
+    channel = insecure_channel(server.address)
+    try:
+        stub = transcribe_pb2_grpc.TranscriptionServiceStub(channel)
+        busy = stub.Transcribe(requests(audio_dir / "long-en.wav"))
+        first = await anext(aiter(busy))  # the one slot is now taken
+        assert first.HasField("language")
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await collect(stub.Transcribe(requests(audio_dir / "es-billing-angry.wav")))
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        busy.cancel()
+        for _ in range(300):
+            if servicer.limiter.admitted == 0:
+                break
+            await asyncio.sleep(0.1)
+        assert servicer.limiter.admitted == 0  # cancelling freed the slot
+        responses = await collect(stub.Transcribe(requests(audio_dir / "es-billing-angry.wav")))
+        assert responses[-1].HasField("summary")
+    finally:
+        await channel.close()
+        await server.stop(1)
+
+
+async def test_health_and_reflection_are_served(stub, engine) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    server, _ = await _serve(engine, 1, 0)
+    channel = insecure_channel(server.address)
+    try:
+        health = health_pb2_grpc.HealthStub(channel)
+        reply = await health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME))
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        await server.stop(1)
+        with pytest.raises(grpc.aio.AioRpcError):
+            await health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=2)
+    finally:
+        await channel.close()
