@@ -13,6 +13,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from callmesh.models import MODELS, is_installed  # noqa: E402
 from callmesh.samples import SAMPLES, synthesize  # noqa: E402
 from services.common.config import data_dir  # noqa: E402
+from services.common.telemetry import setup_tracing  # noqa: E402
+
+# As in every service: spans are made (and carry trace ids) even with no exporter.
+setup_tracing("callmesh-tests")
 
 LONG_TEXT = (
     "Good morning, thank you for calling. I would like to ask about my last invoice. "

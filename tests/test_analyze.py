@@ -1,0 +1,142 @@
+"""The analyzer around the model: schema, validation, retry, backends.
+
+The model itself is exercised on real weights in test_end_to_end.py and in the
+embedded-backend test below; here the Ollama server is a stand-in on loopback
+speaking Ollama's /api/chat protocol, since no Ollama binary installs here.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import jsonschema
+import pytest
+import pytest_asyncio
+from aiohttp import web
+
+from services.analyze.analyzer import AnalysisError, Analyzer, TranscriptTooLong, Utterance, analysis_schema
+from services.analyze.backends import BackendUnavailable, EmbeddedLlamaBackend, OllamaBackend
+from services.analyze.config import DEFAULT_EMOTIONS, DEFAULT_TOPICS, LlmSettings
+
+GOOD = {"sentiment": "negative", "emotion": "angry", "topic": "Billing",
+        "summary": ["Customer was billed twice.", "Customer is angry.", "Customer wants a refund."]}
+CALL = [Utterance("customer", 0.0, "I was billed twice this month and I am angry. I want my money back.")]
+
+
+@dataclass
+class FakeOllama:
+    """Answers /api/chat with the queued answers, one per request, and records the requests."""
+
+    answers: list[str]
+    requests: list[dict] = field(default_factory=list)
+    url: str = ""
+    _runner: web.AppRunner | None = None
+
+    async def chat(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        self.requests.append(body)
+        content = self.answers.pop(0)
+        return web.json_response({
+            "model": body["model"], "created_at": "2026-11-25T00:00:00Z", "done": True, "done_reason": "stop",
+            "message": {"role": "assistant", "content": content}, "prompt_eval_count": 50, "eval_count": 20,
+        })
+
+    async def start(self) -> "FakeOllama":
+        app = web.Application()
+        app.router.add_post("/api/chat", self.chat)
+        self._runner = web.AppRunner(app)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+        return self
+
+    async def stop(self) -> None:
+        assert self._runner is not None
+        await self._runner.cleanup()
+
+
+def settings(host: str, model: str = "qwen2.5:7b-instruct") -> LlmSettings:
+    return LlmSettings(ollama_host=host, model=model, context_tokens=4096, max_answer_tokens=512, threads=2,
+                       timeout_seconds=30, keep_alive="30m")
+
+
+def analyzer(backend) -> Analyzer:
+    return Analyzer(backend, DEFAULT_TOPICS, DEFAULT_EMOTIONS, 4096, 512)
+
+
+@pytest_asyncio.fixture
+async def ollama() -> AsyncIterator[FakeOllama]:
+    server = await FakeOllama([]).start()
+    yield server
+    await server.stop()
+
+
+async def test_ollama_backend_sends_schema_temperature_and_context(ollama: FakeOllama) -> None:
+    ollama.answers = [json.dumps(GOOD)]
+    result = await analyzer(OllamaBackend(settings(ollama.url))).analyze(CALL, "en")
+    assert result.sentiment == "negative" and result.topic == "Billing" and len(result.summary) == 3
+    request = ollama.requests[0]
+    assert request["format"] == analysis_schema(DEFAULT_TOPICS, DEFAULT_EMOTIONS)
+    assert request["options"]["temperature"] == 0
+    assert request["options"]["num_ctx"] == 4096
+    assert request["keep_alive"] == "30m"
+
+
+async def test_english_call_is_not_translated(ollama: FakeOllama) -> None:
+    ollama.answers = [json.dumps(GOOD)]
+    result = await analyzer(OllamaBackend(settings(ollama.url))).analyze(CALL, "en")
+    assert result.translated_transcript == ""
+    assert len(ollama.requests) == 1
+
+
+async def test_other_languages_are_translated_in_a_request_of_their_own(ollama: FakeOllama) -> None:
+    ollama.answers = [json.dumps(GOOD), json.dumps({"translation": "Customer: I was charged twice."})]
+    result = await analyzer(OllamaBackend(settings(ollama.url))).analyze(
+        [Utterance("customer", 0, "Me cobraron dos veces.")], "es")
+    assert result.translated_transcript == "Customer: I was charged twice."
+    assert "Spanish" in ollama.requests[1]["messages"][0]["content"]
+    assert "translation" in ollama.requests[1]["format"]["properties"]
+
+
+async def test_malformed_answer_is_retried_with_the_error(ollama: FakeOllama) -> None:
+    ollama.answers = ["{\"sentiment\": \"furious\"}", json.dumps(GOOD)]
+    result = await analyzer(OllamaBackend(settings(ollama.url))).analyze(CALL, "en")
+    assert result.sentiment == "negative"
+    retry_messages = ollama.requests[1]["messages"]
+    assert retry_messages[-1]["role"] == "user" and "invalid" in retry_messages[-1]["content"]
+
+
+async def test_two_malformed_answers_fail_clearly(ollama: FakeOllama) -> None:
+    ollama.answers = ["not json at all", json.dumps({**GOOD, "summary": ["only one"]})]
+    with pytest.raises(AnalysisError, match="no valid analysis after 2 attempts: summary"):
+        await analyzer(OllamaBackend(settings(ollama.url))).analyze(CALL, "en")
+
+
+async def test_unreachable_ollama_is_unavailable() -> None:
+    with pytest.raises(BackendUnavailable, match="unreachable"):
+        await analyzer(OllamaBackend(settings("http://127.0.0.1:9"))).analyze(CALL, "en")
+
+
+async def test_transcript_over_the_context_is_refused_not_truncated(ollama: FakeOllama) -> None:
+    long_call = [Utterance("customer", i, "This sentence repeats to fill the context. " * 10) for i in range(100)]
+    with pytest.raises(TranscriptTooLong, match="does not fit"):
+        await analyzer(OllamaBackend(settings(ollama.url))).analyze(long_call, "en")
+    assert ollama.requests == []
+
+
+@pytest.mark.models
+async def test_embedded_backend_answers_within_the_schema(llm_small: Path) -> None:
+    backend = EmbeddedLlamaBackend(settings("", str(llm_small)))
+    try:
+        schema = analysis_schema(DEFAULT_TOPICS, DEFAULT_EMOTIONS)
+        completion = await backend.complete_json(
+            [{"role": "system", "content": "Analyse the call and answer in JSON."},
+             {"role": "user", "content": "Customer: My parcel never arrived and I am upset."}], schema, 300)
+        jsonschema.validate(json.loads(completion.text), schema)
+        assert completion.completion_tokens > 0
+    finally:
+        await backend.close()

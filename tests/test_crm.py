@@ -1,0 +1,164 @@
+"""CRM sync on a real gRPC server with its outbox, delivering to a stand-in CRM on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+import pytest_asyncio
+
+from callcenter.v1 import common_pb2, crm_pb2, crm_pb2_grpc
+from callmesh.standins import CrmReceiver
+from services.common.config import GrpcServerSettings
+from services.common.grpc_server import RunningServer, ServiceBinding, insecure_channel, start_server
+from services.common.protoconv import timestamp
+from services.crm.config import CrmSettings
+from services.crm.delivery import DeliveryWorker, backoff_delay
+from services.crm.outbox import Outbox
+from services.crm.servicer import CrmSyncServicer
+
+
+@dataclass
+class Crm:
+    stub: crm_pb2_grpc.CrmSyncServiceStub
+    receiver: CrmReceiver
+    server: RunningServer
+    worker: DeliveryWorker
+    outbox: Outbox
+    channel: grpc.aio.Channel
+
+    async def close(self) -> None:
+        await self.channel.close()
+        await self.server.stop(1)
+        await self.worker.stop()
+        await self.outbox.close()
+
+
+async def start_crm(db: Path, receiver: CrmReceiver) -> Crm:
+    settings = CrmSettings(server=GrpcServerSettings("127.0.0.1:0", 1, None), crm_url=receiver.url, crm_token="",
+                           database=db, timeout_seconds=2, backoff_initial=0.05, backoff_max=0.2, concurrency=4)
+    outbox = Outbox(db)
+    await outbox.open()
+    worker = DeliveryWorker(outbox, settings)
+    await worker.start()
+    servicer = CrmSyncServicer(outbox, worker)
+    server = await start_server("127.0.0.1:0", [ServiceBinding(
+        "callcenter.v1.CrmSyncService", lambda s: crm_pb2_grpc.add_CrmSyncServiceServicer_to_server(servicer, s))])
+    channel = insecure_channel(server.address)
+    return Crm(crm_pb2_grpc.CrmSyncServiceStub(channel), receiver, server, worker, outbox, channel)
+
+
+@pytest_asyncio.fixture
+async def receiver() -> AsyncIterator[CrmReceiver]:
+    r = await CrmReceiver().start()
+    yield r
+    await r.stop()
+
+
+def record(call_id: str) -> crm_pb2.CallRecord:
+    return crm_pb2.CallRecord(call_id=call_id, language_code="es", transcript="Hola.", translated_transcript="Hello.",
+                              summary=["a", "b", "c"], topic="Billing", sentiment=common_pb2.SENTIMENT_NEGATIVE,
+                              emotion="angry", create_time=timestamp(1_790_000_000.0))
+
+
+async def wait_state(stub, call_id: str, state: int, timeout: float = 20) -> crm_pb2.Delivery:
+    for _ in range(int(timeout * 20)):
+        d = (await stub.GetDelivery(crm_pb2.GetDeliveryRequest(call_id=call_id))).delivery
+        if d.state == state:
+            return d
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{call_id} never reached state {state}: {d}")
+
+
+async def test_record_reaches_the_crm_in_the_seed_shape(tmp_path: Path, receiver: CrmReceiver) -> None:
+    crm = await start_crm(tmp_path / "o.db", receiver)
+    try:
+        queued = await crm.stub.Deliver(crm_pb2.DeliverRequest(record=record("c1")))
+        assert queued.delivery.state in (crm_pb2.DELIVERY_STATE_QUEUED, crm_pb2.DELIVERY_STATE_DELIVERED)
+        await wait_state(crm.stub, "c1", crm_pb2.DELIVERY_STATE_DELIVERED)
+        body = receiver.for_call("c1")[0].body
+        assert body["sentiment"] == "negative" and body["summary"] == ["a", "b", "c"]
+        assert body["timestamp"] == "2026-09-21T14:13:20Z"
+        assert receiver.records[0].idempotency_key == queued.delivery.idempotency_key
+    finally:
+        await crm.close()
+
+
+async def test_deliver_is_idempotent_on_call_id(tmp_path: Path, receiver: CrmReceiver) -> None:
+    crm = await start_crm(tmp_path / "o.db", receiver)
+    try:
+        replies = await asyncio.gather(*(crm.stub.Deliver(crm_pb2.DeliverRequest(record=record("same"))) for _ in range(3)))
+        assert len({r.delivery.idempotency_key for r in replies}) == 1
+        await wait_state(crm.stub, "same", crm_pb2.DELIVERY_STATE_DELIVERED)
+        await asyncio.sleep(0.3)
+        assert receiver.posts == 1
+    finally:
+        await crm.close()
+
+
+async def test_crm_outage_is_retried_until_delivered(tmp_path: Path, receiver: CrmReceiver) -> None:
+    receiver.fail_with = 503
+    crm = await start_crm(tmp_path / "o.db", receiver)
+    try:
+        await crm.stub.Deliver(crm_pb2.DeliverRequest(record=record("outage")))
+        for _ in range(200):
+            d = (await crm.stub.GetDelivery(crm_pb2.GetDeliveryRequest(call_id="outage"))).delivery
+            if d.attempts >= 3:
+                break
+            await asyncio.sleep(0.05)
+        assert d.state == crm_pb2.DELIVERY_STATE_QUEUED and "503" in d.last_error
+        receiver.fail_with = None
+        delivered = await wait_state(crm.stub, "outage", crm_pb2.DELIVERY_STATE_DELIVERED)
+        assert delivered.attempts >= 4 and delivered.last_error == ""
+        assert len(receiver.for_call("outage")) == 1
+    finally:
+        await crm.close()
+
+
+async def test_queued_record_survives_a_restart(tmp_path: Path, receiver: CrmReceiver) -> None:
+    receiver.fail_with = 503
+    crm = await start_crm(tmp_path / "o.db", receiver)
+    await crm.stub.Deliver(crm_pb2.DeliverRequest(record=record("durable")))
+    await crm.close()
+    receiver.fail_with = None
+    crm = await start_crm(tmp_path / "o.db", receiver)
+    try:
+        await wait_state(crm.stub, "durable", crm_pb2.DELIVERY_STATE_DELIVERED)
+        assert len(receiver.for_call("durable")) == 1
+    finally:
+        await crm.close()
+
+
+async def test_permanent_refusal_marks_the_delivery_failed(tmp_path: Path, receiver: CrmReceiver) -> None:
+    receiver.fail_with = 422
+    crm = await start_crm(tmp_path / "o.db", receiver)
+    try:
+        await crm.stub.Deliver(crm_pb2.DeliverRequest(record=record("refused")))
+        failed = await wait_state(crm.stub, "refused", crm_pb2.DELIVERY_STATE_FAILED)
+        assert "HTTP 422" in failed.last_error
+    finally:
+        await crm.close()
+
+
+async def test_unknown_delivery_is_not_found(tmp_path: Path, receiver: CrmReceiver) -> None:
+    crm = await start_crm(tmp_path / "o.db", receiver)
+    try:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await crm.stub.GetDelivery(crm_pb2.GetDeliveryRequest(call_id="never"))
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    finally:
+        await crm.close()
+
+
+def test_backoff_grows_exponentially_with_jitter_and_a_cap() -> None:
+    import random
+
+    rng = random.Random(7)
+    delays = [backoff_delay(a, 1.0, 30.0, rng) for a in range(10)]
+    assert all(0.5 <= d <= 30.0 for d in delays)
+    assert max(delays[:2]) <= 2.0 and min(delays[6:]) >= 0.5 and max(delays[6:]) <= 30.0
+    assert len(set(delays)) == len(delays)

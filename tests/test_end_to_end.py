@@ -1,0 +1,176 @@
+"""One call through the four services, each its own process, on the real Whisper and LLM weights.
+
+The stand-in recorder serves audio generated with espeak-ng; the stand-in CRM
+receives the records; an OTLP receiver on loopback collects every service's spans.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import pytest
+import pytest_asyncio
+
+from callmesh.mesh import Mesh, new_mesh
+from callmesh.samples import SAMPLES
+from callmesh.standins import CrmReceiver, Recorder
+from tests.otlp_receiver import OtlpReceiver
+
+pytestmark = pytest.mark.models
+SERVICES = {"ingest", "transcribe", "analyze", "crm"}
+
+
+@dataclass
+class World:
+    mesh: Mesh
+    recorder: Recorder
+    crm: CrmReceiver
+    otlp: OtlpReceiver
+
+    async def post(self, call_id: str, recording: str, **extra: str) -> dict:
+        body = {"call_id": call_id, "recording_url": self.recorder.url_for(recording), **extra}
+        async with aiohttp.ClientSession() as session:
+            async with session.post(f"{self.mesh.ingest_url}/v1/calls", json=body) as resp:
+                assert resp.status == 202, await resp.text()
+                return await resp.json()
+
+    async def wait(self, call_id: str, timeout: float = 600) -> dict:
+        async with aiohttp.ClientSession() as session:
+            for _ in range(int(timeout * 4)):
+                async with session.get(f"{self.mesh.ingest_url}/v1/calls/{call_id}") as resp:
+                    status = await resp.json()
+                if status["status"] in ("done", "failed"):
+                    return status
+                await asyncio.sleep(0.25)
+        raise AssertionError(f"{call_id} did not finish: {json.dumps(status)}")
+
+
+@pytest_asyncio.fixture(scope="module")
+async def world(audio_dir: Path, whisper_dir: Path, llm_main: Path, tmp_path_factory) -> AsyncIterator[World]:
+    otlp = await OtlpReceiver().start()
+    recorder = await Recorder(audio_dir).start()
+    crm = await CrmReceiver().start()
+    work = tmp_path_factory.mktemp("mesh")
+    mesh = new_mesh({
+        "CRM_URL": crm.url,
+        "RECORDING_ALLOWED_HOSTS": "127.0.0.1",
+        "RECORDING_ALLOWED_NETWORKS": "127.0.0.0/8",
+        "INGEST_DATABASE": str(work / "ingest.db"),
+        "CRM_DATABASE": str(work / "crm.db"),
+        "RECORDING_DIR": str(work / "recordings"),
+        "WHISPER_MODEL": str(whisper_dir),
+        "LLM_MODEL": str(llm_main),
+        "OTEL_EXPORTER_OTLP_ENDPOINT": otlp.endpoint,
+        "OTEL_BSP_SCHEDULE_DELAY": "200",
+        "PIPELINE_CONCURRENCY": "2",
+    }, work)
+    try:
+        await asyncio.to_thread(mesh.start)
+        yield World(mesh, recorder, crm, otlp)
+    finally:
+        await asyncio.to_thread(mesh.stop)
+        for svc in ("ingest", "transcribe", "analyze", "crm"):
+            log = work / f"{svc}.log"
+            if log.exists():
+                print(f"--- {svc} log (tail) ---\n" + "\n".join(log.read_text(errors="replace").splitlines()[-15:]))
+        await recorder.stop()
+        await crm.stop()
+        await otlp.stop()
+
+
+@pytest_asyncio.fixture(scope="module")
+async def two_calls(world: World) -> dict[str, dict]:
+    """The English and the Spanish call, posted together, followed to the end."""
+    await world.post("e2e-en-1", "en-internet-angry.wav")
+    await world.post("e2e-es-1", "es-billing-angry.wav")
+    statuses = await asyncio.gather(world.wait("e2e-en-1"), world.wait("e2e-es-1"))
+    return {"en": statuses[0], "es": statuses[1]}
+
+
+async def test_each_call_reaches_the_crm_once(world: World, two_calls: dict[str, dict]) -> None:
+    for lang, status in two_calls.items():
+        assert status["status"] == "done", status
+        assert len(world.crm.for_call(status["call_id"])) == 1
+    assert len({r.idempotency_key for r in world.crm.records}) == len(world.crm.records)
+
+
+@pytest.mark.parametrize("lang", ["en", "es"])
+async def test_record_has_the_seed_shape(world: World, two_calls: dict[str, dict], lang: str) -> None:
+    record = world.crm.for_call(two_calls[lang]["call_id"])[0].body
+    for field in ("call_id", "language", "transcript", "translated_transcript", "summary", "topic", "sentiment",
+                  "emotion", "timestamp"):
+        assert field in record
+    assert len(record["summary"]) == 3 and all(record["summary"])
+    assert record["segments"] and record["audio_duration_seconds"] > 5
+    assert record == two_calls[lang]["result"]  # the status API shows what the CRM received
+
+
+@pytest.mark.parametrize("lang", ["en", "es"])
+async def test_language_is_detected_and_key_words_are_transcribed(world: World, two_calls: dict[str, dict], lang: str) -> None:
+    sample = SAMPLES["en-internet-angry" if lang == "en" else "es-billing-angry"]
+    record = world.crm.for_call(two_calls[lang]["call_id"])[0].body
+    assert record["language"] == lang
+    for word in sample.keywords:
+        assert word in record["transcript"].lower()
+
+
+async def test_spanish_call_is_translated_into_english(world: World, two_calls: dict[str, dict]) -> None:
+    record = world.crm.for_call("e2e-es-1")[0].body
+    translation = record["translated_transcript"].lower()
+    assert translation
+    assert any(w in translation for w in ("bill", "invoice", "charged")), translation
+    assert "money" in translation or "refund" in translation, translation
+    assert "factura" not in translation
+
+
+async def test_english_call_is_not_retranslated(world: World, two_calls: dict[str, dict]) -> None:
+    assert world.crm.for_call("e2e-en-1")[0].body["translated_transcript"] == ""
+
+
+@pytest.mark.parametrize("lang", ["en", "es"])
+async def test_angry_call_is_negative(world: World, two_calls: dict[str, dict], lang: str) -> None:
+    record = world.crm.for_call(two_calls[lang]["call_id"])[0].body
+    assert record["sentiment"] == "negative"
+
+
+async def test_status_shows_every_stage_in_order(two_calls: dict[str, dict]) -> None:
+    stages = list(two_calls["es"]["stages"])
+    assert stages == ["received", "downloading", "transcribing", "analyzing", "delivering", "done"]
+    assert two_calls["es"]["error"] is None
+    assert two_calls["es"]["delivery"]["state"] == "delivered"
+
+
+async def test_one_trace_spans_all_four_services(world: World, two_calls: dict[str, dict]) -> None:
+    trace_id = two_calls["es"]["trace_id"]
+    for _ in range(100):
+        if world.otlp.services_in(trace_id) >= SERVICES and "crm.post" in world.otlp.by_service(trace_id).get("crm", []):
+            break
+        await asyncio.sleep(0.1)
+    spans = world.otlp.by_service(trace_id)
+    assert set(spans) == SERVICES, spans
+    assert "recording.download" in spans["ingest"]
+    assert "whisper.decode" in spans["transcribe"]
+    assert "llm.analysis" in spans["analyze"] and "llm.translation" in spans["analyze"]
+    assert "crm.post" in spans["crm"]
+    # Every span's parent is in the same trace: one tree from the webhook down.
+    trace = world.otlp.trace(trace_id)
+    ids = {s.span_id for s in trace}
+    roots = [s for s in trace if not s.parent_span_id]
+    assert len(roots) == 1 and roots[0].service == "ingest"
+    assert all(s.parent_span_id in ids for s in trace if s.parent_span_id)
+    other = two_calls["en"]["trace_id"]
+    assert other != trace_id and not set(world.otlp.trace(other)) & set(trace)
+
+
+async def test_recording_that_does_not_decode_fails_at_transcribing(world: World) -> None:
+    await world.post("e2e-broken-1", "broken.wav")
+    status = await world.wait("e2e-broken-1", timeout=120)
+    assert status["status"] == "failed"
+    assert status["error"]["stage"] == "transcribing"
+    assert "INVALID_ARGUMENT" in status["error"]["message"] and "not audio" in status["error"]["message"]
+    assert world.crm.for_call("e2e-broken-1") == []

@@ -1,0 +1,165 @@
+"""The webhook and status API on a real aiohttp server on 127.0.0.1 port 0."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+import pytest_asyncio
+from aiohttp import web
+
+from callmesh.standins import Recorder
+from services.ingest.api import create_app
+from services.ingest.config import DownloadSettings, PipelineSettings
+from services.ingest.downloader import Downloader
+from services.ingest.pipeline import PipelineWorker
+from services.ingest.store import JobStore
+
+UNUSED = "127.0.0.1:9"  # discard port: nothing answers gRPC there
+
+
+class Ingest:
+    def __init__(self, url: str, store: JobStore, worker: PipelineWorker) -> None:
+        self.url, self.store, self.worker = url, store, worker
+
+
+@pytest_asyncio.fixture
+async def ingest(tmp_path: Path) -> AsyncIterator[Ingest]:
+    store = JobStore(tmp_path / "ingest.db")
+    await store.open()
+    download = DownloadSettings(allowed_hosts=("127.0.0.1",), allowed_networks=(ipaddress.ip_network("127.0.0.0/8"),),
+                                max_bytes=1024 * 1024, connect_timeout=2, read_timeout=2, total_timeout=5,
+                                max_redirects=3, directory=tmp_path / "recordings")
+    pipeline = PipelineSettings(UNUSED, UNUSED, UNUSED, concurrency=2, max_attempts=2, backoff_initial=0.05,
+                                backoff_max=0.1, transcribe_timeout=5, analyze_timeout=5, rpc_timeout=2,
+                                delivery_poll_seconds=0.1, chunk_bytes=65536)
+    downloader = Downloader(download)
+    worker = PipelineWorker(store, downloader, pipeline)
+    await worker.start()
+    runner = web.AppRunner(create_app(store, worker, downloader.policy))
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    yield Ingest(f"http://127.0.0.1:{port}", store, worker)
+    await runner.cleanup()
+    await worker.stop(1)
+    await store.close()
+
+
+@pytest_asyncio.fixture
+async def recorder(audio_dir: Path) -> AsyncIterator[Recorder]:
+    r = await Recorder(audio_dir).start()
+    yield r
+    await r.stop()
+
+
+async def post(url: str, body: bytes | str, content_type: str = "application/json") -> tuple[int, dict]:
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{url}/v1/calls", data=body, headers={"Content-Type": content_type}) as resp:
+            return resp.status, await resp.json(content_type=None)
+
+
+async def wait_for_state(url: str, call_id: str, states: set[str], timeout: float = 30) -> dict:
+    async with aiohttp.ClientSession() as session:
+        for _ in range(int(timeout * 10)):
+            async with session.get(f"{url}/v1/calls/{call_id}") as resp:
+                status = await resp.json()
+            if status["status"] in states:
+                return status
+            await asyncio.sleep(0.1)
+    raise AssertionError(f"{call_id} never reached {states}: {status}")
+
+
+async def test_valid_webhook_is_acknowledged_with_the_status_url(ingest: Ingest) -> None:
+    status, body = await post(ingest.url, json.dumps({"call_id": "c-1", "recording_url": "http://127.0.0.1:1/a.wav"}))
+    assert status == 202
+    assert body["status_url"] == f"{ingest.url}/v1/calls/c-1"
+    assert body["duplicate"] is False
+    assert len(body["trace_id"]) == 32
+    assert (await ingest.store.get("c-1")) is not None
+
+
+async def test_same_call_posted_again_is_the_same_job(ingest: Ingest) -> None:
+    payload = json.dumps({"call_id": "dup-1", "recording_url": "http://127.0.0.1:1/a.wav"})
+    results = await asyncio.gather(*(post(ingest.url, payload) for _ in range(3)))
+    assert [s for s, _ in results] == [202, 202, 202]
+    assert sorted(b["duplicate"] for _, b in results) == [False, True, True]
+    assert sum((await ingest.store.counts()).values()) == 1
+
+
+@pytest.mark.parametrize(("body", "content_type", "expected"), [
+    ("{not json", "application/json", 400),
+    ("call_id=1", "application/x-www-form-urlencoded", 415),
+    (json.dumps({"recording_url": "http://127.0.0.1/a.wav"}), "application/json", 422),
+    (json.dumps({"call_id": "x"}), "application/json", 422),
+    (json.dumps(["call_id", "recording_url"]), "application/json", 422),
+    (json.dumps({"call_id": "../../etc/passwd", "recording_url": "http://127.0.0.1/a.wav"}), "application/json", 422),
+    (json.dumps({"call_id": "..", "recording_url": "http://127.0.0.1/a.wav"}), "application/json", 422),
+    (json.dumps({"call_id": "ok", "recording_url": "file:///etc/passwd"}), "application/json", 422),
+    (json.dumps({"call_id": "ok", "recording_url": "http://169.254.169.254/latest"}), "application/json", 422),
+    (json.dumps({"call_id": "ok", "recording_url": "http://user:pw@127.0.0.1/a.wav"}), "application/json", 422),
+    (json.dumps({"call_id": "x" * 64 * 1024, "recording_url": "http://127.0.0.1/a.wav"}), "application/json", 413),
+])
+async def test_malformed_webhook_gets_a_clear_4xx_and_stores_nothing(ingest: Ingest, body: str, content_type: str,
+                                                                     expected: int) -> None:
+    status, problem = await post(ingest.url, body, content_type)
+    assert status == expected
+    assert problem["status"] == expected and problem["detail"]
+    assert await ingest.store.counts() == {}
+    status, _ = await post(ingest.url, json.dumps({"call_id": "after", "recording_url": "http://127.0.0.1:1/a.wav"}))
+    assert status == 202  # still serving
+
+
+async def test_recording_that_is_not_audio_fails_with_the_reason(ingest: Ingest, recorder: Recorder) -> None:
+    await post(ingest.url, json.dumps({"call_id": "text-1", "recording_url": recorder.url_for("not-audio.txt")}))
+    status = await wait_for_state(ingest.url, "text-1", {"failed"})
+    assert status["error"]["stage"] == "downloading"
+    assert "not audio" in status["error"]["message"]
+    assert list(status["stages"]) == ["received", "downloading", "failed"]
+
+
+async def test_missing_recording_fails_at_once(ingest: Ingest, recorder: Recorder) -> None:
+    await post(ingest.url, json.dumps({"call_id": "gone-1", "recording_url": recorder.url_for("nope.wav")}))
+    status = await wait_for_state(ingest.url, "gone-1", {"failed"})
+    assert "HTTP 404" in status["error"]["message"]
+    assert status["attempts"] == 1
+
+
+async def test_unreachable_transcribe_is_retried_not_failed(ingest: Ingest, recorder: Recorder) -> None:
+    await post(ingest.url, json.dumps({"call_id": "wait-1", "recording_url": recorder.url_for("es-billing-angry.wav")}))
+    status = await wait_for_state(ingest.url, "wait-1", {"transcribing"})
+    for _ in range(100):
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"{ingest.url}/v1/calls/wait-1") as resp:
+                status = await resp.json()
+        if status["attempts"] >= 3:
+            break
+        await asyncio.sleep(0.1)
+    assert status["status"] == "transcribing"  # waits for the service, beyond max_attempts=2
+    assert status["attempts"] >= 3
+    assert "UNAVAILABLE" in status["error"]["message"]
+
+
+async def test_failed_calls_are_listed_and_can_be_retried(ingest: Ingest, recorder: Recorder) -> None:
+    await post(ingest.url, json.dumps({"call_id": "retry-1", "recording_url": recorder.url_for("missing.wav")}))
+    await wait_for_state(ingest.url, "retry-1", {"failed"})
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{ingest.url}/v1/calls", params={"status": "failed"}) as resp:
+            listed = await resp.json()
+        assert [c["call_id"] for c in listed["calls"]] == ["retry-1"]
+        async with session.post(f"{ingest.url}/v1/calls/retry-1:retry") as resp:
+            assert resp.status == 202
+    status = await wait_for_state(ingest.url, "retry-1", {"failed"})
+    assert list(status["stages"])[-2:] == ["downloading", "failed"]
+
+
+async def test_unknown_call_is_404(ingest: Ingest) -> None:
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{ingest.url}/v1/calls/nope") as resp:
+            assert resp.status == 404
