@@ -1,0 +1,36 @@
+"""``python -m services.common.healthcheck ADDRESS [SERVICE]``: exit 0 when the gRPC service reports SERVING.
+
+For container health checks: uses the standard grpc.health.v1 protocol.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+
+def check(address: str, service: str = "", timeout: float = 3.0) -> bool:
+    with grpc.insecure_channel(address) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service),
+                                                               timeout=timeout)
+        except grpc.RpcError as exc:
+            print(f"{address}: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return False
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    print(f"{address} {service or '(server)'}: {status}")
+    return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if not args:
+        print(__doc__, file=sys.stderr)
+        return 2
+    return 0 if check(args[0], args[1] if len(args) > 1 else "") else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
