@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 from callcenter.v1 import analyze_pb2, analyze_pb2_grpc
@@ -12,8 +11,7 @@ from services.analyze.config import AnalyzeSettings
 from services.analyze.servicer import AnalysisServicer
 from services.common.grpc_server import ServiceBinding, serve
 from services.common.limits import AdmissionLimiter
-from services.common.logs import setup_logging
-from services.common.telemetry import setup_tracing, shutdown_tracing
+from services.common.telemetry import run_service
 
 SERVICE = "analyze"
 log = logging.getLogger(SERVICE)
@@ -31,12 +29,7 @@ async def amain() -> None:
 
 
 def main() -> None:
-    setup_logging(SERVICE)
-    setup_tracing(SERVICE)
-    try:
-        asyncio.run(amain())
-    finally:
-        shutdown_tracing()
+    run_service(SERVICE, amain)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ show in logs and travel between services, but nothing is exported.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 
 from opentelemetry import propagate, trace
 from opentelemetry.sdk.resources import Resource
@@ -74,3 +74,17 @@ def instrument_aiohttp_server() -> None:
     instrumentor = AioHttpServerInstrumentor()
     if not instrumentor.is_instrumented_by_opentelemetry:
         instrumentor.instrument()
+
+
+def run_service(service: str, amain: "Callable[[], Awaitable[None]]") -> None:
+    """The shape of every ``__main__``: logging and tracing set up, ``amain()`` run, spans flushed."""
+    import asyncio
+
+    from services.common.logs import setup_logging
+
+    setup_logging(service)
+    setup_tracing(service)
+    try:
+        asyncio.run(amain())
+    finally:
+        shutdown_tracing()

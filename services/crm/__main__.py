@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 
 from callcenter.v1 import crm_pb2, crm_pb2_grpc
 from services.common.grpc_server import ServiceBinding, serve
-from services.common.logs import setup_logging
-from services.common.telemetry import setup_tracing, shutdown_tracing
+from services.common.telemetry import run_service
 from services.crm.config import CrmSettings
 from services.crm.delivery import DeliveryWorker
 from services.crm.outbox import Outbox
@@ -34,12 +32,7 @@ async def amain() -> None:
 
 
 def main() -> None:
-    setup_logging(SERVICE)
-    setup_tracing(SERVICE)
-    try:
-        asyncio.run(amain())
-    finally:
-        shutdown_tracing()
+    run_service(SERVICE, amain)
 
 
 if __name__ == "__main__":

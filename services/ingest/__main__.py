@@ -10,8 +10,7 @@ from aiohttp import web
 
 from services.common.config import env_str
 from services.common.grpc_server import install_stop_signals
-from services.common.logs import setup_logging
-from services.common.telemetry import setup_tracing, shutdown_tracing
+from services.common.telemetry import run_service
 from services.ingest.api import create_app
 from services.ingest.config import IngestSettings
 from services.ingest.downloader import Downloader
@@ -56,12 +55,7 @@ async def amain() -> None:
 
 
 def main() -> None:
-    setup_logging(SERVICE)
-    setup_tracing(SERVICE)
-    try:
-        asyncio.run(amain())
-    finally:
-        shutdown_tracing()
+    run_service(SERVICE, amain)
 
 
 if __name__ == "__main__":

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 from callcenter.v1 import transcribe_pb2, transcribe_pb2_grpc
 from services.common.grpc_server import ServiceBinding, serve
 from services.common.limits import AdmissionLimiter
-from services.common.logs import setup_logging
-from services.common.telemetry import setup_tracing, shutdown_tracing
+from services.common.telemetry import run_service
 from services.transcribe.config import TranscribeSettings
 from services.transcribe.engine import WhisperEngine
 from services.transcribe.servicer import TranscriptionServicer
@@ -33,12 +31,7 @@ async def amain() -> None:
 
 
 def main() -> None:
-    setup_logging(SERVICE)
-    setup_tracing(SERVICE)
-    try:
-        asyncio.run(amain())
-    finally:
-        shutdown_tracing()
+    run_service(SERVICE, amain)
 
 
 if __name__ == "__main__":
