@@ -60,6 +60,12 @@ def audio_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # The Spanish call as 8 kHz telephone-band mp3.
     subprocess.run(["ffmpeg", "-loglevel", "error", "-y", "-i", str(d / "es-billing-angry.wav"), "-ar", "8000",
                     "-ac", "1", str(d / "es-billing-angry-8k.mp3")], check=True)
+    # Stereo: the agent (left) speaks first, the customer (right) answers after.
+    synthesize("Thank you for calling, how can I help you today?", "en-us", d / "agent.wav")
+    synthesize("My parcel never arrived and I want a refund.", "en-us", d / "customer.wav")
+    subprocess.run(["ffmpeg", "-loglevel", "error", "-y", "-i", str(d / "agent.wav"), "-i", str(d / "customer.wav"),
+                    "-filter_complex", "[1:a]adelay=5000[c];[0:a]apad[l];[l][c]join=inputs=2:channel_layout=stereo:map=0.0-FL|1.0-FR[a]",
+                    "-map", "[a]", "-shortest", str(d / "stereo-agent-left.wav")], check=True)
     (d / "not-audio.txt").write_text("<html><body>This is not a recording.</body></html>\n" * 20)
     # Looks like WAV from its first bytes, but the rest is garbage.
     (d / "broken.wav").write_bytes(b"RIFF\x24\x08\x00\x00WAVEfmt " + os.urandom(4000))

@@ -174,3 +174,22 @@ async def test_recording_that_does_not_decode_fails_at_transcribing(world: World
     assert status["error"]["stage"] == "transcribing"
     assert "INVALID_ARGUMENT" in status["error"]["message"] and "not audio" in status["error"]["message"]
     assert world.crm.for_call("e2e-broken-1") == []
+
+
+async def test_call_interrupted_by_a_crash_resumes_when_ingest_restarts(world: World) -> None:
+    await world.post("e2e-crash-1", "long-en.wav")
+    async with aiohttp.ClientSession() as session:
+        for _ in range(600):
+            async with session.get(f"{world.mesh.ingest_url}/v1/calls/e2e-crash-1") as resp:
+                status = await resp.json()
+            if status["status"] == "transcribing":
+                break
+            await asyncio.sleep(0.05)
+    assert status["status"] == "transcribing"
+    ingest = world.mesh.services.pop("ingest")
+    ingest.process.kill()  # SIGKILL: no graceful hand-back
+    ingest.process.wait()
+    await asyncio.to_thread(world.mesh.start_service, "ingest")
+    final = await world.wait("e2e-crash-1")
+    assert final["status"] == "done", final
+    assert len(world.crm.for_call("e2e-crash-1")) == 1

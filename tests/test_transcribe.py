@@ -65,6 +65,22 @@ async def test_streams_language_then_segments_then_summary(stub, audio_dir: Path
     assert all(r.segment.speaker == common_pb2.SPEAKER_UNKNOWN for r in responses if r.HasField("segment"))
 
 
+async def test_stereo_call_labels_agent_and_customer_in_time_order(stub, audio_dir: Path) -> None:
+    config = transcribe_pb2.TranscriptionConfig(call_id="stereo", channel_layout=transcribe_pb2.CHANNEL_LAYOUT_STEREO,
+                                                agent_channel=transcribe_pb2.AGENT_CHANNEL_LEFT)
+    responses = await collect(stub.Transcribe(requests(audio_dir / "stereo-agent-left.wav", config)))
+    segments = [r.segment for r in responses if r.HasField("segment")]
+    speakers = [s.speaker for s in segments]
+    assert speakers[0] == common_pb2.SPEAKER_AGENT and speakers[-1] == common_pb2.SPEAKER_CUSTOMER
+    assert speakers == sorted(speakers)  # agent's turn, then the customer's: merged by time
+    starts = [s.start_offset.ToTimedelta() for s in segments]
+    assert starts == sorted(starts)
+    agent_text = " ".join(s.text for s in segments if s.speaker == common_pb2.SPEAKER_AGENT).lower()
+    customer_text = " ".join(s.text for s in segments if s.speaker == common_pb2.SPEAKER_CUSTOMER).lower()
+    assert "help" in agent_text and "parcel" in customer_text
+    assert "parcel" not in agent_text
+
+
 async def test_telephone_band_mp3_decodes(stub, audio_dir: Path) -> None:
     responses = await collect(stub.Transcribe(requests(audio_dir / "es-billing-angry-8k.mp3")))
     assert responses[0].language.language_code == "es"

@@ -35,7 +35,7 @@ async def ingest(tmp_path: Path) -> AsyncIterator[Ingest]:
     download = DownloadSettings(allowed_hosts=("127.0.0.1",), allowed_networks=(ipaddress.ip_network("127.0.0.0/8"),),
                                 max_bytes=1024 * 1024, connect_timeout=2, read_timeout=2, total_timeout=5,
                                 max_redirects=3, directory=tmp_path / "recordings")
-    pipeline = PipelineSettings(UNUSED, UNUSED, UNUSED, concurrency=2, max_attempts=2, backoff_initial=0.05,
+    pipeline = PipelineSettings(UNUSED, UNUSED, UNUSED, worker_id="test-worker", concurrency=2, max_attempts=2, backoff_initial=0.05,
                                 backoff_max=0.1, transcribe_timeout=5, analyze_timeout=5, rpc_timeout=2,
                                 delivery_poll_seconds=0.1, chunk_bytes=65536)
     downloader = Downloader(download)

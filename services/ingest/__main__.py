@@ -28,7 +28,7 @@ async def amain() -> None:
     downloader = Downloader(settings.download)
     if not settings.download.allowed_hosts:
         log.warning("RECORDING_ALLOWED_HOSTS is empty: recordings are fetched from any host with a public address")
-    worker = PipelineWorker(store, downloader, settings.pipeline)
+    worker = PipelineWorker(store, downloader, settings.pipeline, settings.pipeline.worker_id)
     app = create_app(store, worker, downloader.policy, api_token=env_str("API_TOKEN", ""),
                      public_url=settings.public_url)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=settings.grace_seconds)

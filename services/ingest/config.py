@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +50,7 @@ class PipelineSettings:
     transcribe_addr: str
     analyze_addr: str
     crm_addr: str
+    worker_id: str
     concurrency: int
     max_attempts: int
     backoff_initial: float
@@ -65,6 +67,7 @@ class PipelineSettings:
             transcribe_addr=env_str("TRANSCRIBE_ADDR", "127.0.0.1:50051"),
             analyze_addr=env_str("ANALYZE_ADDR", "127.0.0.1:50052"),
             crm_addr=env_str("CRM_SYNC_ADDR", "127.0.0.1:50053"),
+            worker_id=env_str("INGEST_WORKER_ID", socket.gethostname()),
             concurrency=env_int("PIPELINE_CONCURRENCY", 2, minimum=1),
             max_attempts=env_int("PIPELINE_MAX_ATTEMPTS", 6, minimum=1),
             backoff_initial=env_float("PIPELINE_BACKOFF_INITIAL_SECONDS", 2.0, minimum=0.01),

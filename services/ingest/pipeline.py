@@ -71,11 +71,14 @@ def segment_from_dict(s: dict) -> common_pb2.TranscriptSegment:
 
 
 class PipelineWorker:
-    def __init__(self, store: JobStore, downloader: Downloader, settings: PipelineSettings) -> None:
+    def __init__(self, store: JobStore, downloader: Downloader, settings: PipelineSettings,
+                 worker_id: str | None = None) -> None:
         self.store = store
         self.downloader = downloader
         self.settings = settings
-        self.owner = f"ingest-{uuid.uuid4().hex[:8]}"
+        # A stable id lets a restarted worker take back at once the jobs it held when it died;
+        # jobs of a worker that never comes back are taken over when their lease expires.
+        self.owner = worker_id or f"ingest-{uuid.uuid4().hex[:8]}"
         self._channels = {
             "transcribe": insecure_channel(settings.transcribe_addr),
             "analyze": insecure_channel(settings.analyze_addr),
@@ -94,6 +97,9 @@ class PipelineWorker:
         self._wake.set()
 
     async def start(self) -> None:
+        resumed = await self.store.release_leases(self.owner)
+        if resumed:
+            log.info("resuming %d job(s) left unfinished by the previous run", resumed)
         self._loop_task = asyncio.create_task(self._loop(), name="pipeline")
 
     async def stop(self, grace: float) -> None:

@@ -121,6 +121,14 @@ class JobStore:
 
         return await self.db.transaction(tx)
 
+    async def release_leases(self, owner: str) -> int:
+        """Hand back the jobs an earlier run of this same worker held when it died."""
+        def tx(c: sqlite3.Connection) -> int:
+            return c.execute("UPDATE jobs SET lease_owner = NULL, lease_until = 0 WHERE lease_owner = ?",
+                             (owner,)).rowcount
+
+        return await self.db.transaction(tx)
+
     async def get(self, call_id: str) -> Job | None:
         row = await self.db.fetchone("SELECT * FROM jobs WHERE call_id = ?", (call_id,))
         return Job.from_row(row) if row else None
