@@ -6,21 +6,16 @@ import logging
 
 import grpc
 
-from callcenter.v1 import analyze_pb2, analyze_pb2_grpc, common_pb2
+from callcenter.v1 import analyze_pb2, analyze_pb2_grpc
 from services.analyze.analyzer import AnalysisError, Analyzer, TranscriptTooLong, Utterance
 from services.analyze.backends import BackendUnavailable
 from services.common.limits import AdmissionLimiter, Overloaded
 from services.common.logs import call_context
-from services.common.protoconv import duration
+from services.common.protoconv import duration, seconds
+from services.common.records import SENTIMENT_VALUES, SPEAKER_NAMES
 
 log = logging.getLogger(__name__)
 
-_SPEAKER_NAMES = {common_pb2.SPEAKER_AGENT: "agent", common_pb2.SPEAKER_CUSTOMER: "customer"}
-_SENTIMENTS = {
-    "positive": common_pb2.SENTIMENT_POSITIVE,
-    "neutral": common_pb2.SENTIMENT_NEUTRAL,
-    "negative": common_pb2.SENTIMENT_NEGATIVE,
-}
 
 
 class AnalysisServicer(analyze_pb2_grpc.AnalysisServiceServicer):
@@ -30,7 +25,7 @@ class AnalysisServicer(analyze_pb2_grpc.AnalysisServiceServicer):
 
     async def Analyze(self, request: analyze_pb2.AnalyzeRequest, context: grpc.aio.ServicerContext) -> analyze_pb2.AnalyzeResponse:
         utterances = [
-            Utterance(_SPEAKER_NAMES.get(s.speaker, "unknown"), s.start_offset.ToTimedelta().total_seconds(), s.text)
+            Utterance(SPEAKER_NAMES.get(s.speaker, "unknown"), seconds(s.start_offset), s.text)
             for s in request.segments if s.text.strip()
         ]
         if not utterances:
@@ -55,7 +50,7 @@ class AnalysisServicer(analyze_pb2_grpc.AnalysisServiceServicer):
             return analyze_pb2.AnalyzeResponse(
                 summary=list(result.summary),
                 topic=result.topic,
-                sentiment=_SENTIMENTS[result.sentiment],
+                sentiment=SENTIMENT_VALUES[result.sentiment],
                 emotion=result.emotion,
                 translated_transcript=result.translated_transcript,
                 model=result.model,

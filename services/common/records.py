@@ -1,9 +1,13 @@
-"""The JSON record the CRM receives, made from the CallRecord message (shared: ingest shows it, crm sends it)."""
+"""The record the CRM receives, and the names the mesh uses for speakers and sentiments.
+
+Shared because ingest stores and shows what crm sends, and every service turns the
+same enums into the same names.
+"""
 
 from __future__ import annotations
 
 from callcenter.v1 import common_pb2, crm_pb2
-from services.common.protoconv import seconds
+from services.common.protoconv import duration, seconds
 
 SENTIMENT_NAMES = {
     common_pb2.SENTIMENT_POSITIVE: "positive",
@@ -15,22 +19,35 @@ SPEAKER_NAMES = {
     common_pb2.SPEAKER_CUSTOMER: "customer",
     common_pb2.SPEAKER_UNKNOWN: "unknown",
 }
+SENTIMENT_VALUES = {name: value for value, name in SENTIMENT_NAMES.items()}
+SPEAKER_VALUES = {name: value for value, name in SPEAKER_NAMES.items()}
+
+
+def segment_to_dict(s: common_pb2.TranscriptSegment) -> dict:
+    """A segment as the CRM record and the job store hold it."""
+    return {
+        "index": s.index,
+        "start": round(seconds(s.start_offset), 3),
+        "end": round(seconds(s.end_offset), 3),
+        "speaker": SPEAKER_NAMES.get(s.speaker, "unknown"),
+        "channel": s.channel,
+        "text": s.text,
+    }
+
+
+def segment_from_dict(s: dict) -> common_pb2.TranscriptSegment:
+    """The inverse of :func:`segment_to_dict` (plus the segment's language when stored)."""
+    return common_pb2.TranscriptSegment(
+        index=s["index"], start_offset=duration(s["start"]), end_offset=duration(s["end"]), text=s["text"],
+        speaker=SPEAKER_VALUES.get(s["speaker"], common_pb2.SPEAKER_UNKNOWN), channel=s.get("channel", 0),
+        language_code=s.get("language", ""),
+    )
 
 
 def record_to_json(record: crm_pb2.CallRecord) -> dict:
     """The seed's shape, ``{call_id, language, transcript, translated_transcript, summary[], topic,
     sentiment, emotion, timestamp}``, plus segments, speakers and durations."""
-    segments = [
-        {
-            "index": s.index,
-            "start": round(seconds(s.start_offset), 3),
-            "end": round(seconds(s.end_offset), 3),
-            "speaker": SPEAKER_NAMES.get(s.speaker, "unknown"),
-            "channel": s.channel,
-            "text": s.text,
-        }
-        for s in record.segments
-    ]
+    segments = [segment_to_dict(s) for s in record.segments]
     return {
         "call_id": record.call_id,
         "language": record.language_code,

@@ -24,7 +24,9 @@ from callcenter.v1 import analyze_pb2, analyze_pb2_grpc, common_pb2, crm_pb2, cr
 from services.common.grpc_server import insecure_channel
 from services.common.logs import call_context
 from services.common.protoconv import duration, seconds, timestamp
-from services.common.records import SENTIMENT_NAMES, SPEAKER_NAMES, record_to_json
+from services.common.records import (
+    SENTIMENT_NAMES, SENTIMENT_VALUES, record_to_json, segment_from_dict, segment_to_dict,
+)
 from services.common.telemetry import context_from, tracer
 from services.ingest.config import PipelineSettings
 from services.ingest.downloader import DownloadError, Downloader
@@ -38,8 +40,6 @@ _tracer = tracer(__name__)
 LEASE_SECONDS = 120.0
 TRANSIENT_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED,
                    grpc.StatusCode.ABORTED, grpc.StatusCode.UNKNOWN, grpc.StatusCode.CANCELLED}
-_SPEAKER_VALUES = {name: value for value, name in SPEAKER_NAMES.items()}
-_SENTIMENT_VALUES = {name: value for value, name in SENTIMENT_NAMES.items()}
 
 
 class StageError(Exception):
@@ -60,14 +60,6 @@ def _rpc_error(stage: str, exc: grpc.aio.AioRpcError) -> StageError:
     code = exc.code()
     message = f"{stage}: {code.name}: {exc.details()}"
     return StageError(message, permanent=code not in TRANSIENT_CODES, waiting=code == grpc.StatusCode.UNAVAILABLE)
-
-
-def segment_from_dict(s: dict) -> common_pb2.TranscriptSegment:
-    return common_pb2.TranscriptSegment(
-        index=s["index"], start_offset=duration(s["start"]), end_offset=duration(s["end"]), text=s["text"],
-        speaker=_SPEAKER_VALUES.get(s["speaker"], common_pb2.SPEAKER_UNKNOWN), channel=s.get("channel", 0),
-        language_code=s.get("language", ""),
-    )
 
 
 class PipelineWorker:
@@ -245,11 +237,8 @@ class PipelineWorker:
                 if kind == "language":
                     language, probability = response.language.language_code, response.language.probability
                 elif kind == "segment":
-                    s = response.segment
-                    segments.append({"index": s.index, "start": round(seconds(s.start_offset), 3),
-                                     "end": round(seconds(s.end_offset), 3), "text": s.text,
-                                     "speaker": SPEAKER_NAMES.get(s.speaker, "unknown"), "channel": s.channel,
-                                     "language": s.language_code})
+                    segments.append({**segment_to_dict(response.segment),
+                                     "language": response.segment.language_code})
                     if time.monotonic() - last_saved > 2.0:  # progress the status API can show
                         await self.store.update(job.call_id, self.owner, transcript={
                             "language": language, "language_probability": probability, "segments": segments,
@@ -299,7 +288,7 @@ class PipelineWorker:
             call_id=job.call_id, language_code=t.get("language", ""),
             transcript=" ".join(s["text"].strip() for s in segments),
             translated_transcript=a.get("translated_transcript", ""), summary=a.get("summary", []),
-            topic=a.get("topic", ""), sentiment=_SENTIMENT_VALUES.get(a.get("sentiment", ""), common_pb2.SENTIMENT_NEUTRAL),
+            topic=a.get("topic", ""), sentiment=SENTIMENT_VALUES.get(a.get("sentiment", ""), common_pb2.SENTIMENT_NEUTRAL),
             emotion=a.get("emotion", ""), create_time=timestamp(job.stage_times.get(DELIVERING) or time.time()),
             segments=[segment_from_dict(s) for s in segments], audio_duration=duration(t.get("audio_duration", 0.0)),
             language_probability=t.get("language_probability", 0.0), transcription_model=t.get("model", ""),

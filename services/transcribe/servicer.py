@@ -13,6 +13,7 @@ from callcenter.v1 import common_pb2, transcribe_pb2, transcribe_pb2_grpc
 from services.common.limits import AdmissionLimiter, Overloaded
 from services.common.logs import call_context
 from services.common.protoconv import duration
+from services.common.records import SPEAKER_VALUES
 from services.common.telemetry import tracer
 from services.transcribe.engine import (
     AudioDecodeError,
@@ -26,11 +27,6 @@ from services.transcribe.engine import (
 log = logging.getLogger(__name__)
 _tracer = tracer(__name__)
 
-_SPEAKERS = {
-    "agent": common_pb2.SPEAKER_AGENT,
-    "customer": common_pb2.SPEAKER_CUSTOMER,
-    "unknown": common_pb2.SPEAKER_UNKNOWN,
-}
 _SPOOL_IN_MEMORY = 8 * 1024 * 1024
 _DONE = object()
 
@@ -52,7 +48,7 @@ def to_response(event: LanguageResult | SegmentResult | SummaryResult) -> transc
     if isinstance(event, SegmentResult):
         return transcribe_pb2.TranscribeResponse(segment=common_pb2.TranscriptSegment(
             index=event.index, start_offset=duration(event.start), end_offset=duration(event.end),
-            text=event.text, speaker=_SPEAKERS[event.speaker], channel=event.channel,
+            text=event.text, speaker=SPEAKER_VALUES[event.speaker], channel=event.channel,
             avg_logprob=event.avg_logprob, no_speech_prob=event.no_speech_prob, language_code=event.language,
             words=[common_pb2.Word(text=w.text, start_offset=duration(w.start), end_offset=duration(w.end),
                                    probability=w.probability) for w in event.words],
