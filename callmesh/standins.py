@@ -16,6 +16,8 @@ from typing import Any
 
 from aiohttp import web
 
+from services.common.lifecycle import start_site
+
 log = logging.getLogger(__name__)
 
 
@@ -39,11 +41,7 @@ class Recorder:
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> "Recorder":
         app = web.Application()
         app.router.add_get("/recordings/{name}", self._serve)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port)
-        await site.start()
-        bound = site._server.sockets[0].getsockname()[1]
+        self._runner, bound = await start_site(app, host, port, access_log=None)
         self.url = f"http://{host}:{bound}"
         return self
 
@@ -96,11 +94,7 @@ class CrmReceiver:
         self._arrived = asyncio.Condition()
         app = web.Application()
         app.router.add_post("/records", self._post)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port)
-        await site.start()
-        bound = site._server.sockets[0].getsockname()[1]
+        self._runner, bound = await start_site(app, host, port, access_log=None)
         self.url = f"http://{host}:{bound}/records"
         return self
 

@@ -20,6 +20,7 @@ from aiohttp import web
 from services.analyze.analyzer import AnalysisError, Analyzer, TranscriptTooLong, Utterance, analysis_schema
 from services.analyze.backends import BackendUnavailable, EmbeddedLlamaBackend, OllamaBackend
 from services.analyze.config import DEFAULT_EMOTIONS, DEFAULT_TOPICS, LlmSettings
+from services.common.lifecycle import start_site
 
 GOOD = {"sentiment": "negative", "emotion": "angry", "topic": "Billing",
         "summary": ["Customer was billed twice.", "Customer is angry.", "Customer wants a refund."]}
@@ -47,11 +48,8 @@ class FakeOllama:
     async def start(self) -> "FakeOllama":
         app = web.Application()
         app.router.add_post("/api/chat", self.chat)
-        self._runner = web.AppRunner(app)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+        self._runner, port = await start_site(app, "127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{port}"
         return self
 
     async def stop(self) -> None:

@@ -11,9 +11,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 import pytest_asyncio
-from aiohttp import web
 
 from callmesh.standins import Recorder
+from services.common.lifecycle import start_site
 from services.ingest.api import create_app
 from services.ingest.config import DownloadSettings, PipelineSettings
 from services.ingest.downloader import Downloader
@@ -41,11 +41,7 @@ async def ingest(tmp_path: Path) -> AsyncIterator[Ingest]:
     downloader = Downloader(download)
     worker = PipelineWorker(store, downloader, pipeline)
     await worker.start()
-    runner = web.AppRunner(create_app(store, worker, downloader.policy))
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]
+    runner, port = await start_site(create_app(store, worker, downloader.policy), "127.0.0.1", 0)
     yield Ingest(f"http://127.0.0.1:{port}", store, worker)
     await runner.cleanup()
     await worker.stop(1)

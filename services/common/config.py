@@ -66,6 +66,12 @@ def env_list(name: str, default: tuple[str, ...] = ()) -> tuple[str, ...]:
     return tuple(item.strip() for item in raw.split(",") if item.strip())
 
 
+def ready_file() -> Path | None:
+    """``CALLMESH_READY_FILE`` (unset): where a service writes its bound address once serving."""
+    value = env_str("CALLMESH_READY_FILE", "")
+    return Path(value) if value else None
+
+
 def data_dir() -> Path:
     """``CALLMESH_DATA_DIR`` (default ``.data``): models, databases and recordings."""
     return Path(env_str("CALLMESH_DATA_DIR", ".data")).expanduser().resolve()
@@ -81,9 +87,8 @@ class GrpcServerSettings:
 
     @classmethod
     def from_env(cls, prefix: str, default_port: int) -> "GrpcServerSettings":
-        ready = env_str("CALLMESH_READY_FILE", "")
         return cls(
             listen=env_str(f"{prefix}_LISTEN", f"127.0.0.1:{default_port}"),
             grace_seconds=env_float("SHUTDOWN_GRACE_SECONDS", 20.0, minimum=0.0),
-            ready_file=Path(ready) if ready else None,
+            ready_file=ready_file(),
         )

@@ -10,9 +10,7 @@ service's own cleanup.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import signal
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
@@ -22,6 +20,7 @@ from grpc_reflection.v1alpha import reflection
 from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_server_interceptor
 
 from services.common.config import GrpcServerSettings
+from services.common.lifecycle import install_stop_signals, write_ready_file
 
 log = logging.getLogger(__name__)
 
@@ -85,19 +84,6 @@ async def start_server(listen: str, bindings: Iterable[ServiceBinding]) -> Runni
     return RunningServer(server, health_servicer, address, port, names)
 
 
-def write_ready_file(settings: GrpcServerSettings, address: str) -> None:
-    if settings.ready_file is not None:
-        tmp = settings.ready_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"address": address}))
-        tmp.replace(settings.ready_file)
-
-
-def install_stop_signals(stop: asyncio.Event) -> None:
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-
-
 async def serve(
     service: str,
     settings: GrpcServerSettings,
@@ -107,7 +93,7 @@ async def serve(
     """Run until SIGTERM/SIGINT, then drain gracefully."""
     running = await start_server(settings.listen, bindings)
     log.info("%s listening on %s", service, running.address)
-    write_ready_file(settings, running.address)
+    write_ready_file(settings.ready_file, running.address)
     stop = asyncio.Event()
     install_stop_signals(stop)
     await stop.wait()

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 
-from aiohttp import web
-
 from services.common.config import env_str
-from services.common.grpc_server import install_stop_signals
+from services.common.lifecycle import install_stop_signals, start_site, write_ready_file
 from services.common.telemetry import run_service
 from services.ingest.api import create_app
 from services.ingest.config import IngestSettings
@@ -31,18 +28,12 @@ async def amain() -> None:
     worker = PipelineWorker(store, downloader, settings.pipeline, settings.pipeline.worker_id)
     app = create_app(store, worker, downloader.policy, api_token=env_str("API_TOKEN", ""),
                      public_url=settings.public_url)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=settings.grace_seconds)
-    await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # the bound port when INGEST_PORT=0
+    runner, port = await start_site(app, settings.host, settings.port, access_log=None,
+                                    shutdown_timeout=settings.grace_seconds)
     address = f"{settings.host}:{port}"
     log.info("ingest listening on http://%s (transcribe %s, analyze %s, crm %s)", address,
              settings.pipeline.transcribe_addr, settings.pipeline.analyze_addr, settings.pipeline.crm_addr)
-    if settings.ready_file is not None:
-        tmp = settings.ready_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"address": address, "url": f"http://{address}"}))
-        tmp.replace(settings.ready_file)
+    write_ready_file(settings.ready_file, address)
     await worker.start()
     stop = asyncio.Event()
     install_stop_signals(stop)

@@ -7,7 +7,7 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
-from services.common.config import ConfigError, data_dir, env_float, env_int, env_list, env_str
+from services.common.config import ConfigError, data_dir, env_float, env_int, env_list, env_str, ready_file
 
 
 def _networks(name: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
@@ -94,7 +94,6 @@ class IngestSettings:
     @classmethod
     def from_env(cls) -> "IngestSettings":
         root = data_dir()
-        ready = env_str("CALLMESH_READY_FILE", "")
         return cls(
             host=env_str("INGEST_HOST", "127.0.0.1"),
             port=env_int("INGEST_PORT", 8080, minimum=0),
@@ -103,5 +102,5 @@ class IngestSettings:
             download=DownloadSettings.from_env(root),
             pipeline=PipelineSettings.from_env(),
             grace_seconds=env_float("SHUTDOWN_GRACE_SECONDS", 20.0, minimum=0.0),
-            ready_file=Path(ready) if ready else None,
+            ready_file=ready_file(),
         )

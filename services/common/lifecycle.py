@@ -1,0 +1,33 @@
+"""Process lifecycle shared by every service: readiness file, stop signals, HTTP sites on port 0."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+from pathlib import Path
+
+from aiohttp import web
+
+
+def write_ready_file(path: Path | None, address: str) -> None:
+    """Tell whoever started us (``CALLMESH_READY_FILE``) the address we are serving on."""
+    if path is not None:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"address": address}))
+        tmp.replace(path)
+
+
+def install_stop_signals(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+
+async def start_site(app: web.Application, host: str, port: int, **runner_options: object) -> tuple[web.AppRunner, int]:
+    """Serve ``app`` on ``host:port``; return the runner and the bound port (port 0 picks a free one)."""
+    runner = web.AppRunner(app, **runner_options)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    return runner, site._server.sockets[0].getsockname()[1]
