@@ -17,7 +17,8 @@ from services.common.config import GrpcServerSettings
 from services.common.grpc_server import RunningServer, ServiceBinding, insecure_channel, start_server
 from services.common.protoconv import timestamp
 from services.crm.config import CrmSettings
-from services.crm.delivery import DeliveryWorker, backoff_delay
+from services.common.retry import backoff_delay
+from services.crm.delivery import DeliveryWorker
 from services.crm.outbox import Outbox
 from services.crm.servicer import CrmSyncServicer
 

@@ -2,7 +2,7 @@
 
 2xx means delivered (409 too: the CRM already has that Idempotency-Key).
 Connection errors, timeouts, 408, 425, 429 and 5xx are retried with exponential
-backoff and full jitter, capped, with no limit on attempts: a CRM that is down
+backoff and jitter, capped, with no limit on attempts: a CRM that is down
 for a day gets its records the day after. Any other 4xx is a permanent refusal:
 the delivery is marked failed with the CRM's answer.
 """
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 
 import aiohttp
@@ -19,6 +18,7 @@ from opentelemetry import trace
 from opentelemetry.instrumentation.aiohttp_client import create_trace_config
 
 from services.common.logs import call_context
+from services.common.retry import backoff_delay, sleep_or_wake
 from services.common.telemetry import context_from, tracer
 from services.crm.config import CrmSettings
 from services.crm.outbox import DeliveryRow, Outbox
@@ -28,12 +28,6 @@ _tracer = tracer(__name__)
 
 RETRYABLE_STATUS = {408, 425, 429}
 LEASE_SECONDS = 120.0
-
-
-def backoff_delay(attempts: int, initial: float, cap: float, rng: random.Random = random.Random()) -> float:
-    """Full-jitter exponential backoff: uniform in [initial/2, min(cap, initial * 2**attempts)]."""
-    ceiling = min(cap, initial * (2 ** max(0, attempts)))
-    return rng.uniform(min(initial / 2, ceiling), ceiling)
 
 
 class DeliveryWorker:
@@ -78,11 +72,7 @@ class DeliveryWorker:
             except Exception:  # keep delivering whatever one bad row does
                 log.exception("delivery loop error")
                 wait = 1.0
-            self._wake.clear()
-            try:
-                await asyncio.wait_for(self._wake.wait(), timeout=wait)
-            except asyncio.TimeoutError:
-                pass
+            await sleep_or_wake(self._wake, wait)
 
     async def _deliver(self, row: DeliveryRow) -> None:
         assert self._session is not None

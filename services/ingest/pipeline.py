@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -23,6 +22,7 @@ from opentelemetry import trace
 from callcenter.v1 import analyze_pb2, analyze_pb2_grpc, common_pb2, crm_pb2, crm_pb2_grpc, transcribe_pb2, transcribe_pb2_grpc
 from services.common.grpc_server import insecure_channel
 from services.common.logs import call_context
+from services.common.retry import backoff_delay, sleep_or_wake
 from services.common.protoconv import duration, seconds, timestamp
 from services.common.records import (
     SENTIMENT_NAMES, SENTIMENT_VALUES, record_to_json, segment_from_dict, segment_to_dict,
@@ -83,7 +83,6 @@ class PipelineWorker:
         self._stopping = asyncio.Event()
         self._tasks: set[asyncio.Task] = set()
         self._loop_task: asyncio.Task | None = None
-        self._rng = random.Random()
 
     def wake(self) -> None:
         self._wake.set()
@@ -124,11 +123,7 @@ class PipelineWorker:
                     wait = 5.0 if due is None else max(0.05, min(5.0, due - time.time()))
             except Exception:
                 log.exception("pipeline loop error")
-            self._wake.clear()
-            try:
-                await asyncio.wait_for(self._wake.wait(), timeout=wait)
-            except asyncio.TimeoutError:
-                pass
+            await sleep_or_wake(self._wake, wait)
 
     def _finished(self, task: asyncio.Task) -> None:
         self._tasks.discard(task)
@@ -194,8 +189,7 @@ class PipelineWorker:
                                     error_stage=job.state, attempts=attempts)
             log.error("failed at %s: %s", job.state, reason)
             return
-        ceiling = min(self.settings.backoff_max, self.settings.backoff_initial * 2 ** (attempts - 1))
-        delay = self._rng.uniform(ceiling / 2, ceiling)
+        delay = backoff_delay(attempts - 1, self.settings.backoff_initial, self.settings.backoff_max)
         await self.store.update(job.call_id, self.owner, release=True, attempts=attempts, error=str(exc),
                                 error_stage=job.state, next_attempt_at=time.time() + delay)
         log.warning("attempt %d at %s failed (%s); retrying in %.1f s", attempts, job.state, exc, delay)
