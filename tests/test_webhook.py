@@ -159,3 +159,24 @@ async def test_unknown_call_is_404(ingest: Ingest) -> None:
     async with aiohttp.ClientSession() as session:
         async with session.get(f"{ingest.url}/v1/calls/nope") as resp:
             assert resp.status == 404
+
+
+async def test_status_api_needs_the_bearer_token_when_one_is_set(ingest: Ingest) -> None:
+    runner, port = await start_site(create_app(ingest.store, ingest.worker, ingest.worker.downloader.policy,
+                                               api_token="s3cret"), "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        status, _ = await post(url, json.dumps({"call_id": "tok-1", "recording_url": "http://127.0.0.1:1/a.wav"}))
+        assert status == 202  # the recorder's webhook is not behind the API token
+        async with aiohttp.ClientSession() as session:
+            for path in ("/v1/calls/tok-1", "/v1/calls"):
+                async with session.get(url + path) as resp:
+                    assert resp.status == 401
+                async with session.get(url + path, headers={"Authorization": "Bearer wrong"}) as resp:
+                    assert resp.status == 401
+                async with session.get(url + path, headers={"Authorization": "Bearer s3cret"}) as resp:
+                    assert resp.status == 200
+            async with session.post(f"{url}/v1/calls/tok-1:retry") as resp:
+                assert resp.status == 401
+    finally:
+        await runner.cleanup()

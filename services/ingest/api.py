@@ -8,11 +8,13 @@ error and its stage when it failed, and the CRM record when done.
 
 from __future__ import annotations
 
+import functools
 import hmac
 import json
 import logging
 import re
 from datetime import datetime, timezone
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -20,7 +22,7 @@ from aiohttp import web
 from services.common.logs import call_context
 from services.common.telemetry import current_traceparent, instrument_aiohttp_server, trace_id_hex
 from services.ingest.pipeline import PipelineWorker
-from services.ingest.store import FAILED, STATES, Job, JobOptions, JobStore
+from services.ingest.store import DONE, FAILED, STATES, Job, JobOptions, JobStore
 from services.ingest.urlpolicy import UrlPolicy, UrlRejected
 
 log = logging.getLogger(__name__)
@@ -66,11 +68,11 @@ def job_view(job: Job, base_url: str = "") -> dict[str, Any]:
     }
     if job.error:
         view["error"] = {"stage": job.error_stage, "message": job.error}
-    if job.state not in ("done", FAILED) and job.error:
+    if job.state not in (DONE, FAILED) and job.error:
         view["next_attempt_at"] = _iso(job.next_attempt_at)
     if job.result and "delivery" in job.result:
         view["delivery"] = job.result["delivery"]
-    if job.state == "done" and job.result:
+    if job.state == DONE and job.result:
         view["result"] = job.result.get("record")
     return view
 
@@ -102,12 +104,21 @@ def _base_url(request: web.Request) -> str:
     return configured or f"{request.scheme}://{request.host}"
 
 
-def _authorized(request: web.Request) -> bool:
-    token = request.app[SETTINGS].get("api_token")
-    if not token:
-        return True
-    header = request.headers.get("Authorization", "")
-    return hmac.compare_digest(header.encode(), f"Bearer {token}".encode())
+Handler = Callable[[web.Request], Awaitable[web.Response]]
+
+
+def requires_token(handler: Handler) -> Handler:
+    """With API_TOKEN set, answer 401 unless the request carries ``Authorization: Bearer <token>``."""
+
+    @functools.wraps(handler)
+    async def checked(request: web.Request) -> web.Response:
+        token = request.app[SETTINGS].get("api_token")
+        header = request.headers.get("Authorization", "")
+        if token and not hmac.compare_digest(header.encode(), f"Bearer {token}".encode()):
+            return problem(401, "Unauthorized", "a valid bearer token is required")
+        return await handler(request)
+
+    return checked
 
 
 async def post_call(request: web.Request) -> web.Response:
@@ -142,9 +153,8 @@ async def post_call(request: web.Request) -> web.Response:
     return web.json_response(body, status=202, headers={"Location": view["status_url"]})
 
 
+@requires_token
 async def get_call(request: web.Request) -> web.Response:
-    if not _authorized(request):
-        return problem(401, "Unauthorized", "a valid bearer token is required", )
     call_id = request.match_info["call_id"]
     job = await request.app[STORE].get(call_id)
     if job is None:
@@ -152,9 +162,8 @@ async def get_call(request: web.Request) -> web.Response:
     return web.json_response(job_view(job, _base_url(request)))
 
 
+@requires_token
 async def post_call_action(request: web.Request) -> web.Response:
-    if not _authorized(request):
-        return problem(401, "Unauthorized", "a valid bearer token is required")
     name = request.match_info["call_id"]
     if not name.endswith(":retry"):
         return problem(404, "Not Found", "unknown action; POST /v1/calls/{call_id}:retry replays a failed call")
@@ -173,9 +182,8 @@ async def post_call_action(request: web.Request) -> web.Response:
     return web.json_response(job_view(job, _base_url(request)), status=202)
 
 
+@requires_token
 async def list_calls(request: web.Request) -> web.Response:
-    if not _authorized(request):
-        return problem(401, "Unauthorized", "a valid bearer token is required")
     status = request.query.get("status")
     if status is not None and status not in STATES:
         return problem(400, "Bad Request", f"status must be one of {', '.join(STATES)}")

@@ -216,15 +216,15 @@ class WhisperEngine:
         audio = decode_audio(source)
         self._check(cancel)
         segments, info = self._segments(audio, options, options.language, "unknown", 0)
-        yield LanguageResult(info.language, 1.0 if options.language else float(info.language_probability),
-                             from_hint=bool(options.language))
+        probability = 1.0 if options.language else float(info.language_probability)
+        yield LanguageResult(info.language, probability, from_hint=bool(options.language))
         count = 0
         for seg in self._numbered(segments, cancel):
             count += 1
             yield seg
         yield SummaryResult(
             language=info.language,
-            language_probability=1.0 if options.language else float(info.language_probability),
+            language_probability=probability,
             audio_duration=audio.size / SAMPLE_RATE,
             speech_duration=float(info.duration_after_vad),
             segment_count=count,
