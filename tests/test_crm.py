@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,13 +66,18 @@ def record(call_id: str) -> crm_pb2.CallRecord:
                               emotion="angry", create_time=timestamp(1_790_000_000.0))
 
 
-async def wait_state(stub, call_id: str, state: int, timeout: float = 20) -> crm_pb2.Delivery:
+async def wait_delivery(stub, call_id: str, done: Callable[[crm_pb2.Delivery], bool],
+                        timeout: float = 20) -> crm_pb2.Delivery:
     for _ in range(int(timeout * 20)):
         d = (await stub.GetDelivery(crm_pb2.GetDeliveryRequest(call_id=call_id))).delivery
-        if d.state == state:
+        if done(d):
             return d
         await asyncio.sleep(0.05)
-    raise AssertionError(f"{call_id} never reached state {state}: {d}")
+    raise AssertionError(f"{call_id} never got there: {d}")
+
+
+async def wait_state(stub, call_id: str, state: int, timeout: float = 20) -> crm_pb2.Delivery:
+    return await wait_delivery(stub, call_id, lambda d: d.state == state, timeout)
 
 
 async def test_record_reaches_the_crm_in_the_seed_shape(tmp_path: Path, receiver: CrmReceiver) -> None:
@@ -106,11 +111,7 @@ async def test_crm_outage_is_retried_until_delivered(tmp_path: Path, receiver: C
     crm = await start_crm(tmp_path / "o.db", receiver)
     try:
         await crm.stub.Deliver(crm_pb2.DeliverRequest(record=record("outage")))
-        for _ in range(200):
-            d = (await crm.stub.GetDelivery(crm_pb2.GetDeliveryRequest(call_id="outage"))).delivery
-            if d.attempts >= 3:
-                break
-            await asyncio.sleep(0.05)
+        d = await wait_delivery(crm.stub, "outage", lambda d: d.attempts >= 3, timeout=10)
         assert d.state == crm_pb2.DELIVERY_STATE_QUEUED and "503" in d.last_error
         receiver.fail_with = None
         delivered = await wait_state(crm.stub, "outage", crm_pb2.DELIVERY_STATE_DELIVERED)

@@ -193,3 +193,35 @@ async def test_call_interrupted_by_a_crash_resumes_when_ingest_restarts(world: W
     final = await world.wait("e2e-crash-1")
     assert final["status"] == "done", final
     assert len(world.crm.for_call("e2e-crash-1")) == 1
+
+
+async def test_sigterm_on_ingest_hands_the_call_back_and_it_finishes_after_restart(world: World) -> None:
+    await world.post("e2e-term-1", "long-en.wav")
+    async with aiohttp.ClientSession() as session:
+        for _ in range(600):
+            async with session.get(f"{world.mesh.ingest_url}/v1/calls/e2e-term-1") as resp:
+                status = await resp.json()
+            if status["status"] == "transcribing":
+                break
+            await asyncio.sleep(0.05)
+    assert status["status"] == "transcribing"
+    code = await asyncio.to_thread(world.mesh.stop_service, "ingest")
+    assert code == 0  # drained within the grace period, not killed
+    await asyncio.to_thread(world.mesh.start_service, "ingest")
+    final = await world.wait("e2e-term-1")
+    assert final["status"] == "done", final
+    assert len(world.crm.for_call("e2e-term-1")) == 1
+
+
+async def test_crm_service_stops_cleanly_and_remembers_deliveries(world: World, two_calls: dict[str, dict]) -> None:
+    from callcenter.v1 import crm_pb2, crm_pb2_grpc
+    from services.common.grpc_server import insecure_channel
+
+    address = world.mesh.services["crm"].address
+    assert await asyncio.to_thread(world.mesh.stop_service, "crm") == 0
+    # Same address again: ingest keeps talking to it.
+    svc = await asyncio.to_thread(world.mesh.start_service, "crm", {"CRM_SYNC_LISTEN": address})
+    async with insecure_channel(svc.address) as channel:
+        reply = await crm_pb2_grpc.CrmSyncServiceStub(channel).GetDelivery(
+            crm_pb2.GetDeliveryRequest(call_id="e2e-es-1"), timeout=10)
+    assert reply.delivery.state == crm_pb2.DELIVERY_STATE_DELIVERED
