@@ -39,6 +39,16 @@ class World:
                 assert resp.status == 202, await resp.text()
                 return await resp.json()
 
+    async def wait_for_state(self, call_id: str, state: str, timeout: float = 30) -> dict:
+        async with aiohttp.ClientSession() as session:
+            for _ in range(int(timeout * 20)):
+                async with session.get(f"{self.mesh.ingest_url}/v1/calls/{call_id}") as resp:
+                    status = await resp.json()
+                if status["status"] == state:
+                    return status
+                await asyncio.sleep(0.05)
+        raise AssertionError(f"{call_id} never reached {state}: {json.dumps(status)}")
+
     async def wait(self, call_id: str, timeout: float = 600) -> dict:
         async with aiohttp.ClientSession() as session:
             for _ in range(int(timeout * 4)):
@@ -178,14 +188,7 @@ async def test_recording_that_does_not_decode_fails_at_transcribing(world: World
 
 async def test_call_interrupted_by_a_crash_resumes_when_ingest_restarts(world: World) -> None:
     await world.post("e2e-crash-1", "long-en.wav")
-    async with aiohttp.ClientSession() as session:
-        for _ in range(600):
-            async with session.get(f"{world.mesh.ingest_url}/v1/calls/e2e-crash-1") as resp:
-                status = await resp.json()
-            if status["status"] == "transcribing":
-                break
-            await asyncio.sleep(0.05)
-    assert status["status"] == "transcribing"
+    await world.wait_for_state("e2e-crash-1", "transcribing")
     ingest = world.mesh.services.pop("ingest")
     ingest.process.kill()  # SIGKILL: no graceful hand-back
     ingest.process.wait()
@@ -197,14 +200,7 @@ async def test_call_interrupted_by_a_crash_resumes_when_ingest_restarts(world: W
 
 async def test_sigterm_on_ingest_hands_the_call_back_and_it_finishes_after_restart(world: World) -> None:
     await world.post("e2e-term-1", "long-en.wav")
-    async with aiohttp.ClientSession() as session:
-        for _ in range(600):
-            async with session.get(f"{world.mesh.ingest_url}/v1/calls/e2e-term-1") as resp:
-                status = await resp.json()
-            if status["status"] == "transcribing":
-                break
-            await asyncio.sleep(0.05)
-    assert status["status"] == "transcribing"
+    await world.wait_for_state("e2e-term-1", "transcribing")
     code = await asyncio.to_thread(world.mesh.stop_service, "ingest")
     assert code == 0  # drained within the grace period, not killed
     await asyncio.to_thread(world.mesh.start_service, "ingest")
