@@ -23,7 +23,7 @@ import aiohttp
 
 from callmesh.mesh import Mesh, MeshError, new_mesh
 from callmesh.samples import SampleError, make_sample
-from callmesh.standins import CrmReceiver, Recorder
+from callmesh.standins import CrmReceiver, Recorder, post_webhook
 from services.common.config import data_dir
 
 log = logging.getLogger("callmesh.demo")
@@ -98,11 +98,10 @@ async def run(args: argparse.Namespace) -> int:
             webhook["language"] = args.language
         async with aiohttp.ClientSession() as session:
             print(f"POST {mesh.ingest_url}/v1/calls {json.dumps(webhook)}")
-            async with session.post(f"{mesh.ingest_url}/v1/calls", json=webhook) as resp:
-                ack = await resp.json()
-                print(f"  → HTTP {resp.status}: {json.dumps(ack)}")
-                if resp.status != 202:
-                    return 1
+            code, ack = await post_webhook(session, mesh.ingest_url, webhook, mesh.webhook_secret)
+            print(f"  (signed: webhook-signature v1) → HTTP {code}: {json.dumps(ack)}")
+            if code != 202:
+                return 1
             status = await follow(session, ack["status_url"], args.timeout)
         out: dict
         if status["status"] == "done":

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from callmesh.standins import new_webhook_secret
+
 log = logging.getLogger(__name__)
 
 GRPC_SERVICES = (("transcribe", "TRANSCRIBE_LISTEN", "TRANSCRIBE_ADDR"),
@@ -49,6 +51,12 @@ class Mesh:
     @property
     def ingest_url(self) -> str:
         return f"http://{self.services['ingest'].address}"
+
+    @property
+    def webhook_secret(self) -> str | None:
+        """The newest of ``WEBHOOK_SECRETS``: what the recorder signs its webhooks with."""
+        secrets = [s.strip() for s in self.env.get("WEBHOOK_SECRETS", "").split(",") if s.strip()]
+        return secrets[0] if secrets else None
 
     def start_service(self, name: str, extra_env: dict[str, str] | None = None, timeout: float = 180.0) -> ServiceProcess:
         ready = self.workdir / f"{name}.ready"
@@ -115,5 +123,9 @@ def _tail(path: Path, lines: int = 30) -> str:
 
 
 def new_mesh(env: dict[str, str] | None = None, workdir: Path | None = None) -> Mesh:
+    """A mesh with the current environment plus ``env``; webhooks are signed with a fresh secret unless
+    ``env`` names ``WEBHOOK_SECRETS`` (or ``WEBHOOK_ALLOW_UNSIGNED``)."""
     base = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_WAIT_POLICY": "PASSIVE", **(env or {})}
+    if not base.get("WEBHOOK_SECRETS") and base.get("WEBHOOK_ALLOW_UNSIGNED", "") in ("", "0"):
+        base["WEBHOOK_SECRETS"] = new_webhook_secret()
     return Mesh(workdir or Path(tempfile.mkdtemp(prefix="callmesh-")), base)

@@ -1,24 +1,56 @@
 """Stand-ins for the systems around the product: the call recorder and the CRM.
 
 Both speak plain HTTP on loopback, as the real ones do: the recorder serves
-recordings from a folder; the CRM receiver takes JSON records, remembers each
-POST and its Idempotency-Key, and can be told to be down or to answer errors.
+recordings from a folder and signs its webhooks the Standard Webhooks way; the
+CRM receiver takes JSON records, remembers each POST and its Idempotency-Key,
+and can be told to be down or to answer errors.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
+import os
+import time
+import uuid
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 from aiohttp import web
+from standardwebhooks.webhooks import Webhook
 
 from services.common.lifecycle import start_site
 
 log = logging.getLogger(__name__)
+
+
+def new_webhook_secret() -> str:
+    """A fresh ``whsec_`` secret (24 random bytes), the form WEBHOOK_SECRETS takes."""
+    return "whsec_" + base64.b64encode(os.urandom(24)).decode()
+
+
+def signed_headers(secret: str, body: bytes, *, webhook_id: str | None = None,
+                   timestamp: float | None = None) -> dict[str, str]:
+    """The Standard Webhooks headers a recorder sends with ``body``."""
+    msg_id = webhook_id or f"msg_{uuid.uuid4().hex}"
+    ts = int(time.time() if timestamp is None else timestamp)
+    signature = Webhook(secret).sign(msg_id, datetime.fromtimestamp(ts, timezone.utc), body.decode())
+    return {"Content-Type": "application/json", "webhook-id": msg_id, "webhook-timestamp": str(ts),
+            "webhook-signature": signature}
+
+
+async def post_webhook(session: aiohttp.ClientSession, ingest_url: str, payload: dict[str, Any],
+                       secret: str | None) -> tuple[int, dict[str, Any]]:
+    """POST one call-ended webhook, signed when ``secret`` is given; returns (HTTP status, JSON body)."""
+    body = json.dumps(payload).encode()
+    headers = signed_headers(secret, body) if secret else {"Content-Type": "application/json"}
+    async with session.post(f"{ingest_url}/v1/calls", data=body, headers=headers) as resp:
+        return resp.status, await resp.json(content_type=None)
 
 
 class Recorder:

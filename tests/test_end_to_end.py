@@ -18,7 +18,7 @@ import pytest_asyncio
 
 from callmesh.mesh import Mesh, new_mesh
 from callmesh.samples import SAMPLES
-from callmesh.standins import CrmReceiver, Recorder
+from callmesh.standins import CrmReceiver, Recorder, post_webhook
 from tests.otlp_receiver import OtlpReceiver
 
 pytestmark = pytest.mark.models
@@ -35,9 +35,9 @@ class World:
     async def post(self, call_id: str, recording: str, **extra: str) -> dict:
         body = {"call_id": call_id, "recording_url": self.recorder.url_for(recording), **extra}
         async with aiohttp.ClientSession() as session:
-            async with session.post(f"{self.mesh.ingest_url}/v1/calls", json=body) as resp:
-                assert resp.status == 202, await resp.text()
-                return await resp.json()
+            status, ack = await post_webhook(session, self.mesh.ingest_url, body, self.mesh.webhook_secret)
+        assert status == 202, ack
+        return ack
 
     async def wait_for_state(self, call_id: str, state: str, timeout: float = 30) -> dict:
         async with aiohttp.ClientSession() as session:

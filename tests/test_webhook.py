@@ -3,74 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import json
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import aiohttp
 import pytest
-import pytest_asyncio
 
 from callmesh.standins import Recorder
 from services.common.lifecycle import start_site
 from services.ingest.api import create_app
-from services.ingest.config import DownloadSettings, PipelineSettings
-from services.ingest.downloader import Downloader
-from services.ingest.pipeline import PipelineWorker
-from services.ingest.store import JobStore
-
-UNUSED = "127.0.0.1:9"  # discard port: nothing answers gRPC there
-
-
-class Ingest:
-    def __init__(self, url: str, store: JobStore, worker: PipelineWorker) -> None:
-        self.url, self.store, self.worker = url, store, worker
-
-
-@pytest_asyncio.fixture
-async def ingest(tmp_path: Path) -> AsyncIterator[Ingest]:
-    store = JobStore(tmp_path / "ingest.db")
-    await store.open()
-    download = DownloadSettings(allowed_hosts=("127.0.0.1",), allowed_networks=(ipaddress.ip_network("127.0.0.0/8"),),
-                                max_bytes=1024 * 1024, connect_timeout=2, read_timeout=2, total_timeout=5,
-                                max_redirects=3, directory=tmp_path / "recordings")
-    pipeline = PipelineSettings(UNUSED, UNUSED, UNUSED, worker_id="test-worker", concurrency=2, max_attempts=2, backoff_initial=0.05,
-                                backoff_max=0.1, transcribe_timeout=5, analyze_timeout=5, rpc_timeout=2,
-                                delivery_poll_seconds=0.1, chunk_bytes=65536)
-    downloader = Downloader(download)
-    worker = PipelineWorker(store, downloader, pipeline)
-    await worker.start()
-    runner, port = await start_site(create_app(store, worker, downloader.policy), "127.0.0.1", 0)
-    yield Ingest(f"http://127.0.0.1:{port}", store, worker)
-    await runner.cleanup()
-    await worker.stop(1)
-    await store.close()
-
-
-@pytest_asyncio.fixture
-async def recorder(audio_dir: Path) -> AsyncIterator[Recorder]:
-    r = await Recorder(audio_dir).start()
-    yield r
-    await r.stop()
-
-
-async def post(url: str, body: bytes | str, content_type: str = "application/json") -> tuple[int, dict]:
-    async with aiohttp.ClientSession() as session:
-        async with session.post(f"{url}/v1/calls", data=body, headers={"Content-Type": content_type}) as resp:
-            return resp.status, await resp.json(content_type=None)
-
-
-async def wait_for_state(url: str, call_id: str, states: set[str], timeout: float = 30) -> dict:
-    async with aiohttp.ClientSession() as session:
-        for _ in range(int(timeout * 10)):
-            async with session.get(f"{url}/v1/calls/{call_id}") as resp:
-                status = await resp.json()
-            if status["status"] in states:
-                return status
-            await asyncio.sleep(0.1)
-    raise AssertionError(f"{call_id} never reached {states}: {status}")
-
+from tests.ingest_harness import VERIFIER, Ingest, post, wait_for_state
 
 async def test_valid_webhook_is_acknowledged_with_the_status_url(ingest: Ingest) -> None:
     status, body = await post(ingest.url, json.dumps({"call_id": "c-1", "recording_url": "http://127.0.0.1:1/a.wav"}))
@@ -163,7 +104,7 @@ async def test_unknown_call_is_404(ingest: Ingest) -> None:
 
 async def test_status_api_needs_the_bearer_token_when_one_is_set(ingest: Ingest) -> None:
     runner, port = await start_site(create_app(ingest.store, ingest.worker, ingest.worker.downloader.policy,
-                                               api_token="s3cret"), "127.0.0.1", 0)
+                                               VERIFIER, api_token="s3cret"), "127.0.0.1", 0)
     url = f"http://127.0.0.1:{port}"
     try:
         status, _ = await post(url, json.dumps({"call_id": "tok-1", "recording_url": "http://127.0.0.1:1/a.wav"}))

@@ -15,7 +15,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 
-from services.common.config import env_str
+from services.common.config import ConfigError, env_str
 
 log = logging.getLogger(__name__)
 
@@ -86,5 +86,8 @@ def run_service(service: str, amain: "Callable[[], Awaitable[None]]") -> None:
     setup_tracing(service)
     try:
         asyncio.run(amain())
+    except ConfigError as exc:
+        log.error("configuration error: %s", exc)
+        raise SystemExit(2) from None
     finally:
         shutdown_tracing()

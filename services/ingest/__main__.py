@@ -12,6 +12,7 @@ from services.ingest.api import create_app
 from services.ingest.config import IngestSettings
 from services.ingest.downloader import Downloader
 from services.ingest.pipeline import PipelineWorker
+from services.ingest.signatures import WebhookVerifier
 from services.ingest.store import JobStore
 
 SERVICE = "ingest"
@@ -20,13 +21,19 @@ log = logging.getLogger(SERVICE)
 
 async def amain() -> None:
     settings = IngestSettings.from_env()
+    verifier = WebhookVerifier.from_env()
+    if not verifier.enforcing:
+        log.warning("WEBHOOK_ALLOW_UNSIGNED=1: webhooks are accepted without a signature; "
+                    "anyone who can reach %s:%s can submit calls", settings.host, settings.port)
+    else:
+        log.info("webhook signatures required (%d active secret(s))", len(verifier.secrets))
     store = JobStore(settings.database)
     await store.open()
     downloader = Downloader(settings.download)
     if not settings.download.allowed_hosts:
         log.warning("RECORDING_ALLOWED_HOSTS is empty: recordings are fetched from any host with a public address")
     worker = PipelineWorker(store, downloader, settings.pipeline, settings.pipeline.worker_id)
-    app = create_app(store, worker, downloader.policy, api_token=env_str("API_TOKEN", ""),
+    app = create_app(store, worker, downloader.policy, verifier, api_token=env_str("API_TOKEN", ""),
                      public_url=settings.public_url)
     runner, port = await start_site(app, settings.host, settings.port, access_log=None,
                                     shutdown_timeout=settings.grace_seconds)

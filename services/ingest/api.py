@@ -22,6 +22,7 @@ from aiohttp import web
 from services.common.logs import call_context
 from services.common.telemetry import current_traceparent, instrument_aiohttp_server, trace_id_hex
 from services.ingest.pipeline import PipelineWorker
+from services.ingest.signatures import SignatureRejected, WebhookVerifier
 from services.ingest.store import DONE, FAILED, STATES, Job, JobOptions, JobStore
 from services.ingest.urlpolicy import UrlPolicy, UrlRejected
 
@@ -33,13 +34,15 @@ LANGUAGE_RE = re.compile(r"[a-z]{2,3}")
 STORE = web.AppKey("store", JobStore)
 WORKER = web.AppKey("worker", PipelineWorker)
 POLICY = web.AppKey("policy", UrlPolicy)
+VERIFIER = web.AppKey("verifier", WebhookVerifier)
 SETTINGS = web.AppKey("settings", dict)
 
 
-def problem(status: int, title: str, detail: str, **extra: Any) -> web.Response:
+def problem(status: int, title: str, detail: str, headers: dict[str, str] | None = None,
+            **extra: Any) -> web.Response:
     """An RFC 9457 problem document."""
     body = {"type": "about:blank", "title": title, "status": status, "detail": detail, **extra}
-    return web.json_response(body, status=status, content_type="application/problem+json")
+    return web.json_response(body, status=status, content_type="application/problem+json", headers=headers)
 
 
 def _iso(ts: float | None) -> str | None:
@@ -115,7 +118,8 @@ def requires_token(handler: Handler) -> Handler:
         token = request.app[SETTINGS].get("api_token")
         header = request.headers.get("Authorization", "")
         if token and not hmac.compare_digest(header.encode(), f"Bearer {token}".encode()):
-            return problem(401, "Unauthorized", "a valid bearer token is required")
+            return problem(401, "Unauthorized", "a valid bearer token is required",
+                           headers={"WWW-Authenticate": 'Bearer realm="callmesh"'})
         return await handler(request)
 
     return checked
@@ -130,6 +134,12 @@ async def post_call(request: web.Request) -> web.Response:
     if len(body) > MAX_BODY_BYTES:
         return problem(413, "Payload Too Large", f"the body is over {MAX_BODY_BYTES} bytes")
     try:
+        webhook_id = request.app[VERIFIER].verify(body, request.headers)
+    except SignatureRejected as exc:
+        log.warning("webhook refused: %s", exc)
+        return problem(401, "Unauthorized", f"webhook signature refused: {exc}",
+                       headers={"WWW-Authenticate": 'StandardWebhooks realm="callmesh"'})
+    try:
         payload = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         return problem(400, "Bad Request", f"the body is not valid JSON: {exc}")
@@ -138,17 +148,20 @@ async def post_call(request: web.Request) -> web.Response:
     except (ValueError, UrlRejected) as exc:
         return problem(422, "Unprocessable Content", str(exc))
     with call_context(call_id):
-        job, new = await request.app[STORE].create(call_id, url, options, current_traceparent(), trace_id_hex())
-        if not new and (job.recording_url != url):
+        job, new = await request.app[STORE].create(call_id, url, options, current_traceparent(), trace_id_hex(),
+                                                    webhook_id)
+        if not new and job.call_id != call_id:
+            log.info("webhook-id %s seen before (call %s): acknowledged, not processed again", webhook_id, job.call_id)
+        elif not new and job.recording_url != url:
             return problem(409, "Conflict", f"call {call_id} was already received with another recording_url",
                            status_url=f"{_base_url(request)}/v1/calls/{call_id}")
-        if new:
+        elif new:
             log.info("call received")
             request.app[WORKER].wake()
         else:
             log.info("call received again: same job, not processed twice")
     view = job_view(job, _base_url(request))
-    body = {"call_id": call_id, "status": job.state, "status_url": view["status_url"], "trace_id": job.trace_id,
+    body = {"call_id": job.call_id, "status": job.state, "status_url": view["status_url"], "trace_id": job.trace_id,
             "duplicate": not new}
     return web.json_response(body, status=202, headers={"Location": view["status_url"]})
 
@@ -201,13 +214,14 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
-def create_app(store: JobStore, worker: PipelineWorker, policy: UrlPolicy, *, api_token: str = "",
-               public_url: str = "") -> web.Application:
+def create_app(store: JobStore, worker: PipelineWorker, policy: UrlPolicy, verifier: WebhookVerifier, *,
+               api_token: str = "", public_url: str = "") -> web.Application:
     instrument_aiohttp_server()
     app = web.Application(client_max_size=MAX_BODY_BYTES)
     app[STORE] = store
     app[WORKER] = worker
     app[POLICY] = policy
+    app[VERIFIER] = verifier
     app[SETTINGS] = {"api_token": api_token, "public_url": public_url}
     app.router.add_post("/v1/calls", post_call)
     app.router.add_get("/v1/calls", list_calls)

@@ -44,7 +44,16 @@ CREATE TABLE IF NOT EXISTS jobs (
     updated_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS jobs_due ON jobs (state, next_attempt_at);
+CREATE TABLE IF NOT EXISTS webhook_ids (
+    webhook_id TEXT PRIMARY KEY,
+    call_id TEXT NOT NULL,
+    received_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS webhook_ids_age ON webhook_ids (received_at);
 """
+
+# A signed webhook older than 5 minutes is refused anyway; ids are kept a day to spare the clocks.
+WEBHOOK_ID_RETENTION_SECONDS = 86400.0
 
 
 @dataclass(frozen=True)
@@ -104,12 +113,20 @@ class JobStore:
         await self.db.close()
 
     async def create(self, call_id: str, recording_url: str, options: JobOptions, trace_context: dict[str, str],
-                     trace_id: str) -> tuple[Job, bool]:
-        """Store a new job, or return the existing one for this call_id; says whether it is new."""
+                     trace_id: str, webhook_id: str | None = None) -> tuple[Job, bool]:
+        """Store a new job, or return the existing one for this call_id; says whether it is new.
+
+        A ``webhook_id`` seen before returns the job that webhook created, whatever this body says."""
         now = time.time()
         opts = json.dumps({k: v for k, v in options.__dict__.items() if v is not None})
 
         def tx(c: sqlite3.Connection) -> tuple[Job, bool]:
+            if webhook_id is not None:
+                seen = c.execute("SELECT call_id FROM webhook_ids WHERE webhook_id = ?", (webhook_id,)).fetchone()
+                if seen is not None:
+                    row = c.execute("SELECT * FROM jobs WHERE call_id = ?", (seen[0],)).fetchone()
+                    if row is not None:
+                        return Job.from_row(row), False
             seq = c.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs").fetchone()[0]
             cur = c.execute(
                 "INSERT OR IGNORE INTO jobs (call_id, seq, recording_url, options, state, next_attempt_at, "
@@ -117,6 +134,10 @@ class JobStore:
                 (call_id, seq, recording_url, opts, RECEIVED, now, json.dumps({RECEIVED: now}),
                  json.dumps(trace_context), trace_id, now, now))
             row = c.execute("SELECT * FROM jobs WHERE call_id = ?", (call_id,)).fetchone()
+            if webhook_id is not None and row["recording_url"] == recording_url:
+                c.execute("DELETE FROM webhook_ids WHERE received_at < ?", (now - WEBHOOK_ID_RETENTION_SECONDS,))
+                c.execute("INSERT OR REPLACE INTO webhook_ids (webhook_id, call_id, received_at) VALUES (?,?,?)",
+                          (webhook_id, call_id, now))
             return Job.from_row(row), cur.rowcount == 1
 
         return await self.db.transaction(tx)

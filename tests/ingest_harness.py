@@ -1,0 +1,93 @@
+"""A real ingest (webhook, status API, pipeline worker) on 127.0.0.1 port 0, and how tests talk to it.
+
+The gRPC services are pointed at the discard port, so calls stop at transcription
+unless a test says otherwise: what happens at the webhook and the download is
+seen on its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest_asyncio
+
+from callmesh.standins import Recorder, new_webhook_secret, signed_headers
+from services.common.lifecycle import start_site
+from services.ingest.api import create_app
+from services.ingest.config import DownloadSettings, PipelineSettings
+from services.ingest.downloader import Downloader
+from services.ingest.pipeline import PipelineWorker
+from services.ingest.signatures import WebhookVerifier
+from services.ingest.store import JobStore
+
+UNUSED = "127.0.0.1:9"  # discard port: nothing answers gRPC there
+SECRET = new_webhook_secret()
+VERIFIER = WebhookVerifier.from_secrets((SECRET,))
+
+
+class Ingest:
+    def __init__(self, url: str, store: JobStore, worker: PipelineWorker) -> None:
+        self.url, self.store, self.worker = url, store, worker
+
+
+@contextlib.asynccontextmanager
+async def running_ingest(tmp_path: Path, verifier: WebhookVerifier = VERIFIER, *, max_bytes: int = 1024 * 1024,
+                         read_timeout: float = 2, total_timeout: float = 5) -> AsyncIterator[Ingest]:
+    store = JobStore(tmp_path / "ingest.db")
+    await store.open()
+    download = DownloadSettings(allowed_hosts=("127.0.0.1", "localhost"),
+                                allowed_networks=(ipaddress.ip_network("127.0.0.0/8"),),
+                                max_bytes=max_bytes, connect_timeout=2, read_timeout=read_timeout,
+                                total_timeout=total_timeout, max_redirects=3, directory=tmp_path / "recordings")
+    pipeline = PipelineSettings(UNUSED, UNUSED, UNUSED, worker_id="test-worker", concurrency=2, max_attempts=2,
+                                backoff_initial=0.05, backoff_max=0.1, transcribe_timeout=5, analyze_timeout=5,
+                                rpc_timeout=2, delivery_poll_seconds=0.1, chunk_bytes=65536)
+    downloader = Downloader(download)
+    worker = PipelineWorker(store, downloader, pipeline)
+    await worker.start()
+    runner, port = await start_site(create_app(store, worker, downloader.policy, verifier), "127.0.0.1", 0)
+    try:
+        yield Ingest(f"http://127.0.0.1:{port}", store, worker)
+    finally:
+        await runner.cleanup()
+        await worker.stop(1)
+        await store.close()
+
+
+@pytest_asyncio.fixture
+async def ingest(tmp_path: Path) -> AsyncIterator[Ingest]:
+    async with running_ingest(tmp_path) as running:
+        yield running
+
+
+@pytest_asyncio.fixture
+async def recorder(audio_dir: Path) -> AsyncIterator[Recorder]:
+    r = await Recorder(audio_dir).start()
+    yield r
+    await r.stop()
+
+
+async def post(url: str, body: bytes | str, content_type: str = "application/json",
+               headers: dict[str, str] | None = None) -> tuple[int, dict]:
+    """POST a webhook signed with SECRET, unless ``headers`` are given."""
+    data = body.encode() if isinstance(body, str) else body
+    sent = {**(signed_headers(SECRET, data) if headers is None else headers), "Content-Type": content_type}
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{url}/v1/calls", data=data, headers=sent) as resp:
+            return resp.status, await resp.json(content_type=None)
+
+
+async def wait_for_state(url: str, call_id: str, states: set[str], timeout: float = 30) -> dict:
+    async with aiohttp.ClientSession() as session:
+        for _ in range(int(timeout * 10)):
+            async with session.get(f"{url}/v1/calls/{call_id}") as resp:
+                status = await resp.json()
+            if status["status"] in states:
+                return status
+            await asyncio.sleep(0.1)
+    raise AssertionError(f"{call_id} never reached {states}: {status}")
