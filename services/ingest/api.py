@@ -21,6 +21,7 @@ from aiohttp import web
 
 from services.common.logs import call_context
 from services.common.telemetry import current_traceparent, instrument_aiohttp_server, trace_id_hex
+from services.ingest.openapi import openapi_document
 from services.ingest.pipeline import PipelineWorker
 from services.ingest.signatures import SignatureRejected, WebhookVerifier
 from services.ingest.store import DONE, FAILED, STATES, Job, JobOptions, JobStore
@@ -30,6 +31,8 @@ log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 64 * 1024
 CALL_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+MAX_PAGE = 500
+MAX_OFFSET = 2**31 - 1
 LANGUAGE_RE = re.compile(r"[a-z]{2,3}")
 STORE = web.AppKey("store", JobStore)
 WORKER = web.AppKey("worker", PipelineWorker)
@@ -201,10 +204,12 @@ async def list_calls(request: web.Request) -> web.Response:
     if status is not None and status not in STATES:
         return problem(400, "Bad Request", f"status must be one of {', '.join(STATES)}")
     try:
-        limit = min(500, max(1, int(request.query.get("limit", "100"))))
-        offset = max(0, int(request.query.get("offset", "0")))
+        limit = int(request.query.get("limit", "100"))
+        offset = int(request.query.get("offset", "0"))
     except ValueError:
         return problem(400, "Bad Request", "limit and offset must be integers")
+    if not 1 <= limit <= MAX_PAGE or not 0 <= offset <= MAX_OFFSET:
+        return problem(400, "Bad Request", f"limit must be 1 to {MAX_PAGE} and offset 0 to {MAX_OFFSET}")
     jobs = await request.app[STORE].list(status, limit, offset)
     base = _base_url(request)
     return web.json_response({"calls": [job_view(j, base) for j in jobs], "counts": await request.app[STORE].counts()})
@@ -212,6 +217,10 @@ async def list_calls(request: web.Request) -> web.Response:
 
 async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.json_response(openapi_document())
 
 
 def create_app(store: JobStore, worker: PipelineWorker, policy: UrlPolicy, verifier: WebhookVerifier, *,
@@ -228,4 +237,5 @@ def create_app(store: JobStore, worker: PipelineWorker, policy: UrlPolicy, verif
     app.router.add_get("/v1/calls/{call_id}", get_call)
     app.router.add_post("/v1/calls/{call_id}", post_call_action)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/openapi.json", openapi)
     return app

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 from callcenter.v1 import analyze_pb2, analyze_pb2_grpc, common_pb2, crm_pb2, crm_pb2_grpc, transcribe_pb2, transcribe_pb2_grpc
@@ -135,6 +136,14 @@ class PipelineWorker:
             await self.store.renew(call_id, self.owner, LEASE_SECONDS)
 
     async def _run(self, job: Job) -> None:
+        # The call's trace is current for the whole run, so every log line about it carries its trace id.
+        token = otel_context.attach(context_from(job.trace_context))
+        try:
+            await self._run_attached(job)
+        finally:
+            otel_context.detach(token)
+
+    async def _run_attached(self, job: Job) -> None:
         with call_context(job.call_id):
             heartbeat = asyncio.create_task(self._heartbeat(job.call_id))
             try:

@@ -1,0 +1,195 @@
+"""The OpenAPI 3.1 document of the ingest HTTP API, served at ``GET /openapi.json``.
+
+Written by hand next to the handlers in ``api.py``; ``tests/test_openapi.py``
+fuzzes the running service against it with schemathesis.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from services.ingest.store import STATES
+
+CALL_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
+_TS = {"type": ["string", "null"], "format": "date-time"}
+
+
+def _problem(description: str) -> dict[str, Any]:
+    return {"description": description,
+            "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}}
+
+
+def _json(description: str, ref: str, headers: dict[str, Any] | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {"description": description,
+                           "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{ref}"}}}}
+    if headers:
+        out["headers"] = headers
+    return out
+
+
+_UNAUTHORIZED = _problem("API_TOKEN is set and the bearer token is missing or wrong")
+_CALL_ID_PARAM = {"name": "call_id", "in": "path", "required": True, "description": "The recorder's call id",
+                  "schema": {"type": "string"}}
+_SIGNATURE_HEADERS = [
+    {"name": "webhook-id", "in": "header", "required": False, "schema": {"type": "string", "maxLength": 256},
+     "description": "Standard Webhooks message id; a replayed id is acknowledged without new work"},
+    {"name": "webhook-timestamp", "in": "header", "required": False, "schema": {"type": "string"},
+     "description": "Unix seconds; refused more than 5 minutes away from now"},
+    {"name": "webhook-signature", "in": "header", "required": False, "schema": {"type": "string"},
+     "description": "Space-separated v1,<base64 HMAC-SHA256 of '{id}.{timestamp}.{body}'>"},
+]
+
+SCHEMAS: dict[str, Any] = {
+    "Webhook": {
+        "type": "object",
+        "description": "What the recorder posts when a call ends.",
+        "required": ["call_id", "recording_url"],
+        "examples": [{"call_id": "call-0001", "recording_url": "http://127.0.0.1:8000/recordings/call-0001.wav"},
+                     {"call_id": "call-0002", "recording_url": "http://127.0.0.1:8000/recordings/call-0002.mp3",
+                      "language": "es", "agent_channel": "left"}],
+        "properties": {
+            "call_id": {"type": "string", "pattern": CALL_ID_PATTERN, "description": "Not made of dots only"},
+            "recording_url": {"type": "string", "maxLength": 2048, "format": "uri",
+                              "description": "http(s) URL on an allow-listed recorder host"},
+            "language": {"type": "string", "pattern": "^[a-z]{2,3}$",
+                         "description": "ISO 639-1 hint; absent: detected"},
+            "agent_channel": {"type": "string", "enum": ["left", "right"],
+                              "description": "Stereo recordings: the agent's channel"},
+        },
+    },
+    "Ack": {
+        "type": "object",
+        "required": ["call_id", "status", "status_url", "trace_id", "duplicate"],
+        "properties": {
+            "call_id": {"type": "string"},
+            "status": {"type": "string", "enum": list(STATES)},
+            "status_url": {"type": "string"},
+            "trace_id": {"type": "string", "description": "Follow the call in Jaeger"},
+            "duplicate": {"type": "boolean", "description": "The call (or this webhook-id) was received before"},
+        },
+    },
+    "Call": {
+        "type": "object",
+        "required": ["call_id", "status", "status_url", "recording_url", "created_at", "updated_at", "stages",
+                     "attempts", "trace_id", "error", "progress"],
+        "properties": {
+            "call_id": {"type": "string"},
+            "status": {"type": "string", "enum": list(STATES)},
+            "status_url": {"type": "string"},
+            "recording_url": {"type": "string"},
+            "options": {"type": "object"},
+            "created_at": _TS,
+            "updated_at": _TS,
+            "stages": {"type": "object", "additionalProperties": _TS,
+                       "description": "When the call entered each stage"},
+            "attempts": {"type": "integer", "minimum": 0},
+            "trace_id": {"type": "string"},
+            "error": {"oneOf": [{"type": "null"}, {
+                "type": "object", "required": ["stage", "message"],
+                "properties": {"stage": {"type": ["string", "null"]}, "message": {"type": "string"}}}]},
+            "next_attempt_at": _TS,
+            "progress": {"type": "object"},
+            "delivery": {"type": "object"},
+            "result": {"type": ["object", "null"], "description": "The CRM record, once done"},
+        },
+    },
+    "CallList": {
+        "type": "object",
+        "required": ["calls", "counts"],
+        "properties": {
+            "calls": {"type": "array", "items": {"$ref": "#/components/schemas/Call"}},
+            "counts": {"type": "object", "additionalProperties": {"type": "integer"}},
+        },
+    },
+    "Health": {"type": "object", "required": ["status"], "properties": {"status": {"type": "string"}}},
+    "Problem": {
+        "type": "object",
+        "description": "RFC 9457 problem details",
+        "required": ["type", "title", "status", "detail"],
+        "properties": {"type": {"type": "string"}, "title": {"type": "string"}, "status": {"type": "integer"},
+                       "detail": {"type": "string"}, "status_url": {"type": "string"}},
+    },
+}
+
+
+def openapi_document() -> dict[str, Any]:
+    location = {"Location": {"description": "The status URL", "schema": {"type": "string"}}}
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "Callmesh ingest", "version": "1.0.0",
+                 "description": "The recorder's webhook and the status of every call."},
+        "paths": {
+            "/v1/calls": {
+                "post": {
+                    "operationId": "receiveCall",
+                    "summary": "The recorder's call-ended webhook; answers at once, the work happens later",
+                    "parameters": _SIGNATURE_HEADERS,
+                    "requestBody": {"required": True, "content": {"application/json": {
+                        "schema": {"$ref": "#/components/schemas/Webhook"}}}},
+                    "responses": {
+                        "202": {**_json("Stored durably (or received before)", "Ack", location), "links": {
+                            "GetCall": {"operationId": "getCall",
+                                        "parameters": {"call_id": "$response.body#/call_id"}},
+                            "RetryCall": {"operationId": "retryCall",
+                                          "parameters": {"call_id": "$response.body#/call_id"}}}},
+                        "400": _problem("The body is not JSON"),
+                        "401": _problem("Missing, wrong or stale webhook signature"),
+                        "409": _problem("This call_id was received with another recording_url"),
+                        "413": _problem("The body is over 64 KiB"),
+                        "415": _problem("Not application/json"),
+                        "422": _problem("A field is missing or invalid, or the URL is not allowed"),
+                    },
+                },
+                "get": {
+                    "operationId": "listCalls",
+                    "summary": "Calls, newest first; ?status=failed lists the dead letters",
+                    "security": [{"bearer": []}, {}],
+                    "parameters": [
+                        {"name": "status", "in": "query", "schema": {"type": "string", "enum": list(STATES)},
+                         "description": "Only calls in this state"},
+                        {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 500},
+                         "description": "Page size (default 100)"},
+                        {"name": "offset", "in": "query", "schema": {"type": "integer", "minimum": 0, "maximum": 2**31 - 1},
+                         "description": "Calls to skip"},
+                    ],
+                    "responses": {"200": _json("A page of calls and the count per state", "CallList"),
+                                  "400": _problem("A query parameter is invalid"), "401": _UNAUTHORIZED},
+                },
+            },
+            "/v1/calls/{call_id}": {
+                "get": {
+                    "operationId": "getCall",
+                    "summary": "Where a call is: stage times, attempts, error, CRM record when done",
+                    "security": [{"bearer": []}, {}],
+                    "parameters": [_CALL_ID_PARAM],
+                    "responses": {"200": _json("The call", "Call"), "401": _UNAUTHORIZED,
+                                  "404": _problem("No such call")},
+                },
+            },
+            "/v1/calls/{call_id}:retry": {
+                "post": {
+                    "operationId": "retryCall",
+                    "summary": "Replay a failed call from the stage it failed in",
+                    "security": [{"bearer": []}, {}],
+                    "parameters": [_CALL_ID_PARAM],
+                    "responses": {"202": _json("Queued again", "Call"), "401": _UNAUTHORIZED,
+                                  "404": _problem("No such call or action"),
+                                  "409": _problem("The call has not failed")},
+                },
+            },
+            "/healthz": {
+                "get": {"operationId": "health", "summary": "Liveness",
+                        "responses": {"200": _json("Serving", "Health")}},
+            },
+            "/openapi.json": {
+                "get": {"operationId": "openapi", "summary": "This document",
+                        "responses": {"200": {"description": "OpenAPI 3.1",
+                                              "content": {"application/json": {"schema": {"type": "object"}}}}}},
+            },
+        },
+        "components": {
+            "schemas": SCHEMAS,
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
+                                           "description": "API_TOKEN; required only when it is set"}},
+        },
+    }
