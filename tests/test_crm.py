@@ -41,7 +41,7 @@ class Crm:
 
 async def start_crm(db: Path, receiver: CrmReceiver) -> Crm:
     settings = CrmSettings(server=GrpcServerSettings("127.0.0.1:0", 1, None), crm_url=receiver.url, crm_token="",
-                           database=db, timeout_seconds=2, backoff_initial=0.05, backoff_max=0.2, concurrency=4)
+                           database=db, timeout_seconds=2, backoff_initial=0.05, backoff_max=0.2, batch=4)
     outbox = Outbox(db)
     await outbox.open()
     worker = DeliveryWorker(outbox, settings)
@@ -117,6 +117,31 @@ async def test_crm_outage_is_retried_until_delivered(tmp_path: Path, receiver: C
         delivered = await wait_state(crm.stub, "outage", crm_pb2.DELIVERY_STATE_DELIVERED)
         assert delivered.attempts >= 4 and delivered.last_error == ""
         assert len(receiver.for_call("outage")) == 1
+    finally:
+        await crm.close()
+
+
+async def test_crm_outage_then_recovery_delivers_every_record_once_in_order_of_arrival(
+        tmp_path: Path, receiver: CrmReceiver) -> None:
+    port = int(receiver.url.split(":")[2].split("/")[0])
+    await receiver.stop()  # first the CRM refuses connections
+    crm = await start_crm(tmp_path / "o.db", receiver)
+    try:
+        batch = [f"batch-{i:02d}" for i in range(12)]
+        for call_id in batch:
+            await crm.stub.Deliver(crm_pb2.DeliverRequest(record=record(call_id)))
+        head = await wait_delivery(crm.stub, batch[0], lambda d: d.attempts >= 2, timeout=10)
+        assert "unreachable" in head.last_error
+        receiver.fail_with = 503  # then it is up but answers 503
+        await receiver.start(port=port)
+        head = await wait_delivery(crm.stub, batch[0], lambda d: "503" in d.last_error, timeout=10)
+        assert receiver.records == []
+        receiver.fail_with = None  # then it recovers
+        for call_id in batch:
+            await wait_state(crm.stub, call_id, crm_pb2.DELIVERY_STATE_DELIVERED)
+        assert [r.body["call_id"] for r in receiver.records] == batch
+        assert len({r.idempotency_key for r in receiver.records}) == len(batch)
+        assert receiver.posts > len(batch)  # the 503s were posts too
     finally:
         await crm.close()
 

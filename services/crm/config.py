@@ -17,7 +17,7 @@ class CrmSettings:
     timeout_seconds: float
     backoff_initial: float
     backoff_max: float
-    concurrency: int
+    batch: int  # records claimed per round; posted one after another, oldest first
 
     @classmethod
     def from_env(cls) -> "CrmSettings":
@@ -28,6 +28,6 @@ class CrmSettings:
             database=Path(env_str("CRM_DATABASE", str(data_dir() / "crm-outbox.db"))),
             timeout_seconds=env_float("CRM_TIMEOUT_SECONDS", 15.0, minimum=0.1),
             backoff_initial=env_float("CRM_BACKOFF_INITIAL_SECONDS", 1.0, minimum=0.01),
-            backoff_max=env_float("CRM_BACKOFF_MAX_SECONDS", 300.0, minimum=0.01),
-            concurrency=env_int("CRM_DELIVERY_CONCURRENCY", 4, minimum=1),
+            backoff_max=env_float("CRM_BACKOFF_MAX_SECONDS", 60.0, minimum=0.01),
+            batch=env_int("CRM_DELIVERY_BATCH", 16, minimum=1),
         )

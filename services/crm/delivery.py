@@ -63,9 +63,9 @@ class DeliveryWorker:
     async def _loop(self) -> None:
         while not self._stopping.is_set():
             try:
-                rows = await self.outbox.claim_due(self.settings.concurrency, LEASE_SECONDS) if self.settings.crm_url else []
+                rows = await self.outbox.claim_due(self.settings.batch, LEASE_SECONDS) if self.settings.crm_url else []
                 if rows:
-                    await asyncio.gather(*(self._deliver(r) for r in rows))
+                    await self._deliver_in_order(rows)
                     continue
                 due = await self.outbox.next_due_at()
                 wait = 5.0 if due is None else max(0.05, min(5.0, due - time.time()))
@@ -74,7 +74,15 @@ class DeliveryWorker:
                 wait = 1.0
             await sleep_or_wake(self._wake, wait)
 
-    async def _deliver(self, row: DeliveryRow) -> None:
+    async def _deliver_in_order(self, rows: list[DeliveryRow]) -> None:
+        """Post oldest first; at the first transient failure the rest go back to wait behind it."""
+        for i, row in enumerate(rows):
+            if self._stopping.is_set() or not await self._deliver(row):
+                await self.outbox.release([r.call_id for r in rows[i + 1:]])
+                return
+
+    async def _deliver(self, row: DeliveryRow) -> bool:
+        """One POST; False when it is to be retried (the CRM is down or overloaded)."""
         assert self._session is not None
         headers = {"Idempotency-Key": row.idempotency_key, "Content-Type": "application/json"}
         if self.settings.crm_token:
@@ -90,7 +98,7 @@ class DeliveryWorker:
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
                 await self._retry(row, f"CRM unreachable: {type(exc).__name__}: {exc}".strip())
                 span.set_attribute("crm.outcome", "retry")
-                return
+                return False
             span.set_attribute("http.response.status_code", status)
             if 200 <= status < 300 or status == 409:
                 await self.outbox.mark_delivered(row.call_id)
@@ -99,10 +107,12 @@ class DeliveryWorker:
             elif status >= 500 or status in RETRYABLE_STATUS:
                 await self._retry(row, f"CRM answered HTTP {status}: {body}")
                 span.set_attribute("crm.outcome", "retry")
+                return False
             else:
                 await self.outbox.mark_failed(row.call_id, f"CRM refused the record: HTTP {status}: {body}")
                 span.set_attribute("crm.outcome", "failed")
                 log.error("the CRM refused the record permanently: HTTP %d", status)
+            return True
 
     async def _retry(self, row: DeliveryRow, error: str) -> None:
         delay = backoff_delay(row.attempts, self.settings.backoff_initial, self.settings.backoff_max)

@@ -30,6 +30,7 @@ CREATE TABLE IF NOT EXISTS deliveries (
     trace_context TEXT NOT NULL DEFAULT '{}'
 );
 CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (state, next_attempt_at);
+CREATE INDEX IF NOT EXISTS deliveries_fifo ON deliveries (state, seq);
 """
 
 
@@ -92,21 +93,34 @@ class Outbox:
         return DeliveryRow.from_row(row) if row else None
 
     async def claim_due(self, limit: int, lease_seconds: float) -> list[DeliveryRow]:
-        """Take up to ``limit`` due deliveries, oldest first, under a lease."""
+        """Take up to ``limit`` queued deliveries in order of arrival, under a lease.
+
+        Strictly FIFO: the run stops at the first record that is waiting for its retry, so nothing
+        overtakes the oldest record while the CRM is down."""
         now = time.time()
 
         def tx(c: sqlite3.Connection) -> list[DeliveryRow]:
-            rows = c.execute(
-                "SELECT * FROM deliveries WHERE state = ? AND next_attempt_at <= ? AND lease_until < ? "
-                "ORDER BY next_attempt_at, seq LIMIT ?", (QUEUED, now, now, limit)).fetchall()
+            rows = c.execute("SELECT * FROM deliveries WHERE state = ? AND lease_until < ? ORDER BY seq LIMIT ?",
+                             (QUEUED, now, limit)).fetchall()
+            taken = []
             for r in rows:
+                if r["next_attempt_at"] > now:
+                    break
                 c.execute("UPDATE deliveries SET lease_until = ? WHERE call_id = ?", (now + lease_seconds, r["call_id"]))
-            return [DeliveryRow.from_row(r) for r in rows]
+                taken.append(DeliveryRow.from_row(r))
+            return taken
 
         return await self.db.transaction(tx)
 
+    async def release(self, call_ids: list[str]) -> None:
+        """Hand back claimed records without an attempt (they wait behind one that failed)."""
+        await self.db.transaction(lambda c: c.executemany(
+            "UPDATE deliveries SET lease_until = 0 WHERE call_id = ?", [(i,) for i in call_ids]))
+
     async def next_due_at(self) -> float | None:
-        row = await self.db.fetchone("SELECT MIN(next_attempt_at) FROM deliveries WHERE state = ?", (QUEUED,))
+        """When the oldest queued record may be tried again (the queue waits on it)."""
+        row = await self.db.fetchone(
+            "SELECT next_attempt_at FROM deliveries WHERE state = ? ORDER BY seq LIMIT 1", (QUEUED,))
         return row[0] if row else None
 
     async def mark_delivered(self, call_id: str) -> None:
