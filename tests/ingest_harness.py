@@ -37,11 +37,14 @@ class Ingest:
 
 @contextlib.asynccontextmanager
 async def running_ingest(tmp_path: Path, verifier: WebhookVerifier = VERIFIER, *, max_bytes: int = 1024 * 1024,
-                         read_timeout: float = 2, total_timeout: float = 5) -> AsyncIterator[Ingest]:
+                         read_timeout: float = 2, total_timeout: float = 5,
+                         allowed_hosts: tuple[str, ...] = ("127.0.0.1", "localhost"),
+                         allowed_networks: tuple[str, ...] = ("127.0.0.0/8",)) -> AsyncIterator[Ingest]:
+    """Ingest whose downloads may reach ``allowed_networks`` (the demo's loopback by default)."""
     store = JobStore(tmp_path / "ingest.db")
     await store.open()
-    download = DownloadSettings(allowed_hosts=("127.0.0.1", "localhost"),
-                                allowed_networks=(ipaddress.ip_network("127.0.0.0/8"),),
+    download = DownloadSettings(allowed_hosts=allowed_hosts,
+                                allowed_networks=tuple(ipaddress.ip_network(n) for n in allowed_networks),
                                 max_bytes=max_bytes, connect_timeout=2, read_timeout=read_timeout,
                                 total_timeout=total_timeout, max_redirects=3, directory=tmp_path / "recordings")
     pipeline = PipelineSettings(UNUSED, UNUSED, UNUSED, worker_id="test-worker", concurrency=2, max_attempts=2,

@@ -14,7 +14,7 @@ import pytest_asyncio
 from callcenter.v1 import common_pb2, crm_pb2, crm_pb2_grpc
 from callmesh.standins import CrmReceiver
 from services.common.config import GrpcServerSettings
-from services.common.grpc_server import RunningServer, ServiceBinding, insecure_channel, start_server
+from services.common.grpc_server import RunningServer, ServiceBinding, client_channel, start_server
 from services.common.protoconv import timestamp
 from services.crm.config import CrmSettings
 from services.common.retry import backoff_delay
@@ -49,7 +49,7 @@ async def start_crm(db: Path, receiver: CrmReceiver) -> Crm:
     servicer = CrmSyncServicer(outbox, worker)
     server = await start_server("127.0.0.1:0", [ServiceBinding(
         "callcenter.v1.CrmSyncService", lambda s: crm_pb2_grpc.add_CrmSyncServiceServicer_to_server(servicer, s))])
-    channel = insecure_channel(server.address)
+    channel = client_channel(server.address)
     return Crm(crm_pb2_grpc.CrmSyncServiceStub(channel), receiver, server, worker, outbox, channel)
 
 

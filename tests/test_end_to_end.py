@@ -1,25 +1,33 @@
 """One call through the four services, each its own process, on the real Whisper and LLM weights.
 
-The stand-in recorder serves audio generated with espeak-ng; the stand-in CRM
-receives the records; an OTLP receiver on loopback collects every service's spans.
+The stand-in recorder serves audio generated with espeak-ng and signs the
+webhooks; the stand-in CRM receives the records; an OTLP receiver on loopback
+collects every service's spans. The services talk gRPC over mutual TLS with
+certificates from a CA made for this run.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
 import aiohttp
+import grpc
 import pytest
 import pytest_asyncio
 
 from callmesh.mesh import Mesh, new_mesh
 from callmesh.samples import SAMPLES
 from callmesh.standins import CrmReceiver, Recorder, post_webhook
+from services.common.config import PLAINTEXT, TlsSettings
+from services.common.grpc_server import client_channel
 from tests.otlp_receiver import OtlpReceiver
+from tests.tls import Authority, mtls_env
 
 pytestmark = pytest.mark.models
 SERVICES = {"ingest", "transcribe", "analyze", "crm"}
@@ -31,6 +39,12 @@ class World:
     recorder: Recorder
     crm: CrmReceiver
     otlp: OtlpReceiver
+
+    @property
+    def tls(self) -> TlsSettings:
+        """What a client inside the mesh presents (the services' own GRPC_TLS_* settings)."""
+        with mock.patch.dict(os.environ, {k: v for k, v in self.mesh.env.items() if k.startswith("GRPC_TLS_")}):
+            return TlsSettings.from_env()
 
     async def post(self, call_id: str, recording: str, **extra: str) -> dict:
         body = {"call_id": call_id, "recording_url": self.recorder.url_for(recording), **extra}
@@ -66,7 +80,9 @@ async def world(audio_dir: Path, whisper_dir: Path, llm_main: Path, tmp_path_fac
     recorder = await Recorder(audio_dir).start()
     crm = await CrmReceiver().start()
     work = tmp_path_factory.mktemp("mesh")
+    ca = Authority.create(work / "pki")
     mesh = new_mesh({
+        **mtls_env(ca, ca.issue(work / "pki", "callmesh")),
         "CRM_URL": crm.url,
         "RECORDING_ALLOWED_HOSTS": "127.0.0.1",
         "RECORDING_ALLOWED_NETWORKS": "127.0.0.0/8",
@@ -211,13 +227,28 @@ async def test_sigterm_on_ingest_hands_the_call_back_and_it_finishes_after_resta
 
 async def test_crm_service_stops_cleanly_and_remembers_deliveries(world: World, two_calls: dict[str, dict]) -> None:
     from callcenter.v1 import crm_pb2, crm_pb2_grpc
-    from services.common.grpc_server import insecure_channel
 
     address = world.mesh.services["crm"].address
     assert await asyncio.to_thread(world.mesh.stop_service, "crm") == 0
     # Same address again: ingest keeps talking to it.
     svc = await asyncio.to_thread(world.mesh.start_service, "crm", {"CRM_SYNC_LISTEN": address})
-    async with insecure_channel(svc.address) as channel:
+    async with client_channel(svc.address, world.tls) as channel:
         reply = await crm_pb2_grpc.CrmSyncServiceStub(channel).GetDelivery(
             crm_pb2.GetDeliveryRequest(call_id="e2e-es-1"), timeout=10)
     assert reply.delivery.state == crm_pb2.DELIVERY_STATE_DELIVERED
+
+
+@pytest.mark.parametrize("service", ["transcribe", "analyze", "crm"])
+async def test_services_refuse_clients_without_a_mesh_certificate(world: World, service: str) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    address = world.mesh.services[service].address
+    ca_only = TlsSettings(None, None, world.tls.ca, False, "")
+    for tls in (PLAINTEXT, ca_only):
+        async with client_channel(address, tls) as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    async with client_channel(address, world.tls) as channel:
+        reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING

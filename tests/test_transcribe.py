@@ -11,7 +11,7 @@ import pytest
 import pytest_asyncio
 
 from callcenter.v1 import common_pb2, transcribe_pb2, transcribe_pb2_grpc
-from services.common.grpc_server import RunningServer, ServiceBinding, insecure_channel, start_server
+from services.common.grpc_server import RunningServer, ServiceBinding, client_channel, start_server
 from services.common.limits import AdmissionLimiter
 from services.transcribe.config import EngineSettings
 from services.transcribe.engine import WhisperEngine
@@ -34,7 +34,7 @@ async def _serve(engine: WhisperEngine, max_running: int, max_queued: int) -> tu
 @pytest_asyncio.fixture(scope="session")
 async def stub(engine: WhisperEngine) -> AsyncIterator[transcribe_pb2_grpc.TranscriptionServiceStub]:
     server, _ = await _serve(engine, max_running=1, max_queued=4)
-    channel = insecure_channel(server.address)
+    channel = client_channel(server.address)
     yield transcribe_pb2_grpc.TranscriptionServiceStub(channel)
     await channel.close()
     await server.stop(1)
@@ -145,7 +145,7 @@ async def test_cancelling_the_stream_stops_the_decode(engine, stub, audio_dir: P
 
 async def test_over_the_concurrency_limit_is_resource_exhausted(engine, audio_dir: Path) -> None:
     server, servicer = await _serve(engine, max_running=1, max_queued=0)
-    channel = insecure_channel(server.address)
+    channel = client_channel(server.address)
     try:
         stub = transcribe_pb2_grpc.TranscriptionServiceStub(channel)
         busy = stub.Transcribe(requests(audio_dir / "long-en.wav"))
@@ -171,7 +171,7 @@ async def test_health_and_reflection_are_served(stub, engine) -> None:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     server, _ = await _serve(engine, 1, 0)
-    channel = insecure_channel(server.address)
+    channel = client_channel(server.address)
     try:
         health = health_pb2_grpc.HealthStub(channel)
         reply = await health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME))

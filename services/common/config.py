@@ -78,12 +78,59 @@ def data_dir() -> Path:
 
 
 @dataclass(frozen=True)
+class TlsSettings:
+    """TLS between the services; the same variables serve both ends of every connection.
+
+    ``GRPC_TLS_CERT``/``GRPC_TLS_KEY`` (PEM paths): this service's certificate, presented as a
+    server and, for mutual TLS, as a client. ``GRPC_TLS_CA``: the CA that signed the peers'
+    certificates. ``GRPC_TLS_CLIENT_AUTH=1``: servers require a client certificate signed by
+    that CA (mutual TLS). ``GRPC_TLS_SERVER_NAME``: the name expected in servers' certificates
+    when it differs from the host dialled. All unset: plaintext, for one machine.
+    """
+
+    cert: bytes | None
+    key: bytes | None
+    ca: bytes | None
+    client_auth: bool
+    server_name: str
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert is not None or self.ca is not None
+
+    @classmethod
+    def from_env(cls) -> "TlsSettings":
+        def pem(name: str) -> bytes | None:
+            path = env_str(name, "")
+            if not path:
+                return None
+            try:
+                return Path(path).read_bytes()
+            except OSError as exc:
+                raise ConfigError(f"{name}={path!r} cannot be read: {exc.strerror}") from exc
+
+        cert, key, ca = pem("GRPC_TLS_CERT"), pem("GRPC_TLS_KEY"), pem("GRPC_TLS_CA")
+        client_auth = env_bool("GRPC_TLS_CLIENT_AUTH", False)
+        if (cert is None) != (key is None):
+            raise ConfigError("GRPC_TLS_CERT and GRPC_TLS_KEY go together")
+        if client_auth and (ca is None or cert is None):
+            raise ConfigError("GRPC_TLS_CLIENT_AUTH=1 needs GRPC_TLS_CA, GRPC_TLS_CERT and GRPC_TLS_KEY")
+        if cert is None and ca is not None and client_auth:
+            raise ConfigError("mutual TLS needs this service's own certificate")
+        return cls(cert, key, ca, client_auth, env_str("GRPC_TLS_SERVER_NAME", ""))
+
+
+PLAINTEXT = TlsSettings(None, None, None, False, "")
+
+
+@dataclass(frozen=True)
 class GrpcServerSettings:
     """Where and how a gRPC service listens."""
 
     listen: str
     grace_seconds: float
     ready_file: Path | None
+    tls: TlsSettings = PLAINTEXT
 
     @classmethod
     def from_env(cls, prefix: str, default_port: int) -> "GrpcServerSettings":
@@ -91,4 +138,5 @@ class GrpcServerSettings:
             listen=env_str(f"{prefix}_LISTEN", f"127.0.0.1:{default_port}"),
             grace_seconds=env_float("SHUTDOWN_GRACE_SECONDS", 20.0, minimum=0.0),
             ready_file=ready_file(),
+            tls=TlsSettings.from_env(),
         )

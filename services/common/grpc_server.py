@@ -19,7 +19,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_server_interceptor
 
-from services.common.config import GrpcServerSettings
+from services.common.config import PLAINTEXT, GrpcServerSettings, TlsSettings
 from services.common.lifecycle import install_stop_signals, write_ready_file
 
 log = logging.getLogger(__name__)
@@ -57,8 +57,23 @@ class RunningServer:
         await self.server.stop(grace)
 
 
-async def start_server(listen: str, bindings: Iterable[ServiceBinding]) -> RunningServer:
-    """Start a server on ``listen`` with health, reflection and tracing."""
+def server_credentials(tls: TlsSettings) -> grpc.ServerCredentials | None:
+    """TLS for a server with a certificate; mutual TLS when ``client_auth``; None for plaintext."""
+    if tls.cert is None or tls.key is None:
+        return None
+    return grpc.ssl_server_credentials([(tls.key, tls.cert)], root_certificates=tls.ca if tls.client_auth else None,
+                                       require_client_auth=tls.client_auth)
+
+
+def channel_credentials(tls: TlsSettings) -> grpc.ChannelCredentials | None:
+    """TLS for a client that trusts ``ca`` and presents its own certificate when it has one."""
+    if not tls.enabled:
+        return None
+    return grpc.ssl_channel_credentials(root_certificates=tls.ca, private_key=tls.key, certificate_chain=tls.cert)
+
+
+async def start_server(listen: str, bindings: Iterable[ServiceBinding], tls: TlsSettings = PLAINTEXT) -> RunningServer:
+    """Start a server on ``listen`` with health, reflection and tracing; over TLS when ``tls`` has a certificate."""
     bindings = list(bindings)
     server = grpc.aio.server(
         interceptors=[aio_server_interceptor()],
@@ -73,7 +88,8 @@ async def start_server(listen: str, bindings: Iterable[ServiceBinding]) -> Runni
         b.register(server)
     names = tuple(b.name for b in bindings)
     reflection.enable_server_reflection((*names, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(listen)
+    credentials = server_credentials(tls)
+    port = server.add_secure_port(listen, credentials) if credentials else server.add_insecure_port(listen)
     if port == 0:
         raise RuntimeError(f"could not bind {listen}")
     await server.start()
@@ -91,8 +107,9 @@ async def serve(
     on_stop: Callable[[], Awaitable[None]] | None = None,
 ) -> None:
     """Run until SIGTERM/SIGINT, then drain gracefully."""
-    running = await start_server(settings.listen, bindings)
-    log.info("%s listening on %s", service, running.address)
+    running = await start_server(settings.listen, bindings, settings.tls)
+    mode = "mutual TLS" if settings.tls.client_auth else "TLS" if settings.tls.cert else "plaintext"
+    log.info("%s listening on %s (%s)", service, running.address, mode)
     write_ready_file(settings.ready_file, running.address)
     stop = asyncio.Event()
     install_stop_signals(stop)
@@ -104,6 +121,12 @@ async def serve(
     log.info("%s stopped", service)
 
 
-def insecure_channel(target: str) -> grpc.aio.Channel:
-    """A traced client channel with the mesh's message limits and per-call balancing."""
-    return grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS, interceptors=aio_client_interceptors())
+def client_channel(target: str, tls: TlsSettings = PLAINTEXT) -> grpc.aio.Channel:
+    """A traced client channel with the mesh's message limits and per-call balancing; TLS when configured."""
+    credentials = channel_credentials(tls)
+    if credentials is None:
+        return grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS, interceptors=aio_client_interceptors())
+    options = list(_CHANNEL_OPTIONS)
+    if tls.server_name:
+        options.append(("grpc.ssl_target_name_override", tls.server_name))
+    return grpc.aio.secure_channel(target, credentials, options=options, interceptors=aio_client_interceptors())

@@ -1,6 +1,6 @@
 """``python -m services.common.healthcheck ADDRESS [SERVICE]``: exit 0 when the gRPC service reports SERVING.
 
-For container health checks: uses the standard grpc.health.v1 protocol.
+For container health checks: uses the standard grpc.health.v1 protocol, over TLS when GRPC_TLS_* say so.
 """
 
 from __future__ import annotations
@@ -10,9 +10,16 @@ import sys
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.common.config import TlsSettings
+from services.common.grpc_server import channel_credentials
+
 
 def check(address: str, service: str = "", timeout: float = 3.0) -> bool:
-    with grpc.insecure_channel(address) as channel:
+    tls = TlsSettings.from_env()
+    credentials = channel_credentials(tls)
+    options = [("grpc.ssl_target_name_override", tls.server_name)] if tls.server_name else []
+    channel = grpc.secure_channel(address, credentials, options) if credentials else grpc.insecure_channel(address)
+    with channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service),
                                                                timeout=timeout)

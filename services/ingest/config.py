@@ -7,7 +7,7 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
-from services.common.config import ConfigError, data_dir, env_float, env_int, env_list, env_str, ready_file
+from services.common.config import PLAINTEXT, ConfigError, TlsSettings, data_dir, env_float, env_int, env_list, env_str, ready_file
 
 
 def _networks(name: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
@@ -60,6 +60,7 @@ class PipelineSettings:
     rpc_timeout: float
     delivery_poll_seconds: float
     chunk_bytes: int
+    tls: TlsSettings = PLAINTEXT
 
     @classmethod
     def from_env(cls) -> "PipelineSettings":
@@ -77,6 +78,7 @@ class PipelineSettings:
             rpc_timeout=env_float("RPC_TIMEOUT_SECONDS", 15.0, minimum=0.1),
             delivery_poll_seconds=env_float("DELIVERY_POLL_SECONDS", 2.0, minimum=0.05),
             chunk_bytes=env_int("TRANSCRIBE_CHUNK_BYTES", 256 * 1024, minimum=1024),
+            tls=TlsSettings.from_env(),
         )
 
 

@@ -21,7 +21,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 from callcenter.v1 import analyze_pb2, analyze_pb2_grpc, common_pb2, crm_pb2, crm_pb2_grpc, transcribe_pb2, transcribe_pb2_grpc
-from services.common.grpc_server import insecure_channel
+from services.common.grpc_server import client_channel
 from services.common.logs import call_context
 from services.common.retry import backoff_delay, sleep_or_wake
 from services.common.protoconv import duration, seconds, timestamp
@@ -73,9 +73,9 @@ class PipelineWorker:
         # jobs of a worker that never comes back are taken over when their lease expires.
         self.owner = worker_id or f"ingest-{uuid.uuid4().hex[:8]}"
         self._channels = {
-            "transcribe": insecure_channel(settings.transcribe_addr),
-            "analyze": insecure_channel(settings.analyze_addr),
-            "crm": insecure_channel(settings.crm_addr),
+            "transcribe": client_channel(settings.transcribe_addr, settings.tls),
+            "analyze": client_channel(settings.analyze_addr, settings.tls),
+            "crm": client_channel(settings.crm_addr, settings.tls),
         }
         self.transcribe = transcribe_pb2_grpc.TranscriptionServiceStub(self._channels["transcribe"])
         self.analyze = analyze_pb2_grpc.AnalysisServiceStub(self._channels["analyze"])
