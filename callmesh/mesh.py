@@ -104,6 +104,22 @@ class Mesh:
                 svc.process.wait()
         return svc.process.returncode
 
+    def restart_service(self, name: str, *, kill: bool = False, timeout: float = 180.0) -> ServiceProcess:
+        """Stop ``name`` (SIGKILL with ``kill``, else SIGTERM and drain) and start it again on the same address."""
+        svc = self.services[name]
+        if kill:
+            svc.process.kill()
+            svc.process.wait()
+            self.services.pop(name)
+        else:
+            self.stop_service(name)
+        host, port = svc.address.rsplit(":", 1)
+        if name == "ingest":
+            same = {"INGEST_HOST": host, "INGEST_PORT": port}
+        else:
+            same = {listen: svc.address for service, listen, _ in GRPC_SERVICES if service == name}
+        return self.start_service(name, same, timeout)
+
     def stop(self) -> None:
         for name in ("ingest", "crm", "analyze", "transcribe"):
             self.stop_service(name)

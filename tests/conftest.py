@@ -67,6 +67,13 @@ def audio_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     subprocess.run(["ffmpeg", "-loglevel", "error", "-y", "-i", str(d / "agent.wav"), "-i", str(d / "customer.wav"),
                     "-filter_complex", "[1:a]adelay=5000[c];[0:a]apad[l];[l][c]join=inputs=2:channel_layout=stereo:map=0.0-FL|1.0-FR[a]",
                     "-map", "[a]", "-shortest", str(d / "stereo-agent-left.wav")], check=True)
+    # Edge cases only the transcriber can judge: 30 s of silence, pink noise, an MP3 cut at 40 %.
+    subprocess.run(["ffmpeg", "-loglevel", "error", "-y", "-f", "lavfi", "-i", "anullsrc=r=16000:cl=mono", "-t", "30",
+                    str(d / "silence-30s.wav")], check=True)
+    subprocess.run(["ffmpeg", "-loglevel", "error", "-y", "-f", "lavfi", "-i", "anoisesrc=d=15:c=pink:a=0.3:r=16000",
+                    "-ac", "1", str(d / "noise-15s.wav")], check=True)
+    mp3 = (d / "es-billing-angry-8k.mp3").read_bytes()
+    (d / "truncated.mp3").write_bytes(mp3[: len(mp3) * 2 // 5])
     (d / "not-audio.txt").write_text("<html><body>This is not a recording.</body></html>\n" * 20)
     # Looks like WAV from its first bytes, but the rest is garbage.
     (d / "broken.wav").write_bytes(b"RIFF\x24\x08\x00\x00WAVEfmt " + os.urandom(4000))

@@ -202,6 +202,27 @@ async def test_recording_that_does_not_decode_fails_at_transcribing(world: World
     assert world.crm.for_call("e2e-broken-1") == []
 
 
+@pytest.mark.parametrize("recording", ["silence-30s.wav", "noise-15s.wav"])
+async def test_recording_without_speech_is_done_with_an_explicit_no_speech_record(world: World, recording: str) -> None:
+    call_id = "e2e-" + recording.split(".")[0]
+    await world.post(call_id, recording)
+    status = await world.wait(call_id, timeout=300)
+    assert status["status"] == "done", status
+    record = world.crm.for_call(call_id)[0].body
+    assert (record["transcript"], record["summary"], record["language"]) == ("", [], "")
+    assert record["sentiment"] == "neutral" and record["audio_duration_seconds"] >= 14
+
+
+async def test_truncated_mp3_is_transcribed_as_far_as_it_decodes(world: World, two_calls: dict[str, dict]) -> None:
+    await world.post("e2e-truncated", "truncated.mp3")
+    status = await world.wait("e2e-truncated", timeout=300)
+    assert status["status"] == "done", status
+    record = world.crm.for_call("e2e-truncated")[0].body
+    full = world.crm.for_call("e2e-es-1")[0].body
+    assert 0 < record["audio_duration_seconds"] < 0.6 * full["audio_duration_seconds"]
+    assert record["transcript"] and len(record["summary"]) == 3
+
+
 async def test_call_interrupted_by_a_crash_resumes_when_ingest_restarts(world: World) -> None:
     await world.post("e2e-crash-1", "long-en.wav")
     await world.wait_for_state("e2e-crash-1", "transcribing")

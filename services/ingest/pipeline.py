@@ -288,7 +288,8 @@ class PipelineWorker:
         t, a = job.transcript or {}, job.analysis or {}
         segments = t.get("segments", [])
         return crm_pb2.CallRecord(
-            call_id=job.call_id, language_code=t.get("language", ""),
+            # No speech: no language either (Whisper's guess on silence is noise).
+            call_id=job.call_id, language_code=t.get("language", "") if not a.get("no_speech") else "",
             transcript=" ".join(s["text"].strip() for s in segments),
             translated_transcript=a.get("translated_transcript", ""), summary=a.get("summary", []),
             topic=a.get("topic", ""), sentiment=SENTIMENT_VALUES.get(a.get("sentiment", ""), common_pb2.SENTIMENT_NEUTRAL),
