@@ -7,11 +7,13 @@ speaking Ollama's /api/chat protocol, since no Ollama binary installs here.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import grpc
 import jsonschema
 import pytest
 import pytest_asyncio
@@ -33,12 +35,14 @@ class FakeOllama:
 
     answers: list[str]
     requests: list[dict] = field(default_factory=list)
+    delay: float = 0.0  # seconds before each answer: a busy model
     url: str = ""
     _runner: web.AppRunner | None = None
 
     async def chat(self, request: web.Request) -> web.Response:
         body = await request.json()
         self.requests.append(body)
+        await asyncio.sleep(self.delay)
         content = self.answers.pop(0)
         return web.json_response({
             "model": body["model"], "created_at": "2026-11-25T00:00:00Z", "done": True, "done_reason": "stop",
@@ -138,3 +142,26 @@ async def test_embedded_backend_answers_within_the_schema(llm_small: Path) -> No
         assert completion.completion_tokens > 0
     finally:
         await backend.close()
+
+
+async def test_analyze_beyond_its_limits_is_resource_exhausted_not_queued(ollama: FakeOllama) -> None:
+    from callcenter.v1 import analyze_pb2, analyze_pb2_grpc, common_pb2
+    from services.analyze.servicer import AnalysisServicer
+    from services.common.grpc_server import ServiceBinding, client_channel, start_server
+    from services.common.limits import AdmissionLimiter
+
+    ollama.answers, ollama.delay = [json.dumps(GOOD)] * 2, 1.0
+    servicer = AnalysisServicer(analyzer(OllamaBackend(settings(ollama.url))), AdmissionLimiter(1, 1))
+    server = await start_server("127.0.0.1:0", [ServiceBinding(
+        "callcenter.v1.AnalysisService", lambda s: analyze_pb2_grpc.add_AnalysisServiceServicer_to_server(servicer, s))])
+    request = analyze_pb2.AnalyzeRequest(call_id="busy", language_code="en",
+                                         segments=[common_pb2.TranscriptSegment(text=CALL[0].text)])
+    try:
+        async with client_channel(server.address) as channel:
+            stub = analyze_pb2_grpc.AnalysisServiceStub(channel)
+            calls = [stub.Analyze(request, timeout=30) for _ in range(3)]
+            results = await asyncio.gather(*calls, return_exceptions=True)
+        codes = sorted(r.code().name if isinstance(r, grpc.aio.AioRpcError) else "OK" for r in results)
+        assert codes == ["OK", "OK", "RESOURCE_EXHAUSTED"]  # one running, one queued, the third pushed back
+    finally:
+        await server.stop(0)
