@@ -102,6 +102,7 @@ class CrmReceiver:
     _runner: web.AppRunner | None = None
     _arrived: asyncio.Condition | None = None
     print_records: bool = False
+    save_dir: Path | None = None  # set: each record is also written to <save_dir>/<call_id>.json
 
     async def _post(self, request: web.Request) -> web.Response:
         self.posts += 1
@@ -115,6 +116,10 @@ class CrmReceiver:
         if any(r.idempotency_key == key for r in self.records):
             return web.json_response({"status": "duplicate"}, status=200)
         self.records.append(ReceivedRecord(key, body))
+        if self.save_dir is not None:
+            self.save_dir.mkdir(parents=True, exist_ok=True)
+            name = "".join(c if c.isalnum() or c in "._-" else "_" for c in str(body.get("call_id", key)))
+            (self.save_dir / f"{name}.json").write_text(json.dumps(body, indent=2, ensure_ascii=False) + "\n")
         if self.print_records:
             log.info("CRM received record for call %s", body.get("call_id"))
         assert self._arrived is not None

@@ -14,7 +14,10 @@ say() { printf '==> %s\n' "$*"; }
 missing=()
 command -v espeak-ng >/dev/null || missing+=(espeak-ng)
 command -v ffmpeg >/dev/null || missing+=(ffmpeg)
-if (( dev )); then command -v npm >/dev/null || missing+=(npm); fi
+if (( dev )); then
+  command -v npm >/dev/null || missing+=(npm)
+  command -v chromium >/dev/null || missing+=(chromium)   # the web page tests drive it headless
+fi
 python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
 if (( ${#missing[@]} )); then
   say "installing system packages: ${missing[*]}"

@@ -14,6 +14,7 @@ from callmesh.models import MODELS, is_installed  # noqa: E402
 from callmesh.samples import SAMPLES, synthesize  # noqa: E402
 from services.common.config import data_dir  # noqa: E402
 from services.common.telemetry import setup_tracing  # noqa: E402
+from tests.cli_mesh import stereo_call, up_mesh  # noqa: E402,F401  (fixtures)
 from tests.ingest_harness import ingest, recorder  # noqa: E402,F401  (fixtures)
 
 # As in every service: spans are made (and carry trace ids) even with no exporter.

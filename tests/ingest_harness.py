@@ -39,7 +39,8 @@ class Ingest:
 async def running_ingest(tmp_path: Path, verifier: WebhookVerifier = VERIFIER, *, max_bytes: int = 1024 * 1024,
                          read_timeout: float = 2, total_timeout: float = 5,
                          allowed_hosts: tuple[str, ...] = ("127.0.0.1", "localhost"),
-                         allowed_networks: tuple[str, ...] = ("127.0.0.0/8",)) -> AsyncIterator[Ingest]:
+                         allowed_networks: tuple[str, ...] = ("127.0.0.0/8",),
+                         api_token: str = "") -> AsyncIterator[Ingest]:
     """Ingest whose downloads may reach ``allowed_networks`` (the demo's loopback by default)."""
     store = JobStore(tmp_path / "ingest.db")
     await store.open()
@@ -53,7 +54,7 @@ async def running_ingest(tmp_path: Path, verifier: WebhookVerifier = VERIFIER, *
     downloader = Downloader(download)
     worker = PipelineWorker(store, downloader, pipeline)
     await worker.start()
-    runner, port = await start_site(create_app(store, worker, downloader.policy, verifier), "127.0.0.1", 0)
+    runner, port = await start_site(create_app(store, worker, downloader.policy, verifier, api_token=api_token), "127.0.0.1", 0)
     try:
         yield Ingest(f"http://127.0.0.1:{port}", store, worker)
     finally:

@@ -173,8 +173,15 @@ async def test_status_shows_every_stage_in_order(two_calls: dict[str, dict]) -> 
 
 async def test_one_trace_spans_all_four_services(world: World, two_calls: dict[str, dict]) -> None:
     trace_id = two_calls["es"]["trace_id"]
-    for _ in range(100):
-        if world.otlp.services_in(trace_id) >= SERVICES and "crm.post" in world.otlp.by_service(trace_id).get("crm", []):
+    def complete() -> bool:  # spans arrive in batches: wait until every parent has arrived too
+        spans = world.otlp.trace(trace_id)
+        ids = {s.span_id for s in spans}
+        return (world.otlp.services_in(trace_id) >= SERVICES
+                and "crm.post" in world.otlp.by_service(trace_id).get("crm", [])
+                and all(s.parent_span_id in ids for s in spans if s.parent_span_id))
+
+    for _ in range(200):
+        if complete():
             break
         await asyncio.sleep(0.1)
     spans = world.otlp.by_service(trace_id)

@@ -14,7 +14,8 @@ from services.common.config import TlsSettings
 from services.common.grpc_server import channel_credentials
 
 
-def check(address: str, service: str = "", timeout: float = 3.0) -> bool:
+def serving(address: str, service: str = "", timeout: float = 3.0) -> tuple[bool, str]:
+    """(SERVING?, what the service said or why it could not be asked)."""
     tls = TlsSettings.from_env()
     credentials = channel_credentials(tls)
     options = [("grpc.ssl_target_name_override", tls.server_name)] if tls.server_name else []
@@ -24,11 +25,15 @@ def check(address: str, service: str = "", timeout: float = 3.0) -> bool:
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service),
                                                                timeout=timeout)
         except grpc.RpcError as exc:
-            print(f"{address}: {exc.code().name}: {exc.details()}", file=sys.stderr)
-            return False
-    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
-    print(f"{address} {service or '(server)'}: {status}")
-    return reply.status == health_pb2.HealthCheckResponse.SERVING
+            return False, f"{exc.code().name}: {exc.details()}"
+    return (reply.status == health_pb2.HealthCheckResponse.SERVING,
+            health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+
+
+def check(address: str, service: str = "", timeout: float = 3.0) -> bool:
+    ok, said = serving(address, service, timeout)
+    print(f"{address} {service or '(server)'}: {said}", file=sys.stdout if ok else sys.stderr)
+    return ok
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,7 +9,6 @@ error and its stage when it failed, and the CRM record when done.
 from __future__ import annotations
 
 import functools
-import hmac
 import json
 import logging
 import re
@@ -26,6 +25,7 @@ from services.ingest.pipeline import PipelineWorker
 from services.ingest.signatures import SignatureRejected, WebhookVerifier
 from services.ingest.store import DONE, FAILED, STATES, Job, JobOptions, JobStore
 from services.ingest.urlpolicy import UrlPolicy, UrlRejected
+from services.ingest.web import WebPages, authorized
 
 log = logging.getLogger(__name__)
 
@@ -114,13 +114,12 @@ Handler = Callable[[web.Request], Awaitable[web.Response]]
 
 
 def requires_token(handler: Handler) -> Handler:
-    """With API_TOKEN set, answer 401 unless the request carries ``Authorization: Bearer <token>``."""
+    """With API_TOKEN set, answer 401 unless the request carries ``Authorization: Bearer <token>``
+    (or the web page's login cookie)."""
 
     @functools.wraps(handler)
     async def checked(request: web.Request) -> web.Response:
-        token = request.app[SETTINGS].get("api_token")
-        header = request.headers.get("Authorization", "")
-        if token and not hmac.compare_digest(header.encode(), f"Bearer {token}".encode()):
+        if not authorized(request, request.app[SETTINGS].get("api_token", "")):
             return problem(401, "Unauthorized", "a valid bearer token is required",
                            headers={"WWW-Authenticate": 'Bearer realm="callmesh"'})
         return await handler(request)
@@ -238,4 +237,5 @@ def create_app(store: JobStore, worker: PipelineWorker, policy: UrlPolicy, verif
     app.router.add_post("/v1/calls/{call_id}", post_call_action)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/openapi.json", openapi)
+    WebPages(store, api_token).register(app)
     return app

@@ -1,0 +1,453 @@
+"""``callmesh``: run the mesh locally, submit calls, follow them, and talk to Transcribe directly.
+
+Exit codes (also in the README):
+  0  done
+  1  the call failed (the stage and the reason are printed)
+  2  wrong usage (unknown option, missing argument)
+  3  a service is not reachable (start it with ``callmesh up``)
+  4  refused: not audio, a URL or webhook ingest will not take, no such call, a call that cannot be retried
+  5  timed out while following a call
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, AsyncIterator
+
+import aiohttp
+import grpc
+import typer
+from aiohttp import web
+from rich.console import Console
+from rich.json import JSON
+from rich.table import Table
+
+from callcenter.v1 import transcribe_pb2, transcribe_pb2_grpc
+from callmesh.mesh import GRPC_SERVICES, Mesh, MeshError, new_mesh
+from callmesh.standins import CrmReceiver, new_webhook_secret, post_webhook
+from services.common.config import TlsSettings, data_dir
+from services.common.grpc_server import client_channel
+from services.common.healthcheck import serving
+from services.common.lifecycle import install_stop_signals, start_site
+
+OK, CALL_FAILED, USAGE, UNREACHABLE, REFUSED, TIMED_OUT = 0, 1, 2, 3, 4, 5
+DEFAULT_PORTS = {"transcribe": 50051, "analyze": 50052, "crm": 50053, "ingest": 8080}
+STAGES = ("received", "downloading", "transcribing", "analyzing", "delivering", "done")
+
+app = typer.Typer(help="Callmesh: on-premise call analytics. Run `callmesh up`, then `callmesh submit call.wav`.",
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+console = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+
+class Exit(Exception):
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def fail(code: int, message: str) -> typer.Exit:
+    err.print(f"[bold red]error:[/] {message}")
+    return typer.Exit(code)
+
+
+def run(coro: Any) -> Any:
+    try:
+        return asyncio.run(coro)
+    except Exit as exc:
+        raise fail(exc.code, str(exc)) from None
+
+
+# -- where things are --------------------------------------------------------------------------
+
+def mesh_file() -> Path:
+    return data_dir() / "mesh.json"
+
+
+def local_mesh() -> dict[str, str]:
+    """The addresses ``callmesh up`` wrote, if it is running."""
+    try:
+        return json.loads(mesh_file().read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def ingest_url(option: str | None) -> str:
+    return (option or os.environ.get("CALLMESH_URL") or local_mesh().get("ingest_url")
+            or f"http://127.0.0.1:{DEFAULT_PORTS['ingest']}").rstrip("/")
+
+
+def webhook_secret(create: bool = False) -> str | None:
+    """The first of WEBHOOK_SECRETS, else the local secret ``callmesh up`` keeps in the data directory."""
+    configured = [s.strip() for s in os.environ.get("WEBHOOK_SECRETS", "").split(",") if s.strip()]
+    if configured:
+        return configured[0]
+    path = data_dir() / "webhook-secret"
+    if path.exists():
+        return path.read_text().strip()
+    if not create:
+        return None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(new_webhook_secret() + "\n")
+    path.chmod(0o600)
+    return path.read_text().strip()
+
+
+def api_headers() -> dict[str, str]:
+    token = os.environ.get("API_TOKEN", "")
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+@asynccontextmanager
+async def ingest_session(url: str) -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(headers=api_headers(), timeout=aiohttp.ClientTimeout(total=30)) as session:
+        try:
+            yield session
+        except aiohttp.ClientConnectionError as exc:
+            raise Exit(UNREACHABLE, f"ingest is not reachable at {url} ({exc.__class__.__name__}); "
+                                    "start the mesh with `callmesh up` or pass --url") from None
+
+
+async def get_json(session: aiohttp.ClientSession, url: str) -> tuple[int, dict[str, Any]]:
+    async with session.get(url) as resp:
+        return resp.status, await resp.json(content_type=None)
+
+
+# -- callmesh up -------------------------------------------------------------------------------
+
+@app.command()
+def up(
+    crm_url: Annotated[str | None, typer.Option(help="Where records go; default: a local CRM stand-in that "
+                                                     "writes them to DATA/crm-received/")] = None,
+) -> None:
+    """Start the four services on this machine (embedded LLM, SQLite) until Ctrl-C."""
+    run(_up(crm_url))
+
+
+async def _up(crm_url: str | None) -> None:
+    root = data_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    receiver: CrmReceiver | None = None
+    if not crm_url:
+        receiver = await CrmReceiver(save_dir=root / "crm-received").start()
+        crm_url = receiver.url
+    env = {
+        "CRM_URL": crm_url, "WEBHOOK_SECRETS": os.environ.get("WEBHOOK_SECRETS") or webhook_secret(create=True) or "",
+        # Local mode: recordings come from this machine (callmesh submit serves files on loopback).
+        "RECORDING_ALLOWED_HOSTS": os.environ.get("RECORDING_ALLOWED_HOSTS", "127.0.0.1,localhost"),
+        "RECORDING_ALLOWED_NETWORKS": os.environ.get("RECORDING_ALLOWED_NETWORKS", "127.0.0.0/8"),
+    }
+    for name, listen, _ in GRPC_SERVICES:
+        env[listen] = os.environ.get(listen, f"127.0.0.1:{DEFAULT_PORTS[name]}")
+    env["INGEST_PORT"] = os.environ.get("INGEST_PORT", str(DEFAULT_PORTS["ingest"]))
+    logs = root / "logs"
+    logs.mkdir(exist_ok=True)
+    mesh: Mesh = new_mesh(env, logs)
+    console.print(f"Starting the mesh (logs in {logs}) …")
+    try:
+        await asyncio.to_thread(mesh.start)
+    except MeshError as exc:
+        await asyncio.to_thread(mesh.stop)
+        if receiver:
+            await receiver.stop()
+        raise Exit(UNREACHABLE, str(exc)) from None
+    table = Table("service", "address", "health", box=None)
+    for name, _, _ in GRPC_SERVICES:
+        address = mesh.services[name].address
+        ok, said = await asyncio.to_thread(serving, address)
+        table.add_row(name, address, f"[green]{said}[/]" if ok else f"[red]{said}[/]")
+    async with aiohttp.ClientSession() as session:
+        status, _ = await get_json(session, f"{mesh.ingest_url}/healthz")
+    table.add_row("ingest", mesh.ingest_url, "[green]SERVING[/]" if status == 200 else f"[red]HTTP {status}[/]")
+    table.add_row("crm target", crm_url, "stand-in (records saved to the data directory)" if receiver else "")
+    console.print(table)
+    mesh_file().write_text(json.dumps({"ingest_url": mesh.ingest_url, "pid": os.getpid(), **{
+        name: mesh.services[name].address for name, _, _ in GRPC_SERVICES}}))
+    stop = asyncio.Event()
+    install_stop_signals(stop)
+    console.print(f"Web page: {mesh.ingest_url}/   ·   Ctrl-C stops the mesh gracefully", style="bold")
+    await stop.wait()
+    console.print("Stopping: each service drains its work …")
+    mesh_file().unlink(missing_ok=True)
+    await asyncio.to_thread(mesh.stop)
+    if receiver:
+        await receiver.stop()
+    console.print("Stopped.")
+
+
+# -- callmesh submit ---------------------------------------------------------------------------
+
+def parse_stereo(value: str | None) -> str | None:
+    if value is None:
+        return None
+    key, _, side = value.partition("=")
+    if key != "agent" or side not in ("left", "right"):
+        raise typer.BadParameter("use --stereo agent=left or --stereo agent=right")
+    return side
+
+
+@asynccontextmanager
+async def served_file(path: Path) -> AsyncIterator[str]:
+    """Serve one local file on 127.0.0.1 under an unguessable path while the call is processed."""
+    token = secrets.token_urlsafe(16)
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        if request.match_info["token"] != token:
+            raise web.HTTPNotFound()
+        return web.FileResponse(path)
+
+    application = web.Application()
+    application.router.add_get("/recordings/{token}/{name}", handler)
+    runner, port = await start_site(application, "127.0.0.1", 0, access_log=None)
+    try:
+        yield f"http://127.0.0.1:{port}/recordings/{token}/{path.name}"
+    finally:
+        await runner.cleanup()
+
+
+@app.command()
+def submit(
+    source: Annotated[str, typer.Argument(help="A local recording (served to the mesh on loopback) or its URL")],
+    call_id: Annotated[str | None, typer.Option(help="Default: generated")] = None,
+    language: Annotated[str | None, typer.Option(help="Language hint, e.g. es")] = None,
+    stereo: Annotated[str | None, typer.Option(help="Stereo recording: agent=left or agent=right")] = None,
+    url: Annotated[str | None, typer.Option(help="Ingest URL (default: the local mesh)")] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to follow the call")] = 1800.0,
+    out: Annotated[Path | None, typer.Option(help="Write the final record (or status) as JSON")] = None,
+) -> None:
+    """Send a call through the mesh, follow it stage by stage and print the CRM record."""
+    agent = parse_stereo(stereo)
+    code = run(_submit(source, call_id, language, agent, ingest_url(url), timeout, out))
+    raise typer.Exit(code)
+
+
+async def _submit(source: str, call_id: str | None, language: str | None, agent: str | None, base: str,
+                  timeout: float, out: Path | None) -> int:
+    call_id = call_id or f"cli-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+    payload: dict[str, Any] = {"call_id": call_id}
+    if language:
+        payload["language"] = language
+    if agent:
+        payload["agent_channel"] = agent
+    local = Path(source)
+    if "://" not in source and not local.is_file():
+        raise Exit(REFUSED, f"{source} is neither a file nor a URL")
+    async with ingest_session(base) as session:
+        if "://" in source:
+            return await _post_and_follow(session, base, {**payload, "recording_url": source}, timeout, out)
+        async with served_file(local.resolve()) as recording_url:
+            return await _post_and_follow(session, base, {**payload, "recording_url": recording_url}, timeout, out)
+
+
+async def _post_and_follow(session: aiohttp.ClientSession, base: str, payload: dict[str, Any], timeout: float,
+                           out: Path | None) -> int:
+    code, ack = await post_webhook(session, base, payload, webhook_secret())
+    if code != 202:
+        hint = " (is WEBHOOK_SECRETS the same as ingest's?)" if code == 401 else ""
+        raise Exit(REFUSED, f"ingest refused the call: HTTP {code}: {ack.get('detail', ack)}{hint}")
+    console.print(f"Call [bold]{payload['call_id']}[/] accepted · trace {ack['trace_id']}")
+    status = await follow(session, ack["status_url"], timeout)
+    if status["status"] == "done":
+        record = status.get("result") or {}
+        console.print(JSON(json.dumps(record, ensure_ascii=False)))
+        if out:
+            out.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+        return OK
+    if out:
+        out.write_text(json.dumps(status, indent=2, ensure_ascii=False) + "\n")
+    error = status.get("error") or {}
+    err.print(f"[bold red]The call failed at {error.get('stage')}:[/] {error.get('message')}")
+    return CALL_FAILED
+
+
+async def follow(session: aiohttp.ClientSession, status_url: str, timeout: float) -> dict[str, Any]:
+    """Poll the status API, printing each stage as the call enters it, until done or failed."""
+    start = time.monotonic()
+    shown: set[str] = set()
+    status: dict[str, Any] = {}
+    with console.status("waiting …") as spinner:
+        while time.monotonic() - start < timeout:
+            code, status = await get_json(session, status_url)
+            if code != 200:
+                raise Exit(REFUSED, f"status API answered HTTP {code}: {status.get('detail', status)}")
+            for stage, _ in status["stages"].items():
+                if stage not in shown:
+                    shown.add(stage)
+                    console.print(f"  [{time.monotonic() - start:6.1f} s] {stage}")
+            if status["status"] in ("done", "failed"):
+                return status
+            progress = status.get("progress") or {}
+            detail = f" · {progress['segments']} segments" if progress.get("segments") else ""
+            retry = f" · retrying: {status['error']['message']}" if status.get("error") else ""
+            spinner.update(f"{status['status']}{detail}{retry}")
+            await asyncio.sleep(0.5)
+    raise Exit(TIMED_OUT, f"the call was still {status.get('status')} after {timeout:.0f} s; "
+                          f"follow it with `callmesh status {status.get('call_id', '')}`")
+
+
+# -- callmesh status / calls / retry -----------------------------------------------------------
+
+@app.command()
+def status(
+    call_id: Annotated[str | None, typer.Argument(help="One call; without it: counts and recent calls")] = None,
+    url: Annotated[str | None, typer.Option(help="Ingest URL (default: the local mesh)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the status API's JSON")] = False,
+) -> None:
+    """Where a call is (or how all calls stand)."""
+    run(_status(call_id, ingest_url(url), as_json))
+
+
+async def _status(call_id: str | None, base: str, as_json: bool) -> None:
+    if call_id is None:
+        await _calls(None, base, 20, as_json)
+        return
+    async with ingest_session(base) as session:
+        code, body = await get_json(session, f"{base}/v1/calls/{call_id}")
+    if code != 200:
+        raise Exit(REFUSED, body.get("detail", f"HTTP {code}"))
+    if as_json:
+        console.print(JSON(json.dumps(body, ensure_ascii=False)))
+        return
+    table = Table(box=None, show_header=False)
+    table.add_row("call", body["call_id"])
+    table.add_row("status", body["status"])
+    for stage, when in body["stages"].items():
+        table.add_row(f"  {stage}", when or "")
+    if body.get("error"):
+        table.add_row("error", f"{body['error']['stage']}: {body['error']['message']}")
+    result = body.get("result") or {}
+    for key in ("language", "topic", "sentiment", "emotion"):
+        if result.get(key):
+            table.add_row(key, str(result[key]))
+    for line in result.get("summary", []):
+        table.add_row("summary", line)
+    table.add_row("trace", body["trace_id"])
+    console.print(table)
+
+
+@app.command()
+def calls(
+    status_filter: Annotated[str | None, typer.Option("--status", help="Only calls in this state, e.g. failed")] = None,
+    limit: Annotated[int, typer.Option(help="How many, newest first")] = 50,
+    url: Annotated[str | None, typer.Option(help="Ingest URL (default: the local mesh)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the status API's JSON")] = False,
+) -> None:
+    """List calls, newest first."""
+    run(_calls(status_filter, ingest_url(url), limit, as_json))
+
+
+async def _calls(state: str | None, base: str, limit: int, as_json: bool) -> None:
+    params = f"?limit={limit}" + (f"&status={state}" if state else "")
+    async with ingest_session(base) as session:
+        code, body = await get_json(session, f"{base}/v1/calls{params}")
+    if code != 200:
+        raise Exit(REFUSED, body.get("detail", f"HTTP {code}"))
+    if as_json:
+        console.print(JSON(json.dumps(body, ensure_ascii=False)))
+        return
+    console.print("  ".join(f"{k}: {v}" for k, v in sorted(body["counts"].items())) or "no calls yet")
+    table = Table("call", "status", "language", "topic", "sentiment", "error")
+    for c in body["calls"]:
+        result = c.get("result") or {}
+        error = c.get("error") or {}
+        table.add_row(c["call_id"], c["status"], result.get("language") or c["progress"].get("language") or "",
+                      result.get("topic", ""), result.get("sentiment", ""),
+                      f"{error.get('stage')}: {error.get('message')}" if error else "")
+    console.print(table)
+
+
+@app.command()
+def retry(
+    call_id: Annotated[str, typer.Argument(help="A failed call")],
+    url: Annotated[str | None, typer.Option(help="Ingest URL (default: the local mesh)")] = None,
+) -> None:
+    """Replay a failed call from the stage it failed in."""
+    run(_retry(call_id, ingest_url(url)))
+
+
+async def _retry(call_id: str, base: str) -> None:
+    async with ingest_session(base) as session:
+        async with session.post(f"{base}/v1/calls/{call_id}:retry") as resp:
+            body = await resp.json(content_type=None)
+    if resp.status != 202:
+        raise Exit(REFUSED, body.get("detail", f"HTTP {resp.status}"))
+    console.print(f"Call {call_id} queued again at {body['status']}")
+
+
+# -- callmesh transcribe -----------------------------------------------------------------------
+
+@dataclass
+class _Line:
+    start: float
+    end: float
+    speaker: str
+    text: str
+
+
+@app.command()
+def transcribe(
+    file: Annotated[Path, typer.Argument(help="A recording", exists=True, dir_okay=False, readable=True)],
+    language: Annotated[str | None, typer.Option(help="Language hint, e.g. es")] = None,
+    stereo: Annotated[str | None, typer.Option(help="Stereo recording: agent=left or agent=right")] = None,
+    addr: Annotated[str | None, typer.Option(help="Transcribe address (default: the local mesh)")] = None,
+) -> None:
+    """Call the Transcribe RPC directly and print segments as they are decoded."""
+    address = addr or os.environ.get("TRANSCRIBE_ADDR") or local_mesh().get("transcribe") or "127.0.0.1:50051"
+    run(_transcribe(file, language, parse_stereo(stereo), address))
+
+
+async def _transcribe(file: Path, language: str | None, agent: str | None, address: str) -> None:
+    config = transcribe_pb2.TranscriptionConfig(
+        call_id=f"cli-{secrets.token_hex(3)}", language_code=language or "",
+        channel_layout=transcribe_pb2.CHANNEL_LAYOUT_STEREO if agent else transcribe_pb2.CHANNEL_LAYOUT_MONO,
+        agent_channel=transcribe_pb2.AGENT_CHANNEL_RIGHT if agent == "right" else transcribe_pb2.AGENT_CHANNEL_LEFT)
+
+    async def requests() -> AsyncIterator[transcribe_pb2.TranscribeRequest]:
+        yield transcribe_pb2.TranscribeRequest(config=config)
+        with file.open("rb") as f:
+            while chunk := f.read(256 * 1024):
+                yield transcribe_pb2.TranscribeRequest(audio=chunk)
+
+    async with client_channel(address, TlsSettings.from_env()) as channel:
+        stub = transcribe_pb2_grpc.TranscriptionServiceStub(channel)
+        try:
+            async for reply in stub.Transcribe(requests(), timeout=3600):
+                kind = reply.WhichOneof("response")
+                if kind == "language":
+                    console.print(f"[bold]language[/] {reply.language.language_code} "
+                                  f"(p={reply.language.probability:.2f})")
+                elif kind == "segment":
+                    s = reply.segment
+                    who = {1: "agent", 2: "customer"}.get(s.speaker, "")
+                    start = s.start_offset.seconds + s.start_offset.nanos / 1e9
+                    end = s.end_offset.seconds + s.end_offset.nanos / 1e9
+                    console.print(f"[dim][{_clock(start)} → {_clock(end)}][/] "
+                                  f"{f'[bold]{who}:[/] ' if who else ''}{s.text.strip()}")
+                elif kind == "summary":
+                    d = reply.summary.audio_duration
+                    console.print(f"[dim]{d.seconds + d.nanos / 1e9:.1f} s of audio · model {reply.summary.model}[/]")
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                raise Exit(UNREACHABLE, f"transcribe is not reachable at {address}: {exc.details()}") from None
+            if exc.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE):
+                raise Exit(REFUSED, f"{file}: {exc.details()}") from None
+            raise Exit(CALL_FAILED, f"{exc.code().name}: {exc.details()}") from None
+
+
+def _clock(seconds: float) -> str:
+    return f"{int(seconds // 60):02d}:{seconds % 60:04.1f}"
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

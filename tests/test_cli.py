@@ -1,0 +1,129 @@
+"""The ``callmesh`` command line against a mesh it started itself (``callmesh up``), real models."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.cli_mesh import CALLMESH, ROOT, UpMesh
+
+pytestmark = pytest.mark.models
+
+
+def test_up_prints_each_service_with_its_address_and_health(up_mesh: UpMesh) -> None:
+    lines = up_mesh.output.read_text().splitlines()
+    for service in ("transcribe", "analyze", "crm", "ingest"):
+        line = next(line for line in lines if line.strip().startswith(service))
+        assert "127.0.0.1:" in line and "SERVING" in line, line
+
+
+def test_submit_serves_a_local_file_and_prints_the_record(stereo_call) -> None:
+    result, record = stereo_call
+    assert result.returncode == 0, result.stderr
+    for stage in ("received", "downloading", "transcribing", "analyzing", "delivering", "done"):
+        assert stage in result.stdout
+    assert record["call_id"] == "cli-stereo" and len(record["summary"]) == 3
+    assert record["speakers"] == ["agent", "customer"]
+    assert '"topic"' in result.stdout  # the record is printed too
+
+
+def test_the_local_crm_stand_in_received_the_record(up_mesh: UpMesh, stereo_call) -> None:
+    saved = json.loads((up_mesh.data / "crm-received" / "cli-stereo.json").read_text())
+    assert saved == stereo_call[1]
+
+
+def test_submit_of_a_file_that_is_not_audio_exits_1_with_the_reason(up_mesh: UpMesh, audio_dir: Path) -> None:
+    result = up_mesh.run("submit", str(audio_dir / "not-audio.txt"), "--call-id", "cli-text")
+    assert result.returncode == 1
+    assert "failed at downloading" in result.stderr and "not audio" in result.stderr
+
+
+def test_submit_of_a_url_ingest_will_not_fetch_exits_4(up_mesh: UpMesh) -> None:
+    result = up_mesh.run("submit", "http://169.254.169.254/latest/meta-data", "--call-id", "cli-ssrf")
+    assert result.returncode == 4
+    assert "refused" in result.stderr and "169.254.169.254" in result.stderr
+
+
+def test_submit_of_a_missing_file_exits_4(up_mesh: UpMesh) -> None:
+    result = up_mesh.run("submit", "no/such/file.wav")
+    assert result.returncode == 4 and "neither a file nor a URL" in result.stderr
+
+
+def test_bad_stereo_option_is_a_usage_error(up_mesh: UpMesh, audio_dir: Path) -> None:
+    result = up_mesh.run("submit", str(audio_dir / "stereo-agent-left.wav"), "--stereo", "left")
+    assert result.returncode == 2 and "agent=left" in result.stderr
+
+
+def test_status_of_a_call_shows_its_stages_and_result(up_mesh: UpMesh, stereo_call) -> None:
+    result = up_mesh.run("status", "cli-stereo")
+    assert result.returncode == 0, result.stderr
+    assert "done" in result.stdout and "topic" in result.stdout and "trace" in result.stdout
+
+
+def test_status_of_an_unknown_call_exits_4(up_mesh: UpMesh) -> None:
+    result = up_mesh.run("status", "never-seen")
+    assert result.returncode == 4 and "never-seen" in result.stderr
+
+
+def test_calls_lists_the_failed_ones(up_mesh: UpMesh, audio_dir: Path) -> None:
+    up_mesh.run("submit", str(audio_dir / "not-audio.txt"), "--call-id", "cli-text-2")
+    result = up_mesh.run("calls", "--status", "failed", "--json")
+    assert result.returncode == 0, result.stderr
+    listed = json.loads(result.stdout)
+    assert "cli-text-2" in [c["call_id"] for c in listed["calls"]]
+    assert all(c["status"] == "failed" for c in listed["calls"])
+
+
+def test_retry_requeues_a_failed_call_and_refuses_a_done_one(up_mesh: UpMesh, audio_dir: Path, stereo_call) -> None:
+    up_mesh.run("submit", str(audio_dir / "not-audio.txt"), "--call-id", "cli-text-3")
+    again = up_mesh.run("retry", "cli-text-3")
+    assert again.returncode == 0 and "queued again at downloading" in again.stdout
+    done = up_mesh.run("retry", "cli-stereo")
+    assert done.returncode == 4 and "only failed calls" in done.stderr
+
+
+def test_transcribe_prints_language_and_segments(up_mesh: UpMesh, audio_dir: Path) -> None:
+    result = up_mesh.run("transcribe", str(audio_dir / "es-billing-angry.wav"))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("language es")
+    assert any("factura" in line.lower() for line in lines[1:])
+    assert "s of audio" in lines[-1]
+
+
+def test_transcribe_of_a_file_that_is_not_audio_exits_4(up_mesh: UpMesh, audio_dir: Path) -> None:
+    result = up_mesh.run("transcribe", str(audio_dir / "broken.wav"))
+    assert result.returncode == 4 and "not audio" in result.stderr
+
+
+def test_commands_exit_3_when_the_service_is_down(up_mesh: UpMesh, audio_dir: Path) -> None:
+    status = up_mesh.run("status", "--url", "http://127.0.0.1:9")
+    assert status.returncode == 3 and "not reachable" in status.stderr and "callmesh up" in status.stderr
+    transcribe = up_mesh.run("transcribe", str(audio_dir / "es-billing-angry.wav"), "--addr", "127.0.0.1:9")
+    assert transcribe.returncode == 3 and "not reachable" in transcribe.stderr
+
+
+def test_ctrl_c_stops_the_mesh_gracefully(tmp_path: Path, whisper_dir: Path, llm_small: Path, up_mesh: UpMesh) -> None:
+    # Runs last in this module: a second `callmesh up` of its own, stopped with SIGINT.
+    env = {**up_mesh.env, "CALLMESH_DATA_DIR": str(tmp_path)}
+    process = subprocess.Popen([*CALLMESH, "up"], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in process.stdout:  # type: ignore[union-attr]
+            if "Ctrl-C" in line:
+                break
+        assert (tmp_path / "mesh.json").exists()
+        process.send_signal(signal.SIGINT)
+        rest = process.communicate(timeout=120)[0]
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, rest
+    assert "Stopped." in rest and not (tmp_path / "mesh.json").exists()
+    for service in ("transcribe", "analyze", "crm"):
+        assert f"{service} stopped" in (tmp_path / "logs" / f"{service}.log").read_text()
+    assert "ingest stopped" in (tmp_path / "logs" / "ingest.log").read_text()

@@ -1,0 +1,119 @@
+"""The calls web page in headless Chromium (Debian's chromium driven by Playwright).
+
+The processed call comes from `callmesh submit` against `callmesh up` (real
+models); the login and live-update behaviour is checked on an in-process ingest.
+A screenshot of the call page is written to test-artifacts/ (or
+$CALLMESH_TEST_ARTIFACTS) for people to look at.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+import pytest_asyncio
+from playwright.async_api import Browser, Page, async_playwright, expect
+
+from tests.cli_mesh import ROOT, UpMesh
+from tests.ingest_harness import Ingest, post, running_ingest
+
+ARTIFACTS = Path(os.environ.get("CALLMESH_TEST_ARTIFACTS", ROOT / "test-artifacts"))
+
+
+def chromium_path() -> str:
+    path = os.environ.get("CHROMIUM_PATH") or shutil.which("chromium") or shutil.which("chromium-browser")
+    if not path:
+        pytest.fail("chromium is not installed: `apt-get install chromium` (scripts/setup.sh --dev does it)",
+                    pytrace=False)
+    return path
+
+
+@pytest_asyncio.fixture(scope="session")
+async def browser() -> AsyncIterator[Browser]:
+    async with async_playwright() as p:
+        b = await p.chromium.launch(executable_path=chromium_path(), args=["--no-sandbox", "--disable-dev-shm-usage"])
+        yield b
+        await b.close()
+
+
+@pytest_asyncio.fixture
+async def page(browser: Browser) -> AsyncIterator[Page]:
+    context = await browser.new_context(viewport={"width": 1280, "height": 900})
+    p = await context.new_page()
+    yield p
+    await context.close()
+
+
+@pytest.mark.models
+async def test_processed_call_appears_in_the_list(page: Page, up_mesh: UpMesh, stereo_call) -> None:
+    record = stereo_call[1]
+    await page.goto(up_mesh.ingest_url + "/")
+    row = page.locator("tr[data-call='cli-stereo']")
+    await expect(row).to_contain_text("done")
+    await expect(row).to_contain_text(record["topic"])
+    await expect(row).to_contain_text(record["sentiment"])
+
+
+@pytest.mark.models
+async def test_list_filters_by_status(page: Page, up_mesh: UpMesh, stereo_call) -> None:
+    await page.goto(up_mesh.ingest_url + "/?status=done")
+    statuses = await page.locator("tr[data-call]").evaluate_all("rows => rows.map(r => r.dataset.status)")
+    assert statuses and set(statuses) == {"done"}
+
+
+@pytest.mark.models
+async def test_call_page_shows_both_speakers_summary_and_talk_time(page: Page, up_mesh: UpMesh, stereo_call) -> None:
+    record = stereo_call[1]
+    await page.goto(up_mesh.ingest_url + "/")
+    await page.click("text=cli-stereo")
+    await expect(page.locator("h1")).to_contain_text("cli-stereo")
+    await expect(page.locator("#conversation .turn.agent")).not_to_have_count(0)
+    await expect(page.locator("#conversation .turn.customer")).not_to_have_count(0)
+    await expect(page.locator("#conversation .turn.agent").first).to_contain_text("Agent")
+    await expect(page.locator("#summary li")).to_have_count(3)
+    for line in record["summary"]:
+        await expect(page.locator("#summary")).to_contain_text(line)
+    await expect(page.locator("#talk-time .bar")).to_have_count(2)
+    await expect(page.locator("#topic")).to_have_text(record["topic"])
+    await expect(page.locator("#timeline li")).to_have_count(6)
+    await expect(page.locator("#trace")).not_to_be_empty()
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    shot = ARTIFACTS / "call-page.png"
+    await page.screenshot(path=str(shot), full_page=True)
+    assert shot.stat().st_size > 10_000
+
+
+async def test_call_page_follows_a_call_in_progress(page: Page, ingest: Ingest) -> None:
+    await ingest.worker.stop(1)  # the test moves the call along itself
+    status, _ = await post(ingest.url, '{"call_id": "live-1", "recording_url": "http://127.0.0.1:9/a.wav"}')
+    assert status == 202
+    await page.goto(f"{ingest.url}/calls/live-1")
+    await expect(page.locator("#status")).to_have_text("received")
+    await ingest.store.update("live-1", None, state="downloading")
+    await expect(page.locator("#status")).to_have_text("downloading", timeout=10_000)  # no manual reload
+    await ingest.store.update("live-1", None, state="failed", error="stopped by the test", error_stage="downloading")
+    await expect(page.locator("#status")).to_have_text("failed", timeout=10_000)
+    await expect(page.locator("#error")).to_contain_text("stopped by the test")
+
+
+async def test_pages_need_the_api_token_when_one_is_set(page: Page, tmp_path: Path) -> None:
+    async with running_ingest(tmp_path, api_token="s3cret") as ingest:
+        await page.goto(ingest.url + "/")
+        await expect(page.locator("h1")).to_have_text("Sign in")
+        await page.fill("input[name=token]", "wrong")
+        await page.click("button[type=submit]")
+        await expect(page.locator("body")).to_contain_text("not right")
+        await page.goto(ingest.url + "/")
+        await page.fill("input[name=token]", "s3cret")
+        await page.click("button[type=submit]")
+        await expect(page.locator("h1")).to_have_text("Calls")
+        # The cookie the page set lets its own scripts read the status API; nobody else gets in.
+        async with aiohttp.ClientSession() as session:
+            async with session.get(ingest.url + "/v1/calls") as resp:
+                assert resp.status == 401
+            async with session.get(ingest.url + "/", allow_redirects=False) as resp:
+                assert resp.status == 303 and resp.headers["Location"].startswith("/login")
