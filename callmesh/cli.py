@@ -31,6 +31,7 @@ from rich.table import Table
 
 from callcenter.v1 import transcribe_pb2, transcribe_pb2_grpc
 from callmesh.mesh import GRPC_SERVICES, Mesh, MeshError, new_mesh
+from callmesh.samples import SampleError, make_sample
 from callmesh.standins import CrmReceiver, new_webhook_secret, post_webhook
 from services.common.config import TlsSettings, data_dir
 from services.common.grpc_server import client_channel
@@ -131,7 +132,35 @@ def up(
     run(_up(crm_url))
 
 
-async def _up(crm_url: str | None) -> None:
+@dataclass
+class LocalMesh:
+    """The four services started here, and the CRM stand-in when no CRM was named."""
+
+    mesh: Mesh
+    crm_url: str
+    receiver: CrmReceiver | None
+
+    async def health_table(self) -> Table:
+        table = Table("service", "address", "health", box=None)
+        for name, _, _ in GRPC_SERVICES:
+            address = self.mesh.services[name].address
+            ok, said = await asyncio.to_thread(serving, address)
+            table.add_row(name, address, f"[green]{said}[/]" if ok else f"[red]{said}[/]")
+        async with aiohttp.ClientSession() as session:
+            status, _ = await get_json(session, f"{self.mesh.ingest_url}/healthz")
+        table.add_row("ingest", self.mesh.ingest_url, "[green]SERVING[/]" if status == 200 else f"[red]HTTP {status}[/]")
+        table.add_row("crm target", self.crm_url, "stand-in (records saved to the data directory)" if self.receiver else "")
+        return table
+
+    async def stop(self) -> None:
+        await asyncio.to_thread(self.mesh.stop)
+        if self.receiver:
+            await self.receiver.stop()
+
+
+async def start_local_mesh(crm_url: str | None, ports: dict[str, int], logs: Path,
+                           extra_env: dict[str, str] | None = None) -> LocalMesh:
+    """Start the services as local processes with the embedded defaults (what `up` and `demo` share)."""
     root = data_dir()
     root.mkdir(parents=True, exist_ok=True)
     receiver: CrmReceiver | None = None
@@ -145,11 +174,10 @@ async def _up(crm_url: str | None) -> None:
         "RECORDING_ALLOWED_NETWORKS": os.environ.get("RECORDING_ALLOWED_NETWORKS", "127.0.0.0/8"),
     }
     for name, listen, _ in GRPC_SERVICES:
-        env[listen] = os.environ.get(listen, f"127.0.0.1:{DEFAULT_PORTS[name]}")
-    env["INGEST_PORT"] = os.environ.get("INGEST_PORT", str(DEFAULT_PORTS["ingest"]))
-    logs = root / "logs"
-    logs.mkdir(exist_ok=True)
-    mesh: Mesh = new_mesh(env, logs)
+        env[listen] = os.environ.get(listen, f"127.0.0.1:{ports[name]}")
+    env["INGEST_PORT"] = os.environ.get("INGEST_PORT", str(ports["ingest"]))
+    logs.mkdir(parents=True, exist_ok=True)
+    mesh: Mesh = new_mesh({**env, **(extra_env or {})}, logs)
     console.print(f"Starting the mesh (logs in {logs}) …")
     try:
         await asyncio.to_thread(mesh.start)
@@ -158,16 +186,13 @@ async def _up(crm_url: str | None) -> None:
         if receiver:
             await receiver.stop()
         raise Exit(UNREACHABLE, str(exc)) from None
-    table = Table("service", "address", "health", box=None)
-    for name, _, _ in GRPC_SERVICES:
-        address = mesh.services[name].address
-        ok, said = await asyncio.to_thread(serving, address)
-        table.add_row(name, address, f"[green]{said}[/]" if ok else f"[red]{said}[/]")
-    async with aiohttp.ClientSession() as session:
-        status, _ = await get_json(session, f"{mesh.ingest_url}/healthz")
-    table.add_row("ingest", mesh.ingest_url, "[green]SERVING[/]" if status == 200 else f"[red]HTTP {status}[/]")
-    table.add_row("crm target", crm_url, "stand-in (records saved to the data directory)" if receiver else "")
-    console.print(table)
+    return LocalMesh(mesh, crm_url, receiver)
+
+
+async def _up(crm_url: str | None) -> None:
+    local = await start_local_mesh(crm_url, DEFAULT_PORTS, data_dir() / "logs")
+    mesh = local.mesh
+    console.print(await local.health_table())
     mesh_file().write_text(json.dumps({"ingest_url": mesh.ingest_url, "pid": os.getpid(), **{
         name: mesh.services[name].address for name, _, _ in GRPC_SERVICES}}))
     stop = asyncio.Event()
@@ -176,10 +201,46 @@ async def _up(crm_url: str | None) -> None:
     await stop.wait()
     console.print("Stopping: each service drains its work …")
     mesh_file().unlink(missing_ok=True)
-    await asyncio.to_thread(mesh.stop)
-    if receiver:
-        await receiver.stop()
+    await local.stop()
     console.print("Stopped.")
+
+
+# -- callmesh demo -----------------------------------------------------------------------------
+
+@app.command()
+def demo(
+    audio: Annotated[Path | None, typer.Option(help="A recording instead of the generated Spanish sample",
+                                               exists=True, dir_okay=False)] = None,
+    stereo: Annotated[str | None, typer.Option(help="Stereo recording: agent=left or agent=right")] = None,
+    language: Annotated[str | None, typer.Option(help="Language hint, e.g. es")] = None,
+    call_id: Annotated[str | None, typer.Option(help="Default: generated")] = None,
+    out: Annotated[Path | None, typer.Option(help="Write the CRM record (or the failed status) as JSON")] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to follow the call")] = 900.0,
+) -> None:
+    """Start a private mesh on free ports, run one call through it, print the CRM record, stop."""
+    agent = parse_stereo(stereo)
+    raise typer.Exit(run(_demo(audio, agent, language, call_id, out, timeout)))
+
+
+async def _demo(audio: Path | None, agent: str | None, language: str | None, call_id: str | None,
+                out: Path | None, timeout: float) -> int:
+    work = data_dir() / "demo"
+    if audio is None:
+        try:
+            sample, audio = make_sample("es-billing-angry", work / "recordings")
+        except SampleError as exc:
+            raise Exit(CALL_FAILED, str(exc)) from None
+        console.print(f"Recording: a Spanish sample call generated with espeak-ng:\n  \"{sample.text}\"")
+    # Its own stores and worker id: a demo never touches the calls of a mesh started with `up`.
+    local = await start_local_mesh(None, {name: 0 for name in DEFAULT_PORTS}, work / "logs", {
+        "INGEST_DATABASE": str(work / "ingest.db"), "CRM_DATABASE": str(work / "crm-outbox.db"),
+        "RECORDING_DIR": str(work / "recordings-downloaded"), "INGEST_WORKER_ID": f"demo-{os.getpid()}"})
+    try:
+        console.print(await local.health_table())
+        return await _submit(str(audio), call_id or f"demo-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}",
+                             language, agent, local.mesh.ingest_url, timeout, out)
+    finally:
+        await local.stop()
 
 
 # -- callmesh submit ---------------------------------------------------------------------------
@@ -254,9 +315,13 @@ async def _post_and_follow(session: aiohttp.ClientSession, base: str, payload: d
         raise Exit(REFUSED, f"ingest refused the call: HTTP {code}: {ack.get('detail', ack)}{hint}")
     console.print(f"Call [bold]{payload['call_id']}[/] accepted · trace {ack['trace_id']}")
     status = await follow(session, ack["status_url"], timeout)
+    jaeger = os.environ.get("JAEGER_UI_URL", "").rstrip("/")
+    trace_line = f"Trace id: {status['trace_id']}" + (f"  ({jaeger}/trace/{status['trace_id']})" if jaeger else "")
     if status["status"] == "done":
         record = status.get("result") or {}
+        console.print("CRM record:")
         console.print(JSON(json.dumps(record, ensure_ascii=False)))
+        console.print(trace_line)
         if out:
             out.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
         return OK
@@ -264,6 +329,7 @@ async def _post_and_follow(session: aiohttp.ClientSession, base: str, payload: d
         out.write_text(json.dumps(status, indent=2, ensure_ascii=False) + "\n")
     error = status.get("error") or {}
     err.print(f"[bold red]The call failed at {error.get('stage')}:[/] {error.get('message')}")
+    console.print(trace_line)
     return CALL_FAILED
 
 

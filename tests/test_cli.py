@@ -108,7 +108,7 @@ def test_commands_exit_3_when_the_service_is_down(up_mesh: UpMesh, audio_dir: Pa
 
 
 def test_ctrl_c_stops_the_mesh_gracefully(tmp_path: Path, whisper_dir: Path, llm_small: Path, up_mesh: UpMesh) -> None:
-    # Runs last in this module: a second `callmesh up` of its own, stopped with SIGINT.
+    # A second `callmesh up` of its own, stopped with SIGINT as Ctrl-C would.
     env = {**up_mesh.env, "CALLMESH_DATA_DIR": str(tmp_path)}
     process = subprocess.Popen([*CALLMESH, "up"], env=env, cwd=ROOT, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
@@ -127,3 +127,15 @@ def test_ctrl_c_stops_the_mesh_gracefully(tmp_path: Path, whisper_dir: Path, llm
     for service in ("transcribe", "analyze", "crm"):
         assert f"{service} stopped" in (tmp_path / "logs" / f"{service}.log").read_text()
     assert "ingest stopped" in (tmp_path / "logs" / "ingest.log").read_text()
+
+
+def test_demo_runs_the_spanish_sample_through_a_private_mesh(up_mesh: UpMesh, tmp_path: Path) -> None:
+    env = {**up_mesh.env, "CALLMESH_DATA_DIR": str(tmp_path)}
+    out = tmp_path / "record.json"
+    result = subprocess.run([*CALLMESH, "demo", "--out", str(out)], env=env, cwd=ROOT, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    record = json.loads(out.read_text())
+    assert record["language"] == "es" and record["translated_transcript"] and len(record["summary"]) == 3
+    assert "SERVING" in result.stdout and "done" in result.stdout and "Trace id:" in result.stdout
+    assert (tmp_path / "demo" / "ingest.db").exists()  # its own store, not the one `callmesh up` uses
