@@ -370,16 +370,24 @@ def status(
     run(_status(call_id, ingest_url(url), as_json))
 
 
-async def _status(call_id: str | None, base: str, as_json: bool) -> None:
-    if call_id is None:
-        await _calls(None, base, 20, as_json)
-        return
+async def read_api(base: str, path: str, as_json: bool) -> dict[str, Any] | None:
+    """GET an ingest API path; print it as JSON and return None with ``as_json``; exit 4 on an error answer."""
     async with ingest_session(base) as session:
-        code, body = await get_json(session, f"{base}/v1/calls/{call_id}")
+        code, body = await get_json(session, base + path)
     if code != 200:
         raise Exit(REFUSED, body.get("detail", f"HTTP {code}"))
     if as_json:
         console.print(JSON(json.dumps(body, ensure_ascii=False)))
+        return None
+    return body
+
+
+async def _status(call_id: str | None, base: str, as_json: bool) -> None:
+    if call_id is None:
+        await _calls(None, base, 20, as_json)
+        return
+    body = await read_api(base, f"/v1/calls/{call_id}", as_json)
+    if body is None:
         return
     table = Table(box=None, show_header=False)
     table.add_row("call", body["call_id"])
@@ -411,12 +419,8 @@ def calls(
 
 async def _calls(state: str | None, base: str, limit: int, as_json: bool) -> None:
     params = f"?limit={limit}" + (f"&status={state}" if state else "")
-    async with ingest_session(base) as session:
-        code, body = await get_json(session, f"{base}/v1/calls{params}")
-    if code != 200:
-        raise Exit(REFUSED, body.get("detail", f"HTTP {code}"))
-    if as_json:
-        console.print(JSON(json.dumps(body, ensure_ascii=False)))
+    body = await read_api(base, f"/v1/calls{params}", as_json)
+    if body is None:
         return
     console.print("  ".join(f"{k}: {v}" for k, v in sorted(body["counts"].items())) or "no calls yet")
     table = Table("call", "status", "language", "topic", "sentiment", "error")
