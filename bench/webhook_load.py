@@ -1,6 +1,8 @@
 """Webhook intake throughput: signed webhooks into ingest's durable queue, against a bare HTTP baseline.
 
-    .venv/bin/python -m bench.webhook_load [--webhooks 2000] [--in-flight 64]
+    .venv/bin/python -m bench.webhook_load [--webhooks 2000] [--in-flight 100] [--runs 5]
+
+(also part of ``python -m bench``)
 
 Both servers are separate processes on 127.0.0.1. The baseline is an aiohttp
 handler that reads the body and answers 202 (no signature check, no validation,
@@ -24,6 +26,7 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
+from bench.common import RUNS, Result, interleaved, ratio_result, table, value_result
 from callmesh.mesh import new_mesh
 from callmesh.standins import post_webhook
 
@@ -71,46 +74,65 @@ def pct(values: list[float], p: float) -> float:
     return values[min(len(values) - 1, int(len(values) * p))] * 1000
 
 
-async def run(n: int, in_flight: int) -> None:
-    work = Path(tempfile.mkdtemp(prefix="bench-webhooks-"))
+async def webhook_ack(work: Path, n: int, in_flight: int, runs: int) -> list[Result]:
+    """Interleaved runs: ``n`` webhooks with ``in_flight`` connections to the baseline, then to ingest."""
     ready = work / "baseline.ready"
     baseline = subprocess.Popen([sys.executable, "-m", "bench.webhook_load", "--serve-baseline", str(ready)])
     mesh = new_mesh({"INGEST_PORT": "0", "CALLMESH_DATA_DIR": str(work / "data"), "LOG_LEVEL": "WARNING",
                      "RECORDING_ALLOWED_HOSTS": "127.0.0.1", "RECORDING_ALLOWED_NETWORKS": "127.0.0.0/8",
                      "TRANSCRIBE_ADDR": "127.0.0.1:9", "ANALYZE_ADDR": "127.0.0.1:9", "CRM_SYNC_ADDR": "127.0.0.1:9",
-                     "PIPELINE_CONCURRENCY": "1", "PIPELINE_BACKOFF_INITIAL_SECONDS": "60"}, work)
+                     "PIPELINE_CONCURRENCY": "1", "PIPELINE_BACKOFF_INITIAL_SECONDS": "600"}, work)
+    b_lat: list[list[float]] = []
+    i_lat: list[list[float]] = []
     try:
         mesh.start_service("ingest", timeout=60)
         while not ready.exists():
             time.sleep(0.05)
         base_url = "http://" + json.loads(ready.read_text())["address"]
-        await blast(base_url, None, 200, in_flight, "warm")  # warm both up
+        await blast(base_url, None, 200, in_flight, "warm")
         await blast(mesh.ingest_url, mesh.webhook_secret, 200, in_flight, "warm")
-        b_time, b_lat = await blast(base_url, None, n, in_flight, "base")
-        i_time, i_lat = await blast(mesh.ingest_url, mesh.webhook_secret, n, in_flight, "load")
+        counter = iter(range(1000))
+
+        async def bare() -> float:
+            t, lat = await blast(base_url, None, n, in_flight, f"base{next(counter)}")
+            b_lat.append(lat)
+            return n / t
+
+        async def ingest() -> float:
+            t, lat = await blast(mesh.ingest_url, mesh.webhook_secret, n, in_flight, f"run{next(counter)}")
+            i_lat.append(lat)
+            return n / t
+
+        bare_rates, ingest_rates = await interleaved(bare, ingest, runs)
     finally:
         mesh.stop()
         baseline.terminate()
         baseline.wait()
-    rows = [("baseline (bare aiohttp 202)", b_time, b_lat), ("ingest (signed, validated, fsynced)", i_time, i_lat)]
-    print(f"{n} webhooks, {in_flight} in flight, 127.0.0.1")
-    print(f"{'server':38} {'webhooks/s':>11} {'p50 ms':>8} {'p99 ms':>8}")
-    for name, t, lat in rows:
-        print(f"{name:38} {n / t:11.0f} {pct(lat, 0.5):8.1f} {pct(lat, 0.99):8.1f}")
-    print(f"ratio ingest/baseline throughput: {b_time / i_time:.2f}; "
-          f"2,000 webhooks take {2000 * i_time / n:.1f} s at this rate (goal: within 60 s)")
+    ratios = [i / b for i, b in zip(ingest_rates, bare_rates)]
+    p99 = [pct(lat, 0.99) for lat in i_lat]
+    bare_p99 = [pct(lat, 0.99) for lat in b_lat]
+    return [
+        ratio_result("webhook ack throughput vs bare", ratios, ">= 0.5", lambda v: v >= 0.5,
+                     f"{n} signed webhooks, {in_flight} connections: ingest {min(ingest_rates):.0f}-"
+                     f"{max(ingest_rates):.0f}/s, bare {min(bare_rates):.0f}-{max(bare_rates):.0f}/s"),
+        value_result("webhook ack p99 latency", p99, "ms", "<= 25", lambda v: v <= 25,
+                     f"closed loop, {in_flight} in flight; bare p99 {min(bare_p99):.1f}-{max(bare_p99):.1f} ms"),
+    ]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--webhooks", type=int, default=2000)
-    parser.add_argument("--in-flight", type=int, default=64)
+    parser.add_argument("--in-flight", type=int, default=100)
+    parser.add_argument("--runs", type=int, default=RUNS)
     parser.add_argument("--serve-baseline", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_baseline:
         serve_baseline(args.serve_baseline)
         return
-    asyncio.run(run(args.webhooks, args.in_flight))
+    results = asyncio.run(webhook_ack(Path(tempfile.mkdtemp(prefix="bench-webhooks-")), args.webhooks,
+                                      args.in_flight, args.runs))
+    print(table(results))
 
 
 if __name__ == "__main__":

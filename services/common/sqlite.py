@@ -2,7 +2,9 @@
 
 Every statement runs on one dedicated thread, so the event loop never blocks on
 disk and the connection is never shared between threads. WAL journaling with
-``synchronous=FULL``: a write that returned is on disk.
+``synchronous=FULL``: a write that returned is on disk. :meth:`AsyncSqlite.grouped`
+lets writers that arrive while a commit is under way share the next one (group
+commit): one fsync for many, each still acknowledged only once it is on disk.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+GROUP_MAX = 256  # writers per group commit
 
 
 class AsyncSqlite:
@@ -24,6 +27,8 @@ class AsyncSqlite:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"sqlite-{path.stem}")
         self._conn: sqlite3.Connection | None = None
         self._schema = schema
+        self._group: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future]] = []
+        self._group_task: asyncio.Task | None = None
 
     def _open(self) -> None:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
@@ -56,6 +61,51 @@ class AsyncSqlite:
 
         return await self._run(tx)
 
+    async def grouped(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn(conn)`` in a transaction shared with the other writers waiting at that moment.
+
+        Each ``fn`` runs in its own savepoint, so one that raises is undone alone and its caller
+        gets the exception; the others commit together. Returns once the commit is on disk."""
+        future: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._group.append((fn, future))
+        if self._group_task is None:
+            self._group_task = asyncio.create_task(self._commit_groups(), name=f"sqlite-group-{self.path.stem}")
+        return await future
+
+    async def _commit_groups(self) -> None:
+        try:
+            while self._group:
+                batch, self._group = self._group[:GROUP_MAX], self._group[GROUP_MAX:]
+
+                def tx(c: sqlite3.Connection) -> list[tuple[bool, Any]]:
+                    out: list[tuple[bool, Any]] = []
+                    for fn, _ in batch:
+                        c.execute("SAVEPOINT grouped")
+                        try:
+                            out.append((True, fn(c)))
+                        except Exception as exc:  # this writer's failure stays this writer's
+                            c.execute("ROLLBACK TO grouped")
+                            out.append((False, exc))
+                        c.execute("RELEASE grouped")
+                    return out
+
+                try:
+                    results = await self.transaction(tx)
+                except Exception as exc:
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(exc)
+                    continue
+                for (ok, value), (_, future) in zip(results, batch):
+                    if future.done():  # the caller went away; its write stands
+                        continue
+                    if ok:
+                        future.set_result(value)
+                    else:
+                        future.set_exception(value)
+        finally:
+            self._group_task = None
+
     async def fetchall(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
         def q() -> list[sqlite3.Row]:
             assert self._conn is not None, "store not opened"
@@ -68,6 +118,9 @@ class AsyncSqlite:
         return rows[0] if rows else None
 
     async def close(self) -> None:
+        if self._group_task is not None:
+            await self._group_task
+
         def c() -> None:
             if self._conn is not None:
                 self._conn.close()

@@ -140,7 +140,7 @@ class JobStore:
                           (webhook_id, call_id, now))
             return Job.from_row(row), cur.rowcount == 1
 
-        return await self.db.transaction(tx)
+        return await self.db.grouped(tx)
 
     async def release_leases(self, owner: str) -> int:
         """Hand back the jobs an earlier run of this same worker held when it died."""

@@ -1,0 +1,192 @@
+"""Transcription: the Transcribe RPC against bare faster-whisper (throughput, first segment, memory).
+
+The service runs as its own process (as in production) on 127.0.0.1; the
+baseline calls faster-whisper in-process with the same model and the same
+decoding settings (the service's own defaults, read from the same environment).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.common import Result, interleaved, ratio_result, value_result
+from callcenter.v1 import transcribe_pb2, transcribe_pb2_grpc
+from callmesh.mesh import Mesh, new_mesh
+from services.common.grpc_server import client_channel
+from services.transcribe.config import EngineSettings
+from services.transcribe.engine import TranscribeOptions, WhisperEngine
+
+CHUNK = 256 * 1024
+
+
+@dataclass
+class RpcRun:
+    total: float  # first audio byte sent → last segment received
+    first_segment: float  # first audio byte sent → first segment received
+    segments: int
+
+
+async def transcribe_rpc(address: str, path: Path) -> RpcRun:
+    data = path.read_bytes()
+    sent_at: list[float] = []
+
+    async def requests():
+        yield transcribe_pb2.TranscribeRequest(config=transcribe_pb2.TranscriptionConfig(call_id="bench"))
+        for i in range(0, len(data), CHUNK):
+            if not sent_at:
+                sent_at.append(time.perf_counter())
+            yield transcribe_pb2.TranscribeRequest(audio=data[i:i + CHUNK])
+
+    first = None
+    segments = 0
+    async with client_channel(address) as channel:
+        async for reply in transcribe_pb2_grpc.TranscriptionServiceStub(channel).Transcribe(requests(), timeout=7200):
+            if reply.WhichOneof("response") == "segment":
+                segments += 1
+                if first is None:
+                    first = time.perf_counter()
+    end = time.perf_counter()
+    return RpcRun(end - sent_at[0], (first or end) - sent_at[0], segments)
+
+
+def transcribe_direct(engine: WhisperEngine, path: Path) -> tuple[float, int]:
+    started = time.perf_counter()
+    segments, _ = engine.model.transcribe(str(path), **engine._transcribe_kwargs(TranscribeOptions(), None))
+    count = sum(1 for _ in segments)
+    return time.perf_counter() - started, count
+
+
+def start_transcribe(work: Path, whisper: Path) -> Mesh:
+    mesh = new_mesh({"TRANSCRIBE_LISTEN": "127.0.0.1:0", "WHISPER_MODEL": str(whisper), "LOG_LEVEL": "WARNING"},
+                    work)
+    mesh.start_service("transcribe", timeout=120)
+    return mesh
+
+
+def peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM")
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS")
+
+
+BARE_SCRIPT = """
+import json, sys
+from pathlib import Path
+from services.transcribe.config import EngineSettings
+from services.transcribe.engine import TranscribeOptions, WhisperEngine
+engine = WhisperEngine(EngineSettings.from_env())
+segments, _ = engine.model.transcribe(sys.argv[1], **engine._transcribe_kwargs(TranscribeOptions(), None))
+n = sum(1 for _ in segments)
+hwm = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmHWM:"))
+print(json.dumps({"segments": n, "peak_mib": int(hwm.split()[1]) / 1024}))
+"""
+
+
+async def overhead_and_first_segment(call: Path, work: Path, whisper: Path, runs: int) -> list[Result]:
+    mesh = await asyncio.to_thread(start_transcribe, work / "rpc", whisper)
+    address = mesh.services["transcribe"].address
+    engine = WhisperEngine(EngineSettings.from_env())
+    rpc_runs: list[RpcRun] = []
+
+    async def rpc() -> float:
+        run = await transcribe_rpc(address, call)
+        rpc_runs.append(run)
+        return run.total
+
+    async def direct() -> float:
+        seconds, _ = await asyncio.to_thread(transcribe_direct, engine, call)
+        return seconds
+
+    try:
+        await rpc()  # warm-up of both (first decode pays for lazy initialisation)
+        await direct()
+        rpc_runs.clear()
+        rpc_times, direct_times = await interleaved(rpc, direct, runs)
+    finally:
+        await asyncio.to_thread(mesh.stop)
+    ratios = [d / r for d, r in zip(direct_times, rpc_times)]
+    fractions = [r.first_segment / r.total for r in rpc_runs]
+    return [
+        ratio_result("transcribe RPC vs direct throughput", ratios, ">= 0.95", lambda v: v >= 0.95,
+                     f"60 s call: RPC {min(rpc_times):.1f}-{max(rpc_times):.1f} s, direct "
+                     f"{min(direct_times):.1f}-{max(direct_times):.1f} s, {rpc_runs[0].segments} segments"),
+        value_result("time to first segment / decode", fractions, "fraction", "<= 0.15", lambda v: v <= 0.15,
+                     f"first segment after {min(r.first_segment for r in rpc_runs):.1f}-"
+                     f"{max(r.first_segment for r in rpc_runs):.1f} s"),
+    ]
+
+
+async def memory(call: Path, work: Path, whisper: Path, runs: int) -> list[Result]:
+    """Peak RSS of a fresh transcribe service after one call vs a fresh bare faster-whisper process."""
+    service_peaks: list[float] = []
+    bare_peaks: list[float] = []
+
+    async def service() -> float:
+        mesh = await asyncio.to_thread(start_transcribe, work / "mem", whisper)
+        try:
+            await transcribe_rpc(mesh.services["transcribe"].address, call)
+            peak = peak_rss_mib(mesh.services["transcribe"].process.pid)
+        finally:
+            await asyncio.to_thread(mesh.stop)
+        service_peaks.append(peak)
+        return peak
+
+    async def bare() -> float:
+        out = await asyncio.to_thread(subprocess.run, [sys.executable, "-c", BARE_SCRIPT, str(call)],
+                                      capture_output=True, text=True, check=True)
+        peak = json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"]
+        bare_peaks.append(peak)
+        return peak
+
+    await interleaved(service, bare, runs)
+    ratios = [s / b for s, b in zip(service_peaks, bare_peaks)]
+    return [ratio_result("transcribe peak RSS vs bare", ratios, "<= 1.3", lambda v: v <= 1.3,
+                         f"service {min(service_peaks):.0f}-{max(service_peaks):.0f} MiB, "
+                         f"bare {min(bare_peaks):.0f}-{max(bare_peaks):.0f} MiB")]
+
+
+async def long_call_rss(long_call: Path, work: Path, whisper: Path, minutes: int) -> list[Result]:
+    """RSS of the service sampled every 2 s through one long call: it should stay flat once decoding runs."""
+    mesh = await asyncio.to_thread(start_transcribe, work / "long", whisper)
+    pid = mesh.services["transcribe"].process.pid
+    samples: list[tuple[float, float]] = []
+    done = threading.Event()
+
+    def sample() -> None:
+        start = time.perf_counter()
+        while not done.wait(2.0):
+            samples.append((time.perf_counter() - start, rss_mib(pid)))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        run = await transcribe_rpc(mesh.services["transcribe"].address, long_call)
+    finally:
+        done.set()
+        sampler.join()
+        await asyncio.to_thread(mesh.stop)
+    # Flat: compare the second quarter of the decode with the last quarter.
+    n = len(samples)
+    early = [rss for _, rss in samples[n // 4: n // 2]] or [samples[0][1]]
+    late = [rss for _, rss in samples[3 * n // 4:]] or [samples[-1][1]]
+    growth = [max(late) / max(early)]
+    return [value_result(f"transcribe RSS growth, {minutes} min call", growth, "x", "<= 1.05 (flat)",
+                         lambda v: v <= 1.05,
+                         f"RSS {min(r for _, r in samples):.0f}-{max(r for _, r in samples):.0f} MiB over "
+                         f"{run.total:.0f} s, {run.segments} segments; one run (a long call)",
+                         samples=[[round(t, 1), round(r, 1)] for t, r in samples])]
