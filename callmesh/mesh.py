@@ -59,6 +59,7 @@ class Mesh:
         return secrets[0] if secrets else None
 
     def start_service(self, name: str, extra_env: dict[str, str] | None = None, timeout: float = 180.0) -> ServiceProcess:
+        self.workdir.mkdir(parents=True, exist_ok=True)
         ready = self.workdir / f"{name}.ready"
         ready.unlink(missing_ok=True)
         log_path = self.workdir / f"{name}.log"

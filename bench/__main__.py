@@ -1,0 +1,90 @@
+"""``python -m bench``: every benchmark, on loopback, each against a baseline measured in the same run.
+
+    .venv/bin/python -m bench                     # all of them (about 40 minutes on 2 cores)
+    .venv/bin/python -m bench --only webhook,transcribe
+    .venv/bin/python -m bench --long-minutes 10   # a shorter long call for the RSS check
+
+Runs are interleaved (A B A B …), at least 5 of each; the table shows median, min
+and max, and results/latest.json keeps them with the machine they ran on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from bench import pipeline_bench, transcribe_bench, webhook_load
+from bench.common import RUNS, Result, looped_call, machine, sixty_second_call, table, write_results
+from callmesh.models import MODELS, is_installed
+from services.common.config import data_dir
+
+BENCHMARKS = ("transcribe", "memory", "long", "webhook", "overlap", "seed")
+
+
+def model(key: str) -> Path:
+    m = MODELS[key]
+    if not is_installed(m, data_dir()):
+        raise SystemExit(f"model {key} is not installed: run scripts/setup.sh --dev first")
+    return m.path(data_dir())
+
+
+async def run(only: tuple[str, ...], runs: int, long_minutes: int, llm_key: str) -> list[Result]:
+    work = Path(tempfile.mkdtemp(prefix="callmesh-bench-"))
+    whisper = model("whisper-base")
+    llm = model(llm_key) / "model.gguf"
+    os.environ["WHISPER_MODEL"] = str(whisper)
+    audio = work / "audio"
+    audio.mkdir()
+    call = sixty_second_call(audio)
+    results: list[Result] = []
+
+    def done(new: list[Result]) -> None:
+        results.extend(new)
+        print(table(new), flush=True)
+
+    if "transcribe" in only:
+        done(await transcribe_bench.overhead_and_first_segment(call, work, whisper, runs))
+    if "memory" in only:
+        done(await transcribe_bench.memory(call, work, whisper, runs))
+    if "webhook" in only:
+        done(await webhook_load.webhook_ack(work / "webhook", 2000, 100, runs))
+    if "overlap" in only:
+        done(await pipeline_bench.pipeline_overlap(work, whisper, llm, runs))
+    if "seed" in only:
+        done(await pipeline_bench.seed_versus_mesh(work, whisper, llm, runs))
+    if "long" in only:
+        long_call = looped_call(call, long_minutes, audio)
+        done(await transcribe_bench.long_call_rss(long_call, work, whisper, long_minutes))
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default=",".join(BENCHMARKS), help=f"comma-separated: {', '.join(BENCHMARKS)}")
+    parser.add_argument("--runs", type=int, default=RUNS, help="runs of each side (at least 5)")
+    parser.add_argument("--long-minutes", type=int, default=60, help="length of the long call for the RSS check")
+    parser.add_argument("--llm", choices=("small", "main"), default="small",
+                        help="LLM for the pipeline benchmarks (same on both sides): the 0.5B or the default 1.5B")
+    args = parser.parse_args()
+    only = tuple(x.strip() for x in args.only.split(",") if x.strip())
+    unknown = set(only) - set(BENCHMARKS)
+    if unknown or args.runs < 5:
+        parser.error(f"unknown benchmark(s) {sorted(unknown)}" if unknown else "--runs must be at least 5")
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    logging.basicConfig(level=logging.WARNING)
+    started = time.time()
+    print(f"machine: {machine()}", flush=True)
+    results = asyncio.run(run(only, args.runs, args.long_minutes,
+                              "qwen2.5-coder-0.5b" if args.llm == "small" else "qwen2.5-coder-1.5b"))
+    print("\n" + table(results))
+    print(f"\nwritten to {write_results(results, started)}")
+
+
+if __name__ == "__main__":
+    main()
