@@ -31,6 +31,7 @@ CREATE TABLE IF NOT EXISTS deliveries (
 );
 CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (state, next_attempt_at);
 CREATE INDEX IF NOT EXISTS deliveries_fifo ON deliveries (state, seq);
+CREATE INDEX IF NOT EXISTS deliveries_seq ON deliveries (seq);
 """
 
 

@@ -57,7 +57,7 @@ def job_view(job: Job, base_url: str = "") -> dict[str, Any]:
     view: dict[str, Any] = {
         "call_id": job.call_id,
         "status": job.state,
-        "status_url": f"{base_url}/v1/calls/{job.call_id}",
+        "status_url": f"{base_url}/v1/calls/{job.call_id}",  # as the webhook's answer gives it
         "recording_url": job.recording_url,
         "options": {k: v for k, v in job.options.__dict__.items() if v is not None},
         "created_at": _iso(job.created_at),
@@ -162,10 +162,10 @@ async def post_call(request: web.Request) -> web.Response:
             request.app[WORKER].wake()
         else:
             log.info("call received again: same job, not processed twice")
-    view = job_view(job, _base_url(request))
-    body = {"call_id": job.call_id, "status": job.state, "status_url": view["status_url"], "trace_id": job.trace_id,
+    status_url = f"{_base_url(request)}/v1/calls/{job.call_id}"
+    body = {"call_id": job.call_id, "status": job.state, "status_url": status_url, "trace_id": job.trace_id,
             "duplicate": not new}
-    return web.json_response(body, status=202, headers={"Location": view["status_url"]})
+    return web.json_response(body, status=202, headers={"Location": status_url})
 
 
 @requires_token

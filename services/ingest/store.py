@@ -44,6 +44,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     updated_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS jobs_due ON jobs (state, next_attempt_at);
+CREATE INDEX IF NOT EXISTS jobs_seq ON jobs (seq);  -- MAX(seq) on every insert, newest-first lists
+CREATE INDEX IF NOT EXISTS jobs_state_seq ON jobs (state, seq);  -- ?status=failed, newest first
 CREATE TABLE IF NOT EXISTS webhook_ids (
     webhook_id TEXT PRIMARY KEY,
     call_id TEXT NOT NULL,
