@@ -17,6 +17,7 @@ command -v ffmpeg >/dev/null || missing+=(ffmpeg)
 if (( dev )); then
   command -v npm >/dev/null || missing+=(npm)
   command -v chromium >/dev/null || missing+=(chromium)   # the web page tests drive it headless
+  command -v docker-compose >/dev/null || missing+=(docker-compose)   # validates docker-compose.yml offline
 fi
 python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
 if (( ${#missing[@]} )); then

@@ -1,0 +1,164 @@
+"""docker-compose.yml and deploy/k8s/, validated offline and checked against what the code reads.
+
+No container engine or cluster runs here: the compose file is checked against the
+Compose Specification schema (check-jsonschema) and by Debian's docker-compose
+(`config -q`), the manifests by kubernetes-validate; the rest of the tests hold the
+files to the code (variables, ports, health checks).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+COMPOSE = ROOT / "docker-compose.yml"
+K8S = ROOT / "deploy" / "k8s"
+OUR_SERVICES = ("transcribe", "analyze", "crm", "ingest")
+GRPC = {"transcribe": ("TRANSCRIBE", "callcenter.v1.TranscriptionService"),
+        "analyze": ("ANALYZE", "callcenter.v1.AnalysisService"),
+        "crm": ("CRM_SYNC", "callcenter.v1.CrmSyncService")}
+REQUIRED = {"WEBHOOK_SECRETS": "x", "CRM_URL": "http://crm.example/records"}
+
+
+def variables_the_code_reads() -> set[str]:
+    """Every upper-case name the services pass to the env helpers, plus the *_LISTEN names."""
+    names: set[str] = set()
+    for path in (ROOT / "services").rglob("*.py"):
+        text = path.read_text()
+        names |= set(re.findall(r'"([A-Z][A-Z0-9_]{2,})"', text))
+        names |= {f"{prefix}_LISTEN" for prefix in re.findall(r'GrpcServerSettings\.from_env\("([A-Z_]+)"', text)}
+    return names
+
+
+def compose(*files: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    exe = shutil.which("docker-compose")
+    if exe is None:
+        pytest.fail("docker-compose is not installed (Debian: apt-get install docker-compose)", pytrace=False)
+    args = [exe, *(a for f in files for a in ("-f", str(f))), "config", "-q"]
+    clean = {k: v for k, v in os.environ.items() if k not in REQUIRED}
+    return subprocess.run(args, cwd=ROOT, env={**clean, **(env or {})}, capture_output=True, text=True)
+
+
+def compose_services() -> dict:
+    return yaml.safe_load(COMPOSE.read_text())["services"]
+
+
+def k8s_documents() -> list[dict]:
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    docs = []
+    for name in kustomization["resources"]:
+        docs += [d for d in yaml.safe_load_all((K8S / name).read_text()) if d]
+    return docs
+
+
+def containers() -> dict[str, dict]:
+    out = {}
+    for doc in k8s_documents():
+        if doc["kind"] in ("Deployment", "StatefulSet"):
+            for c in doc["spec"]["template"]["spec"]["containers"]:
+                out[c["name"]] = c
+    return out
+
+
+def test_compose_file_follows_the_compose_specification() -> None:
+    for path in (COMPOSE, ROOT / "docker-compose.gpu.yml"):
+        result = subprocess.run([str(BIN / "check-jsonschema"), "--builtin-schema", "vendor.compose-spec", str(path)],
+                                capture_output=True, text=True)
+        assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_docker_compose_accepts_the_file_and_the_gpu_override() -> None:
+    assert compose(COMPOSE, env=REQUIRED).returncode == 0
+    result = compose(COMPOSE, ROOT / "docker-compose.gpu.yml", env=REQUIRED)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("missing", sorted(REQUIRED))
+def test_compose_refuses_to_start_without_a_required_setting(missing: str) -> None:
+    result = compose(COMPOSE, env={k: v for k, v in REQUIRED.items() if k != missing})
+    assert result.returncode != 0 and missing in result.stderr
+
+
+def test_every_variable_compose_sets_for_our_services_is_read_by_the_code() -> None:
+    known = variables_the_code_reads()
+    services = compose_services()
+    for name in (*OUR_SERVICES, "models"):
+        env = services[name].get("environment", {})
+        unknown = {k for k in env if k not in known and not k.startswith("OTEL_")}
+        assert not unknown, f"{name} sets variables nothing reads: {unknown}"
+
+
+def test_compose_health_checks_and_addresses_match_the_listen_ports() -> None:
+    services = compose_services()
+    for name, (prefix, grpc_service) in GRPC.items():
+        listen_port = services[name]["environment"][f"{prefix}_LISTEN"].rsplit(":", 1)[1]
+        check = services[name]["healthcheck"]["test"]
+        assert check[1:4] == ["python", "-m", "services.common.healthcheck"]
+        assert check[4] == f"127.0.0.1:{listen_port}" and check[5] == grpc_service
+        assert services["ingest"]["environment"][f"{prefix}_ADDR"] == f"{name}:{listen_port}"
+    ingest = services["ingest"]
+    port = ingest["environment"]["INGEST_PORT"]
+    assert ingest["ports"] == [f"{port}:{port}"] and f"127.0.0.1:{port}/healthz" in ingest["healthcheck"]["test"][-1]
+    assert services["analyze"]["environment"]["OLLAMA_HOST"] == "http://ollama:11434"
+
+
+def test_kubernetes_manifests_validate_strictly() -> None:
+    files = [str(K8S / n) for n in yaml.safe_load((K8S / "kustomization.yaml").read_text())["resources"]]
+    result = subprocess.run([str(BIN / "kubernetes-validate"), "--strict", "--quiet", *files],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_kubernetes_validation_catches_a_misspelt_field(tmp_path: Path) -> None:
+    broken = tmp_path / "analyze.yaml"
+    broken.write_text((K8S / "analyze.yaml").read_text().replace("readinessProbe:", "readynessProbe:", 1))
+    result = subprocess.run([str(BIN / "kubernetes-validate"), "--strict", "--quiet", str(broken)],
+                            capture_output=True, text=True)
+    assert result.returncode != 0
+
+
+def test_kubernetes_probes_use_grpc_health_on_the_listen_port() -> None:
+    found = containers()
+    for name, (prefix, grpc_service) in GRPC.items():
+        c = found[name]
+        env = {e["name"]: e.get("value") for e in c.get("env", [])}
+        port = int(env[f"{prefix}_LISTEN"].rsplit(":", 1)[1])
+        assert c["ports"][0]["containerPort"] == port
+        assert c["readinessProbe"]["grpc"] == {"port": port, "service": grpc_service}
+        assert c["livenessProbe"]["grpc"]["port"] == port
+        assert c["resources"]["requests"]
+
+
+def test_kubernetes_services_for_grpc_are_headless_and_ingest_balances_over_dns() -> None:
+    docs = k8s_documents()
+    grpc_services = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] in GRPC}
+    assert set(grpc_services) == set(GRPC)
+    assert all(d["spec"]["clusterIP"] == "None" for d in grpc_services.values())
+    env = {e["name"]: e.get("value") for e in containers()["ingest"]["env"]}
+    for name, (prefix, _) in GRPC.items():
+        assert env[f"{prefix}_ADDR"].startswith(f"dns:///{name}.")
+    known = variables_the_code_reads()
+    for c in containers().values():
+        if c["name"] != "ollama":
+            assert {e["name"] for e in c.get("env", [])} <= known
+
+
+def test_kubernetes_has_a_gpu_for_transcribe_autoscaling_and_disruption_budgets() -> None:
+    docs = k8s_documents()
+    kinds = {(d["kind"], d["metadata"]["name"]) for d in docs}
+    transcribe = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "transcribe")
+    spec = transcribe["spec"]["template"]["spec"]
+    assert spec["nodeSelector"] and spec["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert {("HorizontalPodAutoscaler", "ingest"), ("HorizontalPodAutoscaler", "analyze")} <= kinds
+    assert {("PodDisruptionBudget", n) for n in ("transcribe", "analyze", "ingest")} <= kinds
+    secret = next(d for d in docs if d["kind"] == "Secret")
+    assert {"WEBHOOK_SECRETS", "API_TOKEN", "CRM_URL"} <= set(secret["stringData"])
