@@ -38,6 +38,7 @@ class ServiceProcess:
     process: subprocess.Popen
     address: str
     log_path: Path
+    metrics_url: str = ""
 
 
 @dataclass
@@ -75,15 +76,16 @@ class Mesh:
                 process.kill()
                 raise MeshError(f"{name} did not start within {timeout:.0f} s:\n" + _tail(log_path))
             time.sleep(0.05)
-        address = json.loads(ready.read_text())["address"]
-        svc = ServiceProcess(name, process, address, log_path)
+        said = json.loads(ready.read_text())
+        svc = ServiceProcess(name, process, said["address"], log_path, said.get("metrics", ""))
         self.services[name] = svc
-        log.info("%-10s %s (pid %d)", name, address, process.pid)
+        log.info("%-10s %s (pid %d)", name, svc.address, process.pid)
         return svc
 
     def start(self, timeout: float = 300.0) -> "Mesh":
         for name, listen_var, _ in GRPC_SERVICES:
             self.env.setdefault(listen_var, "127.0.0.1:0")
+            self.env.setdefault(listen_var.replace("_LISTEN", "_METRICS_LISTEN"), "127.0.0.1:0")
         # Start the three gRPC services at once; they load models in parallel.
         for name, _, addr_var in GRPC_SERVICES:
             self.start_service(name, timeout=timeout)

@@ -162,3 +162,29 @@ def test_kubernetes_has_a_gpu_for_transcribe_autoscaling_and_disruption_budgets(
     assert {("PodDisruptionBudget", n) for n in ("transcribe", "analyze", "ingest")} <= kinds
     secret = next(d for d in docs if d["kind"] == "Secret")
     assert {"WEBHOOK_SECRETS", "API_TOKEN", "CRM_URL"} <= set(secret["stringData"])
+
+
+def metric_families_the_code_defines() -> set[str]:
+    """Prometheus family names of the instruments the services create (dots → underscores, unit suffixes)."""
+    families: set[str] = set()
+    for path in (ROOT / "services").rglob("*.py"):
+        text = path.read_text()
+        for kind, name, rest in re.findall(r'create_(counter|histogram|observable_gauge)\(\s*"([a-z_.]+)"([^)]*)',
+                                           text):
+            base = name.replace(".", "_") + ("_seconds" if 'unit="s"' in rest else "")
+            families.add(base + "_total" if kind == "counter" else base)
+    return families
+
+
+def test_grafana_dashboard_only_plots_metrics_the_services_export() -> None:
+    import json
+
+    dashboard = json.loads((ROOT / "deploy" / "grafana" / "callmesh-dashboard.json").read_text())
+    defined = metric_families_the_code_defines()
+    used = set()
+    for panel in dashboard["panels"]:
+        for target in panel["targets"]:
+            used |= {m.removesuffix("_bucket").removesuffix("_count") for m in
+                     re.findall(r"\b(callmesh_[a-z_]+)", target["expr"])}
+    assert used and used <= defined, used - defined
+    assert len(used) >= 10

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -198,6 +199,40 @@ async def test_one_trace_spans_all_four_services(world: World, two_calls: dict[s
     assert all(s.parent_span_id in ids for s in trace if s.parent_span_id)
     other = two_calls["en"]["trace_id"]
     assert other != trace_id and not set(world.otlp.trace(other)) & set(trace)
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The sum of a Prometheus metric's samples whose labels include ``labels``."""
+    total, found = 0.0, False
+    for line in text.splitlines():
+        if not (line.startswith(name + "{") or line.startswith(name + " ")):
+            continue
+        body, value = line.rsplit(" ", 1)
+        have = dict(re.findall(r'(\w+)="([^"]*)"', body))
+        if all(have.get(k) == v for k, v in labels.items()):
+            total, found = total + float(value), True
+    assert found, f"no {name} {labels} in the scrape"
+    return total
+
+
+async def test_every_service_exposes_prometheus_metrics(world: World, two_calls: dict[str, dict]) -> None:
+    async with aiohttp.ClientSession() as session:
+        scrapes = {}
+        for name, svc in world.mesh.services.items():
+            async with session.get(svc.metrics_url) as resp:
+                assert resp.status == 200 and resp.content_type == "text/plain"
+                scrapes[name] = await resp.text()
+    ingest, transcribe, analyze, crm = (scrapes[n] for n in ("ingest", "transcribe", "analyze", "crm"))
+    assert metric(ingest, "callmesh_calls", state="done") >= 2
+    assert metric(ingest, "callmesh_webhooks_total", outcome="accepted") >= 2
+    assert metric(ingest, "callmesh_stage_duration_seconds_count", stage="transcribing", outcome="done") >= 2
+    assert metric(ingest, "callmesh_queue_oldest_age_seconds") >= 0
+    assert metric(transcribe, "callmesh_transcribe_realtime_factor_count") >= 2
+    assert metric(transcribe, "callmesh_transcribe_audio_seconds_total") > 10
+    assert metric(analyze, "callmesh_llm_tokens_per_second_count", purpose="analysis") >= 2
+    assert metric(analyze, "callmesh_llm_tokens_per_second_sum", purpose="analysis") > 0
+    assert metric(crm, "callmesh_crm_delivery_attempts_total", outcome="delivered") >= 2
+    assert metric(crm, "callmesh_crm_queued") == 0
 
 
 async def test_recording_that_does_not_decode_fails_at_transcribing(world: World) -> None:

@@ -17,10 +17,16 @@ from dataclasses import dataclass
 import jsonschema
 
 from services.analyze.backends import Completion, LlmBackend
+from services.common.metrics import meter
 from services.common.telemetry import tracer
 
 log = logging.getLogger(__name__)
 _tracer = tracer(__name__)
+_meter = meter(__name__)
+_tokens = _meter.create_counter("callmesh.llm.completion_tokens", description="Tokens the LLM generated (purpose)")
+_tokens_per_second = _meter.create_histogram(
+    "callmesh.llm.tokens_per_second", description="Generation speed of one LLM answer (purpose)",
+    explicit_bucket_boundaries_advisory=(1, 2, 5, 10, 20, 30, 50, 75, 100, 200))
 
 PROMPT_VERSION = "2026-11-25.2"
 SENTIMENTS = ("positive", "neutral", "negative")
@@ -157,7 +163,12 @@ class Analyzer:
             with _tracer.start_as_current_span(f"llm.{purpose}", attributes={
                 "llm.model": self.backend.name, "llm.attempt": attempt, "llm.prompt_version": PROMPT_VERSION,
             }) as span:
+                asked = time.perf_counter()
                 completion = await self.backend.complete_json(messages, schema, max_tokens)
+                elapsed = time.perf_counter() - asked
+                _tokens.add(completion.completion_tokens, {"purpose": purpose})
+                if elapsed > 0 and completion.completion_tokens:
+                    _tokens_per_second.record(completion.completion_tokens / elapsed, {"purpose": purpose})
                 span.set_attribute("llm.prompt_tokens", completion.prompt_tokens)
                 span.set_attribute("llm.completion_tokens", completion.completion_tokens)
                 try:

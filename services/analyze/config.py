@@ -56,7 +56,7 @@ class AnalyzeSettings:
     @classmethod
     def from_env(cls) -> "AnalyzeSettings":
         return cls(
-            server=GrpcServerSettings.from_env("ANALYZE", 50052),
+            server=GrpcServerSettings.from_env("ANALYZE", 50052, 9102),
             llm=LlmSettings.from_env(),
             topics=env_list("ANALYZE_TOPICS", DEFAULT_TOPICS),
             emotions=env_list("ANALYZE_EMOTIONS", DEFAULT_EMOTIONS),

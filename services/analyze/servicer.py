@@ -11,10 +11,12 @@ from services.analyze.analyzer import AnalysisError, Analyzer, TranscriptTooLong
 from services.analyze.backends import BackendUnavailable
 from services.common.limits import AdmissionLimiter, Overloaded
 from services.common.logs import call_context
+from services.common.metrics import meter
 from services.common.protoconv import duration, seconds
 from services.common.records import SENTIMENT_VALUES, SPEAKER_NAMES
 
 log = logging.getLogger(__name__)
+_rejected = meter(__name__).create_counter("callmesh.analyze.rejected", description="Requests refused (reason)")
 
 
 
@@ -36,6 +38,7 @@ class AnalysisServicer(analyze_pb2_grpc.AnalysisServiceServicer):
                     async with self.limiter.run_slot():
                         result = await self.analyzer.analyze(utterances, request.language_code)
             except Overloaded as exc:
+                _rejected.add(1, {"reason": "overloaded"})
                 await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
             except TranscriptTooLong as exc:
                 await context.abort(grpc.StatusCode.OUT_OF_RANGE, str(exc))

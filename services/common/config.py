@@ -131,12 +131,17 @@ class GrpcServerSettings:
     grace_seconds: float
     ready_file: Path | None
     tls: TlsSettings = PLAINTEXT
+    metrics_listen: str = ""  # where /metrics is served; empty: not served
 
     @classmethod
-    def from_env(cls, prefix: str, default_port: int) -> "GrpcServerSettings":
+    def from_env(cls, prefix: str, default_port: int, metrics_port: int) -> "GrpcServerSettings":
+        """``{prefix}_LISTEN`` (127.0.0.1:default_port) and ``{prefix}_METRICS_LISTEN`` (127.0.0.1:metrics_port,
+        ``off`` to disable)."""
+        metrics_listen = env_str(f"{prefix}_METRICS_LISTEN", f"127.0.0.1:{metrics_port}")
         return cls(
             listen=env_str(f"{prefix}_LISTEN", f"127.0.0.1:{default_port}"),
             grace_seconds=env_float("SHUTDOWN_GRACE_SECONDS", 20.0, minimum=0.0),
             ready_file=ready_file(),
             tls=TlsSettings.from_env(),
+            metrics_listen="" if metrics_listen == "off" else metrics_listen,
         )

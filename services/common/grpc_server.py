@@ -21,6 +21,7 @@ from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_serv
 
 from services.common.config import PLAINTEXT, GrpcServerSettings, TlsSettings
 from services.common.lifecycle import install_stop_signals, write_ready_file
+from services.common.metrics import start_metrics_site
 
 log = logging.getLogger(__name__)
 
@@ -105,12 +106,19 @@ async def serve(
     settings: GrpcServerSettings,
     bindings: Iterable[ServiceBinding],
     on_stop: Callable[[], Awaitable[None]] | None = None,
+    metrics_refresh: Iterable[Callable[[], Awaitable[None]]] = (),
 ) -> None:
-    """Run until SIGTERM/SIGINT, then drain gracefully."""
+    """Run until SIGTERM/SIGINT, then drain gracefully; /metrics beside it when configured."""
     running = await start_server(settings.listen, bindings, settings.tls)
     mode = "mutual TLS" if settings.tls.client_auth else "TLS" if settings.tls.cert else "plaintext"
     log.info("%s listening on %s (%s)", service, running.address, mode)
-    write_ready_file(settings.ready_file, running.address)
+    extra: dict[str, str] = {}
+    metrics_runner = None
+    if settings.metrics_listen:
+        metrics_runner, metrics_address = await start_metrics_site(settings.metrics_listen, *metrics_refresh)
+        extra["metrics"] = f"http://{metrics_address}/metrics"
+        log.info("%s metrics on %s", service, extra["metrics"])
+    write_ready_file(settings.ready_file, running.address, **extra)
     stop = asyncio.Event()
     install_stop_signals(stop)
     await stop.wait()
@@ -118,6 +126,8 @@ async def serve(
     await running.stop(settings.grace_seconds)
     if on_stop is not None:
         await on_stop()
+    if metrics_runner is not None:
+        await metrics_runner.cleanup()
     log.info("%s stopped", service)
 
 

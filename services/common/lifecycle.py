@@ -10,11 +10,11 @@ from pathlib import Path
 from aiohttp import web
 
 
-def write_ready_file(path: Path | None, address: str) -> None:
-    """Tell whoever started us (``CALLMESH_READY_FILE``) the address we are serving on."""
+def write_ready_file(path: Path | None, address: str, **extra: str) -> None:
+    """Tell whoever started us (``CALLMESH_READY_FILE``) the address we are serving on (and e.g. ``metrics``)."""
     if path is not None:
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"address": address}))
+        tmp.write_text(json.dumps({"address": address, **extra}))
         tmp.replace(path)
 
 

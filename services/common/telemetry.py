@@ -82,8 +82,11 @@ def run_service(service: str, amain: "Callable[[], Awaitable[None]]") -> None:
 
     from services.common.logs import setup_logging
 
+    from services.common.metrics import setup_metrics
+
     setup_logging(service)
     setup_tracing(service)
+    setup_metrics(service)
     try:
         asyncio.run(amain())
     except ConfigError as exc:

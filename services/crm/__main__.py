@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import time
+
+from opentelemetry.metrics import Observation
 
 from callcenter.v1 import crm_pb2, crm_pb2_grpc
 from services.common.grpc_server import ServiceBinding, serve
+from services.common.metrics import meter
 from services.common.telemetry import run_service
 from services.crm.config import CrmSettings
 from services.crm.delivery import DeliveryWorker
@@ -28,7 +32,19 @@ async def amain() -> None:
         await worker.stop()
         await outbox.close()
 
-    await serve(SERVICE, settings.server, [binding], on_stop=on_stop)
+    backlog = {"queued": 0, "oldest": None}
+    m = meter(SERVICE)
+    m.create_observable_gauge("callmesh.crm.queued", description="Records waiting for the CRM",
+                              callbacks=[lambda _: [Observation(backlog["queued"])]])
+    m.create_observable_gauge("callmesh.crm.oldest_queued_age", unit="s",
+                              description="How long the oldest waiting record has waited",
+                              callbacks=[lambda _: [Observation(time.time() - backlog["oldest"] if backlog["oldest"]
+                                                                else 0.0)]])
+
+    async def refresh() -> None:
+        backlog["queued"], backlog["oldest"] = await outbox.backlog()
+
+    await serve(SERVICE, settings.server, [binding], on_stop=on_stop, metrics_refresh=[refresh])
 
 
 def main() -> None:

@@ -22,7 +22,7 @@ class CrmSettings:
     @classmethod
     def from_env(cls) -> "CrmSettings":
         return cls(
-            server=GrpcServerSettings.from_env("CRM_SYNC", 50053),
+            server=GrpcServerSettings.from_env("CRM_SYNC", 50053, 9103),
             crm_url=env_str("CRM_URL", ""),
             crm_token=env_str("CRM_TOKEN", ""),
             database=Path(env_str("CRM_DATABASE", str(data_dir() / "crm-outbox.db"))),

@@ -18,6 +18,7 @@ from opentelemetry import trace
 from opentelemetry.instrumentation.aiohttp_client import create_trace_config
 
 from services.common.logs import call_context
+from services.common.metrics import meter
 from services.common.retry import backoff_delay, sleep_or_wake
 from services.common.telemetry import context_from, tracer
 from services.crm.config import CrmSettings
@@ -28,6 +29,9 @@ _tracer = tracer(__name__)
 
 RETRYABLE_STATUS = {408, 425, 429}
 LEASE_SECONDS = 120.0
+_meter = meter(__name__)
+_attempts = _meter.create_counter("callmesh.crm.delivery_attempts",
+                                  description="POSTs to the CRM (outcome: delivered, retry, failed)")
 
 
 class DeliveryWorker:
@@ -98,19 +102,23 @@ class DeliveryWorker:
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
                 await self._retry(row, f"CRM unreachable: {type(exc).__name__}: {exc}".strip())
                 span.set_attribute("crm.outcome", "retry")
+                _attempts.add(1, {"outcome": "retry"})
                 return False
             span.set_attribute("http.response.status_code", status)
             if 200 <= status < 300 or status == 409:
                 await self.outbox.mark_delivered(row.call_id)
                 span.set_attribute("crm.outcome", "delivered")
+                _attempts.add(1, {"outcome": "delivered"})
                 log.info("delivered to the CRM (HTTP %d) after %d attempt(s)", status, row.attempts + 1)
             elif status >= 500 or status in RETRYABLE_STATUS:
                 await self._retry(row, f"CRM answered HTTP {status}: {body}")
                 span.set_attribute("crm.outcome", "retry")
+                _attempts.add(1, {"outcome": "retry"})
                 return False
             else:
                 await self.outbox.mark_failed(row.call_id, f"CRM refused the record: HTTP {status}: {body}")
                 span.set_attribute("crm.outcome", "failed")
+                _attempts.add(1, {"outcome": "failed"})
                 log.error("the CRM refused the record permanently: HTTP %d", status)
             return True
 

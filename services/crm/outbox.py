@@ -89,6 +89,11 @@ class Outbox:
 
         return await self.db.transaction(tx)
 
+    async def backlog(self) -> tuple[int, float | None]:
+        """How many records wait for the CRM, and since when the oldest has waited."""
+        row = await self.db.fetchone("SELECT COUNT(*), MIN(created_at) FROM deliveries WHERE state = ?", (QUEUED,))
+        return (row[0], row[1]) if row else (0, None)
+
     async def get(self, call_id: str) -> DeliveryRow | None:
         row = await self.db.fetchone("SELECT * FROM deliveries WHERE call_id = ?", (call_id,))
         return DeliveryRow.from_row(row) if row else None

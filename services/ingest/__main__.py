@@ -40,7 +40,7 @@ async def amain() -> None:
     address = f"{settings.host}:{port}"
     log.info("ingest listening on http://%s (transcribe %s, analyze %s, crm %s)", address,
              settings.pipeline.transcribe_addr, settings.pipeline.analyze_addr, settings.pipeline.crm_addr)
-    write_ready_file(settings.ready_file, address)
+    write_ready_file(settings.ready_file, address, metrics=f"http://{address}/metrics")
     await worker.start()
     stop = asyncio.Event()
     install_stop_signals(stop)

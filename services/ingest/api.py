@@ -12,13 +12,17 @@ import functools
 import json
 import logging
 import re
+import time
 from datetime import datetime, timezone
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
 
+from opentelemetry.metrics import Observation
+
 from services.common.logs import call_context
+from services.common.metrics import add_metrics_route, meter
 from services.common.telemetry import current_traceparent, instrument_aiohttp_server, trace_id_hex
 from services.ingest.openapi import openapi_document
 from services.ingest.pipeline import PipelineWorker
@@ -28,6 +32,9 @@ from services.ingest.urlpolicy import UrlPolicy, UrlRejected
 from services.ingest.web import WebPages, authorized
 
 log = logging.getLogger(__name__)
+_meter = meter(__name__)
+_webhooks = _meter.create_counter("callmesh.webhooks", description="Webhooks answered (outcome: accepted, "
+                                  "duplicate, or the HTTP status of a refusal)")
 
 MAX_BODY_BYTES = 64 * 1024
 CALL_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -38,12 +45,13 @@ STORE = web.AppKey("store", JobStore)
 WORKER = web.AppKey("worker", PipelineWorker)
 POLICY = web.AppKey("policy", UrlPolicy)
 VERIFIER = web.AppKey("verifier", WebhookVerifier)
+OUTCOME = "callmesh.webhook_outcome"  # request key: "duplicate" when the call was known
 SETTINGS = web.AppKey("settings", dict)
 
 
 def problem(status: int, title: str, detail: str, headers: dict[str, str] | None = None,
             **extra: Any) -> web.Response:
-    """An RFC 9457 problem document."""
+    """An RFC 9457 problem document (counted as a refused webhook when it answers one)."""
     body = {"type": "about:blank", "title": title, "status": status, "detail": detail, **extra}
     return web.json_response(body, status=status, content_type="application/problem+json", headers=headers)
 
@@ -128,6 +136,12 @@ def requires_token(handler: Handler) -> Handler:
 
 
 async def post_call(request: web.Request) -> web.Response:
+    response = await _post_call(request)
+    _webhooks.add(1, {"outcome": request.get(OUTCOME, "accepted") if response.status == 202 else str(response.status)})
+    return response
+
+
+async def _post_call(request: web.Request) -> web.Response:
     if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
         return problem(413, "Payload Too Large", f"the body is over {MAX_BODY_BYTES} bytes")
     if request.content_type != "application/json":
@@ -162,6 +176,8 @@ async def post_call(request: web.Request) -> web.Response:
             request.app[WORKER].wake()
         else:
             log.info("call received again: same job, not processed twice")
+    if not new:
+        request[OUTCOME] = "duplicate"
     status_url = f"{_base_url(request)}/v1/calls/{job.call_id}"
     body = {"call_id": job.call_id, "status": job.state, "status_url": status_url, "trace_id": job.trace_id,
             "duplicate": not new}
@@ -222,6 +238,22 @@ async def openapi(request: web.Request) -> web.Response:
     return web.json_response(openapi_document())
 
 
+def _gauges(store: JobStore) -> Callable[[], Awaitable[None]]:
+    """Calls per state and the age of the oldest call in the pipeline, read before each scrape."""
+    snapshot: dict[str, Any] = {"counts": {}, "oldest": None}
+    _meter.create_observable_gauge("callmesh.calls", description="Calls per state", callbacks=[
+        lambda _: [Observation(snapshot["counts"].get(s, 0), {"state": s}) for s in STATES]])
+    _meter.create_observable_gauge(
+        "callmesh.queue.oldest_age", unit="s", description="How long the oldest call in the pipeline has been there",
+        callbacks=[lambda _: [Observation(time.time() - snapshot["oldest"] if snapshot["oldest"] else 0.0)]])
+
+    async def refresh() -> None:
+        snapshot["counts"] = await store.counts()
+        snapshot["oldest"] = await store.oldest_active_created_at()
+
+    return refresh
+
+
 def create_app(store: JobStore, worker: PipelineWorker, policy: UrlPolicy, verifier: WebhookVerifier, *,
                api_token: str = "", public_url: str = "") -> web.Application:
     instrument_aiohttp_server()
@@ -238,4 +270,5 @@ def create_app(store: JobStore, worker: PipelineWorker, policy: UrlPolicy, verif
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/openapi.json", openapi)
     WebPages(store, api_token).register(app)
+    add_metrics_route(app, _gauges(store))
     return app

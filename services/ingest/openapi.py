@@ -181,6 +181,11 @@ def openapi_document() -> dict[str, Any]:
                 "get": {"operationId": "health", "summary": "Liveness",
                         "responses": {"200": _json("Serving", "Health")}},
             },
+            "/metrics": {
+                "get": {"operationId": "metrics", "summary": "Prometheus metrics (OpenTelemetry)",
+                        "responses": {"200": {"description": "Prometheus text exposition format",
+                                              "content": {"text/plain": {"schema": {"type": "string"}}}}}},
+            },
             "/openapi.json": {
                 "get": {"operationId": "openapi", "summary": "This document",
                         "responses": {"200": {"description": "OpenAPI 3.1",

@@ -23,6 +23,7 @@ from opentelemetry import trace
 from callcenter.v1 import analyze_pb2, analyze_pb2_grpc, common_pb2, crm_pb2, crm_pb2_grpc, transcribe_pb2, transcribe_pb2_grpc
 from services.common.grpc_server import client_channel
 from services.common.logs import call_context
+from services.common.metrics import DURATION_BUCKETS, meter
 from services.common.retry import backoff_delay, sleep_or_wake
 from services.common.protoconv import duration, seconds, timestamp
 from services.common.records import (
@@ -37,6 +38,9 @@ from services.ingest.store import (
 
 log = logging.getLogger(__name__)
 _tracer = tracer(__name__)
+_stage_seconds = meter(__name__).create_histogram(
+    "callmesh.stage.duration", unit="s", description="One attempt at a pipeline stage (stage, outcome)",
+    explicit_bucket_boundaries_advisory=DURATION_BUCKETS)
 
 LEASE_SECONDS = 120.0
 TRANSIENT_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -168,21 +172,28 @@ class PipelineWorker:
             if stage != job.state:
                 await self.store.update(job.call_id, self.owner, state=stage)
                 job.state, job.attempts = stage, 0
+            stage_started = time.perf_counter()
+            outcome = "retry"
             try:
                 with _tracer.start_as_current_span(f"pipeline.{stage}", context=parent,
                                                    attributes={"callmesh.call_id": job.call_id,
                                                                "callmesh.attempt": job.attempts + 1}) as span:
                     try:
                         next_state, fields = await getattr(self, f"_stage_{stage}")(job)
+                        outcome = "done"
                     except StageError as exc:
                         span.set_status(trace.Status(trace.StatusCode.ERROR, str(exc)))
                         raise
             except StageError as exc:
+                outcome = "failed" if exc.permanent else "retry"
                 await self._failed_attempt(job, exc)
                 return
             except _Reschedule as r:
+                outcome = "waiting"
                 await self.store.update(job.call_id, self.owner, release=True, next_attempt_at=time.time() + r.delay)
                 return
+            finally:
+                _stage_seconds.record(time.perf_counter() - stage_started, {"stage": stage, "outcome": outcome})
             await self.store.update(job.call_id, self.owner, state=next_state, error=None, error_stage=None, **fields)
             log.info("%s → %s", stage, next_state)
             job.state, job.attempts = next_state, 0

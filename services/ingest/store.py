@@ -164,6 +164,12 @@ class JobStore:
             rows = await self.db.fetchall("SELECT * FROM jobs ORDER BY seq DESC LIMIT ? OFFSET ?", (limit, offset))
         return [Job.from_row(r) for r in rows]
 
+    async def oldest_active_created_at(self) -> float | None:
+        """When the oldest call still in the pipeline arrived (None when none is)."""
+        placeholders = ",".join("?" * len(ACTIVE_STATES))
+        row = await self.db.fetchone(f"SELECT MIN(created_at) FROM jobs WHERE state IN ({placeholders})", ACTIVE_STATES)
+        return row[0] if row else None
+
     async def counts(self) -> dict[str, int]:
         rows = await self.db.fetchall("SELECT state, COUNT(*) FROM jobs GROUP BY state")
         return {r[0]: r[1] for r in rows}

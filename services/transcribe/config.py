@@ -87,7 +87,7 @@ class TranscribeSettings:
     def from_env(cls) -> "TranscribeSettings":
         engine = EngineSettings.from_env()
         return cls(
-            server=GrpcServerSettings.from_env("TRANSCRIBE", 50051),
+            server=GrpcServerSettings.from_env("TRANSCRIBE", 50051, 9101),
             engine=engine,
             max_concurrent=engine.num_workers,
             max_queued=env_int("TRANSCRIBE_MAX_QUEUED", 8, minimum=0),

@@ -12,6 +12,7 @@ import grpc
 from callcenter.v1 import common_pb2, transcribe_pb2, transcribe_pb2_grpc
 from services.common.limits import AdmissionLimiter, Overloaded
 from services.common.logs import call_context
+from services.common.metrics import DURATION_BUCKETS, meter
 from services.common.protoconv import duration
 from services.common.records import SPEAKER_VALUES
 from services.common.telemetry import tracer
@@ -26,6 +27,15 @@ from services.transcribe.engine import (
 
 log = logging.getLogger(__name__)
 _tracer = tracer(__name__)
+_meter = meter(__name__)
+_decode_seconds = _meter.create_histogram(
+    "callmesh.transcribe.decode.duration", unit="s", description="Time to decode one recording",
+    explicit_bucket_boundaries_advisory=DURATION_BUCKETS)
+_rtf = _meter.create_histogram(
+    "callmesh.transcribe.realtime_factor", description="Decode time divided by audio duration (below 1: faster than "
+    "real time)", explicit_bucket_boundaries_advisory=(0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 4))
+_audio_seconds = _meter.create_counter("callmesh.transcribe.audio", unit="s", description="Audio transcribed")
+_rejected = _meter.create_counter("callmesh.transcribe.rejected", description="Streams refused (reason)")
 
 _SPOOL_IN_MEMORY = 8 * 1024 * 1024
 _DONE = object()
@@ -88,6 +98,7 @@ class TranscriptionServicer(transcribe_pb2_grpc.TranscriptionServiceServicer):
                         async for response in self._decode(spool, options_from_config(config), config.call_id):
                             yield response
             except Overloaded as exc:
+                _rejected.add(1, {"reason": "overloaded"})
                 log.warning("rejected: %s", exc)
                 await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
             except _InvalidAudio as exc:
@@ -149,6 +160,10 @@ class TranscriptionServicer(transcribe_pb2_grpc.TranscriptionServiceServicer):
                         span.set_attribute("whisper.audio_seconds", event.audio_duration)
                         log.info("decoded %.1f s of audio into %d segments in %.1f s", event.audio_duration,
                                  event.segment_count, event.processing_time)
+                        _decode_seconds.record(event.processing_time)
+                        _audio_seconds.add(event.audio_duration)
+                        if event.audio_duration > 0:
+                            _rtf.record(event.processing_time / event.audio_duration)
                     yield to_response(event)
             finally:
                 if thread.is_alive():

@@ -1,0 +1,64 @@
+"""OpenTelemetry metrics, scraped by Prometheus at ``/metrics`` on every service.
+
+Instruments are made with :func:`meter` where the work happens (they are no-ops
+until :func:`setup_metrics` installs the provider, as in tests of single pieces).
+Values that live in a database (queue depth, oldest job) are read by an async
+``refresh`` hook just before each scrape and reported by observable gauges.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+from opentelemetry import metrics
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.resources import Resource
+
+from services.common.lifecycle import start_site
+
+log = logging.getLogger(__name__)
+REFRESH = web.AppKey("metrics_refresh", list)
+
+# Bucket bounds (seconds) for stage and decode latencies: a short call on a GPU to an hour on a CPU.
+DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+
+
+def setup_metrics(service: str) -> None:
+    """Install a meter provider whose readings the Prometheus client library exposes."""
+    from opentelemetry.exporter.prometheus import PrometheusMetricReader
+
+    provider = MeterProvider(resource=Resource.create({"service.name": service}),
+                             metric_readers=[PrometheusMetricReader()])
+    metrics.set_meter_provider(provider)
+
+
+def meter(name: str) -> metrics.Meter:
+    return metrics.get_meter(name)
+
+
+async def metrics_handler(request: web.Request) -> web.Response:
+    from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+
+    for refresh in request.app.get(REFRESH, []):
+        try:
+            await refresh()
+        except Exception:  # a scrape must answer even when a store is busy
+            log.exception("metrics refresh failed")
+    return web.Response(body=generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def add_metrics_route(app: web.Application, *refresh: Callable[[], Awaitable[None]]) -> None:
+    """Serve ``GET /metrics`` on ``app``, running ``refresh`` hooks before each scrape."""
+    app[REFRESH] = list(refresh)
+    app.router.add_get("/metrics", metrics_handler)
+
+
+async def start_metrics_site(listen: str, *refresh: Callable[[], Awaitable[None]]) -> tuple[web.AppRunner, str]:
+    """A small HTTP server for ``/metrics`` beside a gRPC service; returns it and its bound address."""
+    app = web.Application()
+    add_metrics_route(app, *refresh)
+    host, port = listen.rsplit(":", 1)
+    runner, bound = await start_site(app, host, int(port), access_log=None)
+    return runner, f"{host}:{bound}"
