@@ -134,6 +134,11 @@ async def test_record_has_the_seed_shape(world: World, two_calls: dict[str, dict
         assert field in record
     assert len(record["summary"]) == 3 and all(record["summary"])
     assert record["segments"] and record["audio_duration_seconds"] > 5
+    stats = record["statistics"]
+    assert stats["talk_time_seconds"]["unknown"] > 3 and stats["interruptions"] == 0
+    total = stats["talk_time_seconds"]["unknown"] + stats["non_talk_time_seconds"]
+    assert abs(total - record["audio_duration_seconds"]) < 0.05
+    assert record["language_uncertain"] is False
     assert record == two_calls[lang]["result"]  # the status API shows what the CRM received
 
 

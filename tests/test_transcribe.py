@@ -81,6 +81,27 @@ async def test_stereo_call_labels_agent_and_customer_in_time_order(stub, audio_d
     assert "parcel" not in agent_text
 
 
+async def test_summary_carries_talk_time_per_speaker_and_silences(stub, audio_dir: Path) -> None:
+    config = transcribe_pb2.TranscriptionConfig(call_id="stats", channel_layout=transcribe_pb2.CHANNEL_LAYOUT_STEREO,
+                                                agent_channel=transcribe_pb2.AGENT_CHANNEL_LEFT)
+    responses = await collect(stub.Transcribe(requests(audio_dir / "stereo-agent-left.wav", config)))
+    summary = responses[-1].summary
+    talk = {t.speaker: t.talk_time.ToTimedelta().total_seconds() for t in summary.statistics.talk_times}
+    assert set(talk) == {common_pb2.SPEAKER_AGENT, common_pb2.SPEAKER_CUSTOMER}
+    assert all(1.0 < seconds < 6.0 for seconds in talk.values())
+    audio = summary.audio_duration.ToTimedelta().total_seconds()
+    non_talk = summary.statistics.non_talk_time.ToTimedelta().total_seconds()
+    assert abs(audio - non_talk - sum(talk.values())) < 0.01  # the two never overlap in this call
+    assert summary.statistics.interruptions == 0
+    assert 0 < summary.statistics.longest_silence.ToTimedelta().total_seconds() <= non_talk
+
+
+async def test_a_hinted_language_is_never_flagged_uncertain(stub, audio_dir: Path) -> None:
+    config = transcribe_pb2.TranscriptionConfig(call_id="hint-sure", language_code="es")
+    responses = await collect(stub.Transcribe(requests(audio_dir / "es-billing-angry.wav", config)))
+    assert responses[-1].summary.language_uncertain is False
+
+
 async def test_telephone_band_mp3_decodes(stub, audio_dir: Path) -> None:
     responses = await collect(stub.Transcribe(requests(audio_dir / "es-billing-angry-8k.mp3")))
     assert responses[0].language.language_code == "es"
@@ -181,3 +202,18 @@ async def test_health_and_reflection_are_served(stub, engine) -> None:
             await health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=2)
     finally:
         await channel.close()
+
+
+def test_detected_language_below_the_minimum_probability_is_flagged(whisper_dir: Path, audio_dir: Path) -> None:
+    from services.transcribe.config import DecodeSettings
+    from services.transcribe.engine import SummaryResult, TranscribeOptions
+
+    strict = WhisperEngine(EngineSettings(model_path=whisper_dir, cpu_threads=2,
+                                          decode=DecodeSettings(language_min_probability=0.999)))
+    summary = [e for e in strict.run(audio_dir / "es-billing-angry.wav", TranscribeOptions())
+               if isinstance(e, SummaryResult)][0]
+    assert summary.language == "es" and summary.language_probability < 0.999
+    assert summary.language_uncertain is True
+    hinted = [e for e in strict.run(audio_dir / "es-billing-angry.wav", TranscribeOptions(language="es"))
+              if isinstance(e, SummaryResult)][0]
+    assert hinted.language_uncertain is False

@@ -67,3 +67,23 @@ class TranscriptSegment(_message.Message):
     no_speech_prob: float
     language_code: str
     def __init__(self, index: _Optional[int] = ..., start_offset: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., end_offset: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., text: _Optional[str] = ..., speaker: _Optional[_Union[Speaker, str]] = ..., channel: _Optional[int] = ..., words: _Optional[_Iterable[_Union[Word, _Mapping]]] = ..., avg_logprob: _Optional[float] = ..., no_speech_prob: _Optional[float] = ..., language_code: _Optional[str] = ...) -> None: ...
+
+class SpeakerTalkTime(_message.Message):
+    __slots__ = ("speaker", "talk_time")
+    SPEAKER_FIELD_NUMBER: _ClassVar[int]
+    TALK_TIME_FIELD_NUMBER: _ClassVar[int]
+    speaker: Speaker
+    talk_time: _duration_pb2.Duration
+    def __init__(self, speaker: _Optional[_Union[Speaker, str]] = ..., talk_time: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+
+class CallStatistics(_message.Message):
+    __slots__ = ("talk_times", "non_talk_time", "interruptions", "longest_silence")
+    TALK_TIMES_FIELD_NUMBER: _ClassVar[int]
+    NON_TALK_TIME_FIELD_NUMBER: _ClassVar[int]
+    INTERRUPTIONS_FIELD_NUMBER: _ClassVar[int]
+    LONGEST_SILENCE_FIELD_NUMBER: _ClassVar[int]
+    talk_times: _containers.RepeatedCompositeFieldContainer[SpeakerTalkTime]
+    non_talk_time: _duration_pb2.Duration
+    interruptions: int
+    longest_silence: _duration_pb2.Duration
+    def __init__(self, talk_times: _Optional[_Iterable[_Union[SpeakerTalkTime, _Mapping]]] = ..., non_talk_time: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., interruptions: _Optional[int] = ..., longest_silence: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...

@@ -24,7 +24,7 @@ DELIVERY_STATE_DELIVERED: DeliveryState
 DELIVERY_STATE_FAILED: DeliveryState
 
 class CallRecord(_message.Message):
-    __slots__ = ("call_id", "language_code", "transcript", "translated_transcript", "summary", "topic", "sentiment", "emotion", "create_time", "segments", "audio_duration", "language_probability", "transcription_model", "analysis_model", "prompt_version")
+    __slots__ = ("call_id", "language_code", "transcript", "translated_transcript", "summary", "topic", "sentiment", "emotion", "create_time", "segments", "audio_duration", "language_probability", "transcription_model", "analysis_model", "prompt_version", "statistics", "language_uncertain")
     CALL_ID_FIELD_NUMBER: _ClassVar[int]
     LANGUAGE_CODE_FIELD_NUMBER: _ClassVar[int]
     TRANSCRIPT_FIELD_NUMBER: _ClassVar[int]
@@ -40,6 +40,8 @@ class CallRecord(_message.Message):
     TRANSCRIPTION_MODEL_FIELD_NUMBER: _ClassVar[int]
     ANALYSIS_MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    STATISTICS_FIELD_NUMBER: _ClassVar[int]
+    LANGUAGE_UNCERTAIN_FIELD_NUMBER: _ClassVar[int]
     call_id: str
     language_code: str
     transcript: str
@@ -55,7 +57,9 @@ class CallRecord(_message.Message):
     transcription_model: str
     analysis_model: str
     prompt_version: str
-    def __init__(self, call_id: _Optional[str] = ..., language_code: _Optional[str] = ..., transcript: _Optional[str] = ..., translated_transcript: _Optional[str] = ..., summary: _Optional[_Iterable[str]] = ..., topic: _Optional[str] = ..., sentiment: _Optional[_Union[_common_pb2.Sentiment, str]] = ..., emotion: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., segments: _Optional[_Iterable[_Union[_common_pb2.TranscriptSegment, _Mapping]]] = ..., audio_duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., language_probability: _Optional[float] = ..., transcription_model: _Optional[str] = ..., analysis_model: _Optional[str] = ..., prompt_version: _Optional[str] = ...) -> None: ...
+    statistics: _common_pb2.CallStatistics
+    language_uncertain: bool
+    def __init__(self, call_id: _Optional[str] = ..., language_code: _Optional[str] = ..., transcript: _Optional[str] = ..., translated_transcript: _Optional[str] = ..., summary: _Optional[_Iterable[str]] = ..., topic: _Optional[str] = ..., sentiment: _Optional[_Union[_common_pb2.Sentiment, str]] = ..., emotion: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., segments: _Optional[_Iterable[_Union[_common_pb2.TranscriptSegment, _Mapping]]] = ..., audio_duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., language_probability: _Optional[float] = ..., transcription_model: _Optional[str] = ..., analysis_model: _Optional[str] = ..., prompt_version: _Optional[str] = ..., statistics: _Optional[_Union[_common_pb2.CallStatistics, _Mapping]] = ..., language_uncertain: _Optional[bool] = ...) -> None: ...
 
 class DeliverRequest(_message.Message):
     __slots__ = ("record",)

@@ -64,7 +64,7 @@ class LanguageDetection(_message.Message):
     def __init__(self, language_code: _Optional[str] = ..., probability: _Optional[float] = ..., from_hint: _Optional[bool] = ...) -> None: ...
 
 class TranscriptionSummary(_message.Message):
-    __slots__ = ("language_code", "language_probability", "audio_duration", "segment_count", "processing_time", "model", "speech_duration")
+    __slots__ = ("language_code", "language_probability", "audio_duration", "segment_count", "processing_time", "model", "speech_duration", "statistics", "language_uncertain")
     LANGUAGE_CODE_FIELD_NUMBER: _ClassVar[int]
     LANGUAGE_PROBABILITY_FIELD_NUMBER: _ClassVar[int]
     AUDIO_DURATION_FIELD_NUMBER: _ClassVar[int]
@@ -72,6 +72,8 @@ class TranscriptionSummary(_message.Message):
     PROCESSING_TIME_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SPEECH_DURATION_FIELD_NUMBER: _ClassVar[int]
+    STATISTICS_FIELD_NUMBER: _ClassVar[int]
+    LANGUAGE_UNCERTAIN_FIELD_NUMBER: _ClassVar[int]
     language_code: str
     language_probability: float
     audio_duration: _duration_pb2.Duration
@@ -79,7 +81,9 @@ class TranscriptionSummary(_message.Message):
     processing_time: _duration_pb2.Duration
     model: str
     speech_duration: _duration_pb2.Duration
-    def __init__(self, language_code: _Optional[str] = ..., language_probability: _Optional[float] = ..., audio_duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., segment_count: _Optional[int] = ..., processing_time: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., model: _Optional[str] = ..., speech_duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+    statistics: _common_pb2.CallStatistics
+    language_uncertain: bool
+    def __init__(self, language_code: _Optional[str] = ..., language_probability: _Optional[float] = ..., audio_duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., segment_count: _Optional[int] = ..., processing_time: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., model: _Optional[str] = ..., speech_duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., statistics: _Optional[_Union[_common_pb2.CallStatistics, _Mapping]] = ..., language_uncertain: _Optional[bool] = ...) -> None: ...
 
 class TranscribeResponse(_message.Message):
     __slots__ = ("language", "segment", "summary")

@@ -44,6 +44,26 @@ def segment_from_dict(s: dict) -> common_pb2.TranscriptSegment:
     )
 
 
+def statistics_to_json(stats: common_pb2.CallStatistics) -> dict:
+    """Call statistics as the CRM record and the job store hold them."""
+    return {
+        "talk_time_seconds": {SPEAKER_NAMES.get(t.speaker, "unknown"): round(seconds(t.talk_time), 3)
+                              for t in stats.talk_times},
+        "non_talk_time_seconds": round(seconds(stats.non_talk_time), 3),
+        "interruptions": stats.interruptions,
+        "longest_silence_seconds": round(seconds(stats.longest_silence), 3),
+    }
+
+
+def statistics_from_json(d: dict) -> common_pb2.CallStatistics:
+    """The inverse of :func:`statistics_to_json`."""
+    return common_pb2.CallStatistics(
+        talk_times=[common_pb2.SpeakerTalkTime(speaker=SPEAKER_VALUES.get(s, common_pb2.SPEAKER_UNKNOWN),
+                                               talk_time=duration(t)) for s, t in d.get("talk_time_seconds", {}).items()],
+        non_talk_time=duration(d.get("non_talk_time_seconds", 0.0)), interruptions=d.get("interruptions", 0),
+        longest_silence=duration(d.get("longest_silence_seconds", 0.0)))
+
+
 def record_to_json(record: crm_pb2.CallRecord) -> dict:
     """The seed's shape, ``{call_id, language, transcript, translated_transcript, summary[], topic,
     sentiment, emotion, timestamp}``, plus segments, speakers and durations."""
@@ -62,6 +82,8 @@ def record_to_json(record: crm_pb2.CallRecord) -> dict:
         "speakers": sorted({s["speaker"] for s in segments}),
         "audio_duration_seconds": round(seconds(record.audio_duration), 3),
         "language_probability": round(record.language_probability, 4),
+        "language_uncertain": record.language_uncertain,
+        "statistics": statistics_to_json(record.statistics),
         "models": {"transcription": record.transcription_model, "analysis": record.analysis_model,
                    "prompt_version": record.prompt_version},
     }

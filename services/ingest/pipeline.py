@@ -27,7 +27,8 @@ from services.common.metrics import DURATION_BUCKETS, meter
 from services.common.retry import backoff_delay, sleep_or_wake
 from services.common.protoconv import duration, seconds, timestamp
 from services.common.records import (
-    SENTIMENT_NAMES, SENTIMENT_VALUES, record_to_json, segment_from_dict, segment_to_dict,
+    SENTIMENT_NAMES, SENTIMENT_VALUES, record_to_json, segment_from_dict, segment_to_dict, statistics_from_json,
+    statistics_to_json,
 )
 from services.common.telemetry import context_from, tracer
 from services.ingest.config import PipelineSettings
@@ -269,6 +270,7 @@ class PipelineWorker:
             "segments": segments, "audio_duration": seconds(summary.audio_duration),
             "speech_duration": seconds(summary.speech_duration),
             "processing_time": seconds(summary.processing_time), "model": summary.model, "complete": True,
+            "statistics": statistics_to_json(summary.statistics), "language_uncertain": summary.language_uncertain,
         }
         log.info("transcribed: language %s, %d segments", transcript["language"], len(segments))
         return ANALYZING, {"transcript": transcript}
@@ -308,6 +310,8 @@ class PipelineWorker:
             segments=[segment_from_dict(s) for s in segments], audio_duration=duration(t.get("audio_duration", 0.0)),
             language_probability=t.get("language_probability", 0.0), transcription_model=t.get("model", ""),
             analysis_model=a.get("model", ""), prompt_version=a.get("prompt_version", ""),
+            statistics=statistics_from_json(t.get("statistics", {})),
+            language_uncertain=bool(t.get("language_uncertain")) and not a.get("no_speech"),
         )
 
     async def _stage_delivering(self, job: Job) -> tuple[str, dict]:

@@ -30,6 +30,7 @@ class DecodeSettings:
     compression_ratio_threshold: float = 2.4
     no_speech_threshold: float = 0.6
     language_detection_segments: int = 3
+    language_min_probability: float = 0.5  # below: the call's language is flagged as uncertain
 
     @classmethod
     def from_env(cls) -> "DecodeSettings":
@@ -44,6 +45,8 @@ class DecodeSettings:
             compression_ratio_threshold=env_float("WHISPER_COMPRESSION_RATIO_THRESHOLD", d.compression_ratio_threshold),
             no_speech_threshold=env_float("WHISPER_NO_SPEECH_THRESHOLD", d.no_speech_threshold),
             language_detection_segments=env_int("WHISPER_LANGUAGE_DETECTION_SEGMENTS", d.language_detection_segments, minimum=1),
+            language_min_probability=env_float("WHISPER_LANGUAGE_MIN_PROBABILITY", d.language_min_probability,
+                                               minimum=0.0),
         )
 
 

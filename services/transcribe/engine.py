@@ -19,6 +19,7 @@ from typing import BinaryIO, Literal
 
 import numpy as np
 
+from services.transcribe.statistics import CallStats, call_statistics
 from services.transcribe.config import EngineSettings
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,8 @@ class SummaryResult:
     segment_count: int
     processing_time: float
     model: str
+    statistics: CallStats
+    language_uncertain: bool
 
 
 Event = LanguageResult | SegmentResult | SummaryResult
@@ -182,6 +185,10 @@ class WhisperEngine:
         finally:
             self.stats.add(active=-1, completed=1 if finished else 0, cancelled=0 if finished else 1)
 
+    def _uncertain(self, options: TranscribeOptions, probability: float) -> bool:
+        """A detected language below the configured probability is flagged; a hint is never uncertain."""
+        return not options.language and probability < self.settings.decode.language_min_probability
+
     def _check(self, cancel: threading.Event) -> None:
         if cancel.is_set():
             raise DecodeCancelled()
@@ -218,18 +225,20 @@ class WhisperEngine:
         segments, info = self._segments(audio, options, options.language, "unknown", 0)
         probability = 1.0 if options.language else float(info.language_probability)
         yield LanguageResult(info.language, probability, from_hint=bool(options.language))
-        count = 0
+        spoken: list[tuple[str, float, float]] = []
         for seg in self._numbered(segments, cancel):
-            count += 1
+            spoken.append((seg.speaker, seg.start, seg.end))
             yield seg
         yield SummaryResult(
             language=info.language,
             language_probability=probability,
             audio_duration=audio.size / SAMPLE_RATE,
             speech_duration=float(info.duration_after_vad),
-            segment_count=count,
+            segment_count=len(spoken),
             processing_time=time.perf_counter() - started,
             model=self.model_name,
+            statistics=call_statistics(spoken, audio.size / SAMPLE_RATE),
+            language_uncertain=self._uncertain(options, probability),
         )
 
     def _run_stereo(self, source, options: TranscribeOptions, cancel: threading.Event, started: float) -> Iterator[Event]:
@@ -248,16 +257,18 @@ class WhisperEngine:
         left_segments, left_info = self._segments(left, options, language, "agent" if agent_is_left else "customer", 0)
         right_segments, right_info = self._segments(right, options, language, "customer" if agent_is_left else "agent", 1)
         merged = heapq.merge(left_segments, right_segments, key=lambda s: (s.start, s.channel))
-        count = 0
+        spoken: list[tuple[str, float, float]] = []
         for seg in self._numbered(merged, cancel):
-            count += 1
+            spoken.append((seg.speaker, seg.start, seg.end))
             yield seg
         yield SummaryResult(
             language=language,
             language_probability=float(probability),
             audio_duration=left.size / SAMPLE_RATE,
             speech_duration=float(left_info.duration_after_vad) + float(right_info.duration_after_vad),
-            segment_count=count,
+            segment_count=len(spoken),
             processing_time=time.perf_counter() - started,
             model=self.model_name,
+            statistics=call_statistics(spoken, left.size / SAMPLE_RATE),
+            language_uncertain=self._uncertain(options, float(probability)),
         )

@@ -67,6 +67,7 @@ def to_response(event: LanguageResult | SegmentResult | SummaryResult) -> transc
         language_code=event.language, language_probability=event.language_probability,
         audio_duration=duration(event.audio_duration), speech_duration=duration(event.speech_duration),
         segment_count=event.segment_count, processing_time=duration(event.processing_time), model=event.model,
+        statistics=event.statistics.to_proto(), language_uncertain=event.language_uncertain,
     ))
 
 
