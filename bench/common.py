@@ -99,13 +99,21 @@ def machine() -> dict[str, Any]:
 
 
 def write_results(results: list[Result], started: float) -> Path:
+    """Write results/latest.json; benchmarks not run this time keep their last figures (and their date)."""
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / "latest.json"
+    date = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started))
+    fresh = [{**r.as_json(), "date": date} for r in results]
+    kept: list[dict[str, Any]] = []
+    if path.exists():
+        names = {r.name for r in results}
+        previous = json.loads(path.read_text())
+        kept = [r for r in previous.get("results", []) if r["name"] not in names]
     path.write_text(json.dumps({
-        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        "date": date,
         "seconds": round(time.time() - started, 1),
         "machine": machine(),
-        "results": [r.as_json() for r in results],
+        "results": kept + fresh,
     }, indent=2) + "\n")
     return path
 

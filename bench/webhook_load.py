@@ -30,6 +30,8 @@ from bench.common import RUNS, Result, interleaved, ratio_result, table, value_r
 from callmesh.mesh import new_mesh
 from callmesh.standins import post_webhook
 
+OPEN_LOOP_RATE = 200  # webhooks per second offered in the open-loop latency run
+
 
 async def _baseline_handler(request: web.Request) -> web.Response:
     await request.read()
@@ -70,6 +72,25 @@ async def blast(url: str, secret: str | None, n: int, in_flight: int, prefix: st
         return time.perf_counter() - start, sorted(latencies)
 
 
+async def paced(url: str, secret: str | None, rate: float, count: int, connections: int, prefix: str) -> list[float]:
+    """Open loop: webhook i leaves at i/rate seconds whatever the answers do; returns sorted latencies."""
+    latencies: list[float] = []
+
+    async def one(session: aiohttp.ClientSession, i: int, start: float) -> None:
+        await asyncio.sleep(max(0.0, start + i / rate - time.perf_counter()))
+        payload = {"call_id": f"{prefix}-{i:05d}", "recording_url": f"http://127.0.0.1:9/r/{i}.wav"}
+        t0 = time.perf_counter()
+        code, body = await post_webhook(session, url, payload, secret)
+        latencies.append(time.perf_counter() - t0)
+        if code != 202:
+            raise RuntimeError(f"HTTP {code}: {body}")
+
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=connections)) as session:
+        start = time.perf_counter()
+        await asyncio.gather(*(one(session, i, start) for i in range(count)))
+    return sorted(latencies)
+
+
 def pct(values: list[float], p: float) -> float:
     return values[min(len(values) - 1, int(len(values) * p))] * 1000
 
@@ -104,6 +125,18 @@ async def webhook_ack(work: Path, n: int, in_flight: int, runs: int) -> list[Res
             return n / t
 
         bare_rates, ingest_rates = await interleaved(bare, ingest, runs)
+        paced_bare: list[float] = []
+
+        async def bare_paced() -> float:
+            paced_bare.append(pct(await paced(base_url, None, OPEN_LOOP_RATE, OPEN_LOOP_RATE * 10, in_flight,
+                                              f"pb{next(counter)}"), 0.99))
+            return paced_bare[-1]
+
+        async def ingest_paced() -> float:
+            return pct(await paced(mesh.ingest_url, mesh.webhook_secret, OPEN_LOOP_RATE, OPEN_LOOP_RATE * 10,
+                                   in_flight, f"pi{next(counter)}"), 0.99)
+
+        _, paced_ingest = await interleaved(bare_paced, ingest_paced, runs)
     finally:
         mesh.stop()
         baseline.terminate()
@@ -117,6 +150,9 @@ async def webhook_ack(work: Path, n: int, in_flight: int, runs: int) -> list[Res
                      f"{max(ingest_rates):.0f}/s, bare {min(bare_rates):.0f}-{max(bare_rates):.0f}/s"),
         value_result("webhook ack p99 latency", p99, "ms", "<= 25", lambda v: v <= 25,
                      f"closed loop, {in_flight} in flight; bare p99 {min(bare_p99):.1f}-{max(bare_p99):.1f} ms"),
+        value_result(f"webhook ack p99 at {OPEN_LOOP_RATE}/s", paced_ingest, "ms", "<= 25", lambda v: v <= 25,
+                     f"open loop, {OPEN_LOOP_RATE * 10} webhooks over 10 s, up to {in_flight} connections; "
+                     f"bare p99 {min(paced_bare):.1f}-{max(paced_bare):.1f} ms"),
     ]
 
 
