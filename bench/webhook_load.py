@@ -53,42 +53,31 @@ def serve_baseline(ready: Path) -> None:
     asyncio.run(main())
 
 
-async def blast(url: str, secret: str | None, n: int, in_flight: int, prefix: str) -> tuple[float, list[float]]:
-    gate = asyncio.Semaphore(in_flight)
+async def blast(url: str, secret: str | None, n: int, connections: int, prefix: str,
+                rate: float | None = None) -> tuple[float, list[float]]:
+    """``n`` signed webhooks over ``connections``: as fast as answers come back (closed loop), or, with
+    ``rate``, webhook i leaving at i/rate seconds whatever the answers do (open loop, where the latency
+    counts from the planned departure). Returns (seconds, sorted latencies)."""
+    gate = asyncio.Semaphore(connections)
     latencies: list[float] = []
 
-    async def one(session: aiohttp.ClientSession, i: int) -> None:
+    async def one(session: aiohttp.ClientSession, i: int, start: float) -> None:
         payload = {"call_id": f"{prefix}-{i:05d}", "recording_url": f"http://127.0.0.1:9/r/{i}.wav"}
+        if rate:
+            await asyncio.sleep(max(0.0, start + i / rate - time.perf_counter()))
+        t0 = time.perf_counter()
         async with gate:
-            t0 = time.perf_counter()
+            if not rate:
+                t0 = time.perf_counter()
             code, body = await post_webhook(session, url, payload, secret)
             latencies.append(time.perf_counter() - t0)
         if code != 202:
             raise RuntimeError(f"HTTP {code}: {body}")
 
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=in_flight)) as session:
-        start = time.perf_counter()
-        await asyncio.gather(*(one(session, i) for i in range(n)))
-        return time.perf_counter() - start, sorted(latencies)
-
-
-async def paced(url: str, secret: str | None, rate: float, count: int, connections: int, prefix: str) -> list[float]:
-    """Open loop: webhook i leaves at i/rate seconds whatever the answers do; returns sorted latencies."""
-    latencies: list[float] = []
-
-    async def one(session: aiohttp.ClientSession, i: int, start: float) -> None:
-        await asyncio.sleep(max(0.0, start + i / rate - time.perf_counter()))
-        payload = {"call_id": f"{prefix}-{i:05d}", "recording_url": f"http://127.0.0.1:9/r/{i}.wav"}
-        t0 = time.perf_counter()
-        code, body = await post_webhook(session, url, payload, secret)
-        latencies.append(time.perf_counter() - t0)
-        if code != 202:
-            raise RuntimeError(f"HTTP {code}: {body}")
-
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=connections)) as session:
         start = time.perf_counter()
-        await asyncio.gather(*(one(session, i, start) for i in range(count)))
-    return sorted(latencies)
+        await asyncio.gather(*(one(session, i, start) for i in range(n)))
+        return time.perf_counter() - start, sorted(latencies)
 
 
 def pct(values: list[float], p: float) -> float:
@@ -128,13 +117,14 @@ async def webhook_ack(work: Path, n: int, in_flight: int, runs: int) -> list[Res
         paced_bare: list[float] = []
 
         async def bare_paced() -> float:
-            paced_bare.append(pct(await paced(base_url, None, OPEN_LOOP_RATE, OPEN_LOOP_RATE * 10, in_flight,
-                                              f"pb{next(counter)}"), 0.99))
+            _, lat = await blast(base_url, None, OPEN_LOOP_RATE * 10, in_flight, f"pb{next(counter)}", OPEN_LOOP_RATE)
+            paced_bare.append(pct(lat, 0.99))
             return paced_bare[-1]
 
         async def ingest_paced() -> float:
-            return pct(await paced(mesh.ingest_url, mesh.webhook_secret, OPEN_LOOP_RATE, OPEN_LOOP_RATE * 10,
-                                   in_flight, f"pi{next(counter)}"), 0.99)
+            _, lat = await blast(mesh.ingest_url, mesh.webhook_secret, OPEN_LOOP_RATE * 10, in_flight,
+                                 f"pi{next(counter)}", OPEN_LOOP_RATE)
+            return pct(lat, 0.99)
 
         _, paced_ingest = await interleaved(bare_paced, ingest_paced, runs)
     finally:
