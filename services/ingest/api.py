@@ -60,12 +60,16 @@ def _iso(ts: float | None) -> str | None:
     return None if ts is None else datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds")
 
 
+def status_url(base_url: str, call_id: str) -> str:
+    return f"{base_url}/v1/calls/{call_id}"
+
+
 def job_view(job: Job, base_url: str = "") -> dict[str, Any]:
     transcript = job.transcript or {}
     view: dict[str, Any] = {
         "call_id": job.call_id,
         "status": job.state,
-        "status_url": f"{base_url}/v1/calls/{job.call_id}",  # as the webhook's answer gives it
+        "status_url": status_url(base_url, job.call_id),
         "recording_url": job.recording_url,
         "options": {k: v for k, v in job.options.__dict__.items() if v is not None},
         "created_at": _iso(job.created_at),
@@ -170,7 +174,7 @@ async def _post_call(request: web.Request) -> web.Response:
             log.info("webhook-id %s seen before (call %s): acknowledged, not processed again", webhook_id, job.call_id)
         elif not new and job.recording_url != url:
             return problem(409, "Conflict", f"call {call_id} was already received with another recording_url",
-                           status_url=f"{_base_url(request)}/v1/calls/{call_id}")
+                           status_url=status_url(_base_url(request), call_id))
         elif new:
             log.info("call received")
             request.app[WORKER].wake()
@@ -178,10 +182,10 @@ async def _post_call(request: web.Request) -> web.Response:
             log.info("call received again: same job, not processed twice")
     if not new:
         request[OUTCOME] = "duplicate"
-    status_url = f"{_base_url(request)}/v1/calls/{job.call_id}"
-    body = {"call_id": job.call_id, "status": job.state, "status_url": status_url, "trace_id": job.trace_id,
+    url_of_status = status_url(_base_url(request), job.call_id)
+    body = {"call_id": job.call_id, "status": job.state, "status_url": url_of_status, "trace_id": job.trace_id,
             "duplicate": not new}
-    return web.json_response(body, status=202, headers={"Location": status_url})
+    return web.json_response(body, status=202, headers={"Location": url_of_status})
 
 
 @requires_token
