@@ -22,6 +22,7 @@ from bench import pipeline_bench, transcribe_bench, webhook_load
 from bench.common import RUNS, Result, looped_call, machine, sixty_second_call, table, write_results
 from callmesh.models import MODELS, is_installed
 from services.common.config import data_dir
+from services.ingest.config import PipelineSettings
 
 BENCHMARKS = ("transcribe", "memory", "long", "webhook", "overlap", "seed")
 
@@ -54,7 +55,8 @@ async def run(only: tuple[str, ...], runs: int, long_minutes: int, llm_key: str)
     if "webhook" in only:
         done(await webhook_load.webhook_ack(work / "webhook", 2000, 100, runs))
     if "overlap" in only:
-        done(await pipeline_bench.pipeline_overlap(work, whisper, llm, runs))
+        done(await pipeline_bench.pipeline_overlap(work, whisper, llm, runs,
+                                                   concurrency=PipelineSettings.from_env().concurrency))
     if "seed" in only:
         done(await pipeline_bench.seed_versus_mesh(work, whisper, llm, runs))
     if "long" in only:

@@ -69,7 +69,7 @@ class PipelineSettings:
             analyze_addr=env_str("ANALYZE_ADDR", "127.0.0.1:50052"),
             crm_addr=env_str("CRM_SYNC_ADDR", "127.0.0.1:50053"),
             worker_id=env_str("INGEST_WORKER_ID", socket.gethostname()),
-            concurrency=env_int("PIPELINE_CONCURRENCY", 2, minimum=1),
+            concurrency=env_int("PIPELINE_CONCURRENCY", 4, minimum=1),
             max_attempts=env_int("PIPELINE_MAX_ATTEMPTS", 6, minimum=1),
             backoff_initial=env_float("PIPELINE_BACKOFF_INITIAL_SECONDS", 2.0, minimum=0.01),
             backoff_max=env_float("PIPELINE_BACKOFF_MAX_SECONDS", 120.0, minimum=0.01),
