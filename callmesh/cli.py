@@ -453,14 +453,6 @@ async def _retry(call_id: str, base: str) -> None:
 
 # -- callmesh transcribe -----------------------------------------------------------------------
 
-@dataclass
-class _Line:
-    start: float
-    end: float
-    speaker: str
-    text: str
-
-
 @app.command()
 def transcribe(
     file: Annotated[Path, typer.Argument(help="A recording", exists=True, dir_okay=False, readable=True)],

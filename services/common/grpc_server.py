@@ -131,12 +131,15 @@ async def serve(
     log.info("%s stopped", service)
 
 
+def tls_options(tls: TlsSettings) -> list[tuple[str, str]]:
+    """Channel options for TLS: the server name to expect when it is not the host dialled."""
+    return [("grpc.ssl_target_name_override", tls.server_name)] if tls.server_name else []
+
+
 def client_channel(target: str, tls: TlsSettings = PLAINTEXT) -> grpc.aio.Channel:
     """A traced client channel with the mesh's message limits and per-call balancing; TLS when configured."""
     credentials = channel_credentials(tls)
     if credentials is None:
         return grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS, interceptors=aio_client_interceptors())
-    options = list(_CHANNEL_OPTIONS)
-    if tls.server_name:
-        options.append(("grpc.ssl_target_name_override", tls.server_name))
-    return grpc.aio.secure_channel(target, credentials, options=options, interceptors=aio_client_interceptors())
+    return grpc.aio.secure_channel(target, credentials, options=[*_CHANNEL_OPTIONS, *tls_options(tls)],
+                                   interceptors=aio_client_interceptors())

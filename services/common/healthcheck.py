@@ -11,15 +11,15 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.common.config import TlsSettings
-from services.common.grpc_server import channel_credentials
+from services.common.grpc_server import channel_credentials, tls_options
 
 
 def serving(address: str, service: str = "", timeout: float = 3.0) -> tuple[bool, str]:
     """(SERVING?, what the service said or why it could not be asked)."""
     tls = TlsSettings.from_env()
     credentials = channel_credentials(tls)
-    options = [("grpc.ssl_target_name_override", tls.server_name)] if tls.server_name else []
-    channel = grpc.secure_channel(address, credentials, options) if credentials else grpc.insecure_channel(address)
+    channel = (grpc.secure_channel(address, credentials, tls_options(tls)) if credentials
+               else grpc.insecure_channel(address))
     with channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service),
