@@ -39,6 +39,7 @@ class ServiceProcess:
     address: str
     log_path: Path
     metrics_url: str = ""
+    module: str = ""  # the service it runs (``name`` may be a replica's, such as "crm-b")
 
 
 @dataclass
@@ -59,14 +60,17 @@ class Mesh:
         secrets = [s.strip() for s in self.env.get("WEBHOOK_SECRETS", "").split(",") if s.strip()]
         return secrets[0] if secrets else None
 
-    def start_service(self, name: str, extra_env: dict[str, str] | None = None, timeout: float = 180.0) -> ServiceProcess:
+    def start_service(self, name: str, extra_env: dict[str, str] | None = None, timeout: float = 180.0,
+                      module: str | None = None) -> ServiceProcess:
+        """Start ``services.<module>`` (default: ``name``) and wait until it says where it listens."""
+        module = module or name
         self.workdir.mkdir(parents=True, exist_ok=True)
         ready = self.workdir / f"{name}.ready"
         ready.unlink(missing_ok=True)
         log_path = self.workdir / f"{name}.log"
         env = {**self.env, **(extra_env or {}), "CALLMESH_READY_FILE": str(ready)}
         out: IO = log_path.open("ab")
-        process = subprocess.Popen([sys.executable, "-m", f"services.{name}"], env=env, stdout=out,
+        process = subprocess.Popen([sys.executable, "-m", f"services.{module}"], env=env, stdout=out,
                                    stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[1])
         deadline = time.monotonic() + timeout
         while not ready.exists():
@@ -77,7 +81,7 @@ class Mesh:
                 raise MeshError(f"{name} did not start within {timeout:.0f} s:\n" + _tail(log_path))
             time.sleep(0.05)
         said = json.loads(ready.read_text())
-        svc = ServiceProcess(name, process, said["address"], log_path, said.get("metrics", ""))
+        svc = ServiceProcess(name, process, said["address"], log_path, said.get("metrics", ""), module)
         self.services[name] = svc
         log.info("%-10s %s (pid %d)", name, svc.address, process.pid)
         return svc
@@ -124,7 +128,9 @@ class Mesh:
         return self.start_service(name, same, timeout)
 
     def stop(self) -> None:
-        for name in ("ingest", "crm", "analyze", "transcribe"):
+        """Drain in the order of the path a call takes: ingest first, transcribe last."""
+        order = ("ingest", "crm", "analyze", "transcribe")
+        for name in sorted(self.services, key=lambda n: order.index(self.services[n].module)):
             self.stop_service(name)
 
     def __enter__(self) -> "Mesh":

@@ -18,6 +18,7 @@ if (( dev )); then
   command -v npm >/dev/null || missing+=(npm)
   command -v chromium >/dev/null || missing+=(chromium)   # the web page tests drive it headless
   command -v docker-compose >/dev/null || missing+=(docker-compose)   # validates docker-compose.yml offline
+  compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || missing+=(postgresql)   # scale-out tests start one on loopback
 fi
 python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
 if (( ${#missing[@]} )); then

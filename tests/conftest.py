@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from services.common.config import data_dir  # noqa: E402
 from services.common.telemetry import setup_tracing  # noqa: E402
 from tests.cli_mesh import stereo_call, up_mesh  # noqa: E402,F401  (fixtures)
 from tests.ingest_harness import ingest, recorder  # noqa: E402,F401  (fixtures)
+from tests.postgres_server import PostgresServer, start_postgres  # noqa: E402
 
 # As in every service: spans are made (and carry trace ids) even with no exporter.
 setup_tracing("callmesh-tests")
@@ -35,6 +37,20 @@ def require_model(key: str) -> Path:
         pytest.fail(f"model {key} is not installed in {root}: run `python -m callmesh.models {key}` first",
                     pytrace=False)
     return model.path(root)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """A real PostgreSQL server on 127.0.0.1 for this test run (Debian's packages, installed by setup)."""
+    server = start_postgres()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def pg_url(postgres: PostgresServer) -> str:
+    """A fresh empty database on that server."""
+    return postgres.new_database()
 
 
 @pytest.fixture(scope="session")

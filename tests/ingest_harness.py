@@ -50,7 +50,7 @@ async def running_ingest(tmp_path: Path, verifier: WebhookVerifier = VERIFIER, *
                                 total_timeout=total_timeout, max_redirects=3, directory=tmp_path / "recordings")
     pipeline = PipelineSettings(UNUSED, UNUSED, UNUSED, worker_id="test-worker", concurrency=2, max_attempts=2,
                                 backoff_initial=0.05, backoff_max=0.1, transcribe_timeout=5, analyze_timeout=5,
-                                rpc_timeout=2, delivery_poll_seconds=0.1, chunk_bytes=65536)
+                                rpc_timeout=2, delivery_poll_seconds=0.1, chunk_bytes=65536, lease_seconds=30)
     downloader = Downloader(download)
     worker = PipelineWorker(store, downloader, pipeline)
     await worker.start()

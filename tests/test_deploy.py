@@ -26,7 +26,7 @@ OUR_SERVICES = ("transcribe", "analyze", "crm", "ingest")
 GRPC = {"transcribe": ("TRANSCRIBE", "callcenter.v1.TranscriptionService"),
         "analyze": ("ANALYZE", "callcenter.v1.AnalysisService"),
         "crm": ("CRM_SYNC", "callcenter.v1.CrmSyncService")}
-REQUIRED = {"WEBHOOK_SECRETS": "x", "CRM_URL": "http://crm.example/records"}
+REQUIRED = {"WEBHOOK_SECRETS": "x", "CRM_URL": "http://crm.example/records", "POSTGRES_PASSWORD": "pw"}
 
 
 def variables_the_code_reads() -> set[str]:
@@ -111,6 +111,27 @@ def test_compose_health_checks_and_addresses_match_the_listen_ports() -> None:
     assert services["analyze"]["environment"]["OLLAMA_HOST"] == "http://ollama:11434"
 
 
+def test_compose_runs_the_job_store_and_the_outbox_on_postgres() -> None:
+    services = compose_services()
+    assert "pg_isready" in services["postgres"]["healthcheck"]["test"]
+    for name in ("ingest", "crm"):
+        assert services[name]["environment"]["DATABASE_URL"].startswith("postgresql://callmesh:")
+        assert services[name]["environment"]["DATABASE_URL"].endswith("@postgres:5432/callmesh")
+        assert services[name]["depends_on"]["postgres"] == {"condition": "service_healthy"}
+
+
+def test_kubernetes_ingest_and_crm_scale_out_on_the_shared_database() -> None:
+    docs = k8s_documents()
+    for name in ("ingest", "crm"):
+        workload = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == name)
+        assert workload["spec"]["replicas"] >= 2
+        env = {e["name"]: e for e in workload["spec"]["template"]["spec"]["containers"][0]["env"]}
+        assert env["DATABASE_URL"]["valueFrom"]["secretKeyRef"]["key"] == "DATABASE_URL"
+    hpa = next(d for d in docs if d["kind"] == "HorizontalPodAutoscaler" and d["metadata"]["name"] == "ingest")
+    assert hpa["spec"]["scaleTargetRef"]["kind"] == "Deployment" and hpa["spec"]["maxReplicas"] > 1
+    assert any(d["kind"] == "PodDisruptionBudget" and d["metadata"]["name"] == "crm" for d in docs)
+
+
 def test_kubernetes_manifests_validate_strictly() -> None:
     files = [str(K8S / n) for n in yaml.safe_load((K8S / "kustomization.yaml").read_text())["resources"]]
     result = subprocess.run([str(BIN / "kubernetes-validate"), "--strict", "--quiet", *files],
@@ -148,7 +169,7 @@ def test_kubernetes_services_for_grpc_are_headless_and_ingest_balances_over_dns(
         assert env[f"{prefix}_ADDR"].startswith(f"dns:///{name}.")
     known = variables_the_code_reads()
     for c in containers().values():
-        if c["name"] != "ollama":
+        if c["name"] not in ("ollama", "postgres"):
             assert {e["name"] for e in c.get("env", [])} <= known
 
 
@@ -161,7 +182,7 @@ def test_kubernetes_has_a_gpu_for_transcribe_autoscaling_and_disruption_budgets(
     assert {("HorizontalPodAutoscaler", "ingest"), ("HorizontalPodAutoscaler", "analyze")} <= kinds
     assert {("PodDisruptionBudget", n) for n in ("transcribe", "analyze", "ingest")} <= kinds
     secret = next(d for d in docs if d["kind"] == "Secret")
-    assert {"WEBHOOK_SECRETS", "API_TOKEN", "CRM_URL"} <= set(secret["stringData"])
+    assert {"WEBHOOK_SECRETS", "API_TOKEN", "CRM_URL", "DATABASE_URL"} <= set(secret["stringData"])
 
 
 def metric_families_the_code_defines() -> set[str]:

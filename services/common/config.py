@@ -72,6 +72,14 @@ def ready_file() -> Path | None:
     return Path(value) if value else None
 
 
+def database_url() -> str:
+    """``DATABASE_URL``: a ``postgresql://`` URL shared by the replicas of ingest and crm; empty: SQLite files."""
+    url = env_str("DATABASE_URL", "")
+    if url and not url.startswith(("postgresql://", "postgres://")):
+        raise ConfigError(f"DATABASE_URL must be a postgresql:// URL, not {url.split(':', 1)[0]!r}")
+    return url
+
+
 def data_dir() -> Path:
     """``CALLMESH_DATA_DIR`` (default ``.data``): models, databases and recordings."""
     return Path(env_str("CALLMESH_DATA_DIR", ".data")).expanduser().resolve()

@@ -21,6 +21,10 @@ GROUP_MAX = 256  # writers per group commit
 
 
 class AsyncSqlite:
+    name = "sqlite"
+    for_update = ""  # BEGIN IMMEDIATE already holds the only write lock
+    skip_locked = ""
+
     def __init__(self, path: Path, schema: str) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
@@ -29,6 +33,10 @@ class AsyncSqlite:
         self._schema = schema
         self._group: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future]] = []
         self._group_task: asyncio.Task | None = None
+
+    def next_seq(self, table: str) -> str:
+        """SQL giving the next arrival number of ``table`` (one writer: the largest plus one)."""
+        return f"SELECT COALESCE(MAX(seq), 0) + 1 FROM {table}"
 
     def _open(self) -> None:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)

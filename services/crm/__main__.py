@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 
 from opentelemetry.metrics import Observation
@@ -20,8 +21,11 @@ SERVICE = "crm"
 
 async def amain() -> None:
     settings = CrmSettings.from_env()
-    outbox = Outbox(settings.database)
+    outbox = Outbox(settings.database_url or settings.database)
     await outbox.open()
+    logging.getLogger(SERVICE).info(
+        "outbox: %s", "PostgreSQL (DATABASE_URL), shared with the other replicas" if settings.database_url
+        else f"SQLite {settings.database}")
     worker = DeliveryWorker(outbox, settings)
     await worker.start()
     servicer = CrmSyncServicer(outbox, worker)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from services.common.config import GrpcServerSettings, data_dir, env_float, env_int, env_str
+from services.common.config import ConfigError, GrpcServerSettings, data_dir, database_url, env_float, env_int, env_str
 
 
 @dataclass(frozen=True)
@@ -13,21 +13,29 @@ class CrmSettings:
     server: GrpcServerSettings
     crm_url: str  # where records are POSTed as JSON; empty keeps them queued
     crm_token: str  # sent as a bearer token when set
-    database: Path
+    database: Path  # the SQLite outbox, when database_url is empty
+    database_url: str  # PostgreSQL shared by all CRM replicas; empty: SQLite
     timeout_seconds: float
     backoff_initial: float
     backoff_max: float
     batch: int  # records claimed per round; posted one after another, oldest first
+    lease_seconds: float  # how long a claimed record is held before another replica may take it
 
     @classmethod
     def from_env(cls) -> "CrmSettings":
-        return cls(
+        settings = cls(
             server=GrpcServerSettings.from_env("CRM_SYNC", 50053, 9103),
             crm_url=env_str("CRM_URL", ""),
             crm_token=env_str("CRM_TOKEN", ""),
             database=Path(env_str("CRM_DATABASE", str(data_dir() / "crm-outbox.db"))),
+            database_url=database_url(),
             timeout_seconds=env_float("CRM_TIMEOUT_SECONDS", 15.0, minimum=0.1),
             backoff_initial=env_float("CRM_BACKOFF_INITIAL_SECONDS", 1.0, minimum=0.01),
             backoff_max=env_float("CRM_BACKOFF_MAX_SECONDS", 60.0, minimum=0.01),
             batch=env_int("CRM_DELIVERY_BATCH", 16, minimum=1),
+            lease_seconds=env_float("CRM_LEASE_SECONDS", 60.0, minimum=1.0),
         )
+        if settings.lease_seconds <= settings.timeout_seconds:
+            raise ConfigError(f"CRM_LEASE_SECONDS ({settings.lease_seconds:g}) must be longer than "
+                              f"CRM_TIMEOUT_SECONDS ({settings.timeout_seconds:g}): a lease covers one POST")
+        return settings

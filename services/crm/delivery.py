@@ -28,7 +28,6 @@ log = logging.getLogger(__name__)
 _tracer = tracer(__name__)
 
 RETRYABLE_STATUS = {408, 425, 429}
-LEASE_SECONDS = 120.0
 _meter = meter(__name__)
 _attempts = _meter.create_counter("callmesh.crm.delivery_attempts",
                                   description="POSTs to the CRM (outcome: delivered, retry, failed)")
@@ -67,7 +66,8 @@ class DeliveryWorker:
     async def _loop(self) -> None:
         while not self._stopping.is_set():
             try:
-                rows = await self.outbox.claim_due(self.settings.batch, LEASE_SECONDS) if self.settings.crm_url else []
+                rows = (await self.outbox.claim_due(self.settings.batch, self.settings.lease_seconds)
+                        if self.settings.crm_url else [])
                 if rows:
                     await self._deliver_in_order(rows)
                     continue
@@ -81,6 +81,8 @@ class DeliveryWorker:
     async def _deliver_in_order(self, rows: list[DeliveryRow]) -> None:
         """Post oldest first; at the first transient failure the rest go back to wait behind it."""
         for i, row in enumerate(rows):
+            if i and not self._stopping.is_set():  # the lease covers one POST: extend it for the rest
+                await self.outbox.extend_lease([r.call_id for r in rows[i:]], self.settings.lease_seconds)
             if self._stopping.is_set() or not await self._deliver(row):
                 await self.outbox.release([r.call_id for r in rows[i + 1:]])
                 return

@@ -1,15 +1,22 @@
-"""The durable outbox: a record is stored before Deliver returns, and stays until the CRM has it."""
+"""The durable outbox: a record is stored before Deliver returns, and stays until the CRM has it.
+
+SQLite by default; PostgreSQL when ``DATABASE_URL`` is set, so several CRM replicas
+share one outbox. Records reach the CRM strictly in order of arrival, whichever
+replica posts them: a claim locks the head of the queue (``FOR UPDATE``) and takes
+nothing while another replica's lease holds the head, so one batch is in flight
+at a time, and a replica that dies mid-batch leaves a lease that expires.
+"""
 
 from __future__ import annotations
 
 import json
-import sqlite3
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from services.common.sqlite import AsyncSqlite
+from services.common.database import connect
 
 QUEUED, DELIVERED, FAILED = "queued", "delivered", "failed"
 _KEY_NAMESPACE = uuid.UUID("6f1c4f3e-8a55-4e0b-9c1e-3d7f2b8a9c10")
@@ -22,11 +29,11 @@ CREATE TABLE IF NOT EXISTS deliveries (
     state TEXT NOT NULL,
     attempts INTEGER NOT NULL DEFAULT 0,
     last_error TEXT NOT NULL DEFAULT '',
-    created_at REAL NOT NULL,
-    delivered_at REAL,
-    next_attempt_at REAL,
-    lease_until REAL NOT NULL DEFAULT 0,
-    seq INTEGER NOT NULL,
+    created_at DOUBLE PRECISION NOT NULL,
+    delivered_at DOUBLE PRECISION,
+    next_attempt_at DOUBLE PRECISION,
+    lease_until DOUBLE PRECISION NOT NULL DEFAULT 0,
+    seq BIGINT NOT NULL,
     trace_context TEXT NOT NULL DEFAULT '{}'
 );
 CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (state, next_attempt_at);
@@ -54,20 +61,24 @@ class DeliveryRow:
     trace_context: dict
 
     @classmethod
-    def from_row(cls, row: sqlite3.Row) -> "DeliveryRow":
+    def from_row(cls, row: Any) -> "DeliveryRow":
         return cls(row["call_id"], row["idempotency_key"], json.loads(row["payload"]), row["state"], row["attempts"],
                    row["last_error"], row["created_at"], row["delivered_at"], row["next_attempt_at"],
                    json.loads(row["trace_context"]))
 
 
 class Outbox:
-    def __init__(self, path: Path) -> None:
-        self.db = AsyncSqlite(path, SCHEMA)
+    def __init__(self, location: Path | str) -> None:
+        """``location``: a SQLite file, or a ``postgresql://`` URL."""
+        self.db = connect(location, SCHEMA, sequences=("deliveries",))
 
     async def open(self) -> None:
         await self.db.open()
-        # A crash may have left leases behind: they are released at start.
-        await self.db.transaction(lambda c: c.execute("UPDATE deliveries SET lease_until = 0 WHERE state = ?", (QUEUED,)))
+        if self.db.name == "sqlite":
+            # One replica owns a SQLite outbox: leases left by its crash are released at start.
+            # Shared (PostgreSQL) outboxes wait for them to expire: another replica may hold them.
+            await self.db.transaction(lambda c: c.execute("UPDATE deliveries SET lease_until = 0 WHERE state = ?",
+                                                          (QUEUED,)))
 
     async def close(self) -> None:
         await self.db.close()
@@ -76,11 +87,11 @@ class Outbox:
         """Store the record unless the call is already there; return the row and whether it is new."""
         now = time.time()
 
-        def tx(c: sqlite3.Connection) -> tuple[DeliveryRow, bool]:
-            seq = c.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM deliveries").fetchone()[0]
+        def tx(c: Any) -> tuple[DeliveryRow, bool]:
+            seq = c.execute(self.db.next_seq("deliveries")).fetchone()[0]
             cur = c.execute(
-                "INSERT OR IGNORE INTO deliveries (call_id, idempotency_key, payload, state, created_at, "
-                "next_attempt_at, seq, trace_context) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO deliveries (call_id, idempotency_key, payload, state, created_at, "
+                "next_attempt_at, seq, trace_context) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (call_id) DO NOTHING",
                 (call_id, idempotency_key(call_id), json.dumps(payload, ensure_ascii=False), QUEUED, now, now, seq,
                  json.dumps(trace_context)),
             )
@@ -102,15 +113,16 @@ class Outbox:
         """Take up to ``limit`` queued deliveries in order of arrival, under a lease.
 
         Strictly FIFO: the run stops at the first record that is waiting for its retry, so nothing
-        overtakes the oldest record while the CRM is down."""
+        overtakes the oldest record while the CRM is down, and at the first record another
+        replica holds, so replicas take turns with the head of the queue."""
         now = time.time()
 
-        def tx(c: sqlite3.Connection) -> list[DeliveryRow]:
-            rows = c.execute("SELECT * FROM deliveries WHERE state = ? AND lease_until < ? ORDER BY seq LIMIT ?",
-                             (QUEUED, now, limit)).fetchall()
+        def tx(c: Any) -> list[DeliveryRow]:
+            rows = c.execute(f"SELECT * FROM deliveries WHERE state = ? ORDER BY seq LIMIT ?{self.db.for_update}",
+                             (QUEUED, limit)).fetchall()
             taken = []
             for r in rows:
-                if r["next_attempt_at"] > now:
+                if r["next_attempt_at"] > now or r["lease_until"] >= now:
                     break
                 c.execute("UPDATE deliveries SET lease_until = ? WHERE call_id = ?", (now + lease_seconds, r["call_id"]))
                 taken.append(DeliveryRow.from_row(r))
@@ -123,23 +135,32 @@ class Outbox:
         await self.db.transaction(lambda c: c.executemany(
             "UPDATE deliveries SET lease_until = 0 WHERE call_id = ?", [(i,) for i in call_ids]))
 
+    async def extend_lease(self, call_ids: list[str], lease_seconds: float) -> None:
+        """Keep holding claimed records that are still to be posted."""
+        until = time.time() + lease_seconds
+        await self.db.transaction(lambda c: c.executemany(
+            "UPDATE deliveries SET lease_until = ? WHERE call_id = ? AND state = ?",
+            [(until, i, QUEUED) for i in call_ids]))
+
     async def next_due_at(self) -> float | None:
-        """When the oldest queued record may be tried again (the queue waits on it)."""
+        """When the oldest queued record may be tried again (the queue waits on it, and on its lease)."""
         row = await self.db.fetchone(
-            "SELECT next_attempt_at FROM deliveries WHERE state = ? ORDER BY seq LIMIT 1", (QUEUED,))
+            "SELECT CASE WHEN next_attempt_at > lease_until THEN next_attempt_at ELSE lease_until END "
+            "FROM deliveries WHERE state = ? ORDER BY seq LIMIT 1", (QUEUED,))
         return row[0] if row else None
 
     async def mark_delivered(self, call_id: str) -> None:
         await self.db.transaction(lambda c: c.execute(
             "UPDATE deliveries SET state = ?, attempts = attempts + 1, delivered_at = ?, last_error = '', "
-            "next_attempt_at = NULL, lease_until = 0 WHERE call_id = ?", (DELIVERED, time.time(), call_id)))
+            "next_attempt_at = NULL, lease_until = 0 WHERE call_id = ? AND state = ?",
+            (DELIVERED, time.time(), call_id, QUEUED)))
 
     async def mark_retry(self, call_id: str, error: str, next_attempt_at: float) -> None:
         await self.db.transaction(lambda c: c.execute(
             "UPDATE deliveries SET attempts = attempts + 1, last_error = ?, next_attempt_at = ?, lease_until = 0 "
-            "WHERE call_id = ?", (error[:1000], next_attempt_at, call_id)))
+            "WHERE call_id = ? AND state = ?", (error[:1000], next_attempt_at, call_id, QUEUED)))
 
     async def mark_failed(self, call_id: str, error: str) -> None:
         await self.db.transaction(lambda c: c.execute(
             "UPDATE deliveries SET state = ?, attempts = attempts + 1, last_error = ?, next_attempt_at = NULL, "
-            "lease_until = 0 WHERE call_id = ?", (FAILED, error[:1000], call_id)))
+            "lease_until = 0 WHERE call_id = ? AND state = ?", (FAILED, error[:1000], call_id, QUEUED)))

@@ -27,8 +27,10 @@ async def amain() -> None:
                     "anyone who can reach %s:%s can submit calls", settings.host, settings.port)
     else:
         log.info("webhook signatures required (%d active secret(s))", len(verifier.secrets))
-    store = JobStore(settings.database)
+    store = JobStore(settings.database_url or settings.database)
     await store.open()
+    log.info("job store: %s", "PostgreSQL (DATABASE_URL), shared with the other replicas" if settings.database_url
+             else f"SQLite {settings.database}")
     downloader = Downloader(settings.download)
     if not settings.download.allowed_hosts:
         log.warning("RECORDING_ALLOWED_HOSTS is empty: recordings are fetched from any host with a public address")

@@ -7,7 +7,9 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
-from services.common.config import PLAINTEXT, ConfigError, TlsSettings, data_dir, env_float, env_int, env_list, env_str, ready_file
+from services.common.config import (
+    PLAINTEXT, ConfigError, TlsSettings, data_dir, database_url, env_float, env_int, env_list, env_str, ready_file,
+)
 
 
 def _networks(name: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
@@ -60,6 +62,7 @@ class PipelineSettings:
     rpc_timeout: float
     delivery_poll_seconds: float
     chunk_bytes: int
+    lease_seconds: float  # a job is held this long without a heartbeat before another worker may take it
     tls: TlsSettings = PLAINTEXT
 
     @classmethod
@@ -78,6 +81,7 @@ class PipelineSettings:
             rpc_timeout=env_float("RPC_TIMEOUT_SECONDS", 15.0, minimum=0.1),
             delivery_poll_seconds=env_float("DELIVERY_POLL_SECONDS", 2.0, minimum=0.05),
             chunk_bytes=env_int("TRANSCRIBE_CHUNK_BYTES", 256 * 1024, minimum=1024),
+            lease_seconds=env_float("PIPELINE_LEASE_SECONDS", 120.0, minimum=1.0),
             tls=TlsSettings.from_env(),
         )
 
@@ -86,7 +90,8 @@ class PipelineSettings:
 class IngestSettings:
     host: str
     port: int
-    database: Path
+    database: Path  # the SQLite job store, when database_url is empty
+    database_url: str  # PostgreSQL shared by all ingest replicas; empty: SQLite
     public_url: str  # base of the status URLs we hand out; empty: from the request
     download: DownloadSettings
     pipeline: PipelineSettings
@@ -100,6 +105,7 @@ class IngestSettings:
             host=env_str("INGEST_HOST", "127.0.0.1"),
             port=env_int("INGEST_PORT", 8080, minimum=0),
             database=Path(env_str("INGEST_DATABASE", str(root / "ingest.db"))),
+            database_url=database_url(),
             public_url=env_str("INGEST_PUBLIC_URL", "").rstrip("/"),
             download=DownloadSettings.from_env(root),
             pipeline=PipelineSettings.from_env(),

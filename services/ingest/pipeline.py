@@ -43,7 +43,6 @@ _stage_seconds = meter(__name__).create_histogram(
     "callmesh.stage.duration", unit="s", description="One attempt at a pipeline stage (stage, outcome)",
     explicit_bucket_boundaries_advisory=DURATION_BUCKETS)
 
-LEASE_SECONDS = 120.0
 TRANSIENT_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED,
                    grpc.StatusCode.ABORTED, grpc.StatusCode.UNKNOWN, grpc.StatusCode.CANCELLED}
 
@@ -121,7 +120,7 @@ class PipelineWorker:
             try:
                 room = self.settings.concurrency - len(self._tasks)
                 if room > 0:
-                    for job in await self.store.claim(self.owner, room, LEASE_SECONDS):
+                    for job in await self.store.claim(self.owner, room, self.settings.lease_seconds):
                         task = asyncio.create_task(self._run(job), name=f"job-{job.call_id}")
                         self._tasks.add(task)
                         task.add_done_callback(self._finished)
@@ -137,8 +136,8 @@ class PipelineWorker:
 
     async def _heartbeat(self, call_id: str) -> None:
         while True:
-            await asyncio.sleep(LEASE_SECONDS / 4)
-            await self.store.renew(call_id, self.owner, LEASE_SECONDS)
+            await asyncio.sleep(self.settings.lease_seconds / 4)
+            await self.store.renew(call_id, self.owner, self.settings.lease_seconds)
 
     async def _run(self, job: Job) -> None:
         # The call's trace is current for the whole run, so every log line about it carries its trace id.

@@ -1,19 +1,21 @@
 """The durable job store: one row per call, from webhook to CRM.
 
-SQLite by default (WAL, ``synchronous=FULL``). A job is claimed under a lease;
-a worker that dies leaves a lease that expires, and the job is claimed again.
+SQLite by default (WAL, ``synchronous=FULL``); PostgreSQL when ``DATABASE_URL`` is
+set, so several ingest replicas share the queue: a claim takes due jobs with
+``FOR UPDATE SKIP LOCKED``, so two replicas never take the same job. A job is held
+under a lease; a worker that dies leaves a lease that expires, and the job is
+claimed again by whichever replica comes first.
 """
 
 from __future__ import annotations
 
 import json
-import sqlite3
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from services.common.sqlite import AsyncSqlite
+from services.common.database import connect
 
 RECEIVED, DOWNLOADING, TRANSCRIBING, ANALYZING, DELIVERING, DONE, FAILED = (
     "received", "downloading", "transcribing", "analyzing", "delivering", "done", "failed")
@@ -23,14 +25,14 @@ ACTIVE_STATES = (RECEIVED, DOWNLOADING, TRANSCRIBING, ANALYZING, DELIVERING)
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     call_id TEXT PRIMARY KEY,
-    seq INTEGER NOT NULL,
+    seq BIGINT NOT NULL,
     recording_url TEXT NOT NULL,
     options TEXT NOT NULL DEFAULT '{}',
     state TEXT NOT NULL,
     attempts INTEGER NOT NULL DEFAULT 0,
-    next_attempt_at REAL NOT NULL,
+    next_attempt_at DOUBLE PRECISION NOT NULL,
     lease_owner TEXT,
-    lease_until REAL NOT NULL DEFAULT 0,
+    lease_until DOUBLE PRECISION NOT NULL DEFAULT 0,
     error TEXT,
     error_stage TEXT,
     stage_times TEXT NOT NULL DEFAULT '{}',
@@ -40,8 +42,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     transcript TEXT,
     analysis TEXT,
     result TEXT,
-    created_at REAL NOT NULL,
-    updated_at REAL NOT NULL
+    created_at DOUBLE PRECISION NOT NULL,
+    updated_at DOUBLE PRECISION NOT NULL
 );
 CREATE INDEX IF NOT EXISTS jobs_due ON jobs (state, next_attempt_at);
 CREATE INDEX IF NOT EXISTS jobs_seq ON jobs (seq);  -- MAX(seq) on every insert, newest-first lists
@@ -49,7 +51,7 @@ CREATE INDEX IF NOT EXISTS jobs_state_seq ON jobs (state, seq);  -- ?status=fail
 CREATE TABLE IF NOT EXISTS webhook_ids (
     webhook_id TEXT PRIMARY KEY,
     call_id TEXT NOT NULL,
-    received_at REAL NOT NULL
+    received_at DOUBLE PRECISION NOT NULL
 );
 CREATE INDEX IF NOT EXISTS webhook_ids_age ON webhook_ids (received_at);
 """
@@ -89,7 +91,7 @@ class Job:
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_row(cls, row: sqlite3.Row) -> "Job":
+    def from_row(cls, row: Any) -> "Job":
         def j(name: str) -> Any:
             value = row[name]
             return json.loads(value) if value else None
@@ -105,8 +107,9 @@ class Job:
 
 
 class JobStore:
-    def __init__(self, path: Path) -> None:
-        self.db = AsyncSqlite(path, SCHEMA)
+    def __init__(self, location: Path | str) -> None:
+        """``location``: a SQLite file, or a ``postgresql://`` URL."""
+        self.db = connect(location, SCHEMA, sequences=("jobs",))
 
     async def open(self) -> None:
         await self.db.open()
@@ -122,31 +125,33 @@ class JobStore:
         now = time.time()
         opts = json.dumps({k: v for k, v in options.__dict__.items() if v is not None})
 
-        def tx(c: sqlite3.Connection) -> tuple[Job, bool]:
+        def tx(c: Any) -> tuple[Job, bool]:
             if webhook_id is not None:
                 seen = c.execute("SELECT call_id FROM webhook_ids WHERE webhook_id = ?", (webhook_id,)).fetchone()
                 if seen is not None:
                     row = c.execute("SELECT * FROM jobs WHERE call_id = ?", (seen[0],)).fetchone()
                     if row is not None:
                         return Job.from_row(row), False
-            seq = c.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs").fetchone()[0]
+            seq = c.execute(self.db.next_seq("jobs")).fetchone()[0]
             cur = c.execute(
-                "INSERT OR IGNORE INTO jobs (call_id, seq, recording_url, options, state, next_attempt_at, "
-                "stage_times, trace_context, trace_id, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                "INSERT INTO jobs (call_id, seq, recording_url, options, state, next_attempt_at, "
+                "stage_times, trace_context, trace_id, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?) "
+                "ON CONFLICT (call_id) DO NOTHING",
                 (call_id, seq, recording_url, opts, RECEIVED, now, json.dumps({RECEIVED: now}),
                  json.dumps(trace_context), trace_id, now, now))
             row = c.execute("SELECT * FROM jobs WHERE call_id = ?", (call_id,)).fetchone()
             if webhook_id is not None and row["recording_url"] == recording_url:
                 c.execute("DELETE FROM webhook_ids WHERE received_at < ?", (now - WEBHOOK_ID_RETENTION_SECONDS,))
-                c.execute("INSERT OR REPLACE INTO webhook_ids (webhook_id, call_id, received_at) VALUES (?,?,?)",
-                          (webhook_id, call_id, now))
+                c.execute("INSERT INTO webhook_ids (webhook_id, call_id, received_at) VALUES (?,?,?) "
+                          "ON CONFLICT (webhook_id) DO UPDATE SET call_id = excluded.call_id, "
+                          "received_at = excluded.received_at", (webhook_id, call_id, now))
             return Job.from_row(row), cur.rowcount == 1
 
         return await self.db.grouped(tx)
 
     async def release_leases(self, owner: str) -> int:
         """Hand back the jobs an earlier run of this same worker held when it died."""
-        def tx(c: sqlite3.Connection) -> int:
+        def tx(c: Any) -> int:
             return c.execute("UPDATE jobs SET lease_owner = NULL, lease_until = 0 WHERE lease_owner = ?",
                              (owner,)).rowcount
 
@@ -175,14 +180,19 @@ class JobStore:
         return {r[0]: r[1] for r in rows}
 
     async def claim(self, owner: str, limit: int, lease_seconds: float) -> list[Job]:
-        """Lease up to ``limit`` due jobs, oldest first."""
+        """Lease up to ``limit`` due jobs: calls furthest along first, then oldest first.
+
+        Finishing what was started comes before starting new calls, so a call waiting for its
+        CRM confirmation is not kept behind a queue of new arrivals."""
         now = time.time()
         placeholders = ",".join("?" * len(ACTIVE_STATES))
+        progress = " ".join(f"WHEN '{state}' THEN {rank}" for rank, state in enumerate(reversed(ACTIVE_STATES)))
 
-        def tx(c: sqlite3.Connection) -> list[Job]:
+        def tx(c: Any) -> list[Job]:
             rows = c.execute(
                 f"SELECT * FROM jobs WHERE state IN ({placeholders}) AND next_attempt_at <= ? AND lease_until < ? "
-                "ORDER BY next_attempt_at, seq LIMIT ?", (*ACTIVE_STATES, now, now, limit)).fetchall()
+                f"ORDER BY CASE state {progress} END, next_attempt_at, seq LIMIT ?{self.db.skip_locked}",
+                (*ACTIVE_STATES, now, now, limit)).fetchall()
             for r in rows:
                 c.execute("UPDATE jobs SET lease_owner = ?, lease_until = ? WHERE call_id = ?",
                           (owner, now + lease_seconds, r["call_id"]))
@@ -193,11 +203,12 @@ class JobStore:
     async def next_due_at(self) -> float | None:
         placeholders = ",".join("?" * len(ACTIVE_STATES))
         row = await self.db.fetchone(
-            f"SELECT MIN(MAX(next_attempt_at, lease_until)) FROM jobs WHERE state IN ({placeholders})", ACTIVE_STATES)
+            "SELECT MIN(CASE WHEN next_attempt_at > lease_until THEN next_attempt_at ELSE lease_until END) "
+            f"FROM jobs WHERE state IN ({placeholders})", ACTIVE_STATES)
         return row[0] if row else None
 
     async def renew(self, call_id: str, owner: str, lease_seconds: float) -> bool:
-        def tx(c: sqlite3.Connection) -> bool:
+        def tx(c: Any) -> bool:
             cur = c.execute("UPDATE jobs SET lease_until = ? WHERE call_id = ? AND lease_owner = ?",
                             (time.time() + lease_seconds, call_id, owner))
             return cur.rowcount == 1
@@ -209,8 +220,9 @@ class JobStore:
         """Write ``fields`` (JSON-encoding dicts); entering a new ``state`` stamps its time and resets attempts."""
         now = time.time()
 
-        def tx(c: sqlite3.Connection) -> None:
-            row = c.execute("SELECT state, stage_times, lease_owner FROM jobs WHERE call_id = ?", (call_id,)).fetchone()
+        def tx(c: Any) -> None:
+            row = c.execute(f"SELECT state, stage_times, lease_owner FROM jobs WHERE call_id = ?{self.db.for_update}",
+                            (call_id,)).fetchone()
             if row is None:
                 raise KeyError(call_id)
             if owner is not None and row["lease_owner"] != owner:

@@ -1,0 +1,27 @@
+"""Pick the store engine: embedded SQLite by default, PostgreSQL when ``DATABASE_URL`` is set."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Union
+
+from services.common.postgres import AsyncPostgres
+from services.common.sqlite import AsyncSqlite
+
+Database = Union[AsyncSqlite, AsyncPostgres]
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+
+
+def is_postgres_url(location: str | Path) -> bool:
+    return isinstance(location, str) and location.startswith(POSTGRES_SCHEMES)
+
+
+def connect(location: str | Path, schema: str, sequences: tuple[str, ...] = ()) -> Database:
+    """A store database: ``location`` is a PostgreSQL URL or the path of a SQLite file.
+
+    ``schema`` is written once for both engines (``DOUBLE PRECISION`` and ``BIGINT``
+    mean the same to SQLite); ``sequences`` name the tables whose arrival order comes
+    from a PostgreSQL sequence (with SQLite's single writer, from ``MAX(seq) + 1``)."""
+    if is_postgres_url(location):
+        return AsyncPostgres(str(location), schema, sequences)
+    return AsyncSqlite(Path(location), schema)

@@ -1,0 +1,38 @@
+"""The job store, on both engines: the same behaviour on embedded SQLite and on PostgreSQL."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from services.ingest.store import DELIVERING, DOWNLOADING, JobOptions, JobStore
+
+
+@pytest_asyncio.fixture(params=["sqlite", "postgresql"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[JobStore]:
+    location = tmp_path / "ingest.db" if request.param == "sqlite" else request.getfixturevalue("pg_url")
+    s = JobStore(location)
+    await s.open()
+    yield s
+    await s.close()
+
+
+async def test_a_call_further_along_is_claimed_before_new_arrivals(store: JobStore) -> None:
+    for i in range(4):
+        await store.create(f"call-{i}", "http://127.0.0.1:9/a.wav", JobOptions(), {}, "")
+    assert [j.call_id for j in await store.claim("w", 4, 60)] == ["call-0", "call-1", "call-2", "call-3"]
+    await store.update("call-3", "w", state=DELIVERING, release=True)  # waits for its CRM confirmation
+    await store.update("call-2", "w", state=DOWNLOADING, release=True)
+    for call_id in ("call-0", "call-1"):
+        await store.update(call_id, "w", release=True)
+    assert [j.call_id for j in await store.claim("w", 4, 60)] == ["call-3", "call-2", "call-0", "call-1"]
+
+
+async def test_a_call_id_is_stored_once_whatever_the_engine(store: JobStore) -> None:
+    _, new = await store.create("call-1", "http://127.0.0.1:9/a.wav", JobOptions(language="es"), {}, "")
+    again, new_again = await store.create("call-1", "http://127.0.0.1:9/b.wav", JobOptions(), {}, "")
+    assert (new, new_again) == (True, False)
+    assert again.recording_url.endswith("/a.wav") and again.options.language == "es"
