@@ -104,6 +104,24 @@ async def test_other_languages_are_translated_in_a_request_of_their_own(ollama: 
     assert "translation" in ollama.requests[1]["format"]["properties"]
 
 
+async def test_personal_data_can_be_kept_from_the_llm(ollama: FakeOllama) -> None:
+    ollama.answers = [json.dumps(GOOD), json.dumps({"translation": "Customer: my card is [CARD_NUMBER]."})]
+    call = [Utterance("customer", 0, "Mi tarjeta es 4111 1111 1111 1111, escriba a ana.lopez@example.com.")]
+    masking = Analyzer(OllamaBackend(settings(ollama.url)), DEFAULT_TOPICS, DEFAULT_EMOTIONS, 4096, 512,
+                       redact_pii=True)
+    await masking.analyze(call, "es")
+    sent = json.dumps(ollama.requests)
+    assert "4111" not in sent and "ana.lopez" not in sent
+    assert "[CARD_NUMBER]" in sent and "[EMAIL_ADDRESS]" in sent
+
+
+async def test_by_default_the_llm_reads_the_transcript_as_spoken(ollama: FakeOllama) -> None:
+    ollama.answers = [json.dumps(GOOD)]
+    await analyzer(OllamaBackend(settings(ollama.url))).analyze(
+        [Utterance("customer", 0, "My card is 4111 1111 1111 1111.")], "en")
+    assert "4111 1111 1111 1111" in json.dumps(ollama.requests)
+
+
 async def test_malformed_answer_is_retried_with_the_error(ollama: FakeOllama) -> None:
     ollama.answers = ["{\"sentiment\": \"furious\"}", json.dumps(GOOD)]
     result = await analyzer(OllamaBackend(settings(ollama.url))).analyze(CALL, "en")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +40,7 @@ class Crm:
         await self.outbox.close()
 
 
-async def start_crm(db: Path | str, receiver: CrmReceiver, lease_seconds: float = 30.0) -> Crm:
+async def start_crm(db: Path | str, receiver: CrmReceiver, lease_seconds: float = 30.0, redact_pii: bool = True) -> Crm:
     """A CRM sync service on port 0; ``db`` is a SQLite file or a PostgreSQL URL."""
     settings = CrmSettings(server=GrpcServerSettings("127.0.0.1:0", 1, None), crm_url=receiver.url, crm_token="",
                            database=Path("unused.db"), database_url=db if isinstance(db, str) else "",
@@ -49,7 +50,7 @@ async def start_crm(db: Path | str, receiver: CrmReceiver, lease_seconds: float 
     await outbox.open()
     worker = DeliveryWorker(outbox, settings)
     await worker.start()
-    servicer = CrmSyncServicer(outbox, worker)
+    servicer = CrmSyncServicer(outbox, worker, redact_pii)
     server = await start_server("127.0.0.1:0", [ServiceBinding(
         "callcenter.v1.CrmSyncService", lambda s: crm_pb2_grpc.add_CrmSyncServiceServicer_to_server(servicer, s))])
     channel = client_channel(server.address)
@@ -192,3 +193,52 @@ def test_backoff_grows_exponentially_with_jitter_and_a_cap() -> None:
     assert all(0.5 <= d <= 30.0 for d in delays)
     assert max(delays[:2]) <= 2.0 and min(delays[6:]) >= 0.5 and max(delays[6:]) <= 30.0
     assert len(set(delays)) == len(delays)
+
+
+def record_with_personal_data(call_id: str) -> crm_pb2.CallRecord:
+    said = "Mi tarjeta es 4111 1111 1111 1111 y mi correo ana.lopez@example.com."
+    r = record(call_id)
+    r.transcript = f"Hola. {said}"
+    r.translated_transcript = "Hello. My card is 4111 1111 1111 1111 and my e-mail is ana.lopez@example.com."
+    r.summary[1] = "The customer gave the card 4111 1111 1111 1111."
+    r.segments.add(index=0, text=" Hola.")
+    r.segments.add(index=1, text=f" {said}", words=[common_pb2.Word(text=" 4111", probability=0.9)])
+    return r
+
+
+async def test_personal_data_never_reaches_the_crm_and_the_record_says_where_it_was(
+        tmp_path: Path, receiver: CrmReceiver) -> None:
+    crm = await start_crm(tmp_path / "o.db", receiver)
+    try:
+        answer = await crm.stub.Deliver(crm_pb2.DeliverRequest(record=record_with_personal_data("p1")))
+        await wait_state(crm.stub, "p1", crm_pb2.DELIVERY_STATE_DELIVERED)
+        raw = json.dumps(receiver.for_call("p1")[0].body)
+        assert "4111" not in raw and "ana.lopez" not in raw
+        body = receiver.for_call("p1")[0].body
+        assert body["transcript"] == "Hola. Mi tarjeta es [CARD_NUMBER] y mi correo [EMAIL_ADDRESS]."
+        assert body["pii_redaction_applied"] is True
+        where = {(r["field"], r["kind"]) for r in body["redactions"]}
+        assert where == {(f, k) for f in ("transcript", "translated_transcript", "segments[1].text")
+                         for k in ("card_number", "email_address")} | {("summary[1]", "card_number")}
+        for r in body["redactions"]:  # each position points at its placeholder
+            text = body["summary"][1] if r["field"] == "summary[1]" else (
+                body["segments"][1]["text"] if r["field"].startswith("segments") else body[r["field"]])
+            assert text[r["start"]:r["end"]] == f"[{r['kind'].upper()}]"
+        assert answer.record.transcript == body["transcript"]  # ingest is told what the CRM gets
+        assert not answer.record.segments[1].words  # word timings would spell the number out
+        stored = (await crm.outbox.get("p1")).payload  # nor is it kept in the outbox
+        assert "4111" not in json.dumps(stored)
+    finally:
+        await crm.close()
+
+
+async def test_redaction_can_be_turned_off(tmp_path: Path, receiver: CrmReceiver) -> None:
+    crm = await start_crm(tmp_path / "o.db", receiver, redact_pii=False)
+    try:
+        await crm.stub.Deliver(crm_pb2.DeliverRequest(record=record_with_personal_data("p2")))
+        await wait_state(crm.stub, "p2", crm_pb2.DELIVERY_STATE_DELIVERED)
+        body = receiver.for_call("p2")[0].body
+        assert "4111 1111 1111 1111" in body["transcript"]
+        assert body["pii_redaction_applied"] is False and body["redactions"] == []
+    finally:
+        await crm.close()

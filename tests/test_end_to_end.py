@@ -139,6 +139,7 @@ async def test_record_has_the_seed_shape(world: World, two_calls: dict[str, dict
     total = stats["talk_time_seconds"]["unknown"] + stats["non_talk_time_seconds"]
     assert abs(total - record["audio_duration_seconds"]) < 0.05
     assert record["language_uncertain"] is False
+    assert record["pii_redaction_applied"] is True  # on by default in the crm service
     assert record == two_calls[lang]["result"]  # the status API shows what the CRM received
 
 

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x63\x61llcenter/v1/common.proto\x12\rcallcenter.v1\x1a\x1egoogle/protobuf/duration.proto\"\x89\x01\n\x04Word\x12\x0c\n\x04text\x18\x01 \x01(\t\x12/\n\x0cstart_offset\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12-\n\nend_offset\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x13\n\x0bprobability\x18\x04 \x01(\x02\"\xb2\x02\n\x11TranscriptSegment\x12\r\n\x05index\x18\x01 \x01(\x05\x12/\n\x0cstart_offset\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12-\n\nend_offset\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0c\n\x04text\x18\x04 \x01(\t\x12\'\n\x07speaker\x18\x05 \x01(\x0e\x32\x16.callcenter.v1.Speaker\x12\x0f\n\x07\x63hannel\x18\x06 \x01(\x05\x12\"\n\x05words\x18\x07 \x03(\x0b\x32\x13.callcenter.v1.Word\x12\x13\n\x0b\x61vg_logprob\x18\x08 \x01(\x02\x12\x16\n\x0eno_speech_prob\x18\t \x01(\x02\x12\x15\n\rlanguage_code\x18\n \x01(\t\"h\n\x0fSpeakerTalkTime\x12\'\n\x07speaker\x18\x01 \x01(\x0e\x32\x16.callcenter.v1.Speaker\x12,\n\ttalk_time\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xc1\x01\n\x0e\x43\x61llStatistics\x12\x32\n\ntalk_times\x18\x01 \x03(\x0b\x32\x1e.callcenter.v1.SpeakerTalkTime\x12\x30\n\rnon_talk_time\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x15\n\rinterruptions\x18\x03 \x01(\x05\x12\x32\n\x0flongest_silence\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration*`\n\x07Speaker\x12\x17\n\x13SPEAKER_UNSPECIFIED\x10\x00\x12\x11\n\rSPEAKER_AGENT\x10\x01\x12\x14\n\x10SPEAKER_CUSTOMER\x10\x02\x12\x13\n\x0fSPEAKER_UNKNOWN\x10\x03*m\n\tSentiment\x12\x19\n\x15SENTIMENT_UNSPECIFIED\x10\x00\x12\x16\n\x12SENTIMENT_POSITIVE\x10\x01\x12\x15\n\x11SENTIMENT_NEUTRAL\x10\x02\x12\x16\n\x12SENTIMENT_NEGATIVE\x10\x03\x42)Z\'callmesh/gen/callcenter/v1;callcenterv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x63\x61llcenter/v1/common.proto\x12\rcallcenter.v1\x1a\x1egoogle/protobuf/duration.proto\"\x89\x01\n\x04Word\x12\x0c\n\x04text\x18\x01 \x01(\t\x12/\n\x0cstart_offset\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12-\n\nend_offset\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x13\n\x0bprobability\x18\x04 \x01(\x02\"\xb2\x02\n\x11TranscriptSegment\x12\r\n\x05index\x18\x01 \x01(\x05\x12/\n\x0cstart_offset\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12-\n\nend_offset\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0c\n\x04text\x18\x04 \x01(\t\x12\'\n\x07speaker\x18\x05 \x01(\x0e\x32\x16.callcenter.v1.Speaker\x12\x0f\n\x07\x63hannel\x18\x06 \x01(\x05\x12\"\n\x05words\x18\x07 \x03(\x0b\x32\x13.callcenter.v1.Word\x12\x13\n\x0b\x61vg_logprob\x18\x08 \x01(\x02\x12\x16\n\x0eno_speech_prob\x18\t \x01(\x02\x12\x15\n\rlanguage_code\x18\n \x01(\t\"h\n\x0fSpeakerTalkTime\x12\'\n\x07speaker\x18\x01 \x01(\x0e\x32\x16.callcenter.v1.Speaker\x12,\n\ttalk_time\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xc1\x01\n\x0e\x43\x61llStatistics\x12\x32\n\ntalk_times\x18\x01 \x03(\x0b\x32\x1e.callcenter.v1.SpeakerTalkTime\x12\x30\n\rnon_talk_time\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x15\n\rinterruptions\x18\x03 \x01(\x05\x12\x32\n\x0flongest_silence\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\"\\\n\tRedaction\x12$\n\x04kind\x18\x01 \x01(\x0e\x32\x16.callcenter.v1.PiiKind\x12\r\n\x05\x66ield\x18\x02 \x01(\t\x12\r\n\x05start\x18\x03 \x01(\x05\x12\x0b\n\x03\x65nd\x18\x04 \x01(\x05*`\n\x07Speaker\x12\x17\n\x13SPEAKER_UNSPECIFIED\x10\x00\x12\x11\n\rSPEAKER_AGENT\x10\x01\x12\x14\n\x10SPEAKER_CUSTOMER\x10\x02\x12\x13\n\x0fSPEAKER_UNKNOWN\x10\x03*m\n\tSentiment\x12\x19\n\x15SENTIMENT_UNSPECIFIED\x10\x00\x12\x16\n\x12SENTIMENT_POSITIVE\x10\x01\x12\x15\n\x11SENTIMENT_NEUTRAL\x10\x02\x12\x16\n\x12SENTIMENT_NEGATIVE\x10\x03*\xbe\x01\n\x07PiiKind\x12\x18\n\x14PII_KIND_UNSPECIFIED\x10\x00\x12\x18\n\x14PII_KIND_CARD_NUMBER\x10\x01\x12\x11\n\rPII_KIND_IBAN\x10\x02\x12\x19\n\x15PII_KIND_PHONE_NUMBER\x10\x03\x12\x1a\n\x16PII_KIND_EMAIL_ADDRESS\x10\x04\x12\x18\n\x14PII_KIND_NATIONAL_ID\x10\x05\x12\x1b\n\x17PII_KIND_ACCOUNT_NUMBER\x10\x06\x42)Z\'callmesh/gen/callcenter/v1;callcenterv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,10 +33,12 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'callcenter.v1.common_pb2', 
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'Z\'callmesh/gen/callcenter/v1;callcenterv1'
-  _globals['_SPEAKER']._serialized_start=828
-  _globals['_SPEAKER']._serialized_end=924
-  _globals['_SENTIMENT']._serialized_start=926
-  _globals['_SENTIMENT']._serialized_end=1035
+  _globals['_SPEAKER']._serialized_start=922
+  _globals['_SPEAKER']._serialized_end=1018
+  _globals['_SENTIMENT']._serialized_start=1020
+  _globals['_SENTIMENT']._serialized_end=1129
+  _globals['_PIIKIND']._serialized_start=1132
+  _globals['_PIIKIND']._serialized_end=1322
   _globals['_WORD']._serialized_start=78
   _globals['_WORD']._serialized_end=215
   _globals['_TRANSCRIPTSEGMENT']._serialized_start=218
@@ -45,4 +47,6 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SPEAKERTALKTIME']._serialized_end=630
   _globals['_CALLSTATISTICS']._serialized_start=633
   _globals['_CALLSTATISTICS']._serialized_end=826
+  _globals['_REDACTION']._serialized_start=828
+  _globals['_REDACTION']._serialized_end=920
 # @@protoc_insertion_point(module_scope)

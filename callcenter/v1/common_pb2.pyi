@@ -23,6 +23,16 @@ class Sentiment(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SENTIMENT_POSITIVE: _ClassVar[Sentiment]
     SENTIMENT_NEUTRAL: _ClassVar[Sentiment]
     SENTIMENT_NEGATIVE: _ClassVar[Sentiment]
+
+class PiiKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PII_KIND_UNSPECIFIED: _ClassVar[PiiKind]
+    PII_KIND_CARD_NUMBER: _ClassVar[PiiKind]
+    PII_KIND_IBAN: _ClassVar[PiiKind]
+    PII_KIND_PHONE_NUMBER: _ClassVar[PiiKind]
+    PII_KIND_EMAIL_ADDRESS: _ClassVar[PiiKind]
+    PII_KIND_NATIONAL_ID: _ClassVar[PiiKind]
+    PII_KIND_ACCOUNT_NUMBER: _ClassVar[PiiKind]
 SPEAKER_UNSPECIFIED: Speaker
 SPEAKER_AGENT: Speaker
 SPEAKER_CUSTOMER: Speaker
@@ -31,6 +41,13 @@ SENTIMENT_UNSPECIFIED: Sentiment
 SENTIMENT_POSITIVE: Sentiment
 SENTIMENT_NEUTRAL: Sentiment
 SENTIMENT_NEGATIVE: Sentiment
+PII_KIND_UNSPECIFIED: PiiKind
+PII_KIND_CARD_NUMBER: PiiKind
+PII_KIND_IBAN: PiiKind
+PII_KIND_PHONE_NUMBER: PiiKind
+PII_KIND_EMAIL_ADDRESS: PiiKind
+PII_KIND_NATIONAL_ID: PiiKind
+PII_KIND_ACCOUNT_NUMBER: PiiKind
 
 class Word(_message.Message):
     __slots__ = ("text", "start_offset", "end_offset", "probability")
@@ -87,3 +104,15 @@ class CallStatistics(_message.Message):
     interruptions: int
     longest_silence: _duration_pb2.Duration
     def __init__(self, talk_times: _Optional[_Iterable[_Union[SpeakerTalkTime, _Mapping]]] = ..., non_talk_time: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., interruptions: _Optional[int] = ..., longest_silence: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+
+class Redaction(_message.Message):
+    __slots__ = ("kind", "field", "start", "end")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    FIELD_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    kind: PiiKind
+    field: str
+    start: int
+    end: int
+    def __init__(self, kind: _Optional[_Union[PiiKind, str]] = ..., field: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ...) -> None: ...

@@ -24,7 +24,7 @@ DELIVERY_STATE_DELIVERED: DeliveryState
 DELIVERY_STATE_FAILED: DeliveryState
 
 class CallRecord(_message.Message):
-    __slots__ = ("call_id", "language_code", "transcript", "translated_transcript", "summary", "topic", "sentiment", "emotion", "create_time", "segments", "audio_duration", "language_probability", "transcription_model", "analysis_model", "prompt_version", "statistics", "language_uncertain")
+    __slots__ = ("call_id", "language_code", "transcript", "translated_transcript", "summary", "topic", "sentiment", "emotion", "create_time", "segments", "audio_duration", "language_probability", "transcription_model", "analysis_model", "prompt_version", "statistics", "language_uncertain", "redactions", "pii_redaction_applied")
     CALL_ID_FIELD_NUMBER: _ClassVar[int]
     LANGUAGE_CODE_FIELD_NUMBER: _ClassVar[int]
     TRANSCRIPT_FIELD_NUMBER: _ClassVar[int]
@@ -42,6 +42,8 @@ class CallRecord(_message.Message):
     PROMPT_VERSION_FIELD_NUMBER: _ClassVar[int]
     STATISTICS_FIELD_NUMBER: _ClassVar[int]
     LANGUAGE_UNCERTAIN_FIELD_NUMBER: _ClassVar[int]
+    REDACTIONS_FIELD_NUMBER: _ClassVar[int]
+    PII_REDACTION_APPLIED_FIELD_NUMBER: _ClassVar[int]
     call_id: str
     language_code: str
     transcript: str
@@ -59,7 +61,9 @@ class CallRecord(_message.Message):
     prompt_version: str
     statistics: _common_pb2.CallStatistics
     language_uncertain: bool
-    def __init__(self, call_id: _Optional[str] = ..., language_code: _Optional[str] = ..., transcript: _Optional[str] = ..., translated_transcript: _Optional[str] = ..., summary: _Optional[_Iterable[str]] = ..., topic: _Optional[str] = ..., sentiment: _Optional[_Union[_common_pb2.Sentiment, str]] = ..., emotion: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., segments: _Optional[_Iterable[_Union[_common_pb2.TranscriptSegment, _Mapping]]] = ..., audio_duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., language_probability: _Optional[float] = ..., transcription_model: _Optional[str] = ..., analysis_model: _Optional[str] = ..., prompt_version: _Optional[str] = ..., statistics: _Optional[_Union[_common_pb2.CallStatistics, _Mapping]] = ..., language_uncertain: _Optional[bool] = ...) -> None: ...
+    redactions: _containers.RepeatedCompositeFieldContainer[_common_pb2.Redaction]
+    pii_redaction_applied: bool
+    def __init__(self, call_id: _Optional[str] = ..., language_code: _Optional[str] = ..., transcript: _Optional[str] = ..., translated_transcript: _Optional[str] = ..., summary: _Optional[_Iterable[str]] = ..., topic: _Optional[str] = ..., sentiment: _Optional[_Union[_common_pb2.Sentiment, str]] = ..., emotion: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., segments: _Optional[_Iterable[_Union[_common_pb2.TranscriptSegment, _Mapping]]] = ..., audio_duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., language_probability: _Optional[float] = ..., transcription_model: _Optional[str] = ..., analysis_model: _Optional[str] = ..., prompt_version: _Optional[str] = ..., statistics: _Optional[_Union[_common_pb2.CallStatistics, _Mapping]] = ..., language_uncertain: _Optional[bool] = ..., redactions: _Optional[_Iterable[_Union[_common_pb2.Redaction, _Mapping]]] = ..., pii_redaction_applied: _Optional[bool] = ...) -> None: ...
 
 class DeliverRequest(_message.Message):
     __slots__ = ("record",)
@@ -88,10 +92,12 @@ class Delivery(_message.Message):
     def __init__(self, call_id: _Optional[str] = ..., state: _Optional[_Union[DeliveryState, str]] = ..., attempts: _Optional[int] = ..., last_error: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., deliver_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., next_attempt_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class DeliverResponse(_message.Message):
-    __slots__ = ("delivery",)
+    __slots__ = ("delivery", "record")
     DELIVERY_FIELD_NUMBER: _ClassVar[int]
+    RECORD_FIELD_NUMBER: _ClassVar[int]
     delivery: Delivery
-    def __init__(self, delivery: _Optional[_Union[Delivery, _Mapping]] = ...) -> None: ...
+    record: CallRecord
+    def __init__(self, delivery: _Optional[_Union[Delivery, _Mapping]] = ..., record: _Optional[_Union[CallRecord, _Mapping]] = ...) -> None: ...
 
 class GetDeliveryRequest(_message.Message):
     __slots__ = ("call_id",)

@@ -21,7 +21,9 @@ async def amain() -> None:
     settings = AnalyzeSettings.from_env()
     backend = create_backend(settings.llm)
     analyzer = Analyzer(backend, settings.topics, settings.emotions, settings.llm.context_tokens,
-                        settings.llm.max_answer_tokens)
+                        settings.llm.max_answer_tokens, redact_pii=settings.redact_pii)
+    log.info("personal data is %s before the LLM (LLM_PII_REDACTION)",
+             "masked" if settings.redact_pii else "not masked")
     servicer = AnalysisServicer(analyzer, AdmissionLimiter(settings.max_concurrent, settings.max_queued))
     name = analyze_pb2.DESCRIPTOR.services_by_name["AnalysisService"].full_name
     binding = ServiceBinding(name, lambda s: analyze_pb2_grpc.add_AnalysisServiceServicer_to_server(servicer, s))

@@ -12,11 +12,12 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import jsonschema
 
 from services.analyze.backends import Completion, LlmBackend
+from services.common import pii
 from services.common.metrics import meter
 from services.common.telemetry import tracer
 
@@ -140,8 +141,9 @@ class Analyzer:
     """Turns a transcript into a validated analysis with one LLM backend."""
 
     def __init__(self, backend: LlmBackend, topics: tuple[str, ...], emotions: tuple[str, ...],
-                 context_tokens: int, max_answer_tokens: int) -> None:
+                 context_tokens: int, max_answer_tokens: int, redact_pii: bool = False) -> None:
         self.backend = backend
+        self.redact_pii = redact_pii  # mask personal data before the transcript reaches the LLM
         self.topics = topics
         self.emotions = emotions
         self.context_tokens = context_tokens
@@ -183,6 +185,8 @@ class Analyzer:
         raise AnalysisError(f"the model gave no valid {purpose} after 2 attempts: {error}")
 
     async def analyze(self, utterances: list[Utterance], language: str) -> AnalysisResult:
+        if self.redact_pii:
+            utterances = [replace(u, text=pii.redact(u.text)[0]) for u in utterances]
         transcript = render_transcript(utterances)
         if not transcript.strip():
             raise ValueError("the transcript is empty")

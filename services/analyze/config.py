@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from services.common.config import GrpcServerSettings, data_dir, env_float, env_int, env_list, env_str
+from services.common.config import GrpcServerSettings, data_dir, env_bool, env_float, env_int, env_list, env_str
 
 DEFAULT_TOPICS = ("Billing", "Technical Support", "Cancellation", "Sales", "Delivery", "Account Access",
                   "Complaint", "Other")
@@ -52,6 +52,7 @@ class AnalyzeSettings:
     emotions: tuple[str, ...]
     max_concurrent: int
     max_queued: int
+    redact_pii: bool = False  # mask personal data before the LLM sees the transcript
 
     @classmethod
     def from_env(cls) -> "AnalyzeSettings":
@@ -62,4 +63,5 @@ class AnalyzeSettings:
             emotions=env_list("ANALYZE_EMOTIONS", DEFAULT_EMOTIONS),
             max_concurrent=env_int("ANALYZE_MAX_CONCURRENT", 1, minimum=1),
             max_queued=env_int("ANALYZE_MAX_QUEUED", 16, minimum=0),
+            redact_pii=env_bool("LLM_PII_REDACTION", False),
         )

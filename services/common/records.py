@@ -86,4 +86,7 @@ def record_to_json(record: crm_pb2.CallRecord) -> dict:
         "statistics": statistics_to_json(record.statistics),
         "models": {"transcription": record.transcription_model, "analysis": record.analysis_model,
                    "prompt_version": record.prompt_version},
+        "pii_redaction_applied": record.pii_redaction_applied,
+        "redactions": [{"kind": common_pb2.PiiKind.Name(r.kind).removeprefix("PII_KIND_").lower(), "field": r.field,
+                        "start": r.start, "end": r.end} for r in record.redactions],
     }

@@ -28,7 +28,9 @@ async def amain() -> None:
         else f"SQLite {settings.database}")
     worker = DeliveryWorker(outbox, settings)
     await worker.start()
-    servicer = CrmSyncServicer(outbox, worker)
+    servicer = CrmSyncServicer(outbox, worker, settings.redact_pii)
+    if not settings.redact_pii:
+        logging.getLogger(SERVICE).warning("PII_REDACTION=0: transcripts reach the CRM with personal data unmasked")
     name = crm_pb2.DESCRIPTOR.services_by_name["CrmSyncService"].full_name
     binding = ServiceBinding(name, lambda s: crm_pb2_grpc.add_CrmSyncServiceServicer_to_server(servicer, s))
 

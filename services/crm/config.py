@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from services.common.config import ConfigError, GrpcServerSettings, data_dir, database_url, env_float, env_int, env_str
+from services.common.config import (
+    ConfigError, GrpcServerSettings, data_dir, database_url, env_bool, env_float, env_int, env_str,
+)
 
 
 @dataclass(frozen=True)
@@ -20,6 +22,7 @@ class CrmSettings:
     backoff_max: float
     batch: int  # records claimed per round; posted one after another, oldest first
     lease_seconds: float  # how long a claimed record is held before another replica may take it
+    redact_pii: bool = True  # mask personal data in the record before it is stored and sent
 
     @classmethod
     def from_env(cls) -> "CrmSettings":
@@ -34,6 +37,7 @@ class CrmSettings:
             backoff_max=env_float("CRM_BACKOFF_MAX_SECONDS", 60.0, minimum=0.01),
             batch=env_int("CRM_DELIVERY_BATCH", 16, minimum=1),
             lease_seconds=env_float("CRM_LEASE_SECONDS", 60.0, minimum=1.0),
+            redact_pii=env_bool("PII_REDACTION", True),
         )
         if settings.lease_seconds <= settings.timeout_seconds:
             raise ConfigError(f"CRM_LEASE_SECONDS ({settings.lease_seconds:g}) must be longer than "

@@ -6,12 +6,13 @@ import logging
 
 import grpc
 
-from callcenter.v1 import crm_pb2, crm_pb2_grpc
+from callcenter.v1 import common_pb2, crm_pb2, crm_pb2_grpc
 from services.common.logs import call_context
 from services.common.protoconv import timestamp
 from services.common.telemetry import current_traceparent
 from services.crm.delivery import DeliveryWorker
 from services.crm.outbox import DELIVERED, FAILED, QUEUED, DeliveryRow, Outbox
+from services.crm.privacy import redact_record
 from services.common.records import record_to_json
 
 log = logging.getLogger(__name__)
@@ -32,22 +33,27 @@ def to_delivery(row: DeliveryRow) -> crm_pb2.Delivery:
 
 
 class CrmSyncServicer(crm_pb2_grpc.CrmSyncServiceServicer):
-    def __init__(self, outbox: Outbox, worker: DeliveryWorker) -> None:
+    def __init__(self, outbox: Outbox, worker: DeliveryWorker, redact_pii: bool = True) -> None:
         self.outbox = outbox
         self.worker = worker
+        self.redact_pii = redact_pii
 
     async def Deliver(self, request: crm_pb2.DeliverRequest, context: grpc.aio.ServicerContext) -> crm_pb2.DeliverResponse:
         record = request.record
         if not record.call_id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "record.call_id is required")
         with call_context(record.call_id):
+            if self.redact_pii:  # before the outbox: personal data is never stored for the CRM, nor sent
+                record = redact_record(record)
             row, new = await self.outbox.enqueue(record.call_id, record_to_json(record), current_traceparent())
             if new:
-                log.info("queued for the CRM")
+                kinds = sorted({common_pb2.PiiKind.Name(r.kind) for r in record.redactions})
+                log.info("queued for the CRM%s", f" ({len(record.redactions)} redaction(s): {', '.join(kinds)})"
+                         if kinds else "")
                 self.worker.wake()
             else:
                 log.info("already in the outbox (%s): not queued again", row.state)
-            return crm_pb2.DeliverResponse(delivery=to_delivery(row))
+            return crm_pb2.DeliverResponse(delivery=to_delivery(row), record=record if new else None)
 
     async def GetDelivery(self, request: crm_pb2.GetDeliveryRequest, context: grpc.aio.ServicerContext) -> crm_pb2.GetDeliveryResponse:
         row = await self.outbox.get(request.call_id)

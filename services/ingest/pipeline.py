@@ -318,7 +318,9 @@ class PipelineWorker:
             if not (job.result or {}).get("queued"):
                 record = self.build_record(job)
                 response = await self.crm.Deliver(crm_pb2.DeliverRequest(record=record), timeout=self.settings.rpc_timeout)
-                result = {"queued": True, "record": record_to_json(record)}
+                # Keep what the CRM will get (personal data masked by the crm service), not what was sent.
+                sent = response.record if response.HasField("record") else record
+                result = {"queued": True, "record": record_to_json(sent)}
                 await self.store.update(job.call_id, self.owner, result=result)
                 job.result = result
                 delivery = response.delivery

@@ -1,0 +1,143 @@
+"""Find and mask personal data in call text: card numbers, IBANs, phone numbers, e-mail
+addresses and national-id-like numbers.
+
+Used by the crm service (on by default: nothing personal leaves for the CRM) and by the
+analyze service (optionally: nothing personal reaches the LLM). Each finding is replaced
+by a placeholder such as ``[CARD_NUMBER]``; what is returned says which kind was found
+and where the placeholder now stands, never the value.
+
+Speech recognisers write numbers their own way ("4,111,111,111,111,111", "655 12 34 56",
+"john.smith at example.com"), so digit runs may be broken by spaces, commas, dots and
+hyphens, and e-mail addresses may be spoken. Checks that guard against false alarms:
+the Luhn checksum for cards, ISO 13616 mod-97 for IBANs, the control letter of Spanish
+DNI/NIE numbers. A long number that is neither a valid card nor a phone number is still
+masked, as an account number: a recogniser's error in one digit must not leak the rest.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+CARD_NUMBER = "CARD_NUMBER"
+IBAN = "IBAN"
+PHONE_NUMBER = "PHONE_NUMBER"
+EMAIL_ADDRESS = "EMAIL_ADDRESS"
+NATIONAL_ID = "NATIONAL_ID"
+ACCOUNT_NUMBER = "ACCOUNT_NUMBER"
+KINDS = (CARD_NUMBER, IBAN, PHONE_NUMBER, EMAIL_ADDRESS, NATIONAL_ID, ACCOUNT_NUMBER)
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One masked value: its kind and the placeholder's place in the masked text (no value)."""
+
+    kind: str
+    start: int
+    end: int
+
+
+_EMAIL = re.compile(r"\b[\w.+-]+@[\w-]+(?:\.[\w-]+)+\b")
+# Spoken: "john dot smith at example dot com", "juan punto perez arroba correo punto es".
+_DOT = r"(?:\.|\s+(?:dot|punto|point|punkt|ponto)\s+)"
+_SPOKEN_EMAIL = re.compile(
+    rf"\b[\w+-]+(?:{_DOT}[\w+-]+)*\s+(?:at|arroba|arobase|chiocciola|ät)\s+[\w-]+(?:{_DOT}[\w-]+)*"
+    rf"{_DOT}(?:com|net|org|edu|gov|info|io|co|uk|es|fr|de|it|pt|nl|eu|mx|ar|br)\b", re.IGNORECASE)
+_IBAN = re.compile(r"\b[A-Z]{2}\s?\d{2}(?:[\s-]?[A-Z0-9]){11,30}\b")
+_SSN = re.compile(r"\b\d{3}-\d{2}-\d{4}\b")
+_UK_NINO = re.compile(r"\b[A-CEGHJ-PR-TW-Z]{2}\s?\d{2}\s?\d{2}\s?\d{2}\s?[A-D]\b")
+_ES_ID = re.compile(r"\b(?:([XYZ])[\s-]?)?(\d{7,8})[\s-]?([A-Z])\b")
+# Digits, possibly grouped by single spaces, commas, dots or hyphens; an optional leading + or (.
+_DIGIT_RUN = re.compile(r"(?<![\w.,$€£¥])\+?\(?\d(?:(?:[\s.,()-]|\)\s?)?\d)+\b")
+# Not personal: dates (25.11.2026, 2026-11-25) and amounts with thousands separators (1,250,000.00).
+_DATE = re.compile(r"\d{1,2}[./-]\d{1,2}[./-]\d{2,4}|\d{4}-\d{1,2}-\d{1,2}")
+_AMOUNT = re.compile(r"\d{1,3}(?:,\d{3}){1,2}(?:\.\d{1,2})?|\d{1,3}(?:\.\d{3}){1,2}(?:,\d{1,2})?")
+
+_ES_LETTERS = "TRWAGMYFPDXBNJZSQVHLCKE"
+
+
+def luhn_valid(digits: str) -> bool:
+    total = 0
+    for i, ch in enumerate(reversed(digits)):
+        d = int(ch)
+        if i % 2 == 1:
+            d = d * 2 - 9 if d > 4 else d * 2
+        total += d
+    return total % 10 == 0
+
+
+def iban_valid(candidate: str) -> bool:
+    iban = re.sub(r"[\s-]", "", candidate).upper()
+    if not 15 <= len(iban) <= 34:
+        return False
+    rearranged = iban[4:] + iban[:4]
+    number = "".join(str(int(ch, 36)) for ch in rearranged)
+    return int(number) % 97 == 1
+
+
+def _spanish_id_valid(prefix: str | None, digits: str, letter: str) -> bool:
+    if len(digits) == 7 and not prefix:
+        return False
+    number = int(str("XYZ".index(prefix)) + digits if prefix else digits)
+    return _ES_LETTERS[number % 23] == letter
+
+
+def _digit_kind(run: str) -> str | None:
+    if _DATE.fullmatch(run) or _AMOUNT.fullmatch(run):
+        return None
+    digits = re.sub(r"\D", "", run)
+    n = len(digits)
+    if 13 <= n <= 19 and luhn_valid(digits):
+        return CARD_NUMBER
+    if n > 15:
+        return ACCOUNT_NUMBER
+    if n >= 7:
+        return PHONE_NUMBER
+    return None
+
+
+def find(text: str) -> list[tuple[int, int, str]]:
+    """Spans ``(start, end, kind)`` of personal data in ``text``, not overlapping, in order."""
+    spans: list[tuple[int, int, str]] = []
+
+    def free(start: int, end: int) -> bool:
+        return all(end <= s or start >= e for s, e, _ in spans)
+
+    for pattern, kind in ((_EMAIL, EMAIL_ADDRESS), (_SPOKEN_EMAIL, EMAIL_ADDRESS)):
+        spans += [(m.start(), m.end(), kind) for m in pattern.finditer(text) if free(m.start(), m.end())]
+    for m in _IBAN.finditer(text):
+        # The pattern may run on into following capitals ("… 32 AND"): try the longest valid prefix.
+        ends = [m.start() + i + 1 for i, ch in enumerate(m.group()) if ch.isalnum()]
+        for end in reversed(ends[14:]):
+            if free(m.start(), end) and iban_valid(text[m.start():end]):
+                spans.append((m.start(), end, IBAN))
+                break
+    for pattern in (_SSN, _UK_NINO):
+        spans += [(m.start(), m.end(), NATIONAL_ID) for m in pattern.finditer(text) if free(m.start(), m.end())]
+    for m in _ES_ID.finditer(text):
+        if free(m.start(), m.end()) and _spanish_id_valid(*m.groups()):
+            spans.append((m.start(), m.end(), NATIONAL_ID))
+    for m in _DIGIT_RUN.finditer(text):
+        run = m.group().rstrip(" .,-")
+        kind = _digit_kind(run)
+        if kind and free(m.start(), m.start() + len(run)):
+            spans.append((m.start(), m.start() + len(run), kind))
+    return sorted(spans)
+
+
+def redact(text: str) -> tuple[str, list[Finding]]:
+    """``text`` with each finding replaced by ``[KIND]``, and where those placeholders stand."""
+    out: list[str] = []
+    findings: list[Finding] = []
+    position = 0
+    length = 0
+    for start, end, kind in find(text):
+        out.append(text[position:start])
+        length += start - position
+        placeholder = f"[{kind}]"
+        findings.append(Finding(kind, length, length + len(placeholder)))
+        out.append(placeholder)
+        length += len(placeholder)
+        position = end
+    out.append(text[position:])
+    return "".join(out), findings

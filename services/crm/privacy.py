@@ -1,0 +1,38 @@
+"""Mask personal data in a call record before it is stored for the CRM.
+
+Every text field a person reads (the transcript, each segment, the translation, the
+summary) goes through :func:`services.common.pii.redact`; the record then lists each
+placeholder's field, kind and position, never the value. Word timings of a segment
+that held personal data are dropped with it (they would spell it out).
+"""
+
+from __future__ import annotations
+
+from callcenter.v1 import common_pb2, crm_pb2
+from services.common import pii
+
+KIND_VALUES = {kind: common_pb2.PiiKind.Value(f"PII_KIND_{kind}") for kind in pii.KINDS}
+
+
+def redact_record(record: crm_pb2.CallRecord) -> crm_pb2.CallRecord:
+    """A copy of ``record`` with personal data masked and the redactions listed."""
+    out = crm_pb2.CallRecord()
+    out.CopyFrom(record)
+    del out.redactions[:]
+
+    def mask(field: str, text: str) -> tuple[str, bool]:
+        masked, findings = pii.redact(text)
+        out.redactions.extend(common_pb2.Redaction(kind=KIND_VALUES[f.kind], field=field, start=f.start, end=f.end)
+                              for f in findings)
+        return masked, bool(findings)
+
+    out.transcript, _ = mask("transcript", out.transcript)
+    out.translated_transcript, _ = mask("translated_transcript", out.translated_transcript)
+    for i, bullet in enumerate(list(out.summary)):
+        out.summary[i], _ = mask(f"summary[{i}]", bullet)
+    for i, segment in enumerate(out.segments):
+        segment.text, found = mask(f"segments[{i}].text", segment.text)
+        if found:
+            del segment.words[:]
+    out.pii_redaction_applied = True
+    return out

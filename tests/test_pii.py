@@ -1,0 +1,64 @@
+"""Personal data in call text: what is masked, what is left alone, and what the record says."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from services.common import pii
+
+VISA = "4111 1111 1111 1111"
+
+
+@pytest.mark.parametrize("text, kind", [
+    (f"my card number is {VISA} thanks", pii.CARD_NUMBER),
+    ("my card number is 4,111,111,111,111,111, right", pii.CARD_NUMBER),  # how Whisper writes long numbers
+    ("my IBAN is GB82 WEST 1234 5698 7654 32", pii.IBAN),
+    ("mi IBAN es ES91 2100 0418 4502 0005 1332", pii.IBAN),
+    ("call me back on +34 655 12 34 56 please", pii.PHONE_NUMBER),
+    ("call me on 07700 900 123.", pii.PHONE_NUMBER),
+    ("write to john.smith@example.com today", pii.EMAIL_ADDRESS),
+    ("it is john dot smith at example dot com", pii.EMAIL_ADDRESS),
+    ("mi correo es juan punto perez arroba correo punto es", pii.EMAIL_ADDRESS),
+    ("my social security number is 123-45-6789.", pii.NATIONAL_ID),
+    ("mi DNI es 12345678Z", pii.NATIONAL_ID),
+    ("NIE X1234567L", pii.NATIONAL_ID),
+    ("my national insurance number is AB 12 34 56 C", pii.NATIONAL_ID),
+])
+def test_personal_data_is_masked_with_its_kind(text: str, kind: str) -> None:
+    masked, findings = pii.redact(text)
+    assert [f.kind for f in findings] == [kind]
+    assert masked[findings[0].start:findings[0].end] == f"[{kind}]"
+    assert not re.search(r"\d\s?\d", masked) and "@" not in masked and "smith" not in masked
+
+
+@pytest.mark.parametrize("text", [
+    "I paid 1,250.00 dollars on 25.11.2026 for order 12345",
+    "it costs $1,234,567 in total",
+    "in 2024, 3 times a week at 10 30",
+    "my DNI ends in 12345678A",  # wrong control letter: not a DNI, and the letter makes it no number
+    "the IBAN GB82 WEST 1234 5698 7654 33 has a typo",  # fails mod 97 (its digits are still masked)
+])
+def test_ordinary_numbers_are_left_alone(text: str) -> None:
+    masked, findings = pii.redact(text)
+    assert all(f.kind != pii.IBAN for f in findings)
+    if "IBAN" not in text:
+        assert (masked, findings) == (text, [])
+
+
+def test_a_sixteen_digit_number_that_fails_luhn_is_still_masked_as_an_account_number() -> None:
+    masked, findings = pii.redact("card 4111 1111 1111 1112 was declined")
+    assert masked == "card [ACCOUNT_NUMBER] was declined"
+    assert [f.kind for f in findings] == [pii.ACCOUNT_NUMBER]
+
+
+def test_luhn_and_iban_checks() -> None:
+    assert pii.luhn_valid("4111111111111111") and not pii.luhn_valid("4111111111111112")
+    assert pii.iban_valid("GB82 WEST 1234 5698 7654 32") and not pii.iban_valid("GB82 WEST 1234 5698 7654 33")
+
+
+def test_positions_point_at_the_placeholders_in_the_masked_text() -> None:
+    masked, findings = pii.redact(f"card {VISA}, mail a@b.co, phone 655 123 456.")
+    assert masked == "card [CARD_NUMBER], mail [EMAIL_ADDRESS], phone [PHONE_NUMBER]."
+    assert [masked[f.start:f.end] for f in findings] == ["[CARD_NUMBER]", "[EMAIL_ADDRESS]", "[PHONE_NUMBER]"]
