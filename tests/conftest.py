@@ -84,6 +84,11 @@ def audio_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     subprocess.run(["ffmpeg", "-loglevel", "error", "-y", "-i", str(d / "agent.wav"), "-i", str(d / "customer.wav"),
                     "-filter_complex", "[1:a]adelay=5000[c];[0:a]apad[l];[l][c]join=inputs=2:channel_layout=stereo:map=0.0-FL|1.0-FR[a]",
                     "-map", "[a]", "-shortest", str(d / "stereo-agent-left.wav")], check=True)
+    # A call that switches language: the English call, a second of silence, then the Spanish one.
+    subprocess.run(["ffmpeg", "-loglevel", "error", "-y", "-i", str(d / "en-internet-angry.wav"), "-f", "lavfi",
+                    "-i", "anullsrc=r=22050:cl=mono", "-i", str(d / "es-billing-angry.wav"), "-filter_complex",
+                    "[1:a]atrim=duration=1[s];[0:a][s][2:a]concat=n=3:v=0:a=1[a]", "-map", "[a]", "-ar", "16000",
+                    str(d / "switch-en-es.wav")], check=True)
     # Edge cases only the transcriber can judge: 30 s of silence, pink noise, an MP3 cut at 40 %.
     subprocess.run(["ffmpeg", "-loglevel", "error", "-y", "-f", "lavfi", "-i", "anullsrc=r=16000:cl=mono", "-t", "30",
                     str(d / "silence-30s.wav")], check=True)

@@ -217,3 +217,61 @@ def test_detected_language_below_the_minimum_probability_is_flagged(whisper_dir:
     hinted = [e for e in strict.run(audio_dir / "es-billing-angry.wav", TranscribeOptions(language="es"))
               if isinstance(e, SummaryResult)][0]
     assert hinted.language_uncertain is False
+
+
+async def test_a_call_that_switches_language_gets_each_segments_language(stub, audio_dir: Path) -> None:
+    config = transcribe_pb2.TranscriptionConfig(call_id="switch", detect_language_per_segment=True)
+    segments = [r.segment for r in await collect(stub.Transcribe(requests(audio_dir / "switch-en-es.wav", config)))
+                if r.HasField("segment")]
+    languages = [s.language_code for s in segments]
+    assert languages[0] == "en" and languages[-1] == "es", languages
+    assert "factura" in segments[-1].text.lower() or "dinero" in segments[-1].text.lower()
+
+
+async def test_without_per_segment_detection_every_segment_has_the_calls_language(stub, audio_dir: Path) -> None:
+    responses = await collect(stub.Transcribe(requests(audio_dir / "switch-en-es.wav")))
+    languages = {r.segment.language_code for r in responses if r.HasField("segment")}
+    assert languages == {responses[0].language.language_code}
+
+
+def events(engine: WhisperEngine, path: Path, **options) -> tuple[list, object]:
+    from services.transcribe.engine import SegmentResult, SummaryResult, TranscribeOptions
+
+    out = list(engine.run(path, TranscribeOptions(**options)))
+    return [e for e in out if isinstance(e, SegmentResult)], next(e for e in out if isinstance(e, SummaryResult))
+
+
+def test_batched_pipeline_decodes_with_the_one_loaded_model(whisper_dir: Path, audio_dir: Path) -> None:
+    from services.transcribe.config import DecodeSettings
+
+    batched = WhisperEngine(EngineSettings(model_path=whisper_dir, cpu_threads=2, decode=DecodeSettings(batch_size=4)))
+    assert batched.pipeline is not None and batched.pipeline.model is batched.model
+    segments, summary = events(batched, audio_dir / "long-en.wav")
+    text = " ".join(s.text for s in segments).lower()
+    assert "invoice" in text and summary.language == "en"
+    assert [s.start for s in segments] == sorted(s.start for s in segments)
+    silent, _ = events(batched, audio_dir / "silence-30s.wav")
+    assert silent == []  # no speech, no invented text
+
+
+def test_hallucination_silence_threshold_reaches_the_decoder(whisper_dir: Path, audio_dir: Path) -> None:
+    from services.transcribe.config import DecodeSettings
+    from services.transcribe.engine import TranscribeOptions
+
+    guarded = WhisperEngine(EngineSettings(model_path=whisper_dir, cpu_threads=2,
+                                           decode=DecodeSettings(hallucination_silence_threshold=2.0)))
+    kwargs = guarded._transcribe_kwargs(TranscribeOptions(), None)
+    assert kwargs["hallucination_silence_threshold"] == 2.0 and kwargs["word_timestamps"] is True
+    segments, _ = events(guarded, audio_dir / "en-internet-angry.wav")
+    assert "internet" in " ".join(s.text for s in segments).lower()
+    assert all(s.words == () for s in segments)  # computed for the check, returned only when asked
+
+
+def test_batched_decoding_without_vad_is_refused_at_start(monkeypatch) -> None:
+    from services.common.config import ConfigError
+    from services.transcribe.config import DecodeSettings
+
+    monkeypatch.setenv("WHISPER_BATCH_SIZE", "8")
+    monkeypatch.setenv("WHISPER_VAD", "0")
+    with pytest.raises(ConfigError, match="WHISPER_VAD"):
+        DecodeSettings.from_env()

@@ -30,20 +30,22 @@ AGENT_CHANNEL_LEFT: AgentChannel
 AGENT_CHANNEL_RIGHT: AgentChannel
 
 class TranscriptionConfig(_message.Message):
-    __slots__ = ("call_id", "language_code", "channel_layout", "agent_channel", "word_timestamps", "hotwords")
+    __slots__ = ("call_id", "language_code", "channel_layout", "agent_channel", "word_timestamps", "hotwords", "detect_language_per_segment")
     CALL_ID_FIELD_NUMBER: _ClassVar[int]
     LANGUAGE_CODE_FIELD_NUMBER: _ClassVar[int]
     CHANNEL_LAYOUT_FIELD_NUMBER: _ClassVar[int]
     AGENT_CHANNEL_FIELD_NUMBER: _ClassVar[int]
     WORD_TIMESTAMPS_FIELD_NUMBER: _ClassVar[int]
     HOTWORDS_FIELD_NUMBER: _ClassVar[int]
+    DETECT_LANGUAGE_PER_SEGMENT_FIELD_NUMBER: _ClassVar[int]
     call_id: str
     language_code: str
     channel_layout: ChannelLayout
     agent_channel: AgentChannel
     word_timestamps: bool
     hotwords: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, call_id: _Optional[str] = ..., language_code: _Optional[str] = ..., channel_layout: _Optional[_Union[ChannelLayout, str]] = ..., agent_channel: _Optional[_Union[AgentChannel, str]] = ..., word_timestamps: _Optional[bool] = ..., hotwords: _Optional[_Iterable[str]] = ...) -> None: ...
+    detect_language_per_segment: bool
+    def __init__(self, call_id: _Optional[str] = ..., language_code: _Optional[str] = ..., channel_layout: _Optional[_Union[ChannelLayout, str]] = ..., agent_channel: _Optional[_Union[AgentChannel, str]] = ..., word_timestamps: _Optional[bool] = ..., hotwords: _Optional[_Iterable[str]] = ..., detect_language_per_segment: _Optional[bool] = ...) -> None: ...
 
 class TranscribeRequest(_message.Message):
     __slots__ = ("config", "audio")

@@ -31,11 +31,14 @@ class DecodeSettings:
     no_speech_threshold: float = 0.6
     language_detection_segments: int = 3
     language_min_probability: float = 0.5  # below: the call's language is flagged as uncertain
+    hallucination_silence_threshold: float = 0.0  # >0: skip silences this long around suspect text (word timings on)
+    batch_size: int = 0  # >0: faster-whisper's BatchedInferencePipeline with this many windows at once
+    per_segment_language: bool = False  # detect each segment's language (calls that switch language)
 
     @classmethod
     def from_env(cls) -> "DecodeSettings":
         d = cls()
-        return cls(
+        settings = cls(
             beam_size=env_int("WHISPER_BEAM_SIZE", d.beam_size, minimum=1),
             temperature=env_float("WHISPER_TEMPERATURE", d.temperature, minimum=0.0),
             condition_on_previous_text=env_bool("WHISPER_CONDITION_ON_PREVIOUS_TEXT", d.condition_on_previous_text),
@@ -47,7 +50,14 @@ class DecodeSettings:
             language_detection_segments=env_int("WHISPER_LANGUAGE_DETECTION_SEGMENTS", d.language_detection_segments, minimum=1),
             language_min_probability=env_float("WHISPER_LANGUAGE_MIN_PROBABILITY", d.language_min_probability,
                                                minimum=0.0),
+            hallucination_silence_threshold=env_float("WHISPER_HALLUCINATION_SILENCE_THRESHOLD",
+                                                      d.hallucination_silence_threshold, minimum=0.0),
+            batch_size=env_int("WHISPER_BATCH_SIZE", d.batch_size, minimum=0),
+            per_segment_language=env_bool("WHISPER_PER_SEGMENT_LANGUAGE", d.per_segment_language),
         )
+        if settings.batch_size and not settings.vad_filter:
+            raise ConfigError("WHISPER_BATCH_SIZE needs WHISPER_VAD=1: batched decoding cuts the audio at pauses")
+        return settings
 
 
 @dataclass(frozen=True)

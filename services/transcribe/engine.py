@@ -45,6 +45,7 @@ class TranscribeOptions:
     agent_channel: Literal["left", "right"] = "left"
     word_timestamps: bool = False
     hotwords: tuple[str, ...] = ()
+    per_segment_language: bool | None = None  # None: the engine's WHISPER_PER_SEGMENT_LANGUAGE
 
 
 @dataclass(frozen=True)
@@ -127,7 +128,7 @@ class WhisperEngine:
     """One loaded Whisper model, shared by every stream."""
 
     def __init__(self, settings: EngineSettings) -> None:
-        from faster_whisper import WhisperModel
+        from faster_whisper import BatchedInferencePipeline, WhisperModel
 
         if not (settings.model_path / "model.bin").is_file():
             raise FileNotFoundError(
@@ -145,16 +146,25 @@ class WhisperEngine:
             num_workers=settings.num_workers,
             local_files_only=True,
         )
+        # Batched decoding shares the loaded model: one copy of the weights either way.
+        self.pipeline = BatchedInferencePipeline(self.model) if settings.decode.batch_size else None
         self.stats = EngineStats()
         log.info(
-            "loaded Whisper model %s on device=%s compute_type=%s cpu_threads=%d workers=%d in %.1f s",
-            self.model_name, settings.device, settings.compute_type, settings.cpu_threads,
-            settings.num_workers, time.perf_counter() - started,
+            "loaded Whisper model %s on device=%s compute_type=%s cpu_threads=%d workers=%d %s in %.1f s",
+            self.model_name, settings.device, settings.compute_type, settings.cpu_threads, settings.num_workers,
+            f"batched (batch_size={settings.decode.batch_size})" if self.pipeline else "sequential",
+            time.perf_counter() - started,
         )
+
+    def per_segment_language(self, options: TranscribeOptions) -> bool:
+        """Each segment's language is detected when asked (or configured) and no hint fixes it."""
+        wanted = self.settings.decode.per_segment_language if options.per_segment_language is None \
+            else options.per_segment_language
+        return wanted and not options.language
 
     def _transcribe_kwargs(self, options: TranscribeOptions, language: str | None) -> dict:
         d = self.settings.decode
-        return dict(
+        kwargs = dict(
             language=language,
             beam_size=d.beam_size,
             temperature=d.temperature,
@@ -167,7 +177,27 @@ class WhisperEngine:
             word_timestamps=options.word_timestamps,
             hotwords=" ".join(options.hotwords) or None,
             language_detection_segments=d.language_detection_segments,
+            multilingual=self.per_segment_language(options),
         )
+        if d.hallucination_silence_threshold > 0:
+            # faster-whisper finds the silences from word timings, so they are computed (not returned unless asked).
+            kwargs.update(hallucination_silence_threshold=d.hallucination_silence_threshold, word_timestamps=True)
+        if self.pipeline is not None:
+            kwargs["batch_size"] = d.batch_size
+        return kwargs
+
+    def _utterances(self, audio: np.ndarray, fallback: str) -> list[tuple[float, float, str]]:
+        """Stretches of speech between pauses of half a second, each with the language spoken in it."""
+        from faster_whisper.vad import VadOptions, get_speech_timestamps
+
+        out = []
+        for chunk in get_speech_timestamps(audio, VadOptions(min_silence_duration_ms=500)):
+            clip = audio[chunk["start"]:chunk["end"]]
+            language = fallback
+            if clip.size >= SAMPLE_RATE // 2:  # under half a second: too little to tell
+                language, _, _ = self.model.detect_language(audio=clip, vad_filter=False, language_detection_segments=1)
+            out.append((chunk["start"] / SAMPLE_RATE, chunk["end"] / SAMPLE_RATE, language))
+        return out
 
     def run(self, source: str | Path | BinaryIO, options: TranscribeOptions,
             cancel: threading.Event | None = None) -> Iterator[Event]:
@@ -195,7 +225,25 @@ class WhisperEngine:
 
     def _segments(self, audio: np.ndarray, options: TranscribeOptions, language: str | None,
                   speaker: Speaker, channel: int) -> tuple[Iterator[SegmentResult], object]:
-        segments, info = self.model.transcribe(audio, **self._transcribe_kwargs(options, language))
+        kwargs = self._transcribe_kwargs(options, language)
+        decoder = self.pipeline or self.model
+        utterances: list[tuple[float, float, str]] = []
+        if self.per_segment_language(options):
+            # Whisper settles on one language per 30-s window, so a window where the caller switches
+            # language loses the second one. Each utterance is decoded on its own instead, in the
+            # language detected for it (sequential decoder: it takes clips in seconds).
+            detected = language or self.model.detect_language(audio=audio, vad_filter=True)[0]
+            utterances = self._utterances(audio, detected)
+            decoder = self.model
+            kwargs.update(vad_filter=False, clip_timestamps=[t for u in utterances for t in u[:2]] or "0")
+            kwargs.pop("batch_size", None)
+        segments, info = decoder.transcribe(audio, **kwargs)
+
+        def language_at(start: float, end: float) -> str:
+            middle = (start + end) / 2
+            return next((lang for s, e, lang in utterances if s <= middle <= e),
+                        min(utterances, key=lambda u: abs((u[0] + u[1]) / 2 - middle))[2] if utterances
+                        else info.language)
 
         def convert() -> Iterator[SegmentResult]:
             for seg in segments:
@@ -204,11 +252,11 @@ class WhisperEngine:
                     continue
                 words = tuple(
                     WordResult(w.word, float(w.start), float(w.end), float(w.probability)) for w in (seg.words or ())
-                )
+                ) if options.word_timestamps else ()
                 yield SegmentResult(
                     index=-1, start=float(seg.start), end=float(seg.end), text=text, speaker=speaker,
                     channel=channel, avg_logprob=float(seg.avg_logprob), no_speech_prob=float(seg.no_speech_prob),
-                    language=info.language, words=words,
+                    language=language_at(seg.start, seg.end) if utterances else info.language, words=words,
                 )
 
         return convert(), info

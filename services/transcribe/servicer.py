@@ -48,6 +48,7 @@ def options_from_config(config: transcribe_pb2.TranscriptionConfig) -> Transcrib
         agent_channel="right" if config.agent_channel == transcribe_pb2.AGENT_CHANNEL_RIGHT else "left",
         word_timestamps=config.word_timestamps,
         hotwords=tuple(h for h in config.hotwords if h.strip()),
+        per_segment_language=config.detect_language_per_segment or None,
     )
 
 
