@@ -3,6 +3,7 @@
     .venv/bin/python -m bench                     # all of them (about 40 minutes on 2 cores)
     .venv/bin/python -m bench --only webhook,transcribe
     .venv/bin/python -m bench --long-minutes 10   # a shorter long call for the RSS check
+    .venv/bin/python -m bench --only quality      # WER and language ID on the generated evaluation set
 
 Runs are interleaved (A B A B …), at least 5 of each; the table shows median, min
 and max, and results/latest.json keeps them with the machine they ran on.
@@ -18,13 +19,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import pipeline_bench, transcribe_bench, webhook_load
+from bench import pipeline_bench, quality, transcribe_bench, webhook_load
 from bench.common import RUNS, Result, looped_call, machine, sixty_second_call, table, write_results
 from callmesh.models import MODELS, is_installed
 from services.common.config import data_dir
 from services.ingest.config import PipelineSettings
 
-BENCHMARKS = ("transcribe", "memory", "long", "webhook", "overlap", "seed")
+BENCHMARKS = ("transcribe", "memory", "long", "webhook", "overlap", "seed", "quality")
 
 
 def model(key: str) -> Path:
@@ -59,6 +60,8 @@ async def run(only: tuple[str, ...], runs: int, long_minutes: int, llm_key: str)
                                                    concurrency=PipelineSettings.from_env().concurrency))
     if "seed" in only:
         done(await pipeline_bench.seed_versus_mesh(work, whisper, llm, runs))
+    if "quality" in only:
+        done(await asyncio.to_thread(quality.evaluate, work, whisper))
     if "long" in only:
         long_call = looped_call(call, long_minutes, audio)
         done(await transcribe_bench.long_call_rss(long_call, work, whisper, long_minutes))

@@ -24,7 +24,8 @@ from services.analyze.backends import BackendUnavailable, EmbeddedLlamaBackend, 
 from services.analyze.config import DEFAULT_EMOTIONS, DEFAULT_TOPICS, LlmSettings
 from services.common.lifecycle import start_site
 
-GOOD = {"sentiment": "negative", "emotion": "angry", "topic": "Billing",
+GOOD = {"sentiment": "negative", "emotion": "angry", "topic": "Billing", "sub_topic": "double charge",
+        "resolved": False, "follow_up_actions": ["Refund the second charge."],
         "summary": ["Customer was billed twice.", "Customer is angry.", "Customer wants a refund."]}
 CALL = [Utterance("customer", 0.0, "I was billed twice this month and I am angry. I want my money back.")]
 
@@ -122,6 +123,39 @@ async def test_by_default_the_llm_reads_the_transcript_as_spoken(ollama: FakeOll
     assert "4111 1111 1111 1111" in json.dumps(ollama.requests)
 
 
+def test_every_string_and_list_in_the_schemas_is_bounded() -> None:
+    def walk(node: dict, path: str) -> None:
+        if node.get("type") == "string":
+            assert "enum" in node or "maxLength" in node, path
+        if node.get("type") == "array":
+            assert "maxItems" in node, path
+            walk(node["items"], path + "[]")
+        for name, child in node.get("properties", {}).items():
+            walk(child, f"{path}.{name}")
+
+    from services.analyze.analyzer import translation_schema
+    for schema in (analysis_schema(DEFAULT_TOPICS, DEFAULT_EMOTIONS),
+                   analysis_schema(DEFAULT_TOPICS, DEFAULT_EMOTIONS, speakers_known=True), translation_schema(500)):
+        walk(schema, "answer")
+
+
+async def test_known_speakers_get_a_sentiment_each(ollama: FakeOllama) -> None:
+    ollama.answers = [json.dumps({**GOOD, "agent_sentiment": "neutral", "customer_sentiment": "negative"})]
+    call = [Utterance("agent", 0, "How can I help?"), Utterance("customer", 2, "I was billed twice!")]
+    result = await analyzer(OllamaBackend(settings(ollama.url))).analyze(call, "en")
+    assert (result.agent_sentiment, result.customer_sentiment) == ("neutral", "negative")
+    assert {"agent_sentiment", "customer_sentiment"} <= set(ollama.requests[0]["format"]["required"])
+
+
+async def test_unknown_speakers_get_only_the_overall_sentiment(ollama: FakeOllama) -> None:
+    ollama.answers = [json.dumps(GOOD)]
+    result = await analyzer(OllamaBackend(settings(ollama.url))).analyze(CALL, "en")
+    assert "customer_sentiment" not in ollama.requests[0]["format"]["properties"]
+    assert (result.agent_sentiment, result.customer_sentiment) == ("", "")
+    assert result.sub_topic == "double charge" and result.resolved is False
+    assert result.follow_up_actions == ("Refund the second charge.",)
+
+
 async def test_malformed_answer_is_retried_with_the_error(ollama: FakeOllama) -> None:
     ollama.answers = ["{\"sentiment\": \"furious\"}", json.dumps(GOOD)]
     result = await analyzer(OllamaBackend(settings(ollama.url))).analyze(CALL, "en")
@@ -152,10 +186,11 @@ async def test_transcript_over_the_context_is_refused_not_truncated(ollama: Fake
 async def test_embedded_backend_answers_within_the_schema(llm_small: Path) -> None:
     backend = EmbeddedLlamaBackend(settings("", str(llm_small)))
     try:
-        schema = analysis_schema(DEFAULT_TOPICS, DEFAULT_EMOTIONS)
+        schema = analysis_schema(DEFAULT_TOPICS, DEFAULT_EMOTIONS, speakers_known=True)
         completion = await backend.complete_json(
             [{"role": "system", "content": "Analyse the call and answer in JSON."},
-             {"role": "user", "content": "Customer: My parcel never arrived and I am upset."}], schema, 300)
+             {"role": "user", "content": "Agent: How can I help?\nCustomer: My parcel never arrived and I am upset."}],
+            schema, 400)
         jsonschema.validate(json.loads(completion.text), schema)
         assert completion.completion_tokens > 0
     finally:

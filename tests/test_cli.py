@@ -28,6 +28,7 @@ def test_submit_serves_a_local_file_and_prints_the_record(stereo_call) -> None:
         assert stage in result.stdout
     assert record["call_id"] == "cli-stereo" and len(record["summary"]) == 3
     assert record["speakers"] == ["agent", "customer"]
+    assert set(record["sentiment_by_speaker"]) == {"agent", "customer"}  # speakers known: a sentiment each
     assert '"topic"' in result.stdout  # the record is printed too
 
 

@@ -133,6 +133,8 @@ async def test_record_has_the_seed_shape(world: World, two_calls: dict[str, dict
                   "emotion", "timestamp"):
         assert field in record
     assert len(record["summary"]) == 3 and all(record["summary"])
+    assert record["sub_topic"] and isinstance(record["resolved"], bool) and len(record["follow_up_actions"]) <= 3
+    assert record["sentiment_by_speaker"] == {}  # mono: the speakers are not known
     assert record["segments"] and record["audio_duration_seconds"] > 5
     stats = record["statistics"]
     assert stats["talk_time_seconds"]["unknown"] > 3 and stats["interruptions"] == 0

@@ -21,7 +21,7 @@ class AnalyzeRequest(_message.Message):
     def __init__(self, call_id: _Optional[str] = ..., language_code: _Optional[str] = ..., segments: _Optional[_Iterable[_Union[_common_pb2.TranscriptSegment, _Mapping]]] = ...) -> None: ...
 
 class AnalyzeResponse(_message.Message):
-    __slots__ = ("summary", "topic", "sentiment", "emotion", "translated_transcript", "model", "prompt_version", "processing_time")
+    __slots__ = ("summary", "topic", "sentiment", "emotion", "translated_transcript", "model", "prompt_version", "processing_time", "sub_topic", "agent_sentiment", "customer_sentiment", "resolved", "follow_up_actions")
     SUMMARY_FIELD_NUMBER: _ClassVar[int]
     TOPIC_FIELD_NUMBER: _ClassVar[int]
     SENTIMENT_FIELD_NUMBER: _ClassVar[int]
@@ -30,6 +30,11 @@ class AnalyzeResponse(_message.Message):
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_VERSION_FIELD_NUMBER: _ClassVar[int]
     PROCESSING_TIME_FIELD_NUMBER: _ClassVar[int]
+    SUB_TOPIC_FIELD_NUMBER: _ClassVar[int]
+    AGENT_SENTIMENT_FIELD_NUMBER: _ClassVar[int]
+    CUSTOMER_SENTIMENT_FIELD_NUMBER: _ClassVar[int]
+    RESOLVED_FIELD_NUMBER: _ClassVar[int]
+    FOLLOW_UP_ACTIONS_FIELD_NUMBER: _ClassVar[int]
     summary: _containers.RepeatedScalarFieldContainer[str]
     topic: str
     sentiment: _common_pb2.Sentiment
@@ -38,4 +43,9 @@ class AnalyzeResponse(_message.Message):
     model: str
     prompt_version: str
     processing_time: _duration_pb2.Duration
-    def __init__(self, summary: _Optional[_Iterable[str]] = ..., topic: _Optional[str] = ..., sentiment: _Optional[_Union[_common_pb2.Sentiment, str]] = ..., emotion: _Optional[str] = ..., translated_transcript: _Optional[str] = ..., model: _Optional[str] = ..., prompt_version: _Optional[str] = ..., processing_time: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+    sub_topic: str
+    agent_sentiment: _common_pb2.Sentiment
+    customer_sentiment: _common_pb2.Sentiment
+    resolved: bool
+    follow_up_actions: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, summary: _Optional[_Iterable[str]] = ..., topic: _Optional[str] = ..., sentiment: _Optional[_Union[_common_pb2.Sentiment, str]] = ..., emotion: _Optional[str] = ..., translated_transcript: _Optional[str] = ..., model: _Optional[str] = ..., prompt_version: _Optional[str] = ..., processing_time: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., sub_topic: _Optional[str] = ..., agent_sentiment: _Optional[_Union[_common_pb2.Sentiment, str]] = ..., customer_sentiment: _Optional[_Union[_common_pb2.Sentiment, str]] = ..., resolved: _Optional[bool] = ..., follow_up_actions: _Optional[_Iterable[str]] = ...) -> None: ...

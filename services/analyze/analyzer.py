@@ -29,7 +29,7 @@ _tokens_per_second = _meter.create_histogram(
     "callmesh.llm.tokens_per_second", description="Generation speed of one LLM answer (purpose)",
     explicit_bucket_boundaries_advisory=(1, 2, 5, 10, 20, 30, 50, 75, 100, 200))
 
-PROMPT_VERSION = "2026-11-25.2"
+PROMPT_VERSION = "2026-11-25.3"
 SENTIMENTS = ("positive", "neutral", "negative")
 LANGUAGE_NAMES = {
     "en": "English", "es": "Spanish", "fr": "French", "de": "German", "it": "Italian", "pt": "Portuguese",
@@ -66,6 +66,11 @@ class AnalysisResult:
     prompt_version: str
     seconds: float
     completion_tokens: int
+    sub_topic: str = ""
+    agent_sentiment: str = ""  # empty when the speakers are not known
+    customer_sentiment: str = ""
+    resolved: bool = False
+    follow_up_actions: tuple[str, ...] = ()
 
 
 def render_transcript(utterances: list[Utterance]) -> str:
@@ -76,25 +81,32 @@ def render_transcript(utterances: list[Utterance]) -> str:
     return "\n".join(lines)
 
 
-def analysis_schema(topics: tuple[str, ...], emotions: tuple[str, ...]) -> dict:
+def analysis_schema(topics: tuple[str, ...], emotions: tuple[str, ...], speakers_known: bool = False) -> dict:
+    """Every string and list bounded, so a small model always terminates."""
     # Sentiment and emotion come first: the model judges the customer before it writes
     # the summary, so its own wording cannot sway the judgement.
-    return {
-        "type": "object",
-        "properties": {
-            "sentiment": {"type": "string", "enum": list(SENTIMENTS)},
-            "emotion": {"type": "string", "enum": list(emotions)},
-            "topic": {"type": "string", "enum": list(topics)},
-            "summary": {
-                "type": "array",
-                "items": {"type": "string", "minLength": 3, "maxLength": 200},
-                "minItems": 3,
-                "maxItems": 3,
-            },
-        },
-        "required": ["sentiment", "emotion", "topic", "summary"],
-        "additionalProperties": False,
+    properties: dict = {
+        "sentiment": {"type": "string", "enum": list(SENTIMENTS)},
+        "emotion": {"type": "string", "enum": list(emotions)},
     }
+    if speakers_known:
+        properties["customer_sentiment"] = {"type": "string", "enum": list(SENTIMENTS)}
+        properties["agent_sentiment"] = {"type": "string", "enum": list(SENTIMENTS)}
+    properties.update({
+        "topic": {"type": "string", "enum": list(topics)},
+        "sub_topic": {"type": "string", "minLength": 2, "maxLength": 60},
+        "resolved": {"type": "boolean"},
+        "follow_up_actions": {
+            "type": "array", "items": {"type": "string", "minLength": 3, "maxLength": 120}, "maxItems": 3,
+        },
+        "summary": {
+            "type": "array",
+            "items": {"type": "string", "minLength": 3, "maxLength": 200},
+            "minItems": 3,
+            "maxItems": 3,
+        },
+    })
+    return {"type": "object", "properties": properties, "required": list(properties), "additionalProperties": False}
 
 
 def translation_schema(source_chars: int) -> dict:
@@ -112,7 +124,11 @@ ANALYSIS_SYSTEM = (
     "- sentiment: the customer's overall sentiment. negative when the customer complains, is angry, upset or "
     "threatens to leave; positive when the customer thanks or praises; neutral otherwise.\n"
     "- emotion: the customer's dominant emotion, from the allowed list.\n"
+    "- customer_sentiment and agent_sentiment (when asked): each speaker's own sentiment.\n"
     "- topic: the one category from the allowed list that best fits the call.\n"
+    "- sub_topic: a few words that narrow the topic down, e.g. \"double charge on invoice\".\n"
+    "- resolved: true only when the customer's request was dealt with during the call.\n"
+    "- follow_up_actions: what someone still has to do after the call (at most three, empty when nothing).\n"
     "- summary: exactly three short bullet points, one sentence each, on what was said. Use only facts stated "
     "in the transcript; never invent what a speaker said or did, names or amounts."
 )
@@ -149,6 +165,7 @@ class Analyzer:
         self.context_tokens = context_tokens
         self.max_answer_tokens = max_answer_tokens
         self.schema = analysis_schema(topics, emotions)
+        self.schema_with_speakers = analysis_schema(topics, emotions, speakers_known=True)
 
     def _check_fits(self, text: str, answer_tokens: int) -> None:
         needed = len(text) // CHARS_PER_TOKEN + 300 + answer_tokens
@@ -188,6 +205,7 @@ class Analyzer:
         if self.redact_pii:
             utterances = [replace(u, text=pii.redact(u.text)[0]) for u in utterances]
         transcript = render_transcript(utterances)
+        speakers_known = {"agent", "customer"} <= {u.speaker for u in utterances}
         if not transcript.strip():
             raise ValueError("the transcript is empty")
         language = (language or "en").lower()
@@ -200,7 +218,7 @@ class Analyzer:
             {"role": "user", "content": f"Allowed topics: {topics}.\nAllowed emotions: {emotions}.\n"
                                         f"Call language: {LANGUAGE_NAMES.get(language, language)}.\n\n"
                                         f"Transcript:\n{transcript}"},
-        ], self.schema, min(self.max_answer_tokens, 600))
+        ], self.schema_with_speakers if speakers_known else self.schema, min(self.max_answer_tokens, 700))
         tokens = first.completion_tokens
         translation = ""
         if language != "en":
@@ -224,4 +242,9 @@ class Analyzer:
             prompt_version=PROMPT_VERSION,
             seconds=time.perf_counter() - started,
             completion_tokens=tokens,
+            sub_topic=answer["sub_topic"].strip(),
+            agent_sentiment=answer.get("agent_sentiment", ""),
+            customer_sentiment=answer.get("customer_sentiment", ""),
+            resolved=answer["resolved"],
+            follow_up_actions=tuple(a.strip() for a in answer["follow_up_actions"]),
         )

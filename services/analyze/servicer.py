@@ -59,4 +59,9 @@ class AnalysisServicer(analyze_pb2_grpc.AnalysisServiceServicer):
                 model=result.model,
                 prompt_version=result.prompt_version,
                 processing_time=duration(result.seconds),
+                sub_topic=result.sub_topic,
+                agent_sentiment=SENTIMENT_VALUES.get(result.agent_sentiment, 0),
+                customer_sentiment=SENTIMENT_VALUES.get(result.customer_sentiment, 0),
+                resolved=result.resolved,
+                follow_up_actions=list(result.follow_up_actions),
             )

@@ -76,7 +76,13 @@ def record_to_json(record: crm_pb2.CallRecord) -> dict:
         "summary": list(record.summary),
         "topic": record.topic,
         "sentiment": SENTIMENT_NAMES.get(record.sentiment, "neutral"),
+        "sentiment_by_speaker": {speaker: SENTIMENT_NAMES[value] for speaker, value in
+                                 (("agent", record.agent_sentiment), ("customer", record.customer_sentiment))
+                                 if value in SENTIMENT_NAMES},
         "emotion": record.emotion,
+        "sub_topic": record.sub_topic,
+        "resolved": record.resolved,
+        "follow_up_actions": list(record.follow_up_actions),
         "timestamp": record.create_time.ToDatetime().strftime("%Y-%m-%dT%H:%M:%SZ"),
         "segments": segments,
         "speakers": sorted({s["speaker"] for s in segments}),

@@ -1,7 +1,7 @@
 """Mask personal data in a call record before it is stored for the CRM.
 
 Every text field a person reads (the transcript, each segment, the translation, the
-summary) goes through :func:`services.common.pii.redact`; the record then lists each
+summary, the sub-topic and the follow-up actions) goes through :func:`services.common.pii.redact`; the record then lists each
 placeholder's field, kind and position, never the value. Word timings of a segment
 that held personal data are dropped with it (they would spell it out).
 """
@@ -30,6 +30,9 @@ def redact_record(record: crm_pb2.CallRecord) -> crm_pb2.CallRecord:
     out.translated_transcript, _ = mask("translated_transcript", out.translated_transcript)
     for i, bullet in enumerate(list(out.summary)):
         out.summary[i], _ = mask(f"summary[{i}]", bullet)
+    out.sub_topic, _ = mask("sub_topic", out.sub_topic)
+    for i, action in enumerate(list(out.follow_up_actions)):
+        out.follow_up_actions[i], _ = mask(f"follow_up_actions[{i}]", action)
     for i, segment in enumerate(out.segments):
         segment.text, found = mask(f"segments[{i}].text", segment.text)
         if found:

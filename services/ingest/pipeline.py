@@ -293,6 +293,11 @@ class PipelineWorker:
             "sentiment": SENTIMENT_NAMES.get(response.sentiment, "neutral"), "emotion": response.emotion,
             "translated_transcript": response.translated_transcript, "model": response.model,
             "prompt_version": response.prompt_version, "processing_time": seconds(response.processing_time),
+            "sub_topic": response.sub_topic, "resolved": response.resolved,
+            "follow_up_actions": list(response.follow_up_actions),
+            "sentiment_by_speaker": {speaker: SENTIMENT_NAMES[value] for speaker, value in
+                                     (("agent", response.agent_sentiment), ("customer", response.customer_sentiment))
+                                     if value in SENTIMENT_NAMES},
         }
         return DELIVERING, {"analysis": analysis}
 
@@ -311,6 +316,10 @@ class PipelineWorker:
             analysis_model=a.get("model", ""), prompt_version=a.get("prompt_version", ""),
             statistics=statistics_from_json(t.get("statistics", {})),
             language_uncertain=bool(t.get("language_uncertain")) and not a.get("no_speech"),
+            sub_topic=a.get("sub_topic", ""), resolved=bool(a.get("resolved")),
+            follow_up_actions=a.get("follow_up_actions", []),
+            agent_sentiment=SENTIMENT_VALUES.get(a.get("sentiment_by_speaker", {}).get("agent", ""), 0),
+            customer_sentiment=SENTIMENT_VALUES.get(a.get("sentiment_by_speaker", {}).get("customer", ""), 0),
         )
 
     async def _stage_delivering(self, job: Job) -> tuple[str, dict]:
