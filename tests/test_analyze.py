@@ -36,6 +36,7 @@ class FakeOllama:
 
     answers: list[str]
     requests: list[dict] = field(default_factory=list)
+    by_schema: bool = False  # answer from the requested schema instead of the queue (long calls)
     delay: float = 0.0  # seconds before each answer: a busy model
     url: str = ""
     _runner: web.AppRunner | None = None
@@ -44,7 +45,7 @@ class FakeOllama:
         body = await request.json()
         self.requests.append(body)
         await asyncio.sleep(self.delay)
-        content = self.answers.pop(0)
+        content = self.answers.pop(0) if not self.by_schema else schema_answer(body["format"])
         return web.json_response({
             "model": body["model"], "created_at": "2026-11-25T00:00:00Z", "done": True, "done_reason": "stop",
             "message": {"role": "assistant", "content": content}, "prompt_eval_count": 50, "eval_count": 20,
@@ -60,6 +61,16 @@ class FakeOllama:
     async def stop(self) -> None:
         assert self._runner is not None
         await self._runner.cleanup()
+
+
+def schema_answer(schema: dict) -> str:
+    """A valid answer for whichever request this is: notes, translated lines, or the analysis."""
+    props = schema["properties"]
+    if "notes" in props:
+        return json.dumps({"notes": ["The customer complains about a double charge."]})
+    if "lines" in props:
+        return json.dumps({"lines": ["Translated line."] * props["lines"]["minItems"]})
+    return json.dumps(GOOD)
 
 
 def settings(host: str, model: str = "qwen2.5:7b-instruct") -> LlmSettings:
@@ -97,16 +108,20 @@ async def test_english_call_is_not_translated(ollama: FakeOllama) -> None:
 
 
 async def test_other_languages_are_translated_in_a_request_of_their_own(ollama: FakeOllama) -> None:
-    ollama.answers = [json.dumps(GOOD), json.dumps({"translation": "Customer: I was charged twice."})]
+    both = {**GOOD, "agent_sentiment": "neutral", "customer_sentiment": "negative"}
+    ollama.answers = [json.dumps({"lines": ["Good morning.", "I was charged twice."]}), json.dumps(both)]
     result = await analyzer(OllamaBackend(settings(ollama.url))).analyze(
-        [Utterance("customer", 0, "Me cobraron dos veces.")], "es")
-    assert result.translated_transcript == "Customer: I was charged twice."
-    assert "Spanish" in ollama.requests[1]["messages"][0]["content"]
-    assert "translation" in ollama.requests[1]["format"]["properties"]
+        [Utterance("agent", 0, "Buenos días."), Utterance("customer", 2, "Me cobraron dos veces.")], "es")
+    assert result.translated_lines == ("Good morning.", "I was charged twice.")
+    assert result.translated_transcript == "Agent: Good morning.\nCustomer: I was charged twice."
+    translation = ollama.requests[0]
+    assert "Spanish" in translation["messages"][0]["content"]
+    assert translation["format"]["properties"]["lines"]["minItems"] == 2
+    assert "1. Agent: Buenos días.\n2. Customer: Me cobraron dos veces." == translation["messages"][1]["content"]
 
 
 async def test_personal_data_can_be_kept_from_the_llm(ollama: FakeOllama) -> None:
-    ollama.answers = [json.dumps(GOOD), json.dumps({"translation": "Customer: my card is [CARD_NUMBER]."})]
+    ollama.answers = [json.dumps({"lines": ["My card is [CARD_NUMBER]."]}), json.dumps(GOOD)]
     call = [Utterance("customer", 0, "Mi tarjeta es 4111 1111 1111 1111, escriba a ana.lopez@example.com.")]
     masking = Analyzer(OllamaBackend(settings(ollama.url)), DEFAULT_TOPICS, DEFAULT_EMOTIONS, 4096, 512,
                        redact_pii=True)
@@ -133,9 +148,10 @@ def test_every_string_and_list_in_the_schemas_is_bounded() -> None:
         for name, child in node.get("properties", {}).items():
             walk(child, f"{path}.{name}")
 
-    from services.analyze.analyzer import translation_schema
+    from services.analyze.analyzer import notes_schema, translation_schema
     for schema in (analysis_schema(DEFAULT_TOPICS, DEFAULT_EMOTIONS),
-                   analysis_schema(DEFAULT_TOPICS, DEFAULT_EMOTIONS, speakers_known=True), translation_schema(500)):
+                   analysis_schema(DEFAULT_TOPICS, DEFAULT_EMOTIONS, speakers_known=True), translation_schema(["Hola."] * 3),
+                   notes_schema()):
         walk(schema, "answer")
 
 
@@ -175,24 +191,75 @@ async def test_unreachable_ollama_is_unavailable() -> None:
         await analyzer(OllamaBackend(settings("http://127.0.0.1:9"))).analyze(CALL, "en")
 
 
-async def test_transcript_over_the_context_is_refused_not_truncated(ollama: FakeOllama) -> None:
-    long_call = [Utterance("customer", i, "This sentence repeats to fill the context. " * 10) for i in range(100)]
+async def test_a_long_transcript_is_read_in_parts_and_summarised_whole(ollama: FakeOllama) -> None:
+    ollama.by_schema = True
+    long_call = [Utterance("customer", i, f"Sentence {i} of a long call about a double charge. " * 5) for i in range(100)]
+    result = await analyzer(OllamaBackend(settings(ollama.url))).analyze(long_call, "en")
+    notes = [r for r in ollama.requests if "notes" in r["format"]["properties"]]
+    assert result.parts == len(notes) > 1
+    said = "\n".join(r["messages"][1]["content"] for r in notes)
+    assert all(f"Sentence {i} of" in said for i in range(100))  # every line was read, none cut off
+    assert all(len(r["messages"][1]["content"]) // 3 < 4096 - 400 for r in ollama.requests)  # each fits
+    final = ollama.requests[-1]["messages"][1]["content"]
+    assert f"read in {result.parts} parts" in final and "(part 1)" in final and f"(part {result.parts})" in final
+    assert len(result.summary) == 3
+
+
+async def test_a_long_call_is_translated_line_by_line_in_batches(ollama: FakeOllama) -> None:
+    ollama.by_schema = True
+    long_call = [Utterance("customer", i, f"Frase número {i} de una llamada larga. " * 5) for i in range(100)]
+    result = await analyzer(OllamaBackend(settings(ollama.url))).analyze(long_call, "es")
+    batches = [r for r in ollama.requests if "lines" in r["format"]["properties"]]
+    assert len(batches) > 1 and len(result.translated_lines) == 100
+    assert sum(r["format"]["properties"]["lines"]["minItems"] for r in batches) == 100
+
+
+async def test_one_line_longer_than_the_context_is_refused_not_truncated(ollama: FakeOllama) -> None:
+    huge = [Utterance("customer", 0, "This sentence repeats to fill the context. " * 400)]
     with pytest.raises(TranscriptTooLong, match="does not fit"):
-        await analyzer(OllamaBackend(settings(ollama.url))).analyze(long_call, "en")
+        await analyzer(OllamaBackend(settings(ollama.url))).analyze(huge, "en")
     assert ollama.requests == []
+
+
+async def test_a_summary_naming_a_number_the_call_never_mentions_is_retried(ollama: FakeOllama) -> None:
+    invented = {**GOOD, "summary": ["Customer was billed 45 euros twice.", "Customer is angry.", "Wants a refund."]}
+    ollama.answers = [json.dumps(invented), json.dumps(GOOD)]
+    result = await analyzer(OllamaBackend(settings(ollama.url))).analyze(CALL, "en")
+    assert result.summary == tuple(GOOD["summary"])
+    assert "summary[0] names 45, which the call never mentions" in ollama.requests[1]["messages"][-1]["content"]
+
+
+async def test_a_bullet_still_invented_after_the_retry_is_dropped(ollama: FakeOllama) -> None:
+    invented = {**GOOD, "summary": ["Customer was billed 45 euros twice.", "Customer is angry.", "Wants a refund."]}
+    ollama.answers = [json.dumps(invented), json.dumps(invented)]
+    result = await analyzer(OllamaBackend(settings(ollama.url))).analyze(CALL, "en")
+    assert result.summary == ("Customer is angry.", "Wants a refund.") and result.dropped_bullets == 1
+
+
+async def test_numbers_the_customer_said_may_be_summarised(ollama: FakeOllama) -> None:
+    grounded = {**GOOD, "summary": ["Customer was billed 1,250.00 euros.", "Customer is angry.", "Wants a refund."]}
+    ollama.answers = [json.dumps(grounded)]
+    result = await analyzer(OllamaBackend(settings(ollama.url))).analyze(
+        [Utterance("customer", 0, "You charged me 1250.00 euros!")], "en")
+    assert result.summary[0] == "Customer was billed 1,250.00 euros." and len(ollama.requests) == 1
 
 
 @pytest.mark.models
 async def test_embedded_backend_answers_within_the_schema(llm_small: Path) -> None:
     backend = EmbeddedLlamaBackend(settings("", str(llm_small)))
     try:
-        schema = analysis_schema(DEFAULT_TOPICS, DEFAULT_EMOTIONS, speakers_known=True)
-        completion = await backend.complete_json(
-            [{"role": "system", "content": "Analyse the call and answer in JSON."},
-             {"role": "user", "content": "Agent: How can I help?\nCustomer: My parcel never arrived and I am upset."}],
-            schema, 400)
-        jsonschema.validate(json.loads(completion.text), schema)
-        assert completion.completion_tokens > 0
+        from services.analyze.analyzer import notes_schema, translation_schema
+
+        call = "Agent: ¿En qué puedo ayudarle?\nCustomer: Mi paquete nunca llegó y estoy enfadado."
+        for system, schema in (
+            ("Analyse the call and answer in JSON.", analysis_schema(DEFAULT_TOPICS, DEFAULT_EMOTIONS, True)),
+            ("Translate each line into English; answer in JSON.", translation_schema(call.splitlines())),
+            ("Take notes on the call; answer in JSON.", notes_schema()),
+        ):
+            completion = await backend.complete_json(
+                [{"role": "system", "content": system}, {"role": "user", "content": call}], schema, 400)
+            jsonschema.validate(json.loads(completion.text), schema)
+            assert completion.completion_tokens > 0
     finally:
         await backend.close()
 
@@ -216,5 +283,37 @@ async def test_analyze_beyond_its_limits_is_resource_exhausted_not_queued(ollama
             results = await asyncio.gather(*calls, return_exceptions=True)
         codes = sorted(r.code().name if isinstance(r, grpc.aio.AioRpcError) else "OK" for r in results)
         assert codes == ["OK", "OK", "RESOURCE_EXHAUSTED"]  # one running, one queued, the third pushed back
+    finally:
+        await server.stop(0)
+
+
+async def test_translated_segments_keep_their_times_and_speakers(ollama: FakeOllama) -> None:
+    from callcenter.v1 import analyze_pb2, analyze_pb2_grpc, common_pb2
+    from services.analyze.servicer import AnalysisServicer
+    from services.common.grpc_server import ServiceBinding, client_channel, start_server
+    from services.common.limits import AdmissionLimiter
+    from services.common.protoconv import duration
+
+    both = {**GOOD, "agent_sentiment": "neutral", "customer_sentiment": "negative"}
+    ollama.answers = [json.dumps({"lines": ["Good morning.", "I was charged twice."]}), json.dumps(both)]
+    servicer = AnalysisServicer(analyzer(OllamaBackend(settings(ollama.url))), AdmissionLimiter(1, 1))
+    server = await start_server("127.0.0.1:0", [ServiceBinding(
+        "callcenter.v1.AnalysisService", lambda s: analyze_pb2_grpc.add_AnalysisServiceServicer_to_server(servicer, s))])
+    segments = [
+        common_pb2.TranscriptSegment(index=0, start_offset=duration(0.5), end_offset=duration(1.5), text="Buenos días.",
+                                     speaker=common_pb2.SPEAKER_AGENT, channel=0),
+        common_pb2.TranscriptSegment(index=1, text="  "),  # nothing said: nothing to translate
+        common_pb2.TranscriptSegment(index=2, start_offset=duration(2.0), end_offset=duration(4.0),
+                                     text="Me cobraron dos veces.", speaker=common_pb2.SPEAKER_CUSTOMER, channel=1),
+    ]
+    try:
+        async with client_channel(server.address) as channel:
+            answer = await analyze_pb2_grpc.AnalysisServiceStub(channel).Analyze(
+                analyze_pb2.AnalyzeRequest(call_id="tr", language_code="es", segments=segments), timeout=30)
+        out = [(s.index, s.start_offset.ToTimedelta().total_seconds(), s.end_offset.ToTimedelta().total_seconds(),
+                s.speaker, s.channel, s.text) for s in answer.translated_segments]
+        assert out == [(0, 0.5, 1.5, common_pb2.SPEAKER_AGENT, 0, "Good morning."),
+                       (2, 2.0, 4.0, common_pb2.SPEAKER_CUSTOMER, 1, "I was charged twice.")]
+        assert answer.customer_sentiment == common_pb2.SENTIMENT_NEGATIVE and answer.parts == 1
     finally:
         await server.stop(0)

@@ -21,7 +21,7 @@ class AnalyzeRequest(_message.Message):
     def __init__(self, call_id: _Optional[str] = ..., language_code: _Optional[str] = ..., segments: _Optional[_Iterable[_Union[_common_pb2.TranscriptSegment, _Mapping]]] = ...) -> None: ...
 
 class AnalyzeResponse(_message.Message):
-    __slots__ = ("summary", "topic", "sentiment", "emotion", "translated_transcript", "model", "prompt_version", "processing_time", "sub_topic", "agent_sentiment", "customer_sentiment", "resolved", "follow_up_actions")
+    __slots__ = ("summary", "topic", "sentiment", "emotion", "translated_transcript", "model", "prompt_version", "processing_time", "sub_topic", "agent_sentiment", "customer_sentiment", "resolved", "follow_up_actions", "translated_segments", "parts")
     SUMMARY_FIELD_NUMBER: _ClassVar[int]
     TOPIC_FIELD_NUMBER: _ClassVar[int]
     SENTIMENT_FIELD_NUMBER: _ClassVar[int]
@@ -35,6 +35,8 @@ class AnalyzeResponse(_message.Message):
     CUSTOMER_SENTIMENT_FIELD_NUMBER: _ClassVar[int]
     RESOLVED_FIELD_NUMBER: _ClassVar[int]
     FOLLOW_UP_ACTIONS_FIELD_NUMBER: _ClassVar[int]
+    TRANSLATED_SEGMENTS_FIELD_NUMBER: _ClassVar[int]
+    PARTS_FIELD_NUMBER: _ClassVar[int]
     summary: _containers.RepeatedScalarFieldContainer[str]
     topic: str
     sentiment: _common_pb2.Sentiment
@@ -48,4 +50,6 @@ class AnalyzeResponse(_message.Message):
     customer_sentiment: _common_pb2.Sentiment
     resolved: bool
     follow_up_actions: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, summary: _Optional[_Iterable[str]] = ..., topic: _Optional[str] = ..., sentiment: _Optional[_Union[_common_pb2.Sentiment, str]] = ..., emotion: _Optional[str] = ..., translated_transcript: _Optional[str] = ..., model: _Optional[str] = ..., prompt_version: _Optional[str] = ..., processing_time: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., sub_topic: _Optional[str] = ..., agent_sentiment: _Optional[_Union[_common_pb2.Sentiment, str]] = ..., customer_sentiment: _Optional[_Union[_common_pb2.Sentiment, str]] = ..., resolved: _Optional[bool] = ..., follow_up_actions: _Optional[_Iterable[str]] = ...) -> None: ...
+    translated_segments: _containers.RepeatedCompositeFieldContainer[_common_pb2.TranscriptSegment]
+    parts: int
+    def __init__(self, summary: _Optional[_Iterable[str]] = ..., topic: _Optional[str] = ..., sentiment: _Optional[_Union[_common_pb2.Sentiment, str]] = ..., emotion: _Optional[str] = ..., translated_transcript: _Optional[str] = ..., model: _Optional[str] = ..., prompt_version: _Optional[str] = ..., processing_time: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., sub_topic: _Optional[str] = ..., agent_sentiment: _Optional[_Union[_common_pb2.Sentiment, str]] = ..., customer_sentiment: _Optional[_Union[_common_pb2.Sentiment, str]] = ..., resolved: _Optional[bool] = ..., follow_up_actions: _Optional[_Iterable[str]] = ..., translated_segments: _Optional[_Iterable[_Union[_common_pb2.TranscriptSegment, _Mapping]]] = ..., parts: _Optional[int] = ...) -> None: ...

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import jsonschema
@@ -36,8 +38,12 @@ LANGUAGE_NAMES = {
     "nl": "Dutch", "pl": "Polish", "ru": "Russian", "tr": "Turkish", "ar": "Arabic", "zh": "Chinese",
     "ja": "Japanese", "ko": "Korean", "hi": "Hindi", "sv": "Swedish", "ca": "Catalan", "ro": "Romanian",
 }
-# A rough bound to refuse, not truncate, transcripts that cannot fit the context.
+# A rough, safe estimate of tokens from characters (multilingual text, small vocabularies).
 CHARS_PER_TOKEN = 3
+PROMPT_TOKENS = 400  # the system prompt, the lists of topics and emotions, the chat template
+ANALYSIS_ANSWER_TOKENS = 700
+NOTES_PER_PART = 6
+NUMBER = re.compile(r"\d+(?:[.,:]\d+)*")
 
 
 class AnalysisError(Exception):
@@ -55,9 +61,18 @@ class Utterance:
     text: str
 
 
+def tokens(text: str) -> int:
+    return len(text) // CHARS_PER_TOKEN + 1
+
+
+def numbers_in(text: str) -> set[str]:
+    """Numbers as digits only ("1,250.00" → "125000"), to compare across ways of writing them."""
+    return {re.sub(r"\D", "", n) for n in NUMBER.findall(text)}
+
+
 @dataclass(frozen=True)
 class AnalysisResult:
-    summary: tuple[str, str, str]
+    summary: tuple[str, ...]  # three bullets, fewer when one named a number the call never mentions
     topic: str
     sentiment: str
     emotion: str
@@ -71,6 +86,9 @@ class AnalysisResult:
     customer_sentiment: str = ""
     resolved: bool = False
     follow_up_actions: tuple[str, ...] = ()
+    translated_lines: tuple[str, ...] = ()  # one per utterance analysed, in order; empty for English calls
+    parts: int = 1  # how many parts a long transcript was read in
+    dropped_bullets: int = 0  # summary bullets dropped for naming numbers the call never mentioned
 
 
 def render_transcript(utterances: list[Utterance]) -> str:
@@ -109,11 +127,24 @@ def analysis_schema(topics: tuple[str, ...], emotions: tuple[str, ...], speakers
     return {"type": "object", "properties": properties, "required": list(properties), "additionalProperties": False}
 
 
-def translation_schema(source_chars: int) -> dict:
+def translation_schema(lines: list[str]) -> dict:
+    """One English string per line given, in order; each bounded by its longest source line."""
+    longest = max((len(line) for line in lines), default=0)
     return {
         "type": "object",
-        "properties": {"translation": {"type": "string", "minLength": 1, "maxLength": max(200, 3 * source_chars)}},
-        "required": ["translation"],
+        "properties": {"lines": {"type": "array", "minItems": len(lines), "maxItems": len(lines),
+                                 "items": {"type": "string", "minLength": 1, "maxLength": max(120, 3 * longest)}}},
+        "required": ["lines"],
+        "additionalProperties": False,
+    }
+
+
+def notes_schema() -> dict:
+    return {
+        "type": "object",
+        "properties": {"notes": {"type": "array", "minItems": 1, "maxItems": NOTES_PER_PART,
+                                 "items": {"type": "string", "minLength": 3, "maxLength": 200}}},
+        "required": ["notes"],
         "additionalProperties": False,
     }
 
@@ -134,9 +165,18 @@ ANALYSIS_SYSTEM = (
 )
 
 TRANSLATION_SYSTEM = (
-    "You are a professional translator. Translate the {language} phone-call transcript the user gives "
-    "into English. Translate every line, keep the speaker labels and the line order, add nothing, "
-    "summarise nothing. Answer in JSON: {{\"translation\": \"...\"}}."
+    "You are a professional translator. The user gives numbered lines of a {language} phone call. "
+    "Translate each line into English on its own, in order, without its number or speaker label; add nothing, "
+    "summarise nothing. Answer in JSON: {{\"lines\": [\"translation of line 1\", \"translation of line 2\", ...]}} "
+    "with exactly {count} strings."
+)
+
+NOTES_SYSTEM = (
+    "You take notes on one part of a long customer-service phone call, for a colleague who will summarise the "
+    "whole call from everybody's notes. In English, whatever the call's language, write at most {count} short "
+    "notes on what this part says: the customer's requests and problems, what the agent did or promised, "
+    "amounts, dates and names exactly as said, the outcome, and how the customer sounds. Use only what the "
+    "transcript says. Answer in JSON: {{\"notes\": [\"...\"]}}."
 )
 
 
@@ -167,16 +207,26 @@ class Analyzer:
         self.schema = analysis_schema(topics, emotions)
         self.schema_with_speakers = analysis_schema(topics, emotions, speakers_known=True)
 
-    def _check_fits(self, text: str, answer_tokens: int) -> None:
-        needed = len(text) // CHARS_PER_TOKEN + 300 + answer_tokens
-        if needed > self.context_tokens:
-            raise TranscriptTooLong(
-                f"the transcript ({len(text)} characters, about {needed} tokens with the answer) does not fit the "
-                f"model's context of {self.context_tokens} tokens; raise LLM_CONTEXT_TOKENS"
-            )
+    def _parts(self, lines: list[str], room: int, what: str) -> list[list[int]]:
+        """Indexes of ``lines`` in consecutive groups of at most ``room`` tokens each."""
+        parts: list[list[int]] = [[]]
+        used = 0
+        for i, line in enumerate(lines):
+            cost = tokens(line) + 1
+            if cost > room:
+                raise TranscriptTooLong(
+                    f"one {what} line ({len(line)} characters, about {cost} tokens) does not fit the model's context "
+                    f"of {self.context_tokens} tokens with its prompt and answer; raise LLM_CONTEXT_TOKENS")
+            if used + cost > room and parts[-1]:
+                parts.append([])
+                used = 0
+            parts[-1].append(i)
+            used += cost
+        return parts
 
-    async def _ask(self, purpose: str, messages: list[dict[str, str]], schema: dict, max_tokens: int) -> tuple[dict, Completion]:
-        """Ask, validate, and on a bad answer ask once more with the validation error."""
+    async def _ask(self, purpose: str, messages: list[dict[str, str]], schema: dict, max_tokens: int,
+                   check: Callable[[dict], str | None] | None = None) -> tuple[dict, Completion]:
+        """Ask, validate (schema, then ``check``), and on a bad answer ask once more with the error."""
         error = ""
         for attempt in (1, 2):
             with _tracer.start_as_current_span(f"llm.{purpose}", attributes={
@@ -191,7 +241,11 @@ class Analyzer:
                 span.set_attribute("llm.prompt_tokens", completion.prompt_tokens)
                 span.set_attribute("llm.completion_tokens", completion.completion_tokens)
                 try:
-                    return _parse(completion, schema), completion
+                    answer = _parse(completion, schema)
+                    problem = check(answer) if check and attempt == 1 else None
+                    if problem:
+                        raise ValueError(problem)
+                    return answer, completion
                 except ValueError as exc:
                     error = str(exc)
                     span.add_event("invalid_answer", {"error": error})
@@ -201,37 +255,90 @@ class Analyzer:
                                                             "JSON that follows the schema exactly."}]
         raise AnalysisError(f"the model gave no valid {purpose} after 2 attempts: {error}")
 
+    async def _notes(self, lines: list[str], language: str) -> tuple[str, int, int]:
+        """Map step for a transcript too long for one prompt: notes on each part, then notes on the notes
+        until they fit. Returns the text to analyse, the number of parts first read, and tokens used."""
+        room = self.context_tokens - PROMPT_TOKENS - ANALYSIS_ANSWER_TOKENS
+        used, first_parts = 0, 0
+        while sum(tokens(line) + 1 for line in lines) > room:
+            parts = self._parts(lines, self.context_tokens - PROMPT_TOKENS - 60 * NOTES_PER_PART, "transcript")
+            first_parts = first_parts or len(parts)
+            notes: list[str] = []
+            for n, part in enumerate(parts, 1):
+                answer, completion = await self._ask("notes", [
+                    {"role": "system", "content": NOTES_SYSTEM.format(count=NOTES_PER_PART)},
+                    {"role": "user", "content": f"Call language: {LANGUAGE_NAMES.get(language, language)}. "
+                                                f"Part {n} of {len(parts)}:\n" + "\n".join(lines[i] for i in part)},
+                ], notes_schema(), 60 * NOTES_PER_PART)
+                used += completion.completion_tokens
+                notes += [f"(part {n}) {note.strip()}" for note in answer["notes"]]
+            if len(notes) >= len(lines):  # no shorter: stop rather than loop
+                raise TranscriptTooLong(f"notes on {len(parts)} parts do not fit the model's context of "
+                                        f"{self.context_tokens} tokens; raise LLM_CONTEXT_TOKENS")
+            lines = notes
+        return "\n".join(lines), first_parts, used
+
+    async def _translate(self, utterances: list[Utterance], language: str) -> tuple[tuple[str, ...], int]:
+        """Each utterance into English on its own line, in batches that fit the context."""
+        lines = [u.text.strip() for u in utterances]
+        # Room for the batch, and as much again (and a half) for its translation.
+        parts = self._parts(lines, int((self.context_tokens - PROMPT_TOKENS) / 2.5), "transcript")
+        out: list[str] = []
+        used = 0
+        name = LANGUAGE_NAMES.get(language, language)
+        for part in parts:
+            batch = [lines[i] for i in part]
+            numbered = "\n".join(f"{n}. {render_transcript([utterances[i]])}" for n, i in enumerate(part, 1))
+            answer, completion = await self._ask("translation", [
+                {"role": "system", "content": TRANSLATION_SYSTEM.format(language=name, count=len(batch))},
+                {"role": "user", "content": numbered},
+            ], translation_schema(batch), min(self.max_answer_tokens * 4, 2 * sum(tokens(b) for b in batch) + 64))
+            used += completion.completion_tokens
+            out += [line.strip() for line in answer["lines"]]
+        return tuple(out), used
+
     async def analyze(self, utterances: list[Utterance], language: str) -> AnalysisResult:
         if self.redact_pii:
             utterances = [replace(u, text=pii.redact(u.text)[0]) for u in utterances]
-        transcript = render_transcript(utterances)
-        speakers_known = {"agent", "customer"} <= {u.speaker for u in utterances}
-        if not transcript.strip():
+        utterances = [u for u in utterances if u.text.strip()]
+        if not utterances:
             raise ValueError("the transcript is empty")
+        speakers_known = {"agent", "customer"} <= {u.speaker for u in utterances}
         language = (language or "en").lower()
-        self._check_fits(transcript, self.max_answer_tokens)
         started = time.perf_counter()
+        lines = render_transcript(utterances).splitlines()
+        transcript, parts, used = await self._notes(lines, language)
+        heading = "Transcript" if parts == 0 else f"Notes on the call, read in {parts} parts, in order"
         topics = ", ".join(self.topics)
         emotions = ", ".join(self.emotions)
+        translated_lines: tuple[str, ...] = ()
+        if language != "en":
+            translated_lines, more = await self._translate(utterances, language)
+            used += more
+        spoken = numbers_in(" ".join(u.text for u in utterances) + " " + " ".join(translated_lines))
+
+        def ungrounded(answer: dict) -> list[tuple[int, set[str]]]:
+            return [(i, missing) for i, bullet in enumerate(answer["summary"])
+                    if (missing := numbers_in(bullet) - spoken)]
+
+        def grounding(answer: dict) -> str | None:
+            bad = ungrounded(answer)
+            return "; ".join(f"summary[{i}] names {', '.join(sorted(m))}, which the call never mentions"
+                             for i, m in bad) or None
+
         answer, first = await self._ask("analysis", [
             {"role": "system", "content": ANALYSIS_SYSTEM},
             {"role": "user", "content": f"Allowed topics: {topics}.\nAllowed emotions: {emotions}.\n"
                                         f"Call language: {LANGUAGE_NAMES.get(language, language)}.\n\n"
-                                        f"Transcript:\n{transcript}"},
-        ], self.schema_with_speakers if speakers_known else self.schema, min(self.max_answer_tokens, 700))
-        tokens = first.completion_tokens
-        translation = ""
-        if language != "en":
-            schema = translation_schema(len(transcript))
-            budget = min(self.max_answer_tokens * 4, max(256, len(transcript)))
-            self._check_fits(transcript, budget)
-            translated, second = await self._ask("translation", [
-                {"role": "system", "content": TRANSLATION_SYSTEM.format(language=LANGUAGE_NAMES.get(language, language))},
-                {"role": "user", "content": transcript},
-            ], schema, budget)
-            translation = translated["translation"].strip()
-            tokens += second.completion_tokens
-        summary = tuple(b.strip().lstrip("-• ").strip() for b in answer["summary"])
+                                        f"{heading}:\n{transcript}"},
+        ], self.schema_with_speakers if speakers_known else self.schema,
+            min(self.max_answer_tokens, ANALYSIS_ANSWER_TOKENS), check=grounding)
+        used += first.completion_tokens
+        dropped = {i for i, _ in ungrounded(answer)}  # still there after the retry: not kept
+        if dropped:
+            log.warning("dropped %d summary bullet(s) naming numbers the call never mentions", len(dropped))
+        summary = tuple(b.strip().lstrip("-• ").strip() for i, b in enumerate(answer["summary"]) if i not in dropped)
+        translation = "\n".join(render_transcript([replace(u, text=t)]) for u, t in zip(utterances, translated_lines))
         return AnalysisResult(
             summary=summary,  # type: ignore[arg-type]
             topic=answer["topic"],
@@ -241,10 +348,13 @@ class Analyzer:
             model=self.backend.name,
             prompt_version=PROMPT_VERSION,
             seconds=time.perf_counter() - started,
-            completion_tokens=tokens,
+            completion_tokens=used,
             sub_topic=answer["sub_topic"].strip(),
             agent_sentiment=answer.get("agent_sentiment", ""),
             customer_sentiment=answer.get("customer_sentiment", ""),
             resolved=answer["resolved"],
             follow_up_actions=tuple(a.strip() for a in answer["follow_up_actions"]),
+            translated_lines=translated_lines,
+            parts=max(parts, 1),
+            dropped_bullets=len(dropped),
         )

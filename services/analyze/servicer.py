@@ -6,7 +6,7 @@ import logging
 
 import grpc
 
-from callcenter.v1 import analyze_pb2, analyze_pb2_grpc
+from callcenter.v1 import analyze_pb2, analyze_pb2_grpc, common_pb2
 from services.analyze.analyzer import AnalysisError, Analyzer, TranscriptTooLong, Utterance
 from services.analyze.backends import BackendUnavailable
 from services.common.limits import AdmissionLimiter, Overloaded
@@ -20,16 +20,22 @@ _rejected = meter(__name__).create_counter("callmesh.analyze.rejected", descript
 
 
 
+def translated(segment: common_pb2.TranscriptSegment, text: str) -> common_pb2.TranscriptSegment:
+    """The segment with its text in English; index, times, speaker and channel kept (words dropped)."""
+    return common_pb2.TranscriptSegment(index=segment.index, start_offset=segment.start_offset,
+                                        end_offset=segment.end_offset, speaker=segment.speaker,
+                                        channel=segment.channel, text=text, language_code="en")
+
+
 class AnalysisServicer(analyze_pb2_grpc.AnalysisServiceServicer):
     def __init__(self, analyzer: Analyzer, limiter: AdmissionLimiter) -> None:
         self.analyzer = analyzer
         self.limiter = limiter
 
     async def Analyze(self, request: analyze_pb2.AnalyzeRequest, context: grpc.aio.ServicerContext) -> analyze_pb2.AnalyzeResponse:
-        utterances = [
-            Utterance(SPEAKER_NAMES.get(s.speaker, "unknown"), seconds(s.start_offset), s.text)
-            for s in request.segments if s.text.strip()
-        ]
+        spoken = [s for s in request.segments if s.text.strip()]
+        utterances = [Utterance(SPEAKER_NAMES.get(s.speaker, "unknown"), seconds(s.start_offset), s.text)
+                      for s in spoken]
         if not utterances:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the transcript has no text to analyse")
         with call_context(request.call_id or "-"):
@@ -64,4 +70,6 @@ class AnalysisServicer(analyze_pb2_grpc.AnalysisServiceServicer):
                 customer_sentiment=SENTIMENT_VALUES.get(result.customer_sentiment, 0),
                 resolved=result.resolved,
                 follow_up_actions=list(result.follow_up_actions),
+                translated_segments=[translated(s, text) for s, text in zip(spoken, result.translated_lines)],
+                parts=result.parts,
             )

@@ -37,5 +37,7 @@ def redact_record(record: crm_pb2.CallRecord) -> crm_pb2.CallRecord:
         segment.text, found = mask(f"segments[{i}].text", segment.text)
         if found:
             del segment.words[:]
+    for i, segment in enumerate(out.translated_segments):
+        segment.text, _ = mask(f"translated_segments[{i}].text", segment.text)
     out.pii_redaction_applied = True
     return out

@@ -294,7 +294,8 @@ class PipelineWorker:
             "translated_transcript": response.translated_transcript, "model": response.model,
             "prompt_version": response.prompt_version, "processing_time": seconds(response.processing_time),
             "sub_topic": response.sub_topic, "resolved": response.resolved,
-            "follow_up_actions": list(response.follow_up_actions),
+            "follow_up_actions": list(response.follow_up_actions), "parts": response.parts,
+            "translated_segments": [segment_to_dict(s) for s in response.translated_segments],
             "sentiment_by_speaker": {speaker: SENTIMENT_NAMES[value] for speaker, value in
                                      (("agent", response.agent_sentiment), ("customer", response.customer_sentiment))
                                      if value in SENTIMENT_NAMES},
@@ -318,6 +319,7 @@ class PipelineWorker:
             language_uncertain=bool(t.get("language_uncertain")) and not a.get("no_speech"),
             sub_topic=a.get("sub_topic", ""), resolved=bool(a.get("resolved")),
             follow_up_actions=a.get("follow_up_actions", []),
+            translated_segments=[segment_from_dict(s) for s in a.get("translated_segments", [])],
             agent_sentiment=SENTIMENT_VALUES.get(a.get("sentiment_by_speaker", {}).get("agent", ""), 0),
             customer_sentiment=SENTIMENT_VALUES.get(a.get("sentiment_by_speaker", {}).get("customer", ""), 0),
         )
