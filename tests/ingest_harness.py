@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import ipaddress
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -40,8 +41,9 @@ async def running_ingest(tmp_path: Path, verifier: WebhookVerifier = VERIFIER, *
                          read_timeout: float = 2, total_timeout: float = 5,
                          allowed_hosts: tuple[str, ...] = ("127.0.0.1", "localhost"),
                          allowed_networks: tuple[str, ...] = ("127.0.0.0/8",),
-                         api_token: str = "") -> AsyncIterator[Ingest]:
-    """Ingest whose downloads may reach ``allowed_networks`` (the demo's loopback by default)."""
+                         api_token: str = "", **pipeline_settings) -> AsyncIterator[Ingest]:
+    """Ingest whose downloads may reach ``allowed_networks`` (the demo's loopback by default);
+    ``pipeline_settings`` replace fields of its pipeline settings (addresses, timeouts, …)."""
     store = JobStore(tmp_path / "ingest.db")
     await store.open()
     download = DownloadSettings(allowed_hosts=allowed_hosts,
@@ -51,6 +53,7 @@ async def running_ingest(tmp_path: Path, verifier: WebhookVerifier = VERIFIER, *
     pipeline = PipelineSettings(UNUSED, UNUSED, UNUSED, worker_id="test-worker", concurrency=2, max_attempts=2,
                                 backoff_initial=0.05, backoff_max=0.1, transcribe_timeout=5, analyze_timeout=5,
                                 rpc_timeout=2, delivery_poll_seconds=0.1, chunk_bytes=65536, lease_seconds=30)
+    pipeline = dataclasses.replace(pipeline, **pipeline_settings)
     downloader = Downloader(download)
     worker = PipelineWorker(store, downloader, pipeline)
     await worker.start()

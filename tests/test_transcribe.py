@@ -275,3 +275,13 @@ def test_batched_decoding_without_vad_is_refused_at_start(monkeypatch) -> None:
     monkeypatch.setenv("WHISPER_VAD", "0")
     with pytest.raises(ConfigError, match="WHISPER_VAD"):
         DecodeSettings.from_env()
+
+
+async def test_translate_task_gives_english_segments_of_a_spanish_call(stub, audio_dir: Path) -> None:
+    config = transcribe_pb2.TranscriptionConfig(call_id="tr", task=transcribe_pb2.TRANSCRIPTION_TASK_TRANSLATE)
+    responses = await collect(stub.Transcribe(requests(audio_dir / "es-billing-angry.wav", config)))
+    assert responses[0].language.language_code == "es"  # the language spoken
+    segments = [r.segment for r in responses if r.HasField("segment")]
+    assert segments and {s.language_code for s in segments} == {"en"}  # the language written
+    text = " ".join(s.text for s in segments).lower()
+    assert "hello" in text and "factura" not in text

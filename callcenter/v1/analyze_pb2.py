@@ -26,7 +26,7 @@ from callcenter.v1 import common_pb2 as callcenter_dot_v1_dot_common__pb2
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x63\x61llcenter/v1/analyze.proto\x12\rcallcenter.v1\x1a\x1a\x63\x61llcenter/v1/common.proto\x1a\x1egoogle/protobuf/duration.proto\"l\n\x0e\x41nalyzeRequest\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\x12\x15\n\rlanguage_code\x18\x02 \x01(\t\x12\x32\n\x08segments\x18\x03 \x03(\x0b\x32 .callcenter.v1.TranscriptSegment\"\xe0\x03\n\x0f\x41nalyzeResponse\x12\x0f\n\x07summary\x18\x01 \x03(\t\x12\r\n\x05topic\x18\x02 \x01(\t\x12+\n\tsentiment\x18\x03 \x01(\x0e\x32\x18.callcenter.v1.Sentiment\x12\x0f\n\x07\x65motion\x18\x04 \x01(\t\x12\x1d\n\x15translated_transcript\x18\x05 \x01(\t\x12\r\n\x05model\x18\x06 \x01(\t\x12\x16\n\x0eprompt_version\x18\x07 \x01(\t\x12\x32\n\x0fprocessing_time\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x11\n\tsub_topic\x18\t \x01(\t\x12\x31\n\x0f\x61gent_sentiment\x18\n \x01(\x0e\x32\x18.callcenter.v1.Sentiment\x12\x34\n\x12\x63ustomer_sentiment\x18\x0b \x01(\x0e\x32\x18.callcenter.v1.Sentiment\x12\x10\n\x08resolved\x18\x0c \x01(\x08\x12\x19\n\x11\x66ollow_up_actions\x18\r \x03(\t\x12=\n\x13translated_segments\x18\x0e \x03(\x0b\x32 .callcenter.v1.TranscriptSegment\x12\r\n\x05parts\x18\x0f \x01(\x05\x32[\n\x0f\x41nalysisService\x12H\n\x07\x41nalyze\x12\x1d.callcenter.v1.AnalyzeRequest\x1a\x1e.callcenter.v1.AnalyzeResponseB)Z\'callmesh/gen/callcenter/v1;callcenterv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x63\x61llcenter/v1/analyze.proto\x12\rcallcenter.v1\x1a\x1a\x63\x61llcenter/v1/common.proto\x1a\x1egoogle/protobuf/duration.proto\"\xab\x01\n\x0e\x41nalyzeRequest\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\x12\x15\n\rlanguage_code\x18\x02 \x01(\t\x12\x32\n\x08segments\x18\x03 \x03(\x0b\x32 .callcenter.v1.TranscriptSegment\x12=\n\x13translated_segments\x18\x04 \x03(\x0b\x32 .callcenter.v1.TranscriptSegment\"\xe0\x03\n\x0f\x41nalyzeResponse\x12\x0f\n\x07summary\x18\x01 \x03(\t\x12\r\n\x05topic\x18\x02 \x01(\t\x12+\n\tsentiment\x18\x03 \x01(\x0e\x32\x18.callcenter.v1.Sentiment\x12\x0f\n\x07\x65motion\x18\x04 \x01(\t\x12\x1d\n\x15translated_transcript\x18\x05 \x01(\t\x12\r\n\x05model\x18\x06 \x01(\t\x12\x16\n\x0eprompt_version\x18\x07 \x01(\t\x12\x32\n\x0fprocessing_time\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x11\n\tsub_topic\x18\t \x01(\t\x12\x31\n\x0f\x61gent_sentiment\x18\n \x01(\x0e\x32\x18.callcenter.v1.Sentiment\x12\x34\n\x12\x63ustomer_sentiment\x18\x0b \x01(\x0e\x32\x18.callcenter.v1.Sentiment\x12\x10\n\x08resolved\x18\x0c \x01(\x08\x12\x19\n\x11\x66ollow_up_actions\x18\r \x03(\t\x12=\n\x13translated_segments\x18\x0e \x03(\x0b\x32 .callcenter.v1.TranscriptSegment\x12\r\n\x05parts\x18\x0f \x01(\x05\x32[\n\x0f\x41nalysisService\x12H\n\x07\x41nalyze\x12\x1d.callcenter.v1.AnalyzeRequest\x1a\x1e.callcenter.v1.AnalyzeResponseB)Z\'callmesh/gen/callcenter/v1;callcenterv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,10 +34,10 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'callcenter.v1.analyze_pb2',
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'Z\'callmesh/gen/callcenter/v1;callcenterv1'
-  _globals['_ANALYZEREQUEST']._serialized_start=106
-  _globals['_ANALYZEREQUEST']._serialized_end=214
-  _globals['_ANALYZERESPONSE']._serialized_start=217
-  _globals['_ANALYZERESPONSE']._serialized_end=697
-  _globals['_ANALYSISSERVICE']._serialized_start=699
-  _globals['_ANALYSISSERVICE']._serialized_end=790
+  _globals['_ANALYZEREQUEST']._serialized_start=107
+  _globals['_ANALYZEREQUEST']._serialized_end=278
+  _globals['_ANALYZERESPONSE']._serialized_start=281
+  _globals['_ANALYZERESPONSE']._serialized_end=761
+  _globals['_ANALYSISSERVICE']._serialized_start=763
+  _globals['_ANALYSISSERVICE']._serialized_end=854
 # @@protoc_insertion_point(module_scope)

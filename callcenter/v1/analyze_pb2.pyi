@@ -11,14 +11,16 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class AnalyzeRequest(_message.Message):
-    __slots__ = ("call_id", "language_code", "segments")
+    __slots__ = ("call_id", "language_code", "segments", "translated_segments")
     CALL_ID_FIELD_NUMBER: _ClassVar[int]
     LANGUAGE_CODE_FIELD_NUMBER: _ClassVar[int]
     SEGMENTS_FIELD_NUMBER: _ClassVar[int]
+    TRANSLATED_SEGMENTS_FIELD_NUMBER: _ClassVar[int]
     call_id: str
     language_code: str
     segments: _containers.RepeatedCompositeFieldContainer[_common_pb2.TranscriptSegment]
-    def __init__(self, call_id: _Optional[str] = ..., language_code: _Optional[str] = ..., segments: _Optional[_Iterable[_Union[_common_pb2.TranscriptSegment, _Mapping]]] = ...) -> None: ...
+    translated_segments: _containers.RepeatedCompositeFieldContainer[_common_pb2.TranscriptSegment]
+    def __init__(self, call_id: _Optional[str] = ..., language_code: _Optional[str] = ..., segments: _Optional[_Iterable[_Union[_common_pb2.TranscriptSegment, _Mapping]]] = ..., translated_segments: _Optional[_Iterable[_Union[_common_pb2.TranscriptSegment, _Mapping]]] = ...) -> None: ...
 
 class AnalyzeResponse(_message.Message):
     __slots__ = ("summary", "topic", "sentiment", "emotion", "translated_transcript", "model", "prompt_version", "processing_time", "sub_topic", "agent_sentiment", "customer_sentiment", "resolved", "follow_up_actions", "translated_segments", "parts")

@@ -22,15 +22,24 @@ class AgentChannel(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     AGENT_CHANNEL_UNSPECIFIED: _ClassVar[AgentChannel]
     AGENT_CHANNEL_LEFT: _ClassVar[AgentChannel]
     AGENT_CHANNEL_RIGHT: _ClassVar[AgentChannel]
+
+class TranscriptionTask(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TRANSCRIPTION_TASK_UNSPECIFIED: _ClassVar[TranscriptionTask]
+    TRANSCRIPTION_TASK_TRANSCRIBE: _ClassVar[TranscriptionTask]
+    TRANSCRIPTION_TASK_TRANSLATE: _ClassVar[TranscriptionTask]
 CHANNEL_LAYOUT_UNSPECIFIED: ChannelLayout
 CHANNEL_LAYOUT_MONO: ChannelLayout
 CHANNEL_LAYOUT_STEREO: ChannelLayout
 AGENT_CHANNEL_UNSPECIFIED: AgentChannel
 AGENT_CHANNEL_LEFT: AgentChannel
 AGENT_CHANNEL_RIGHT: AgentChannel
+TRANSCRIPTION_TASK_UNSPECIFIED: TranscriptionTask
+TRANSCRIPTION_TASK_TRANSCRIBE: TranscriptionTask
+TRANSCRIPTION_TASK_TRANSLATE: TranscriptionTask
 
 class TranscriptionConfig(_message.Message):
-    __slots__ = ("call_id", "language_code", "channel_layout", "agent_channel", "word_timestamps", "hotwords", "detect_language_per_segment")
+    __slots__ = ("call_id", "language_code", "channel_layout", "agent_channel", "word_timestamps", "hotwords", "detect_language_per_segment", "task")
     CALL_ID_FIELD_NUMBER: _ClassVar[int]
     LANGUAGE_CODE_FIELD_NUMBER: _ClassVar[int]
     CHANNEL_LAYOUT_FIELD_NUMBER: _ClassVar[int]
@@ -38,6 +47,7 @@ class TranscriptionConfig(_message.Message):
     WORD_TIMESTAMPS_FIELD_NUMBER: _ClassVar[int]
     HOTWORDS_FIELD_NUMBER: _ClassVar[int]
     DETECT_LANGUAGE_PER_SEGMENT_FIELD_NUMBER: _ClassVar[int]
+    TASK_FIELD_NUMBER: _ClassVar[int]
     call_id: str
     language_code: str
     channel_layout: ChannelLayout
@@ -45,7 +55,8 @@ class TranscriptionConfig(_message.Message):
     word_timestamps: bool
     hotwords: _containers.RepeatedScalarFieldContainer[str]
     detect_language_per_segment: bool
-    def __init__(self, call_id: _Optional[str] = ..., language_code: _Optional[str] = ..., channel_layout: _Optional[_Union[ChannelLayout, str]] = ..., agent_channel: _Optional[_Union[AgentChannel, str]] = ..., word_timestamps: _Optional[bool] = ..., hotwords: _Optional[_Iterable[str]] = ..., detect_language_per_segment: _Optional[bool] = ...) -> None: ...
+    task: TranscriptionTask
+    def __init__(self, call_id: _Optional[str] = ..., language_code: _Optional[str] = ..., channel_layout: _Optional[_Union[ChannelLayout, str]] = ..., agent_channel: _Optional[_Union[AgentChannel, str]] = ..., word_timestamps: _Optional[bool] = ..., hotwords: _Optional[_Iterable[str]] = ..., detect_language_per_segment: _Optional[bool] = ..., task: _Optional[_Union[TranscriptionTask, str]] = ...) -> None: ...
 
 class TranscribeRequest(_message.Message):
     __slots__ = ("config", "audio")

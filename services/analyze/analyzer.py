@@ -297,7 +297,9 @@ class Analyzer:
             out += [line.strip() for line in answer["lines"]]
         return tuple(out), used
 
-    async def analyze(self, utterances: list[Utterance], language: str) -> AnalysisResult:
+    async def analyze(self, utterances: list[Utterance], language: str,
+                      translation: list[Utterance] | None = None) -> AnalysisResult:
+        """``translation``: an English translation made elsewhere (Whisper's); the LLM then translates nothing."""
         if self.redact_pii:
             utterances = [replace(u, text=pii.redact(u.text)[0]) for u in utterances]
         utterances = [u for u in utterances if u.text.strip()]
@@ -312,10 +314,11 @@ class Analyzer:
         topics = ", ".join(self.topics)
         emotions = ", ".join(self.emotions)
         translated_lines: tuple[str, ...] = ()
-        if language != "en":
+        if language != "en" and not translation:
             translated_lines, more = await self._translate(utterances, language)
             used += more
-        spoken = numbers_in(" ".join(u.text for u in utterances) + " " + " ".join(translated_lines))
+        english = list(translated_lines) + [u.text for u in translation or []]
+        spoken = numbers_in(" ".join(u.text for u in utterances) + " " + " ".join(english))
 
         def ungrounded(answer: dict) -> list[tuple[int, set[str]]]:
             return [(i, missing) for i, bullet in enumerate(answer["summary"])
@@ -338,13 +341,14 @@ class Analyzer:
         if dropped:
             log.warning("dropped %d summary bullet(s) naming numbers the call never mentions", len(dropped))
         summary = tuple(b.strip().lstrip("-• ").strip() for i, b in enumerate(answer["summary"]) if i not in dropped)
-        translation = "\n".join(render_transcript([replace(u, text=t)]) for u, t in zip(utterances, translated_lines))
+        translated = render_transcript(translation) if translation and language != "en" else "\n".join(
+            render_transcript([replace(u, text=t)]) for u, t in zip(utterances, translated_lines))
         return AnalysisResult(
             summary=summary,  # type: ignore[arg-type]
             topic=answer["topic"],
             sentiment=answer["sentiment"],
             emotion=answer["emotion"],
-            translated_transcript=translation,
+            translated_transcript=translated,
             model=self.backend.name,
             prompt_version=PROMPT_VERSION,
             seconds=time.perf_counter() - started,

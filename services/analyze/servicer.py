@@ -36,13 +36,16 @@ class AnalysisServicer(analyze_pb2_grpc.AnalysisServiceServicer):
         spoken = [s for s in request.segments if s.text.strip()]
         utterances = [Utterance(SPEAKER_NAMES.get(s.speaker, "unknown"), seconds(s.start_offset), s.text)
                       for s in spoken]
+        given = [s for s in request.translated_segments if s.text.strip()]
+        translation = [Utterance(SPEAKER_NAMES.get(s.speaker, "unknown"), seconds(s.start_offset), s.text)
+                       for s in given] or None
         if not utterances:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the transcript has no text to analyse")
         with call_context(request.call_id or "-"):
             try:
                 async with self.limiter.admit():
                     async with self.limiter.run_slot():
-                        result = await self.analyzer.analyze(utterances, request.language_code)
+                        result = await self.analyzer.analyze(utterances, request.language_code, translation)
             except Overloaded as exc:
                 _rejected.add(1, {"reason": "overloaded"})
                 await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
@@ -70,6 +73,7 @@ class AnalysisServicer(analyze_pb2_grpc.AnalysisServiceServicer):
                 customer_sentiment=SENTIMENT_VALUES.get(result.customer_sentiment, 0),
                 resolved=result.resolved,
                 follow_up_actions=list(result.follow_up_actions),
-                translated_segments=[translated(s, text) for s, text in zip(spoken, result.translated_lines)],
+                translated_segments=given if translation and request.language_code.lower() != "en" else
+                [translated(s, text) for s, text in zip(spoken, result.translated_lines)],
                 parts=result.parts,
             )

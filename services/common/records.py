@@ -84,6 +84,7 @@ def record_to_json(record: crm_pb2.CallRecord) -> dict:
         "resolved": record.resolved,
         "follow_up_actions": list(record.follow_up_actions),
         "translated_segments": [segment_to_dict(s) for s in record.translated_segments],
+        "translation_source": record.translation_source,
         "timestamp": record.create_time.ToDatetime().strftime("%Y-%m-%dT%H:%M:%SZ"),
         "segments": segments,
         "speakers": sorted({s["speaker"] for s in segments}),

@@ -22,6 +22,13 @@ def _networks(name: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network,
     return tuple(nets)
 
 
+def _choice(name: str, default: str, allowed: tuple[str, ...]) -> str:
+    value = env_str(name, default).strip().lower()
+    if value not in allowed:
+        raise ConfigError(f"{name}={value!r}: use one of {', '.join(allowed)}")
+    return value
+
+
 @dataclass(frozen=True)
 class DownloadSettings:
     allowed_hosts: tuple[str, ...]  # empty: any host name (addresses are still checked)
@@ -63,6 +70,7 @@ class PipelineSettings:
     delivery_poll_seconds: float
     chunk_bytes: int
     lease_seconds: float  # a job is held this long without a heartbeat before another worker may take it
+    translation_source: str = "llm"  # "llm": the analysis model translates; "whisper": the speech model does
     tls: TlsSettings = PLAINTEXT
 
     @classmethod
@@ -82,6 +90,7 @@ class PipelineSettings:
             delivery_poll_seconds=env_float("DELIVERY_POLL_SECONDS", 2.0, minimum=0.05),
             chunk_bytes=env_int("TRANSCRIBE_CHUNK_BYTES", 256 * 1024, minimum=1024),
             lease_seconds=env_float("PIPELINE_LEASE_SECONDS", 120.0, minimum=1.0),
+            translation_source=_choice("TRANSLATION_SOURCE", "llm", ("llm", "whisper")),
             tls=TlsSettings.from_env(),
         )
 

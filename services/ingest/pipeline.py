@@ -224,10 +224,11 @@ class PipelineWorker:
         log.info("downloaded %d bytes", downloaded.size)
         return TRANSCRIBING, {"recording_path": str(downloaded.path)}
 
-    async def _audio_requests(self, job: Job, path: Path) -> AsyncIterator[transcribe_pb2.TranscribeRequest]:
+    async def _audio_requests(self, job: Job, path: Path, task: int = transcribe_pb2.TRANSCRIPTION_TASK_TRANSCRIBE,
+                              language: str = "") -> AsyncIterator[transcribe_pb2.TranscribeRequest]:
         opts = job.options
         config = transcribe_pb2.TranscriptionConfig(
-            call_id=job.call_id, language_code=opts.language or "",
+            call_id=job.call_id, language_code=language or opts.language or "", task=task,
             channel_layout=transcribe_pb2.CHANNEL_LAYOUT_STEREO if opts.agent_channel else transcribe_pb2.CHANNEL_LAYOUT_MONO,
             agent_channel=transcribe_pb2.AGENT_CHANNEL_RIGHT if opts.agent_channel == "right" else transcribe_pb2.AGENT_CHANNEL_LEFT,
         )
@@ -272,7 +273,23 @@ class PipelineWorker:
             "statistics": statistics_to_json(summary.statistics), "language_uncertain": summary.language_uncertain,
         }
         log.info("transcribed: language %s, %d segments", transcript["language"], len(segments))
+        if (self.settings.translation_source == "whisper" and transcript["language"] != "en"
+                and any(s["text"].strip() for s in segments)):
+            transcript["translated_segments"] = await self._whisper_translation(job, transcript["language"])
         return ANALYZING, {"transcript": transcript}
+
+    async def _whisper_translation(self, job: Job, language: str) -> list[dict]:
+        """The speech model's own English translation (TRANSLATION_SOURCE=whisper), segment by segment."""
+        assert job.recording_path is not None
+        call = self.transcribe.Transcribe(
+            self._audio_requests(job, Path(job.recording_path), transcribe_pb2.TRANSCRIPTION_TASK_TRANSLATE, language),
+            timeout=self.settings.transcribe_timeout)
+        try:
+            translated = [segment_to_dict(r.segment) async for r in call if r.HasField("segment")]
+        except grpc.aio.AioRpcError as exc:
+            raise _rpc_error("transcribe (translate)", exc) from exc
+        log.info("translated by the speech model: %d segments", len(translated))
+        return translated
 
     async def _stage_analyzing(self, job: Job) -> tuple[str, dict]:
         transcript = job.transcript or {}
@@ -282,8 +299,10 @@ class PipelineWorker:
             return DELIVERING, {"analysis": {"summary": [], "topic": "", "sentiment": "neutral", "emotion": "",
                                              "translated_transcript": "", "model": "", "prompt_version": "",
                                              "no_speech": True}}
-        request = analyze_pb2.AnalyzeRequest(call_id=job.call_id, language_code=transcript.get("language", ""),
-                                             segments=[segment_from_dict(s) for s in segments])
+        request = analyze_pb2.AnalyzeRequest(
+            call_id=job.call_id, language_code=transcript.get("language", ""),
+            segments=[segment_from_dict(s) for s in segments],
+            translated_segments=[segment_from_dict(s) for s in transcript.get("translated_segments", [])])
         try:
             response = await self.analyze.Analyze(request, timeout=self.settings.analyze_timeout)
         except grpc.aio.AioRpcError as exc:
@@ -295,6 +314,8 @@ class PipelineWorker:
             "prompt_version": response.prompt_version, "processing_time": seconds(response.processing_time),
             "sub_topic": response.sub_topic, "resolved": response.resolved,
             "follow_up_actions": list(response.follow_up_actions), "parts": response.parts,
+            "translation_source": ("whisper" if transcript.get("translated_segments") else "llm")
+            if response.translated_transcript else "",
             "translated_segments": [segment_to_dict(s) for s in response.translated_segments],
             "sentiment_by_speaker": {speaker: SENTIMENT_NAMES[value] for speaker, value in
                                      (("agent", response.agent_sentiment), ("customer", response.customer_sentiment))
@@ -320,6 +341,7 @@ class PipelineWorker:
             sub_topic=a.get("sub_topic", ""), resolved=bool(a.get("resolved")),
             follow_up_actions=a.get("follow_up_actions", []),
             translated_segments=[segment_from_dict(s) for s in a.get("translated_segments", [])],
+            translation_source=a.get("translation_source", ""),
             agent_sentiment=SENTIMENT_VALUES.get(a.get("sentiment_by_speaker", {}).get("agent", ""), 0),
             customer_sentiment=SENTIMENT_VALUES.get(a.get("sentiment_by_speaker", {}).get("customer", ""), 0),
         )

@@ -46,6 +46,7 @@ class TranscribeOptions:
     word_timestamps: bool = False
     hotwords: tuple[str, ...] = ()
     per_segment_language: bool | None = None  # None: the engine's WHISPER_PER_SEGMENT_LANGUAGE
+    task: Literal["transcribe", "translate"] = "transcribe"  # translate: English text from any language
 
 
 @dataclass(frozen=True)
@@ -166,6 +167,7 @@ class WhisperEngine:
         d = self.settings.decode
         kwargs = dict(
             language=language,
+            task=options.task,
             beam_size=d.beam_size,
             temperature=d.temperature,
             condition_on_previous_text=d.condition_on_previous_text,
@@ -256,7 +258,8 @@ class WhisperEngine:
                 yield SegmentResult(
                     index=-1, start=float(seg.start), end=float(seg.end), text=text, speaker=speaker,
                     channel=channel, avg_logprob=float(seg.avg_logprob), no_speech_prob=float(seg.no_speech_prob),
-                    language=language_at(seg.start, seg.end) if utterances else info.language, words=words,
+                    language="en" if options.task == "translate" else
+                    language_at(seg.start, seg.end) if utterances else info.language, words=words,
                 )
 
         return convert(), info

@@ -49,6 +49,7 @@ def options_from_config(config: transcribe_pb2.TranscriptionConfig) -> Transcrib
         word_timestamps=config.word_timestamps,
         hotwords=tuple(h for h in config.hotwords if h.strip()),
         per_segment_language=config.detect_language_per_segment or None,
+        task="translate" if config.task == transcribe_pb2.TRANSCRIPTION_TASK_TRANSLATE else "transcribe",
     )
 
 
