@@ -4,6 +4,7 @@
     .venv/bin/python -m bench --only webhook,transcribe
     .venv/bin/python -m bench --long-minutes 10   # a shorter long call for the RSS check
     .venv/bin/python -m bench --only quality      # WER and language ID on the generated evaluation set
+    .venv/bin/python -m bench --only analysis     # topic/sentiment/emotion accuracy, translation sources
 
 Runs are interleaved (A B A B …), at least 5 of each; the table shows median, min
 and max, and results/latest.json keeps them with the machine they ran on.
@@ -19,13 +20,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import pipeline_bench, quality, transcribe_bench, webhook_load
+from bench import analysis_bench, pipeline_bench, quality, transcribe_bench, webhook_load
 from bench.common import RUNS, Result, looped_call, machine, sixty_second_call, table, write_results
 from callmesh.models import MODELS, is_installed
 from services.common.config import data_dir
 from services.ingest.config import PipelineSettings
 
-BENCHMARKS = ("transcribe", "memory", "long", "webhook", "overlap", "seed", "quality")
+BENCHMARKS = ("transcribe", "memory", "long", "webhook", "overlap", "seed", "quality", "analysis")
 
 
 def model(key: str) -> Path:
@@ -60,6 +61,9 @@ async def run(only: tuple[str, ...], runs: int, long_minutes: int, llm_key: str)
                                                    concurrency=PipelineSettings.from_env().concurrency))
     if "seed" in only:
         done(await pipeline_bench.seed_versus_mesh(work, whisper, llm, runs))
+    if "analysis" in only:
+        models = {key: model(key) / "model.gguf" for key in analysis_bench.MODELS}
+        done(await asyncio.to_thread(analysis_bench.evaluate, work, whisper, models))
     if "quality" in only:
         done(await asyncio.to_thread(quality.evaluate, work, whisper))
     if "long" in only:

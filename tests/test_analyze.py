@@ -317,3 +317,29 @@ async def test_translated_segments_keep_their_times_and_speakers(ollama: FakeOll
         assert answer.customer_sentiment == common_pb2.SENTIMENT_NEGATIVE and answer.parts == 1
     finally:
         await server.stop(0)
+
+
+async def test_a_call_past_its_deadline_is_cancelled_and_frees_its_slot(ollama: FakeOllama) -> None:
+    from callcenter.v1 import analyze_pb2, analyze_pb2_grpc, common_pb2
+    from services.analyze.servicer import AnalysisServicer
+    from services.common.grpc_server import ServiceBinding, client_channel, start_server
+    from services.common.limits import AdmissionLimiter
+
+    ollama.answers, ollama.delay = [json.dumps(GOOD)] * 2, 3.0
+    servicer = AnalysisServicer(analyzer(OllamaBackend(settings(ollama.url))), AdmissionLimiter(1, 0))
+    server = await start_server("127.0.0.1:0", [ServiceBinding(
+        "callcenter.v1.AnalysisService", lambda s: analyze_pb2_grpc.add_AnalysisServiceServicer_to_server(servicer, s))])
+    request = analyze_pb2.AnalyzeRequest(call_id="late", language_code="en",
+                                         segments=[common_pb2.TranscriptSegment(text=CALL[0].text)])
+    try:
+        async with client_channel(server.address) as channel:
+            stub = analyze_pb2_grpc.AnalysisServiceStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as late:
+                await stub.Analyze(request, timeout=0.5)
+            assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            await asyncio.sleep(0.3)
+            ollama.delay = 0.0
+            answer = await stub.Analyze(request, timeout=10)  # the only slot is free again
+            assert answer.topic == "Billing"
+    finally:
+        await server.stop(0)

@@ -1,0 +1,158 @@
+"""The analysis evaluation set: twelve scripted calls in six languages, labelled by hand.
+
+Each call is an agent/customer dialogue with its topic (from the default taxonomy),
+the customer's sentiment and emotion, an English reference translation, and English
+key words a faithful translation must contain. The audio is generated here (espeak-ng,
+agent on the left channel, customer on the right), never committed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.evalset import RATE, _samples, _timeline, _write_wav
+from callmesh.samples import synthesize
+
+VOICES = {"en": "en-us", "es": "es", "fr": "fr", "de": "de", "it": "it", "pt": "pt"}
+
+
+@dataclass(frozen=True)
+class LabelledCall:
+    key: str
+    language: str
+    turns: tuple[tuple[str, str], ...]  # (speaker, line)
+    topic: str
+    sentiment: str
+    emotion: str
+    english: str  # reference translation (the script itself for English calls)
+    keywords: tuple[str, ...]  # English words a faithful translation contains
+
+
+def _call(key: str, language: str, lines: list[str], topic: str, sentiment: str, emotion: str,
+          english: str, keywords: tuple[str, ...]) -> LabelledCall:
+    turns = tuple(("agent" if i % 2 == 0 else "customer", line) for i, line in enumerate(lines))
+    return LabelledCall(key, language, turns, topic, sentiment, emotion, english, keywords)
+
+
+CALLS = (
+    _call("en-billing", "en", [
+        "Thank you for calling, how can I help?",
+        "I was charged twice for my phone bill this month and I am really angry about it.",
+        "I am sorry. I can see the double charge and I will refund it today.",
+        "You had better. This is the second time it has happened.",
+    ], "Billing", "negative", "angry", "", ("charged", "twice", "bill")),
+    _call("en-delivery", "en", [
+        "Good afternoon, how can I help you?",
+        "My parcel was supposed to arrive on Monday and it still has not come. I am worried it is lost.",
+        "Let me check. The parcel is at the local depot and will be delivered tomorrow morning.",
+        "Oh good, thank you, that is a relief.",
+    ], "Delivery", "neutral", "anxious", "", ("parcel", "delivered")),
+    _call("en-sales", "en", [
+        "Hello, thank you for calling.",
+        "Hi, I would like to upgrade to the premium plan with unlimited data.",
+        "Of course, I can switch you today, and the first month is free.",
+        "Wonderful, thank you so much, that is great service.",
+    ], "Sales", "positive", "satisfied", "", ("premium", "plan")),
+    _call("es-cancel", "es", [
+        "Gracias por llamar, ¿en qué puedo ayudarle?",
+        "Quiero cancelar mi contrato. El servicio es malísimo y estoy harto.",
+        "Lamento oír eso. ¿Puedo ofrecerle un descuento para que se quede?",
+        "No, gracias. Quiero darme de baja hoy mismo.",
+    ], "Cancellation", "negative", "frustrated",
+        "Thank you for calling, how can I help you? I want to cancel my contract. The service is terrible and I "
+        "am fed up. I am sorry to hear that. Can I offer you a discount to stay? No, thank you. I want to "
+        "cancel today.", ("cancel", "contract")),
+    _call("es-access", "es", [
+        "Buenos días, ¿en qué le puedo ayudar?",
+        "No puedo entrar en mi cuenta, la contraseña no funciona y no entiendo por qué.",
+        "Le envío un enlace para restablecer la contraseña a su correo.",
+        "Vale, ya lo tengo. Muchas gracias.",
+    ], "Account Access", "neutral", "confused",
+        "Good morning, how can I help you? I cannot get into my account, the password does not work and I do "
+        "not understand why. I am sending you a link to reset the password to your email. Okay, I have it now. "
+        "Thank you very much.", ("account", "password")),
+    _call("es-billing", "es", [
+        "Gracias por llamar, le atiende Lucía.",
+        "Hola, me han cobrado dos veces la factura de la luz y estoy muy enfadado.",
+        "Lo siento mucho. Veo el cargo doble y se lo devuelvo hoy.",
+        "Más les vale, es la segunda vez que pasa.",
+    ], "Billing", "negative", "angry",
+        "Thank you for calling, this is Lucía. Hello, I have been charged twice for the electricity bill and I "
+        "am very angry. I am very sorry. I see the double charge and I will refund it today. You had better, "
+        "it is the second time it has happened.", ("charged", "twice", "bill")),
+    _call("fr-tech", "fr", [
+        "Bonjour, que puis-je faire pour vous?",
+        "Mon internet ne marche plus depuis trois jours et je travaille à la maison. C'est insupportable.",
+        "Je suis désolé. Je vais redémarrer votre ligne et envoyer un technicien demain.",
+        "D'accord, mais il faut que ce soit réglé vite.",
+    ], "Technical Support", "negative", "frustrated",
+        "Hello, what can I do for you? My internet has not worked for three days and I work from home. It is "
+        "unbearable. I am sorry. I will restart your line and send a technician tomorrow. All right, but it "
+        "has to be fixed quickly.", ("internet", "technician")),
+    _call("fr-delivery", "fr", [
+        "Bonjour, merci de votre appel.",
+        "Bonjour, je voulais savoir quand ma commande sera livrée.",
+        "Votre commande arrive jeudi avant midi.",
+        "Parfait, merci beaucoup, très bonne journée.",
+    ], "Delivery", "positive", "satisfied",
+        "Hello, thank you for your call. Hello, I wanted to know when my order will be delivered. Your order "
+        "arrives on Thursday before noon. Perfect, thank you very much, have a very good day.",
+        ("order", "delivered")),
+    _call("de-complaint", "de", [
+        "Guten Tag, wie kann ich Ihnen helfen?",
+        "Ich möchte mich beschweren. Ihr Mitarbeiter war gestern sehr unhöflich zu mir.",
+        "Das tut mir leid. Ich leite Ihre Beschwerde an die Teamleitung weiter.",
+        "Das erwarte ich auch. So etwas geht gar nicht.",
+    ], "Complaint", "negative", "angry",
+        "Good day, how can I help you? I want to make a complaint. Your employee was very rude to me yesterday. "
+        "I am sorry. I will pass your complaint on to the team lead. I expect that. Something like that is "
+        "not acceptable.", ("complaint", "rude")),
+    _call("de-sales", "de", [
+        "Guten Tag, was kann ich für Sie tun?",
+        "Ich interessiere mich für Ihren neuen Tarif mit mehr Datenvolumen.",
+        "Der neue Tarif kostet zwanzig Euro im Monat mit fünfzig Gigabyte.",
+        "Klingt gut, den nehme ich. Vielen Dank.",
+    ], "Sales", "positive", "satisfied",
+        "Good day, what can I do for you? I am interested in your new plan with more data. The new plan costs "
+        "twenty euros a month with fifty gigabytes. Sounds good, I will take it. Thank you very much.",
+        ("plan", "data")),
+    _call("it-tech", "it", [
+        "Buongiorno, come posso aiutarla?",
+        "Il mio telefono non si accende più dopo l'aggiornamento e non so cosa fare.",
+        "Provi a tenere premuto il tasto di accensione per venti secondi.",
+        "Ha funzionato, grazie.",
+    ], "Technical Support", "neutral", "confused",
+        "Good morning, how can I help you? My phone does not turn on any more after the update and I do not "
+        "know what to do. Try holding the power button for twenty seconds. It worked, thank you.",
+        ("phone", "update")),
+    _call("pt-billing", "pt", [
+        "Bom dia, em que posso ajudar?",
+        "Recebi uma fatura muito mais alta do que o normal e estou preocupado.",
+        "Vou verificar. Foi cobrada uma taxa por engano e vou retirá-la.",
+        "Ainda bem, obrigado pela ajuda.",
+    ], "Billing", "neutral", "anxious",
+        "Good morning, how can I help? I received a bill much higher than usual and I am worried. I will check. "
+        "A fee was charged by mistake and I will remove it. Good, thank you for the help.", ("bill", "fee")),
+)
+
+
+def reference_english(call: LabelledCall) -> str:
+    return call.english or " ".join(line for _, line in call.turns)
+
+
+def generate(directory: Path) -> dict[str, Path]:
+    """Stereo 16 kHz wav per call (agent left, customer right); reused when already there."""
+    directory.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for call in CALLS:
+        path = directory / f"{call.key}.wav"
+        if not path.exists():
+            spoken = []
+            for i, (speaker, line) in enumerate(call.turns):
+                part = synthesize(line, VOICES[call.language], directory / f"{call.key}-turn{i}.wav", speed=150)
+                spoken.append((speaker, _samples(part)))
+            _write_wav(_timeline(spoken), path)
+        out[call.key] = path
+    assert RATE == 16_000
+    return out
