@@ -20,6 +20,7 @@ if (( dev )); then
   command -v docker-compose >/dev/null || missing+=(docker-compose)   # validates docker-compose.yml offline
   compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || missing+=(postgresql)   # scale-out tests start one on loopback
   command -v text2wave >/dev/null || missing+=(festival festvox-kallpc16k)   # a second voice for the evaluation sets
+  command -v kubectl >/dev/null || missing+=(kubernetes-client)   # renders deploy/k8s with kubectl kustomize
 fi
 python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
 if (( ${#missing[@]} )); then

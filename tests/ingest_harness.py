@@ -41,10 +41,12 @@ async def running_ingest(tmp_path: Path, verifier: WebhookVerifier = VERIFIER, *
                          read_timeout: float = 2, total_timeout: float = 5,
                          allowed_hosts: tuple[str, ...] = ("127.0.0.1", "localhost"),
                          allowed_networks: tuple[str, ...] = ("127.0.0.0/8",),
-                         api_token: str = "", **pipeline_settings) -> AsyncIterator[Ingest]:
+                         api_token: str = "", database: str | None = None,
+                         **pipeline_settings) -> AsyncIterator[Ingest]:
     """Ingest whose downloads may reach ``allowed_networks`` (the demo's loopback by default);
-    ``pipeline_settings`` replace fields of its pipeline settings (addresses, timeouts, …)."""
-    store = JobStore(tmp_path / "ingest.db")
+    ``pipeline_settings`` replace fields of its pipeline settings (addresses, timeouts, …);
+    ``database``: a PostgreSQL URL instead of a SQLite file."""
+    store = JobStore(database or tmp_path / "ingest.db")
     await store.open()
     download = DownloadSettings(allowed_hosts=allowed_hosts,
                                 allowed_networks=tuple(ipaddress.ip_network(n) for n in allowed_networks),

@@ -139,6 +139,22 @@ def test_kubernetes_manifests_validate_strictly() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_kustomize_renders_every_manifest_and_the_result_validates(tmp_path: Path) -> None:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.fail("kubectl is not installed (Debian: apt-get install kubernetes-client)", pytrace=False)
+    rendered = subprocess.run([kubectl, "kustomize", str(K8S)], capture_output=True, text=True)
+    assert rendered.returncode == 0, rendered.stderr
+    docs = [d for d in yaml.safe_load_all(rendered.stdout) if d]
+    assert {(d["kind"], d["metadata"]["name"]) for d in docs} == {(d["kind"], d["metadata"]["name"])
+                                                                    for d in k8s_documents()}
+    out = tmp_path / "rendered.yaml"
+    out.write_text(rendered.stdout)
+    result = subprocess.run([str(BIN / "kubernetes-validate"), "--strict", "--quiet", str(out)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_kubernetes_validation_catches_a_misspelt_field(tmp_path: Path) -> None:
     broken = tmp_path / "analyze.yaml"
     broken.write_text((K8S / "analyze.yaml").read_text().replace("readinessProbe:", "readynessProbe:", 1))

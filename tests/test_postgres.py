@@ -127,3 +127,34 @@ async def test_two_crm_replicas_deliver_every_record_once_in_order(pg_url: str) 
         for replica in replicas:
             await replica.close()
         await receiver.stop()
+
+
+async def test_ingest_is_not_ready_while_its_database_is_unreachable(postgres, pg_url: str, tmp_path) -> None:
+    import aiohttp
+    import psycopg
+
+    from tests.ingest_harness import running_ingest
+
+    name = pg_url.rsplit("/", 1)[1]
+
+    def allow(yes: bool) -> None:
+        with psycopg.connect(postgres.admin_url, autocommit=True) as admin:
+            admin.execute(f"ALTER DATABASE {name} ALLOW_CONNECTIONS {'true' if yes else 'false'}")
+            if not yes:
+                admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
+
+    async with running_ingest(tmp_path, database=pg_url) as ingest, aiohttp.ClientSession() as session:
+        async with session.get(f"{ingest.url}/healthz") as resp:
+            assert resp.status == 200
+        await asyncio.to_thread(allow, False)
+        try:
+            async with session.get(f"{ingest.url}/healthz") as resp:
+                assert resp.status == 503 and (await resp.json())["status"] == "unavailable"
+        finally:
+            await asyncio.to_thread(allow, True)
+        for _ in range(50):  # the pool reconnects by itself
+            async with session.get(f"{ingest.url}/healthz") as resp:
+                if resp.status == 200:
+                    break
+            await asyncio.sleep(0.2)
+        assert resp.status == 200

@@ -285,3 +285,24 @@ async def test_translate_task_gives_english_segments_of_a_spanish_call(stub, aud
     assert segments and {s.language_code for s in segments} == {"en"}  # the language written
     text = " ".join(s.text for s in segments).lower()
     assert "hello" in text and "factura" not in text
+
+
+def test_a_diarizer_labels_the_speakers_of_a_mono_call(whisper_dir: Path, audio_dir: Path, tmp_path: Path) -> None:
+    """No diarization model ships as a package: a stand-in that knows the turns shows the interface."""
+    import subprocess
+
+    mono = tmp_path / "mono.wav"
+    subprocess.run(["ffmpeg", "-loglevel", "error", "-y", "-i", str(audio_dir / "stereo-agent-left.wav"), "-ac", "1",
+                    str(mono)], check=True)
+
+    class KnownTurns:
+        name = "known-turns"
+
+        def turns(self, audio, sample_rate):
+            return [(0.0, 4.5, "agent"), (4.5, audio.size / sample_rate, "customer")]
+
+    diarized = WhisperEngine(EngineSettings(model_path=whisper_dir, cpu_threads=2), diarizer=KnownTurns())
+    segments, _ = events(diarized, mono)
+    assert [s.speaker for s in segments][0] == "agent" and [s.speaker for s in segments][-1] == "customer"
+    plain, _ = events(WhisperEngine(EngineSettings(model_path=whisper_dir, cpu_threads=2)), mono)
+    assert {s.speaker for s in plain} == {"unknown"}

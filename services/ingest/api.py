@@ -8,6 +8,7 @@ error and its stage when it failed, and the CRM record when done.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import logging
@@ -235,6 +236,12 @@ async def list_calls(request: web.Request) -> web.Response:
 
 
 async def healthz(request: web.Request) -> web.Response:
+    """Ready when the job store answers: a replica cut off from its database stops taking webhooks."""
+    try:
+        await asyncio.wait_for(request.app[STORE].ping(), timeout=2.0)
+    except Exception as exc:  # any failure to reach the store means not ready
+        log.warning("health check: job store unreachable: %s", exc)
+        return web.json_response({"status": "unavailable", "detail": f"job store: {type(exc).__name__}"}, status=503)
     return web.json_response({"status": "ok"})
 
 

@@ -157,6 +157,10 @@ class JobStore:
 
         return await self.db.transaction(tx)
 
+    async def ping(self) -> None:
+        """Raise unless the database answers."""
+        await self.db.fetchone("SELECT 1")
+
     async def get(self, call_id: str) -> Job | None:
         row = await self.db.fetchone("SELECT * FROM jobs WHERE call_id = ?", (call_id,))
         return Job.from_row(row) if row else None

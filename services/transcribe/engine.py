@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Literal
+from typing import BinaryIO, Literal, Protocol
 
 import numpy as np
 
@@ -34,6 +34,30 @@ class AudioDecodeError(ValueError):
 
 class DecodeCancelled(Exception):
     """The caller went away; the decode stopped."""
+
+
+class Diarizer(Protocol):
+    """Who spoke when in a mono recording: the place for a diarization model.
+
+    None ships as a package today, so mono calls are labelled "unknown"; a model that
+    implements this (and maps its voices to "agent" and "customer") is passed to
+    :class:`WhisperEngine` and labels each segment by the turn it overlaps most."""
+
+    name: str
+
+    def turns(self, audio: np.ndarray, sample_rate: int) -> list[tuple[float, float, "Speaker"]]:
+        """(start, end, speaker) turns in seconds, in order."""
+        ...
+
+
+def speaker_of(start: float, end: float, turns: list[tuple[float, float, "Speaker"]]) -> "Speaker":
+    """The speaker whose turns overlap [start, end] the most; "unknown" when none does."""
+    overlap: dict[str, float] = {}
+    for s, e, who in turns:
+        shared = min(end, e) - max(start, s)
+        if shared > 0:
+            overlap[who] = overlap.get(who, 0.0) + shared
+    return max(overlap, key=overlap.__getitem__) if overlap else "unknown"  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)
@@ -128,7 +152,7 @@ def decode_audio(source: str | Path | BinaryIO, *, split_stereo: bool = False) -
 class WhisperEngine:
     """One loaded Whisper model, shared by every stream."""
 
-    def __init__(self, settings: EngineSettings) -> None:
+    def __init__(self, settings: EngineSettings, diarizer: Diarizer | None = None) -> None:
         from faster_whisper import BatchedInferencePipeline, WhisperModel
 
         if not (settings.model_path / "model.bin").is_file():
@@ -137,6 +161,7 @@ class WhisperEngine:
                 "or point WHISPER_MODEL at a CTranslate2 Whisper directory"
             )
         self.settings = settings
+        self.diarizer = diarizer
         self.model_name = settings.model_path.name
         started = time.perf_counter()
         self.model = WhisperModel(
@@ -276,6 +301,10 @@ class WhisperEngine:
         segments, info = self._segments(audio, options, options.language, "unknown", 0)
         probability = 1.0 if options.language else float(info.language_probability)
         yield LanguageResult(info.language, probability, from_hint=bool(options.language))
+        if self.diarizer is not None:
+            turns = self.diarizer.turns(audio, SAMPLE_RATE)
+            segments = (SegmentResult(**{**seg.__dict__, "speaker": speaker_of(seg.start, seg.end, turns)})
+                        for seg in segments)
         spoken: list[tuple[str, float, float]] = []
         for seg in self._numbered(segments, cancel):
             spoken.append((seg.speaker, seg.start, seg.end))
