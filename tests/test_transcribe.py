@@ -306,3 +306,20 @@ def test_a_diarizer_labels_the_speakers_of_a_mono_call(whisper_dir: Path, audio_
     assert [s.speaker for s in segments][0] == "agent" and [s.speaker for s in segments][-1] == "customer"
     plain, _ = events(WhisperEngine(EngineSettings(model_path=whisper_dir, cpu_threads=2)), mono)
     assert {s.speaker for s in plain} == {"unknown"}
+
+
+def test_a_long_recording_is_decoded_in_pieces_with_times_that_run_on(whisper_dir: Path, audio_dir: Path) -> None:
+    from services.transcribe.config import DecodeSettings
+    from services.transcribe.engine import decode_audio
+
+    whole, whole_summary = events(WhisperEngine(EngineSettings(model_path=whisper_dir, cpu_threads=2)),
+                                  audio_dir / "long-en.wav")
+    pieces_engine = WhisperEngine(EngineSettings(model_path=whisper_dir, cpu_threads=2,
+                                                 decode=DecodeSettings(chunk_seconds=20)))
+    assert len(pieces_engine._pieces(decode_audio(audio_dir / "long-en.wav"))) >= 2
+    pieces, summary = events(pieces_engine, audio_dir / "long-en.wav")
+    starts = [s.start for s in pieces]
+    assert starts == sorted(starts) and pieces[-1].end > 25  # later pieces keep their place in the call
+    assert summary.audio_duration == whole_summary.audio_duration and summary.language == "en"
+    text = " ".join(s.text for s in pieces).lower()
+    assert text.count("invoice") == " ".join(s.text for s in whole).lower().count("invoice") == 3

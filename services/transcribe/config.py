@@ -34,6 +34,7 @@ class DecodeSettings:
     hallucination_silence_threshold: float = 0.0  # >0: skip silences this long around suspect text (word timings on)
     batch_size: int = 0  # >0: faster-whisper's BatchedInferencePipeline with this many windows at once
     per_segment_language: bool = False  # detect each segment's language (calls that switch language)
+    chunk_seconds: float = 600.0  # longer recordings are decoded in pieces of about this length (0: whole)
 
     @classmethod
     def from_env(cls) -> "DecodeSettings":
@@ -54,6 +55,7 @@ class DecodeSettings:
                                                       d.hallucination_silence_threshold, minimum=0.0),
             batch_size=env_int("WHISPER_BATCH_SIZE", d.batch_size, minimum=0),
             per_segment_language=env_bool("WHISPER_PER_SEGMENT_LANGUAGE", d.per_segment_language),
+            chunk_seconds=env_float("WHISPER_CHUNK_SECONDS", d.chunk_seconds, minimum=0.0),
         )
         if settings.batch_size and not settings.vad_filter:
             raise ConfigError("WHISPER_BATCH_SIZE needs WHISPER_VAD=1: batched decoding cuts the audio at pauses")

@@ -119,6 +119,15 @@ Event = LanguageResult | SegmentResult | SummaryResult
 
 
 @dataclass
+class DecodeInfo:
+    """What the summary needs from faster-whisper's TranscriptionInfo, summed over the pieces of a long call."""
+
+    language: str
+    language_probability: float
+    duration_after_vad: float
+
+
+@dataclass
 class EngineStats:
     """Counters the service and tests read to see what the engine is doing."""
 
@@ -250,8 +259,51 @@ class WhisperEngine:
         if cancel.is_set():
             raise DecodeCancelled()
 
+    def _pieces(self, audio: np.ndarray) -> list[tuple[int, int]]:
+        """Sample ranges of about ``chunk_seconds`` each, cut at the quietest moment near each mark."""
+        size = int(self.settings.decode.chunk_seconds * SAMPLE_RATE)
+        n = audio.size
+        if size <= 0 or n <= size * 1.5:
+            return [(0, n)]
+        frame = SAMPLE_RATE // 10  # 100 ms
+        cuts = [0]
+        while n - cuts[-1] > size * 1.5:
+            target = cuts[-1] + size
+            lo, hi = max(cuts[-1] + SAMPLE_RATE, target - 30 * SAMPLE_RATE), min(n - SAMPLE_RATE, target + 30 * SAMPLE_RATE)
+            window = audio[lo:lo + (hi - lo) // frame * frame].reshape(-1, frame)
+            energy = np.convolve((window.astype(np.float64) ** 2).mean(axis=1), np.ones(5), mode="valid")
+            cuts.append(lo + (int(np.argmin(energy)) + 2) * frame + frame // 2)
+        return list(zip(cuts, [*cuts[1:], n]))
+
     def _segments(self, audio: np.ndarray, options: TranscribeOptions, language: str | None,
-                  speaker: Speaker, channel: int) -> tuple[Iterator[SegmentResult], object]:
+                  speaker: Speaker, channel: int) -> tuple[Iterator[SegmentResult], "DecodeInfo"]:
+        """Segments of the whole recording. A long one is decoded piece by piece (``WHISPER_CHUNK_SECONDS``):
+        faster-whisper computes the features of everything it is given at once, so a one-hour call given
+        whole costs gigabytes before the first segment; in pieces, memory stays that of one piece."""
+        pieces = [(0, audio.size)] if self.per_segment_language(options) else self._pieces(audio)
+        first, first_info = self._decode(audio[pieces[0][0]:pieces[0][1]], options, language, speaker, channel)
+        info = DecodeInfo(first_info.language, float(first_info.language_probability),
+                          float(first_info.duration_after_vad))
+        if len(pieces) == 1:
+            return first, info
+
+        def chained() -> Iterator[SegmentResult]:
+            yield from first
+            for a, b in pieces[1:]:
+                # The language found in the first piece holds for the rest: one call, one language.
+                segments, more = self._decode(audio[a:b], options, language or info.language, speaker, channel)
+                offset = a / SAMPLE_RATE
+                for seg in segments:
+                    yield SegmentResult(**{**seg.__dict__, "start": seg.start + offset, "end": seg.end + offset,
+                                           "words": tuple(WordResult(w.text, w.start + offset, w.end + offset,
+                                                                     w.probability) for w in seg.words)})
+                info.duration_after_vad += float(more.duration_after_vad)
+
+        log.info("long recording: decoding %d pieces of about %.0f s", len(pieces), self.settings.decode.chunk_seconds)
+        return chained(), info
+
+    def _decode(self, audio: np.ndarray, options: TranscribeOptions, language: str | None,
+                speaker: Speaker, channel: int) -> tuple[Iterator[SegmentResult], object]:
         kwargs = self._transcribe_kwargs(options, language)
         decoder = self.pipeline or self.model
         utterances: list[tuple[float, float, str]] = []
