@@ -8,10 +8,12 @@ speaking Ollama's /api/chat protocol, since no Ollama binary installs here.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 import jsonschema
@@ -19,10 +21,15 @@ import pytest
 import pytest_asyncio
 from aiohttp import web
 
+from callcenter.v1 import analyze_pb2, analyze_pb2_grpc, common_pb2
 from services.analyze.analyzer import AnalysisError, Analyzer, TranscriptTooLong, Utterance, analysis_schema
 from services.analyze.backends import BackendUnavailable, EmbeddedLlamaBackend, OllamaBackend
 from services.analyze.config import DEFAULT_EMOTIONS, DEFAULT_TOPICS, LlmSettings
+from services.analyze.servicer import AnalysisServicer
+from services.common.grpc_server import ServiceBinding, client_channel, start_server
 from services.common.lifecycle import start_site
+from services.common.limits import AdmissionLimiter
+from services.common.protoconv import duration
 
 GOOD = {"sentiment": "negative", "emotion": "angry", "topic": "Billing", "sub_topic": "double charge",
         "resolved": False, "follow_up_actions": ["Refund the second charge."],
@@ -264,41 +271,36 @@ async def test_embedded_backend_answers_within_the_schema(llm_small: Path) -> No
         await backend.close()
 
 
-async def test_analyze_beyond_its_limits_is_resource_exhausted_not_queued(ollama: FakeOllama) -> None:
-    from callcenter.v1 import analyze_pb2, analyze_pb2_grpc, common_pb2
-    from services.analyze.servicer import AnalysisServicer
-    from services.common.grpc_server import ServiceBinding, client_channel, start_server
-    from services.common.limits import AdmissionLimiter
-
-    ollama.answers, ollama.delay = [json.dumps(GOOD)] * 2, 1.0
-    servicer = AnalysisServicer(analyzer(OllamaBackend(settings(ollama.url))), AdmissionLimiter(1, 1))
+@contextlib.asynccontextmanager
+async def analysis_service(ollama_url: str, running: int = 1, queued: int = 1) -> AsyncIterator[Any]:
+    """The Analyze service on port 0 over the Ollama stand-in, and a stub to call it."""
+    servicer = AnalysisServicer(analyzer(OllamaBackend(settings(ollama_url))), AdmissionLimiter(running, queued))
     server = await start_server("127.0.0.1:0", [ServiceBinding(
         "callcenter.v1.AnalysisService", lambda s: analyze_pb2_grpc.add_AnalysisServiceServicer_to_server(servicer, s))])
-    request = analyze_pb2.AnalyzeRequest(call_id="busy", language_code="en",
-                                         segments=[common_pb2.TranscriptSegment(text=CALL[0].text)])
     try:
         async with client_channel(server.address) as channel:
-            stub = analyze_pb2_grpc.AnalysisServiceStub(channel)
-            calls = [stub.Analyze(request, timeout=30) for _ in range(3)]
-            results = await asyncio.gather(*calls, return_exceptions=True)
-        codes = sorted(r.code().name if isinstance(r, grpc.aio.AioRpcError) else "OK" for r in results)
-        assert codes == ["OK", "OK", "RESOURCE_EXHAUSTED"]  # one running, one queued, the third pushed back
+            yield analyze_pb2_grpc.AnalysisServiceStub(channel)
     finally:
         await server.stop(0)
 
 
-async def test_translated_segments_keep_their_times_and_speakers(ollama: FakeOllama) -> None:
-    from callcenter.v1 import analyze_pb2, analyze_pb2_grpc, common_pb2
-    from services.analyze.servicer import AnalysisServicer
-    from services.common.grpc_server import ServiceBinding, client_channel, start_server
-    from services.common.limits import AdmissionLimiter
-    from services.common.protoconv import duration
+def english_request(call_id: str) -> analyze_pb2.AnalyzeRequest:
+    return analyze_pb2.AnalyzeRequest(call_id=call_id, language_code="en",
+                                      segments=[common_pb2.TranscriptSegment(text=CALL[0].text)])
 
+
+async def test_analyze_beyond_its_limits_is_resource_exhausted_not_queued(ollama: FakeOllama) -> None:
+    ollama.answers, ollama.delay = [json.dumps(GOOD)] * 2, 1.0
+    async with analysis_service(ollama.url, running=1, queued=1) as stub:
+        results = await asyncio.gather(*(stub.Analyze(english_request("busy"), timeout=30) for _ in range(3)),
+                                       return_exceptions=True)
+    codes = sorted(r.code().name if isinstance(r, grpc.aio.AioRpcError) else "OK" for r in results)
+    assert codes == ["OK", "OK", "RESOURCE_EXHAUSTED"]  # one running, one queued, the third pushed back
+
+
+async def test_translated_segments_keep_their_times_and_speakers(ollama: FakeOllama) -> None:
     both = {**GOOD, "agent_sentiment": "neutral", "customer_sentiment": "negative"}
     ollama.answers = [json.dumps({"lines": ["Good morning.", "I was charged twice."]}), json.dumps(both)]
-    servicer = AnalysisServicer(analyzer(OllamaBackend(settings(ollama.url))), AdmissionLimiter(1, 1))
-    server = await start_server("127.0.0.1:0", [ServiceBinding(
-        "callcenter.v1.AnalysisService", lambda s: analyze_pb2_grpc.add_AnalysisServiceServicer_to_server(servicer, s))])
     segments = [
         common_pb2.TranscriptSegment(index=0, start_offset=duration(0.5), end_offset=duration(1.5), text="Buenos días.",
                                      speaker=common_pb2.SPEAKER_AGENT, channel=0),
@@ -306,40 +308,23 @@ async def test_translated_segments_keep_their_times_and_speakers(ollama: FakeOll
         common_pb2.TranscriptSegment(index=2, start_offset=duration(2.0), end_offset=duration(4.0),
                                      text="Me cobraron dos veces.", speaker=common_pb2.SPEAKER_CUSTOMER, channel=1),
     ]
-    try:
-        async with client_channel(server.address) as channel:
-            answer = await analyze_pb2_grpc.AnalysisServiceStub(channel).Analyze(
-                analyze_pb2.AnalyzeRequest(call_id="tr", language_code="es", segments=segments), timeout=30)
-        out = [(s.index, s.start_offset.ToTimedelta().total_seconds(), s.end_offset.ToTimedelta().total_seconds(),
-                s.speaker, s.channel, s.text) for s in answer.translated_segments]
-        assert out == [(0, 0.5, 1.5, common_pb2.SPEAKER_AGENT, 0, "Good morning."),
-                       (2, 2.0, 4.0, common_pb2.SPEAKER_CUSTOMER, 1, "I was charged twice.")]
-        assert answer.customer_sentiment == common_pb2.SENTIMENT_NEGATIVE and answer.parts == 1
-    finally:
-        await server.stop(0)
+    async with analysis_service(ollama.url) as stub:
+        answer = await stub.Analyze(analyze_pb2.AnalyzeRequest(call_id="tr", language_code="es", segments=segments),
+                                    timeout=30)
+    out = [(s.index, s.start_offset.ToTimedelta().total_seconds(), s.end_offset.ToTimedelta().total_seconds(),
+            s.speaker, s.channel, s.text) for s in answer.translated_segments]
+    assert out == [(0, 0.5, 1.5, common_pb2.SPEAKER_AGENT, 0, "Good morning."),
+                   (2, 2.0, 4.0, common_pb2.SPEAKER_CUSTOMER, 1, "I was charged twice.")]
+    assert answer.customer_sentiment == common_pb2.SENTIMENT_NEGATIVE and answer.parts == 1
 
 
 async def test_a_call_past_its_deadline_is_cancelled_and_frees_its_slot(ollama: FakeOllama) -> None:
-    from callcenter.v1 import analyze_pb2, analyze_pb2_grpc, common_pb2
-    from services.analyze.servicer import AnalysisServicer
-    from services.common.grpc_server import ServiceBinding, client_channel, start_server
-    from services.common.limits import AdmissionLimiter
-
     ollama.answers, ollama.delay = [json.dumps(GOOD)] * 2, 3.0
-    servicer = AnalysisServicer(analyzer(OllamaBackend(settings(ollama.url))), AdmissionLimiter(1, 0))
-    server = await start_server("127.0.0.1:0", [ServiceBinding(
-        "callcenter.v1.AnalysisService", lambda s: analyze_pb2_grpc.add_AnalysisServiceServicer_to_server(servicer, s))])
-    request = analyze_pb2.AnalyzeRequest(call_id="late", language_code="en",
-                                         segments=[common_pb2.TranscriptSegment(text=CALL[0].text)])
-    try:
-        async with client_channel(server.address) as channel:
-            stub = analyze_pb2_grpc.AnalysisServiceStub(channel)
-            with pytest.raises(grpc.aio.AioRpcError) as late:
-                await stub.Analyze(request, timeout=0.5)
-            assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-            await asyncio.sleep(0.3)
-            ollama.delay = 0.0
-            answer = await stub.Analyze(request, timeout=10)  # the only slot is free again
-            assert answer.topic == "Billing"
-    finally:
-        await server.stop(0)
+    async with analysis_service(ollama.url, running=1, queued=0) as stub:
+        with pytest.raises(grpc.aio.AioRpcError) as late:
+            await stub.Analyze(english_request("late"), timeout=0.5)
+        assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        await asyncio.sleep(0.3)
+        ollama.delay = 0.0
+        answer = await stub.Analyze(english_request("late"), timeout=10)  # the only slot is free again
+    assert answer.topic == "Billing"
