@@ -10,6 +10,7 @@ once with the stage and the reason.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 import uuid
@@ -43,6 +44,8 @@ _stage_seconds = meter(__name__).create_histogram(
     "callmesh.stage.duration", unit="s", description="One attempt at a pipeline stage (stage, outcome)",
     explicit_bucket_boundaries_advisory=DURATION_BUCKETS)
 
+FRONT_STATES = (RECEIVED, DOWNLOADING, TRANSCRIBING)
+BACK_STAGE_FACTOR = 3  # calls in flight in all: at most this many times PIPELINE_CONCURRENCY
 TRANSIENT_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED,
                    grpc.StatusCode.ABORTED, grpc.StatusCode.UNKNOWN, grpc.StatusCode.CANCELLED}
 
@@ -87,6 +90,9 @@ class PipelineWorker:
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self._tasks: set[asyncio.Task] = set()
+        # Calls not yet past transcription: PIPELINE_CONCURRENCY bounds these, so a call waiting for
+        # the LLM or the CRM does not keep the transcriber from its next recording.
+        self._front: set[str] = set()
         self._loop_task: asyncio.Task | None = None
 
     def wake(self) -> None:
@@ -118,20 +124,24 @@ class PipelineWorker:
         while not self._stopping.is_set():
             wait = 1.0
             try:
-                room = self.settings.concurrency - len(self._tasks)
+                room = min(self.settings.concurrency - len(self._front),
+                           self.settings.concurrency * BACK_STAGE_FACTOR - len(self._tasks))
                 if room > 0:
                     for job in await self.store.claim(self.owner, room, self.settings.lease_seconds):
+                        if job.state in FRONT_STATES:
+                            self._front.add(job.call_id)
                         task = asyncio.create_task(self._run(job), name=f"job-{job.call_id}")
                         self._tasks.add(task)
-                        task.add_done_callback(self._finished)
+                        task.add_done_callback(functools.partial(self._finished, job.call_id))
                     due = await self.store.next_due_at()
                     wait = 5.0 if due is None else max(0.05, min(5.0, due - time.time()))
             except Exception:
                 log.exception("pipeline loop error")
             await sleep_or_wake(self._wake, wait)
 
-    def _finished(self, task: asyncio.Task) -> None:
+    def _finished(self, call_id: str, task: asyncio.Task) -> None:
         self._tasks.discard(task)
+        self._front.discard(call_id)
         self._wake.set()
 
     async def _heartbeat(self, call_id: str) -> None:
@@ -196,6 +206,9 @@ class PipelineWorker:
                 _stage_seconds.record(time.perf_counter() - stage_started, {"stage": stage, "outcome": outcome})
             await self.store.update(job.call_id, self.owner, state=next_state, error=None, error_stage=None, **fields)
             log.info("%s → %s", stage, next_state)
+            if next_state not in FRONT_STATES and job.call_id in self._front:
+                self._front.discard(job.call_id)  # past transcription: its slot goes to the next recording
+                self._wake.set()
             job.state, job.attempts = next_state, 0
             for key, value in fields.items():
                 setattr(job, key, value)
