@@ -323,3 +323,21 @@ def test_a_long_recording_is_decoded_in_pieces_with_times_that_run_on(whisper_di
     assert summary.audio_duration == whole_summary.audio_duration and summary.language == "en"
     text = " ".join(s.text for s in pieces).lower()
     assert text.count("invoice") == " ".join(s.text for s in whole).lower().count("invoice") == 3
+
+
+def test_detection_picks_among_the_languages_a_contact_center_takes(whisper_dir: Path, tmp_path: Path) -> None:
+    from callmesh.samples import synthesize
+    from services.transcribe.config import DecodeSettings
+
+    from bench.evalset import DIALOGUES
+
+    portuguese = synthesize(" ".join(line for _, line in DIALOGUES["pt"][1]), "pt", tmp_path / "pt.wav", speed=150)
+    _, anywhere = events(WhisperEngine(EngineSettings(model_path=whisper_dir, cpu_threads=2)), portuguese)
+    assert anywhere.language == "la"  # Whisper base hears espeak's Portuguese as Latin first, Portuguese second
+    six = ("en", "es", "fr", "de", "it", "pt")
+    restricted = WhisperEngine(EngineSettings(model_path=whisper_dir, cpu_threads=2,
+                                              decode=DecodeSettings(languages=six)))
+    segments, summary = events(restricted, portuguese)
+    assert summary.language == "pt" and 0 < summary.language_probability <= 1
+    assert {s.language for s in segments} == {"pt"} and "plano" in " ".join(s.text for s in segments).lower()
+    assert summary.language_probability < 0.9  # its share among the six, not a certainty

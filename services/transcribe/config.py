@@ -13,6 +13,7 @@ from services.common.config import (
     env_bool,
     env_float,
     env_int,
+    env_list,
     env_str,
 )
 
@@ -35,6 +36,7 @@ class DecodeSettings:
     batch_size: int = 0  # >0: faster-whisper's BatchedInferencePipeline with this many windows at once
     per_segment_language: bool = False  # detect each segment's language (calls that switch language)
     chunk_seconds: float = 600.0  # longer recordings are decoded in pieces of about this length (0: whole)
+    languages: tuple[str, ...] = ()  # detection picks among these (empty: any language Whisper knows)
 
     @classmethod
     def from_env(cls) -> "DecodeSettings":
@@ -56,6 +58,7 @@ class DecodeSettings:
             batch_size=env_int("WHISPER_BATCH_SIZE", d.batch_size, minimum=0),
             per_segment_language=env_bool("WHISPER_PER_SEGMENT_LANGUAGE", d.per_segment_language),
             chunk_seconds=env_float("WHISPER_CHUNK_SECONDS", d.chunk_seconds, minimum=0.0),
+            languages=tuple(code.lower() for code in env_list("WHISPER_LANGUAGES")),
         )
         if settings.batch_size and not settings.vad_filter:
             raise ConfigError("WHISPER_BATCH_SIZE needs WHISPER_VAD=1: batched decoding cuts the audio at pauses")

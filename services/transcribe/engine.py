@@ -350,7 +350,15 @@ class WhisperEngine:
     def _run_mono(self, source, options: TranscribeOptions, cancel: threading.Event, started: float) -> Iterator[Event]:
         audio = decode_audio(source)
         self._check(cancel)
-        segments, info = self._segments(audio, options, options.language, "unknown", 0)
+        language, probability = options.language, 1.0
+        if not language and self.settings.decode.languages:
+            try:
+                language, probability = self._detect(audio)
+            except Exception:  # nothing to detect from (no speech): let the decoder decide
+                language = None
+        segments, info = self._segments(audio, options, language, "unknown", 0)
+        if language and not options.language:
+            info.language, info.language_probability = language, probability
         probability = 1.0 if options.language else float(info.language_probability)
         yield LanguageResult(info.language, probability, from_hint=bool(options.language))
         if self.diarizer is not None:
@@ -373,17 +381,28 @@ class WhisperEngine:
             language_uncertain=self._uncertain(options, probability),
         )
 
+    def _detect(self, audio: np.ndarray) -> tuple[str, float]:
+        """The language spoken, over several windows; with ``WHISPER_LANGUAGES`` set, the likeliest of those
+        (its probability taken among them): a contact center knows which languages its callers speak."""
+        d = self.settings.decode
+        language, probability, ranked = self.model.detect_language(
+            audio=audio, vad_filter=d.vad_filter, language_detection_segments=d.language_detection_segments)
+        if d.languages and language not in d.languages:
+            allowed = [(code, p) for code, p in ranked if code in d.languages]
+            total = sum(p for _, p in allowed)
+            if allowed and total > 0:
+                best, p = max(allowed, key=lambda item: item[1])
+                log.info("detected %s (p=%.2f), not among WHISPER_LANGUAGES: taking %s", language, probability, best)
+                language, probability = best, p / total
+        return language, float(probability)
+
     def _run_stereo(self, source, options: TranscribeOptions, cancel: threading.Event, started: float) -> Iterator[Event]:
         left, right = decode_audio(source, split_stereo=True)
         self._check(cancel)
         if options.language:
             language, probability = options.language, 1.0
         else:
-            d = self.settings.decode
-            language, probability, _ = self.model.detect_language(
-                audio=(left + right) / 2, vad_filter=d.vad_filter,
-                language_detection_segments=d.language_detection_segments,
-            )
+            language, probability = self._detect((left + right) / 2)
         yield LanguageResult(language, float(probability), from_hint=bool(options.language))
         agent_is_left = options.agent_channel == "left"
         left_segments, left_info = self._segments(left, options, language, "agent" if agent_is_left else "customer", 0)
