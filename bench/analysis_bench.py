@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -56,7 +57,7 @@ async def analyse_all(model_path: Path, transcripts: dict[str, dict]) -> list[di
     from services.analyze.config import DEFAULT_EMOTIONS, DEFAULT_TOPICS, LlmSettings
 
     settings = LlmSettings(ollama_host="", model=str(model_path), context_tokens=4096, max_answer_tokens=1024,
-                           threads=0, timeout_seconds=600, keep_alive="")
+                           threads=os.cpu_count() or 1, timeout_seconds=600, keep_alive="")
     backend = EmbeddedLlamaBackend(settings)
     analyzer = Analyzer(backend, DEFAULT_TOPICS, DEFAULT_EMOTIONS, 4096, 1024)
     rows = []

@@ -8,6 +8,7 @@ What each configuration runs:
 - ``callmesh``: the service's engine (``WhisperEngine``) with the default ``DecodeSettings``;
   stereo files are decoded channel by channel, as the service does.
 - ``callmesh-batched``: the same with ``WHISPER_BATCH_SIZE=8`` (``BatchedInferencePipeline``).
+- ``callmesh-six-languages``: the same with ``WHISPER_LANGUAGES=en,es,fr,de,it,pt``.
 - ``faster-whisper-defaults``: ``WhisperModel.transcribe(path)`` with no options (stereo mixed down).
 No language hint anywhere: the language is detected, and that detection is scored.
 """
@@ -18,7 +19,6 @@ import argparse
 import json
 import os
 import re
-import resource
 import statistics
 import subprocess
 import sys
@@ -31,7 +31,8 @@ from typing import Any
 from bench.common import RESULTS, Result, value_result
 from bench.evalset import EvalFile, generate
 
-CONFIGS = ("callmesh", "callmesh-batched", "faster-whisper-defaults")
+CONFIGS = ("callmesh", "callmesh-batched", "callmesh-six-languages", "faster-whisper-defaults")
+SIX = ("en", "es", "fr", "de", "it", "pt")
 BASELINE = "faster-whisper-defaults"
 
 
@@ -65,7 +66,8 @@ def _evaluate(config: str, files: list[dict], model: Path, threads: int) -> list
         from services.transcribe.config import DecodeSettings, EngineSettings
         from services.transcribe.engine import LanguageResult, SegmentResult, TranscribeOptions, WhisperEngine
 
-        decode = DecodeSettings(batch_size=8) if config == "callmesh-batched" else DecodeSettings()
+        decode = {"callmesh-batched": DecodeSettings(batch_size=8),
+                  "callmesh-six-languages": DecodeSettings(languages=SIX)}.get(config, DecodeSettings())
         engine = WhisperEngine(EngineSettings(model_path=model, cpu_threads=threads, decode=decode))
     for f in files:
         started = time.perf_counter()
@@ -95,6 +97,10 @@ def run_config(config: str, files: list[EvalFile], model: Path, threads: int) ->
         raise RuntimeError(f"{config} failed:\n{done.stderr[-3000:]}")
     answer = json.loads(done.stdout.strip().splitlines()[-1])
     return answer["rows"], answer["peak_rss_mib"]
+
+
+def accuracy_of(rows: list[dict]) -> float:
+    return sum(r["language_ok"] for r in rows) / len(rows)
 
 
 def corpus_wer(rows: list[dict]) -> float:
@@ -137,6 +143,12 @@ def evaluate(work: Path, model: Path, threads: int | None = None) -> list[Result
              + (", ".join(f"{Path(r['path']).name}→{r['detected']}" for r in ours if not r["language_ok"]) or "none"),
         accuracy=round(sum(r["language_ok"] for r in ours) / len(ours), 4),
         baseline_accuracy=round(sum(r["language_ok"] for r in base) / len(base), 4)))
+    six = by_config["callmesh-six-languages"]
+    results.append(Result(
+        "quality: language ID accuracy, WHISPER_LANGUAGES=6", ">= 0.9", len(six), accuracy_of(six), accuracy_of(six),
+        accuracy_of(six), "fraction", accuracy_of(six) >= 0.9,
+        f"{sum(r['language_ok'] for r in six)}/{len(six)} right; wrong: "
+        + (", ".join(f"{Path(r['path']).name}→{r['detected']}" for r in six if not r["language_ok"]) or "none")))
     wer_ratio = corpus_wer(ours) / max(corpus_wer(base), 1e-9)
     results.append(Result("quality: WER callmesh / fw defaults", "<= 1.0", len(ours), wer_ratio, wer_ratio,
                           wer_ratio, "ratio", wer_ratio <= 1.0,
@@ -159,7 +171,9 @@ def evaluate(work: Path, model: Path, threads: int | None = None) -> list[Result
 def _worker() -> None:
     job = json.loads(sys.stdin.read())
     rows = _evaluate(job["config"], job["files"], Path(job["model"]), job["threads"])
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # VmHWM, not ru_maxrss: the latter carries the parent's peak across fork and exec.
+    peak = next(int(line.split()[1]) for line in Path("/proc/self/status").read_text().splitlines()
+                if line.startswith("VmHWM:")) / 1024
     print(json.dumps({"rows": rows, "peak_rss_mib": peak}))
 
 
