@@ -136,13 +136,12 @@ def evaluate(work: Path, model: Path, threads: int | None = None) -> list[Result
             note=f"corpus WER {corpus_wer(rows):.3f} over {len(rows)} files; per file median/min/max",
             corpus_wer=round(corpus_wer(rows), 4), by_language=breakdown(rows, "language"),
             by_form=breakdown(rows, "form"), by_voice=breakdown(rows, "voice")))
-    results.append(value_result(
-        "quality: language ID accuracy", [float(r["language_ok"]) for r in ours], "fraction", ">= 0.9",
-        lambda v: sum(r["language_ok"] for r in ours) / len(ours) >= 0.9,
-        note=f"{sum(r['language_ok'] for r in ours)}/{len(ours)} right (callmesh); wrong: "
-             + (", ".join(f"{Path(r['path']).name}→{r['detected']}" for r in ours if not r["language_ok"]) or "none"),
-        accuracy=round(sum(r["language_ok"] for r in ours) / len(ours), 4),
-        baseline_accuracy=round(sum(r["language_ok"] for r in base) / len(base), 4)))
+    results.append(Result(
+        "quality: language ID accuracy", ">= 0.9", len(ours), accuracy_of(ours), accuracy_of(ours), accuracy_of(ours),
+        "fraction", accuracy_of(ours) >= 0.9,
+        f"{sum(r['language_ok'] for r in ours)}/{len(ours)} right (callmesh; faster-whisper defaults "
+        f"{sum(r['language_ok'] for r in base)}/{len(base)}); wrong: "
+        + (", ".join(f"{Path(r['path']).name}→{r['detected']}" for r in ours if not r["language_ok"]) or "none")))
     six = by_config["callmesh-six-languages"]
     results.append(Result(
         "quality: language ID accuracy, WHISPER_LANGUAGES=6", ">= 0.9", len(six), accuracy_of(six), accuracy_of(six),
