@@ -35,7 +35,7 @@ class DecodeSettings:
     hallucination_silence_threshold: float = 0.0  # >0: skip silences this long around suspect text (word timings on)
     batch_size: int = 0  # >0: faster-whisper's BatchedInferencePipeline with this many windows at once
     per_segment_language: bool = False  # detect each segment's language (calls that switch language)
-    chunk_seconds: float = 600.0  # longer recordings are decoded in pieces of about this length (0: whole)
+    chunk_seconds: float = 300.0  # longer recordings are decoded in pieces of about this length (0: whole)
     languages: tuple[str, ...] = ()  # detection picks among these (empty: any language Whisper knows)
 
     @classmethod

@@ -266,10 +266,12 @@ class WhisperEngine:
         if size <= 0 or n <= size * 1.5:
             return [(0, n)]
         frame = SAMPLE_RATE // 10  # 100 ms
+        size = n // round(n / size)  # pieces of even length, so none costs more memory than the others
         cuts = [0]
         while n - cuts[-1] > size * 1.5:
             target = cuts[-1] + size
-            lo, hi = max(cuts[-1] + SAMPLE_RATE, target - 30 * SAMPLE_RATE), min(n - SAMPLE_RATE, target + 30 * SAMPLE_RATE)
+            radius = min(30 * SAMPLE_RATE, size // 4)  # look for a pause this far either side of the mark
+            lo, hi = max(cuts[-1] + SAMPLE_RATE, target - radius), min(n - SAMPLE_RATE, target + radius)
             window = audio[lo:lo + (hi - lo) // frame * frame].reshape(-1, frame)
             energy = np.convolve((window.astype(np.float64) ** 2).mean(axis=1), np.ones(5), mode="valid")
             cuts.append(lo + (int(np.argmin(energy)) + 2) * frame + frame // 2)
