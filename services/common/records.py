@@ -64,6 +64,12 @@ def statistics_from_json(d: dict) -> common_pb2.CallStatistics:
         longest_silence=duration(d.get("longest_silence_seconds", 0.0)))
 
 
+def sentiment_by_speaker(agent: int, customer: int) -> dict[str, str]:
+    """Each speaker's sentiment by name; a speaker whose sentiment is not known is left out."""
+    return {speaker: SENTIMENT_NAMES[value] for speaker, value in (("agent", agent), ("customer", customer))
+            if value in SENTIMENT_NAMES}
+
+
 def record_to_json(record: crm_pb2.CallRecord) -> dict:
     """The seed's shape, ``{call_id, language, transcript, translated_transcript, summary[], topic,
     sentiment, emotion, timestamp}``, plus segments, speakers and durations."""
@@ -76,9 +82,7 @@ def record_to_json(record: crm_pb2.CallRecord) -> dict:
         "summary": list(record.summary),
         "topic": record.topic,
         "sentiment": SENTIMENT_NAMES.get(record.sentiment, "neutral"),
-        "sentiment_by_speaker": {speaker: SENTIMENT_NAMES[value] for speaker, value in
-                                 (("agent", record.agent_sentiment), ("customer", record.customer_sentiment))
-                                 if value in SENTIMENT_NAMES},
+        "sentiment_by_speaker": sentiment_by_speaker(record.agent_sentiment, record.customer_sentiment),
         "emotion": record.emotion,
         "sub_topic": record.sub_topic,
         "resolved": record.resolved,

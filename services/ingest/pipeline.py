@@ -28,8 +28,8 @@ from services.common.metrics import DURATION_BUCKETS, meter
 from services.common.retry import backoff_delay, sleep_or_wake
 from services.common.protoconv import duration, seconds, timestamp
 from services.common.records import (
-    SENTIMENT_NAMES, SENTIMENT_VALUES, record_to_json, segment_from_dict, segment_to_dict, statistics_from_json,
-    statistics_to_json,
+    SENTIMENT_NAMES, SENTIMENT_VALUES, record_to_json, segment_from_dict, segment_to_dict, sentiment_by_speaker,
+    statistics_from_json, statistics_to_json,
 )
 from services.common.telemetry import context_from, tracer
 from services.ingest.config import PipelineSettings
@@ -330,9 +330,7 @@ class PipelineWorker:
             "translation_source": ("whisper" if transcript.get("translated_segments") else "llm")
             if response.translated_transcript else "",
             "translated_segments": [segment_to_dict(s) for s in response.translated_segments],
-            "sentiment_by_speaker": {speaker: SENTIMENT_NAMES[value] for speaker, value in
-                                     (("agent", response.agent_sentiment), ("customer", response.customer_sentiment))
-                                     if value in SENTIMENT_NAMES},
+            "sentiment_by_speaker": sentiment_by_speaker(response.agent_sentiment, response.customer_sentiment),
         }
         return DELIVERING, {"analysis": analysis}
 
