@@ -243,6 +243,24 @@ async def test_a_bullet_still_invented_after_the_retry_is_dropped(ollama: FakeOl
     assert result.summary == ("Customer is angry.", "Wants a refund.") and result.dropped_bullets == 1
 
 
+async def test_a_summary_naming_someone_the_call_never_mentions_is_retried(ollama: FakeOllama) -> None:
+    invented = {**GOOD, "summary": ["The customer spoke to John about a double charge.", "Customer is angry.",
+                                    "Wants a refund."]}
+    ollama.answers = [json.dumps(invented), json.dumps(GOOD)]
+    result = await analyzer(OllamaBackend(settings(ollama.url))).analyze(CALL, "en")
+    assert result.summary == tuple(GOOD["summary"])
+    assert "summary[0] names John, which the call never mentions" in ollama.requests[1]["messages"][-1]["content"]
+
+
+async def test_names_weekdays_and_labels_the_call_gives_are_kept(ollama: FakeOllama) -> None:
+    grounded = {**GOOD, "summary": ["The customer told Anna on Monday about a Billing problem.",
+                                    "Customer is angry.", "Wants a refund."]}
+    ollama.answers = [json.dumps(grounded)]
+    result = await analyzer(OllamaBackend(settings(ollama.url))).analyze(
+        [Utterance("customer", 0, "Anna, since monday I have been billed twice!")], "en")
+    assert result.summary[0].startswith("The customer told Anna") and len(ollama.requests) == 1
+
+
 async def test_numbers_the_customer_said_may_be_summarised(ollama: FakeOllama) -> None:
     grounded = {**GOOD, "summary": ["Customer was billed 1,250.00 euros.", "Customer is angry.", "Wants a refund."]}
     ollama.answers = [json.dumps(grounded)]

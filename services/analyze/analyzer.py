@@ -65,6 +65,22 @@ def tokens(text: str) -> int:
     return len(text) // CHARS_PER_TOKEN + 1
 
 
+# Capitalised mid-sentence without being a name the call must have said.
+COMMON_CAPITALISED = frozenset(
+    "i i'm i've i'll i'd ok monday tuesday wednesday thursday friday saturday sunday january february march april "
+    "may june july august september october november december customer agent internet wi fi english".split()
+) | frozenset(name.lower() for name in LANGUAGE_NAMES.values())
+
+
+def names_in(text: str) -> set[str]:
+    """Capitalised words that do not open a sentence: the names (people, companies, places) in ``text``."""
+    found = set()
+    for sentence in re.split(r"[.!?:;\n]+", text):
+        words = re.findall(r"[\w'’-]+", sentence)
+        found |= {w for w in words[1:] if re.fullmatch(r"[A-ZÀ-Ý][a-zà-ÿ'’-]+", w)}
+    return found
+
+
 def numbers_in(text: str) -> set[str]:
     """Numbers as digits only ("1,250.00" → "125000"), to compare across ways of writing them."""
     return {re.sub(r"\D", "", n) for n in NUMBER.findall(text)}
@@ -318,11 +334,15 @@ class Analyzer:
             translated_lines, more = await self._translate(utterances, language)
             used += more
         english = list(translated_lines) + [u.text for u in translation or []]
-        spoken = numbers_in(" ".join(u.text for u in utterances) + " " + " ".join(english))
+        said = " ".join(u.text for u in utterances) + " " + " ".join(english)
+        spoken = numbers_in(said)
+        words_said = {w.lower() for w in re.findall(r"[\w'’-]+", said)}
+        allowed = COMMON_CAPITALISED | {w.lower() for label in (*self.topics, *self.emotions) for w in label.split()}
 
         def ungrounded(answer: dict) -> list[tuple[int, set[str]]]:
             return [(i, missing) for i, bullet in enumerate(answer["summary"])
-                    if (missing := numbers_in(bullet) - spoken)]
+                    if (missing := (numbers_in(bullet) - spoken)
+                        | {n for n in names_in(bullet) if n.lower() not in words_said | allowed})]
 
         def grounding(answer: dict) -> str | None:
             bad = ungrounded(answer)
