@@ -20,6 +20,10 @@ _rejected = meter(__name__).create_counter("callmesh.analyze.rejected", descript
 
 
 
+def utterance(segment: common_pb2.TranscriptSegment) -> Utterance:
+    return Utterance(SPEAKER_NAMES.get(segment.speaker, "unknown"), seconds(segment.start_offset), segment.text)
+
+
 def translated(segment: common_pb2.TranscriptSegment, text: str) -> common_pb2.TranscriptSegment:
     """The segment with its text in English; index, times, speaker and channel kept (words dropped)."""
     return common_pb2.TranscriptSegment(index=segment.index, start_offset=segment.start_offset,
@@ -34,11 +38,9 @@ class AnalysisServicer(analyze_pb2_grpc.AnalysisServiceServicer):
 
     async def Analyze(self, request: analyze_pb2.AnalyzeRequest, context: grpc.aio.ServicerContext) -> analyze_pb2.AnalyzeResponse:
         spoken = [s for s in request.segments if s.text.strip()]
-        utterances = [Utterance(SPEAKER_NAMES.get(s.speaker, "unknown"), seconds(s.start_offset), s.text)
-                      for s in spoken]
+        utterances = [utterance(s) for s in spoken]
         given = [s for s in request.translated_segments if s.text.strip()]
-        translation = [Utterance(SPEAKER_NAMES.get(s.speaker, "unknown"), seconds(s.start_offset), s.text)
-                       for s in given] or None
+        translation = [utterance(s) for s in given] or None
         if not utterances:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the transcript has no text to analyse")
         with call_context(request.call_id or "-"):

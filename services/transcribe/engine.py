@@ -231,7 +231,8 @@ class WhisperEngine:
             clip = audio[chunk["start"]:chunk["end"]]
             language = fallback
             if clip.size >= SAMPLE_RATE // 2:  # under half a second: too little to tell
-                language, _, _ = self.model.detect_language(audio=clip, vad_filter=False, language_detection_segments=1)
+                language, _ = self._allowed(*self.model.detect_language(
+                    audio=clip, vad_filter=False, language_detection_segments=1))
             out.append((chunk["start"] / SAMPLE_RATE, chunk["end"] / SAMPLE_RATE, language))
         return out
 
@@ -313,7 +314,7 @@ class WhisperEngine:
             # Whisper settles on one language per 30-s window, so a window where the caller switches
             # language loses the second one. Each utterance is decoded on its own instead, in the
             # language detected for it (sequential decoder: it takes clips in seconds).
-            detected = language or self.model.detect_language(audio=audio, vad_filter=True)[0]
+            detected = language or self._detect(audio)[0]
             utterances = self._utterances(audio, detected)
             decoder = self.model
             kwargs.update(vad_filter=False, clip_timestamps=[t for u in utterances for t in u[:2]] or "0")
@@ -387,10 +388,14 @@ class WhisperEngine:
         """The language spoken, over several windows; with ``WHISPER_LANGUAGES`` set, the likeliest of those
         (its probability taken among them): a contact center knows which languages its callers speak."""
         d = self.settings.decode
-        language, probability, ranked = self.model.detect_language(
-            audio=audio, vad_filter=d.vad_filter, language_detection_segments=d.language_detection_segments)
-        if d.languages and language not in d.languages:
-            allowed = [(code, p) for code, p in ranked if code in d.languages]
+        return self._allowed(*self.model.detect_language(
+            audio=audio, vad_filter=d.vad_filter, language_detection_segments=d.language_detection_segments))
+
+    def _allowed(self, language: str, probability: float, ranked: list[tuple[str, float]]) -> tuple[str, float]:
+        """A detection restricted to ``WHISPER_LANGUAGES`` (when set): the likeliest of those."""
+        languages = self.settings.decode.languages
+        if languages and language not in languages:
+            allowed = [(code, p) for code, p in ranked if code in languages]
             total = sum(p for _, p in allowed)
             if allowed and total > 0:
                 best, p = max(allowed, key=lambda item: item[1])
