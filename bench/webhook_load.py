@@ -6,9 +6,12 @@
 
 Both servers are separate processes on 127.0.0.1. The baseline is an aiohttp
 handler that reads the body and answers 202 (no signature check, no validation,
-no fsync); ingest verifies the Standard Webhooks signature, validates, and
-commits each call to SQLite (WAL, synchronous=FULL) before it answers. The
-other services are down, so the calls stay queued. Prints webhooks/s, latency
+no fsync), on the same event loop as ingest (uvloop); ingest verifies the
+Standard Webhooks signature, validates, traces, and commits each call to SQLite
+(WAL, synchronous=FULL) before it answers. Its
+pipeline worker runs as in production: it takes PIPELINE_CONCURRENCY calls and
+starts their downloads from a recorder that is slow to answer (as a busy one is),
+so the rest stay queued, as they do behind a burst. Prints webhooks/s, latency
 percentiles and the ratio to the baseline measured in the same run.
 """
 
@@ -29,6 +32,7 @@ from aiohttp import web
 from bench.common import RUNS, Result, interleaved, ratio_result, table, value_result
 from callmesh.mesh import new_mesh
 from callmesh.standins import post_webhook
+from services.common.lifecycle import run_loop
 
 OPEN_LOOP_RATE = 200  # webhooks per second offered in the open-loop latency run
 
@@ -36,6 +40,34 @@ OPEN_LOOP_RATE = 200  # webhooks per second offered in the open-loop latency run
 async def _baseline_handler(request: web.Request) -> web.Response:
     await request.read()
     return web.json_response({"status": "received"}, status=202)
+
+
+class SlowRecorder:
+    """A recorder on loopback that takes the download request and does not answer until the run ends."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.runner: web.AppRunner | None = None
+        self.url = ""
+
+    async def _hold(self, request: web.Request) -> web.Response:
+        await self.release.wait()
+        return web.Response(status=503)
+
+    async def __aenter__(self) -> "SlowRecorder":
+        app = web.Application()
+        app.router.add_get("/{name:.*}", self._hold)
+        self.runner = web.AppRunner(app, access_log=None, shutdown_timeout=1)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        self.url = "http://127.0.0.1:%d" % site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.release.set()
+        assert self.runner is not None
+        await self.runner.cleanup()
 
 
 def serve_baseline(ready: Path) -> None:
@@ -50,11 +82,11 @@ def serve_baseline(ready: Path) -> None:
         ready.write_text(json.dumps({"address": f"127.0.0.1:{port}"}))
         await asyncio.Event().wait()
 
-    asyncio.run(main())
+    run_loop(main(), uvloop=True)  # the loop ingest runs on, so the two servers differ only in their work
 
 
 async def blast(url: str, secret: str | None, n: int, connections: int, prefix: str,
-                rate: float | None = None) -> tuple[float, list[float]]:
+                rate: float | None = None, recorder: str = "http://127.0.0.1:9") -> tuple[float, list[float]]:
     """``n`` signed webhooks over ``connections``: as fast as answers come back (closed loop), or, with
     ``rate``, webhook i leaving at i/rate seconds whatever the answers do (open loop, where the latency
     counts from the planned departure). Returns (seconds, sorted latencies)."""
@@ -62,7 +94,7 @@ async def blast(url: str, secret: str | None, n: int, connections: int, prefix: 
     latencies: list[float] = []
 
     async def one(session: aiohttp.ClientSession, i: int, start: float) -> None:
-        payload = {"call_id": f"{prefix}-{i:05d}", "recording_url": f"http://127.0.0.1:9/r/{i}.wav"}
+        payload = {"call_id": f"{prefix}-{i:05d}", "recording_url": f"{recorder}/r/{i}.wav"}
         if rate:
             await asyncio.sleep(max(0.0, start + i / rate - time.perf_counter()))
         t0 = time.perf_counter()
@@ -86,22 +118,33 @@ def pct(values: list[float], p: float) -> float:
 
 async def webhook_ack(work: Path, n: int, in_flight: int, runs: int) -> list[Result]:
     """Interleaved runs: ``n`` webhooks with ``in_flight`` connections to the baseline, then to ingest."""
+    async with SlowRecorder() as recorder:
+        return await _webhook_ack(work, n, in_flight, runs, recorder.url)
+
+
+async def _webhook_ack(work: Path, n: int, in_flight: int, runs: int, recorder: str) -> list[Result]:
     ready = work / "baseline.ready"
     baseline = subprocess.Popen([sys.executable, "-m", "bench.webhook_load", "--serve-baseline", str(ready)])
     mesh = new_mesh({"INGEST_PORT": "0", "CALLMESH_DATA_DIR": str(work / "data"), "LOG_LEVEL": "WARNING",
                      "RECORDING_ALLOWED_HOSTS": "127.0.0.1", "RECORDING_ALLOWED_NETWORKS": "127.0.0.0/8",
-                     "TRANSCRIBE_ADDR": "127.0.0.1:9", "ANALYZE_ADDR": "127.0.0.1:9", "CRM_SYNC_ADDR": "127.0.0.1:9",
-                     "PIPELINE_CONCURRENCY": "1", "PIPELINE_BACKOFF_INITIAL_SECONDS": "600"}, work)
+                     "RECORDING_READ_TIMEOUT_SECONDS": "3600",
+                     "TRANSCRIBE_ADDR": "127.0.0.1:9", "ANALYZE_ADDR": "127.0.0.1:9", "CRM_SYNC_ADDR": "127.0.0.1:9"},
+                    work)
     b_lat: list[list[float]] = []
     i_lat: list[list[float]] = []
+    counter = iter(range(1000))
+
+    async def to_ingest(count: int, prefix: str, rate: float | None = None) -> tuple[float, list[float]]:
+        return await blast(mesh.ingest_url, mesh.webhook_secret, count, in_flight, f"{prefix}{next(counter)}", rate,
+                           recorder)
+
     try:
         mesh.start_service("ingest", timeout=60)
         while not ready.exists():
             time.sleep(0.05)
         base_url = "http://" + json.loads(ready.read_text())["address"]
         await blast(base_url, None, 200, in_flight, "warm")
-        await blast(mesh.ingest_url, mesh.webhook_secret, 200, in_flight, "warm")
-        counter = iter(range(1000))
+        await to_ingest(200, "warm")
 
         async def bare() -> float:
             t, lat = await blast(base_url, None, n, in_flight, f"base{next(counter)}")
@@ -109,7 +152,7 @@ async def webhook_ack(work: Path, n: int, in_flight: int, runs: int) -> list[Res
             return n / t
 
         async def ingest() -> float:
-            t, lat = await blast(mesh.ingest_url, mesh.webhook_secret, n, in_flight, f"run{next(counter)}")
+            t, lat = await to_ingest(n, "run")
             i_lat.append(lat)
             return n / t
 
@@ -122,8 +165,7 @@ async def webhook_ack(work: Path, n: int, in_flight: int, runs: int) -> list[Res
             return paced_bare[-1]
 
         async def ingest_paced() -> float:
-            _, lat = await blast(mesh.ingest_url, mesh.webhook_secret, OPEN_LOOP_RATE * 10, in_flight,
-                                 f"pi{next(counter)}", OPEN_LOOP_RATE)
+            _, lat = await to_ingest(OPEN_LOOP_RATE * 10, "pi", OPEN_LOOP_RATE)
             return pct(lat, 0.99)
 
         _, paced_ingest = await interleaved(bare_paced, ingest_paced, runs)

@@ -8,10 +8,24 @@ import json
 import aiohttp
 import pytest
 
-from callmesh.standins import Recorder
+from opentelemetry import trace
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from callmesh.standins import Recorder, signed_headers
 from services.common.lifecycle import start_site
+from services.common.telemetry import setup_tracing
 from services.ingest.api import create_app
-from tests.ingest_harness import VERIFIER, Ingest, post, wait_for_state
+from tests.ingest_harness import SECRET, VERIFIER, Ingest, post, wait_for_state
+
+_spans = InMemorySpanExporter()
+setup_tracing("callmesh-tests").add_span_processor(SimpleSpanProcessor(_spans))
+
+
+def server_spans(path: str) -> list[ReadableSpan]:
+    return [s for s in _spans.get_finished_spans()
+            if s.kind == trace.SpanKind.SERVER and (s.attributes or {}).get("url.path") == path]
 
 async def test_valid_webhook_is_acknowledged_with_the_status_url(ingest: Ingest) -> None:
     status, body = await post(ingest.url, json.dumps({"call_id": "c-1", "recording_url": "http://127.0.0.1:1/a.wav"}))
@@ -20,6 +34,42 @@ async def test_valid_webhook_is_acknowledged_with_the_status_url(ingest: Ingest)
     assert body["duplicate"] is False
     assert len(body["trace_id"]) == 32
     assert (await ingest.store.get("c-1")) is not None
+
+
+async def test_webhook_span_continues_the_recorders_trace(ingest: Ingest) -> None:
+    trace_id, parent_id = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    body = json.dumps({"call_id": "traced-1", "recording_url": "http://127.0.0.1:1/a.wav"})
+    headers = {**signed_headers(SECRET, body.encode()), "traceparent": f"00-{trace_id}-{parent_id}-01"}
+    _spans.clear()
+    status, answer = await post(ingest.url, body, headers=headers)
+    assert status == 202 and answer["trace_id"] == trace_id
+    [span] = server_spans("/v1/calls")
+    assert span.name == "POST /v1/calls"
+    assert format(span.context.trace_id, "032x") == trace_id
+    assert span.parent is not None and format(span.parent.span_id, "016x") == parent_id
+    assert span.attributes["http.route"] == "/v1/calls"
+    assert span.attributes["http.response.status_code"] == 202
+    assert span.status.is_ok
+
+
+async def test_refused_webhook_span_carries_its_status(ingest: Ingest) -> None:
+    _spans.clear()
+    status, _ = await post(ingest.url, "{}", headers={})
+    assert status == 401
+    [span] = server_spans("/v1/calls")
+    assert span.attributes["http.response.status_code"] == 401
+
+
+async def test_health_probes_make_no_spans(ingest: Ingest) -> None:
+    _spans.clear()
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{ingest.url}/healthz") as resp:
+            assert resp.status == 200
+        async with session.get(f"{ingest.url}/v1/calls/nobody") as resp:
+            assert resp.status == 404
+    assert server_spans("/healthz") == []
+    [span] = server_spans("/v1/calls/nobody")
+    assert span.name == "GET /v1/calls/{call_id}" and span.attributes["http.response.status_code"] == 404
 
 
 async def test_same_call_posted_again_is_the_same_job(ingest: Ingest) -> None:

@@ -4,10 +4,31 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import signal
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any, TypeVar
 
 from aiohttp import web
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def run_loop(main: Coroutine[Any, Any, T], *, uvloop: bool = False) -> T:
+    """``asyncio.run(main)``; with ``uvloop``, on uvloop's event loop (aiohttp's recommended one, which
+    takes about a quarter off each webhook's CPU: ``bench/webhook_load.py``) where it is installed."""
+    factory = None
+    if uvloop:
+        try:
+            import uvloop as uv
+        except ImportError:  # not on every platform: the standard loop does the same work, slower
+            log.info("uvloop is not installed: running on the standard asyncio loop")
+        else:
+            factory = uv.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(main)
 
 
 def write_ready_file(path: Path | None, address: str, **extra: str) -> None:

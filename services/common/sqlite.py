@@ -72,8 +72,9 @@ class AsyncSqlite:
     async def grouped(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``fn(conn)`` in a transaction shared with the other writers waiting at that moment.
 
-        Each ``fn`` runs in its own savepoint, so one that raises is undone alone and its caller
-        gets the exception; the others commit together. Returns once the commit is on disk."""
+        A ``fn`` that raises is undone alone and its caller gets the exception; the others commit
+        together (the batch is then redone with a savepoint around each ``fn``, so a ``fn`` must touch
+        nothing but the database). Returns once the commit is on disk."""
         future: asyncio.Future = asyncio.get_running_loop().create_future()
         self._group.append((fn, future))
         if self._group_task is None:
@@ -85,7 +86,10 @@ class AsyncSqlite:
             while self._group:
                 batch, self._group = self._group[:GROUP_MAX], self._group[GROUP_MAX:]
 
-                def tx(c: sqlite3.Connection) -> list[tuple[bool, Any]]:
+                def together(c: sqlite3.Connection) -> list[tuple[bool, Any]]:
+                    return [(True, fn(c)) for fn, _ in batch]
+
+                def one_by_one(c: sqlite3.Connection) -> list[tuple[bool, Any]]:
                     out: list[tuple[bool, Any]] = []
                     for fn, _ in batch:
                         c.execute("SAVEPOINT grouped")
@@ -95,6 +99,18 @@ class AsyncSqlite:
                             c.execute("ROLLBACK TO grouped")
                             out.append((False, exc))
                         c.execute("RELEASE grouped")
+                    return out
+
+                def tx(c: sqlite3.Connection) -> list[tuple[bool, Any]]:
+                    # All writers in one go; only when one of them raises is the batch redone with a
+                    # savepoint around each (two more statements per writer, spent only then).
+                    c.execute("SAVEPOINT batch")
+                    try:
+                        out = together(c)
+                    except Exception:
+                        c.execute("ROLLBACK TO batch")
+                        out = one_by_one(c)
+                    c.execute("RELEASE batch")
                     return out
 
                 try:

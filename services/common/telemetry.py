@@ -8,7 +8,8 @@ show in logs and travel between services, but nothing is exported.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from typing import TYPE_CHECKING, Any
 
 from opentelemetry import propagate, trace
 from opentelemetry.sdk.resources import Resource
@@ -16,6 +17,12 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 
 from services.common.config import ConfigError, env_str
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+    Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+    Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
 
 log = logging.getLogger(__name__)
 
@@ -67,28 +74,66 @@ def trace_id_hex(span: trace.Span | None = None) -> str:
     return format(ctx.trace_id, "032x") if ctx.is_valid else ""
 
 
-def instrument_aiohttp_server() -> None:
-    """Trace every aiohttp server application made from now on (idempotent)."""
-    from opentelemetry.instrumentation.aiohttp_server import AioHttpServerInstrumentor
+def server_span_middleware(name: str = "callmesh.http",
+                           untraced: frozenset[str] = frozenset({"/healthz", "/metrics"})) -> "Middleware":
+    """An aiohttp middleware giving each request one SERVER span, continuing the caller's W3C trace context.
 
-    instrumentor = AioHttpServerInstrumentor()
-    if not instrumentor.is_instrumented_by_opentelemetry:
-        instrumentor.instrument()
+    The span carries the stable HTTP semantic-convention attributes Jaeger shows (method, route,
+    path, status) and is marked as an error on a 5xx. It does what the webhook's trace needs and no
+    more: the contrib aiohttp-server instrumentation also records two metrics and reads the
+    environment on every request, which cost a third of the webhook's CPU (``bench/webhook_load.py``);
+    ingest counts its webhooks itself. Probes and scrapes (``untraced`` paths) make no span, so
+    Jaeger is not filled with one trace per liveness check."""
+    from aiohttp import web
+
+    server_tracer = trace.get_tracer(name)
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: "Handler") -> "web.StreamResponse":
+        if request.path in untraced:
+            return await handler(request)
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else ""
+        attributes = {"http.request.method": request.method, "url.path": request.path, "url.scheme": request.scheme}
+        if route:
+            attributes["http.route"] = route
+        with server_tracer.start_as_current_span(
+                f"{request.method} {route}" if route else request.method, context=propagate.extract(request.headers),
+                kind=trace.SpanKind.SERVER, attributes=attributes,
+                record_exception=False, set_status_on_exception=False) as span:
+            try:
+                response = await handler(request)
+            except web.HTTPException as exc:
+                _set_http_status(span, exc.status)
+                raise
+            except Exception as exc:
+                span.record_exception(exc)
+                span.set_status(trace.Status(trace.StatusCode.ERROR, type(exc).__qualname__))
+                raise
+            _set_http_status(span, response.status)
+            return response
+
+    return middleware
 
 
-def run_service(service: str, amain: "Callable[[], Awaitable[None]]") -> None:
-    """The shape of every ``__main__``: logging and tracing set up, ``amain()`` run, spans flushed."""
-    import asyncio
+def _set_http_status(span: trace.Span, status: int) -> None:
+    span.set_attribute("http.response.status_code", status)
+    if status >= 500:
+        span.set_status(trace.Status(trace.StatusCode.ERROR))
 
+
+def run_service(service: str, amain: "Callable[[], Coroutine[Any, Any, None]]", *, uvloop: bool = False) -> None:
+    """The shape of every ``__main__``: logging and tracing set up, ``amain()`` run (on uvloop when asked,
+    see :func:`~services.common.lifecycle.run_loop`), spans flushed."""
+    from services.common.lifecycle import run_loop
     from services.common.logs import setup_logging
-
     from services.common.metrics import setup_metrics
 
     setup_logging(service)
     setup_tracing(service)
     setup_metrics(service)
     try:
-        asyncio.run(amain())
+        run_loop(amain(), uvloop=uvloop)
     except ConfigError as exc:
         log.error("configuration error: %s", exc)
         raise SystemExit(2) from None

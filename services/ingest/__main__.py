@@ -55,7 +55,7 @@ async def amain() -> None:
 
 
 def main() -> None:
-    run_service(SERVICE, amain)
+    run_service(SERVICE, amain, uvloop=True)  # the webhook's hot path: see run_loop
 
 
 if __name__ == "__main__":

@@ -96,7 +96,14 @@ class PipelineWorker:
         self._loop_task: asyncio.Task | None = None
 
     def wake(self) -> None:
-        self._wake.set()
+        """A call was queued: look for work now, unless every slot is taken (a slot that frees wakes the loop).
+        Behind a burst of webhooks this spares a pass of the loop per webhook."""
+        if self._room() > 0:
+            self._wake.set()
+
+    def _room(self) -> int:
+        return min(self.settings.concurrency - len(self._front),
+                   self.settings.concurrency * BACK_STAGE_FACTOR - len(self._tasks))
 
     async def start(self) -> None:
         resumed = await self.store.release_leases(self.owner)
@@ -124,8 +131,7 @@ class PipelineWorker:
         while not self._stopping.is_set():
             wait = 1.0
             try:
-                room = min(self.settings.concurrency - len(self._front),
-                           self.settings.concurrency * BACK_STAGE_FACTOR - len(self._tasks))
+                room = self._room()
                 if room > 0:
                     for job in await self.store.claim(self.owner, room, self.settings.lease_seconds):
                         if job.state in FRONT_STATES:

@@ -58,6 +58,7 @@ CREATE INDEX IF NOT EXISTS webhook_ids_age ON webhook_ids (received_at);
 
 # A signed webhook older than 5 minutes is refused anyway; ids are kept a day to spare the clocks.
 WEBHOOK_ID_RETENTION_SECONDS = 86400.0
+WEBHOOK_ID_PURGE_SECONDS = 60.0  # expired webhook ids are deleted at most this often (not on every webhook)
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,7 @@ class JobStore:
     def __init__(self, location: Path | str) -> None:
         """``location``: a SQLite file, or a ``postgresql://`` URL."""
         self.db = connect(location, SCHEMA, sequences=("jobs",))
+        self._purged_at = 0.0
 
     async def open(self) -> None:
         await self.db.open()
@@ -125,6 +127,10 @@ class JobStore:
         now = time.time()
         opts = json.dumps({k: v for k, v in options.__dict__.items() if v is not None})
 
+        purge = webhook_id is not None and now - self._purged_at >= WEBHOOK_ID_PURGE_SECONDS
+        if purge:
+            self._purged_at = now
+
         def tx(c: Any) -> tuple[Job, bool]:
             if webhook_id is not None:
                 seen = c.execute("SELECT call_id FROM webhook_ids WHERE webhook_id = ?", (webhook_id,)).fetchone()
@@ -132,20 +138,28 @@ class JobStore:
                     row = c.execute("SELECT * FROM jobs WHERE call_id = ?", (seen[0],)).fetchone()
                     if row is not None:
                         return Job.from_row(row), False
-            seq = c.execute(self.db.next_seq("jobs")).fetchone()[0]
+            # One statement for a new call (its arrival number taken inside it); a read only for a known one.
             cur = c.execute(
                 "INSERT INTO jobs (call_id, seq, recording_url, options, state, next_attempt_at, "
-                "stage_times, trace_context, trace_id, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?) "
-                "ON CONFLICT (call_id) DO NOTHING",
-                (call_id, seq, recording_url, opts, RECEIVED, now, json.dumps({RECEIVED: now}),
+                f"stage_times, trace_context, trace_id, created_at, updated_at) VALUES (?,({self.db.next_seq('jobs')}),"
+                "?,?,?,?,?,?,?,?,?) ON CONFLICT (call_id) DO NOTHING",
+                (call_id, recording_url, opts, RECEIVED, now, json.dumps({RECEIVED: now}),
                  json.dumps(trace_context), trace_id, now, now))
-            row = c.execute("SELECT * FROM jobs WHERE call_id = ?", (call_id,)).fetchone()
-            if webhook_id is not None and row["recording_url"] == recording_url:
-                c.execute("DELETE FROM webhook_ids WHERE received_at < ?", (now - WEBHOOK_ID_RETENTION_SECONDS,))
+            new = cur.rowcount == 1
+            if new:
+                job = Job(call_id=call_id, recording_url=recording_url, options=options, state=RECEIVED, attempts=0,
+                          next_attempt_at=now, error=None, error_stage=None, stage_times={RECEIVED: now},
+                          trace_context=dict(trace_context), trace_id=trace_id, recording_path=None, transcript=None,
+                          analysis=None, result=None, created_at=now, updated_at=now)
+            else:
+                job = Job.from_row(c.execute("SELECT * FROM jobs WHERE call_id = ?", (call_id,)).fetchone())
+            if webhook_id is not None and job.recording_url == recording_url:
+                if purge:
+                    c.execute("DELETE FROM webhook_ids WHERE received_at < ?", (now - WEBHOOK_ID_RETENTION_SECONDS,))
                 c.execute("INSERT INTO webhook_ids (webhook_id, call_id, received_at) VALUES (?,?,?) "
                           "ON CONFLICT (webhook_id) DO UPDATE SET call_id = excluded.call_id, "
                           "received_at = excluded.received_at", (webhook_id, call_id, now))
-            return Job.from_row(row), cur.rowcount == 1
+            return job, new
 
         return await self.db.grouped(tx)
 
