@@ -4,15 +4,17 @@
 
 (also part of ``python -m bench``)
 
-Both servers are separate processes on 127.0.0.1. The baseline is an aiohttp
-handler that reads the body and answers 202 (no signature check, no validation,
-no fsync), on the same event loop as ingest (uvloop); ingest verifies the
-Standard Webhooks signature, validates, traces, and commits each call to SQLite
-(WAL, synchronous=FULL) before it answers. Its
-pipeline worker runs as in production: it takes PIPELINE_CONCURRENCY calls and
-starts their downloads from a recorder that is slow to answer (as a busy one is),
-so the rest stay queued, as they do behind a burst. Prints webhooks/s, latency
-percentiles and the ratio to the baseline measured in the same run.
+Both servers are separate processes on 127.0.0.1, on the same event loop
+(uvloop). The baseline is an aiohttp handler that reads the body and answers 202
+(no signature check, no validation, no fsync). Ingest verifies the Standard
+Webhooks signature, validates, traces, and commits each call to SQLite (WAL,
+synchronous=FULL) before it answers; its pipeline worker runs as in production:
+it takes PIPELINE_CONCURRENCY calls and starts their downloads from a recorder
+that is slow to answer (as a busy one is), so the rest stay queued, as they do
+behind a burst. The client is the same for both: the same signed webhooks (the
+baseline ignores the signature) over the same connection pool. Prints
+webhooks/s, latency percentiles and the ratio to the baseline measured in the
+same run.
 """
 
 from __future__ import annotations
@@ -143,11 +145,11 @@ async def _webhook_ack(work: Path, n: int, in_flight: int, runs: int, recorder: 
         while not ready.exists():
             time.sleep(0.05)
         base_url = "http://" + json.loads(ready.read_text())["address"]
-        await blast(base_url, None, 200, in_flight, "warm")
+        await blast(base_url, mesh.webhook_secret, 200, in_flight, "warm")
         await to_ingest(200, "warm")
 
         async def bare() -> float:
-            t, lat = await blast(base_url, None, n, in_flight, f"base{next(counter)}")
+            t, lat = await blast(base_url, mesh.webhook_secret, n, in_flight, f"base{next(counter)}")
             b_lat.append(lat)
             return n / t
 
@@ -160,7 +162,7 @@ async def _webhook_ack(work: Path, n: int, in_flight: int, runs: int, recorder: 
         paced_bare: list[float] = []
 
         async def bare_paced() -> float:
-            _, lat = await blast(base_url, None, OPEN_LOOP_RATE * 10, in_flight, f"pb{next(counter)}", OPEN_LOOP_RATE)
+            _, lat = await blast(base_url, mesh.webhook_secret, OPEN_LOOP_RATE * 10, in_flight, f"pb{next(counter)}", OPEN_LOOP_RATE)
             paced_bare.append(pct(lat, 0.99))
             return paced_bare[-1]
 
