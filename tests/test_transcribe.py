@@ -325,6 +325,23 @@ def test_a_long_recording_is_decoded_in_pieces_with_times_that_run_on(whisper_di
     assert text.count("invoice") == " ".join(s.text for s in whole).lower().count("invoice") == 3
 
 
+def test_a_short_first_piece_brings_the_first_segments_before_the_rest(whisper_dir: Path, audio_dir: Path) -> None:
+    from services.transcribe.config import DecodeSettings
+    from services.transcribe.engine import SAMPLE_RATE, decode_audio
+
+    engine = WhisperEngine(EngineSettings(model_path=whisper_dir, cpu_threads=2,
+                                          decode=DecodeSettings(first_piece_seconds=6)))
+    audio = decode_audio(audio_dir / "long-en.wav")
+    pieces = engine._pieces(audio)
+    assert 4 <= pieces[0][1] / SAMPLE_RATE <= 8  # cut at the quietest moment within 2 s of the mark
+    assert all(a == b for (_, b), (a, _) in zip(pieces, pieces[1:])) and pieces[-1][1] == audio.size
+    segments, summary = events(engine, audio_dir / "long-en.wav")
+    assert segments[0].end <= pieces[0][1] / SAMPLE_RATE + 0.5  # the first segment comes from the first piece
+    starts = [s.start for s in segments]
+    assert starts == sorted(starts) and segments[-1].end > 25 and summary.language == "en"
+    assert " ".join(s.text for s in segments).lower().count("invoice") == 3
+
+
 def test_detection_picks_among_the_languages_a_contact_center_takes(whisper_dir: Path, tmp_path: Path) -> None:
     from callmesh.samples import synthesize
     from services.transcribe.config import DecodeSettings

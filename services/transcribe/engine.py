@@ -261,28 +261,48 @@ class WhisperEngine:
             raise DecodeCancelled()
 
     def _pieces(self, audio: np.ndarray) -> list[tuple[int, int]]:
-        """Sample ranges of about ``chunk_seconds`` each, cut at the quietest moment near each mark."""
+        """Sample ranges to decode one after the other, each cut at the quietest moment near its mark.
+
+        With ``first_piece_seconds``, the first is that short, so its segments come back after one short
+        decode instead of a whole 30-s window; the rest is cut in pieces of about ``chunk_seconds``."""
+        n = audio.size
+        head = int(self.settings.decode.first_piece_seconds * SAMPLE_RATE)
+        if head > 0 and n > head * 2:
+            cut = self._quietest(audio, head, lo=SAMPLE_RATE, hi=n - SAMPLE_RATE, radius=min(2 * SAMPLE_RATE, head // 4))
+            return [(0, cut)] + [(a + cut, b + cut) for a, b in self._even_pieces(audio[cut:])]
+        return self._even_pieces(audio)
+
+    def _even_pieces(self, audio: np.ndarray) -> list[tuple[int, int]]:
+        """Ranges of about ``chunk_seconds`` each (even lengths, so none costs more memory than the others)."""
         size = int(self.settings.decode.chunk_seconds * SAMPLE_RATE)
         n = audio.size
         if size <= 0 or n <= size * 1.5:
             return [(0, n)]
-        frame = SAMPLE_RATE // 10  # 100 ms
-        size = n // round(n / size)  # pieces of even length, so none costs more memory than the others
+        size = n // round(n / size)
         cuts = [0]
         while n - cuts[-1] > size * 1.5:
-            target = cuts[-1] + size
-            radius = min(30 * SAMPLE_RATE, size // 4)  # look for a pause this far either side of the mark
-            lo, hi = max(cuts[-1] + SAMPLE_RATE, target - radius), min(n - SAMPLE_RATE, target + radius)
-            window = audio[lo:lo + (hi - lo) // frame * frame].reshape(-1, frame)
-            energy = np.convolve((window.astype(np.float64) ** 2).mean(axis=1), np.ones(5), mode="valid")
-            cuts.append(lo + (int(np.argmin(energy)) + 2) * frame + frame // 2)
+            # look for a pause this far either side of the mark
+            cuts.append(self._quietest(audio, cuts[-1] + size, lo=cuts[-1] + SAMPLE_RATE, hi=n - SAMPLE_RATE,
+                                       radius=min(30 * SAMPLE_RATE, size // 4)))
         return list(zip(cuts, [*cuts[1:], n]))
+
+    @staticmethod
+    def _quietest(audio: np.ndarray, target: int, *, lo: int, hi: int, radius: int) -> int:
+        """The sample at the middle of the quietest half second within ``radius`` of ``target`` (kept in [lo, hi])."""
+        frame = SAMPLE_RATE // 10  # 100 ms
+        lo, hi = max(lo, target - radius), min(hi, target + radius)
+        if hi - lo < 5 * frame:
+            return max(lo, min(hi, target))
+        window = audio[lo:lo + (hi - lo) // frame * frame].reshape(-1, frame)
+        energy = np.convolve((window.astype(np.float64) ** 2).mean(axis=1), np.ones(5), mode="valid")
+        return lo + (int(np.argmin(energy)) + 2) * frame + frame // 2
 
     def _segments(self, audio: np.ndarray, options: TranscribeOptions, language: str | None,
                   speaker: Speaker, channel: int) -> tuple[Iterator[SegmentResult], "DecodeInfo"]:
         """Segments of the whole recording. A long one is decoded piece by piece (``WHISPER_CHUNK_SECONDS``):
         faster-whisper computes the features of everything it is given at once, so a one-hour call given
-        whole costs gigabytes before the first segment; in pieces, memory stays that of one piece."""
+        whole costs gigabytes before the first segment; in pieces, memory stays that of one piece. With
+        ``WHISPER_FIRST_PIECE_SECONDS`` the first piece is short, so the first segments come back early."""
         pieces = [(0, audio.size)] if self.per_segment_language(options) else self._pieces(audio)
         first, first_info = self._decode(audio[pieces[0][0]:pieces[0][1]], options, language, speaker, channel)
         info = DecodeInfo(first_info.language, float(first_info.language_probability),
@@ -302,7 +322,8 @@ class WhisperEngine:
                                                                      w.probability) for w in seg.words)})
                 info.duration_after_vad += float(more.duration_after_vad)
 
-        log.info("long recording: decoding %d pieces of about %.0f s", len(pieces), self.settings.decode.chunk_seconds)
+        log.info("decoding %d pieces: the first %.1f s, then about %.0f s each", len(pieces),
+                 (pieces[0][1] - pieces[0][0]) / SAMPLE_RATE, (pieces[-1][1] - pieces[1][0]) / SAMPLE_RATE / (len(pieces) - 1))
         return chained(), info
 
     def _decode(self, audio: np.ndarray, options: TranscribeOptions, language: str | None,
