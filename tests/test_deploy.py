@@ -206,10 +206,10 @@ def metric_families_the_code_defines() -> set[str]:
     families: set[str] = set()
     for path in (ROOT / "services").rglob("*.py"):
         text = path.read_text()
-        for kind, name, rest in re.findall(r'create_(counter|histogram|observable_gauge)\(\s*"([a-z_.]+)"([^)]*)',
-                                           text):
+        for kind, name, rest in re.findall(
+                r'create_(counter|observable_counter|histogram|observable_gauge)\(\s*"([a-z_.]+)"([^)]*)', text):
             base = name.replace(".", "_") + ("_seconds" if 'unit="s"' in rest else "")
-            families.add(base + "_total" if kind == "counter" else base)
+            families.add(base + "_total" if kind.endswith("counter") else base)
     return families
 
 
