@@ -60,6 +60,29 @@ async def test_refused_webhook_span_carries_its_status(ingest: Ingest) -> None:
     assert span.attributes["http.response.status_code"] == 401
 
 
+async def test_a_request_that_crashes_leaves_an_error_span() -> None:
+    from aiohttp import web
+
+    from services.common.telemetry import server_span_middleware
+
+    async def broken(request: web.Request) -> web.Response:
+        raise RuntimeError("disk on fire")
+
+    app = web.Application(middlewares=[server_span_middleware()])
+    app.router.add_get("/broken", broken)
+    runner, port = await start_site(app, "127.0.0.1", 0)
+    _spans.clear()
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"http://127.0.0.1:{port}/broken") as resp:
+                assert resp.status == 500
+    finally:
+        await runner.cleanup()
+    [span] = server_spans("/broken")
+    assert span.status.status_code == trace.StatusCode.ERROR
+    assert [e.attributes["exception.message"] for e in span.events] == ["disk on fire"]
+
+
 async def test_health_probes_make_no_spans(ingest: Ingest) -> None:
     _spans.clear()
     async with aiohttp.ClientSession() as session:
