@@ -162,7 +162,8 @@ async def _webhook_ack(work: Path, n: int, in_flight: int, runs: int, recorder: 
         paced_bare: list[float] = []
 
         async def bare_paced() -> float:
-            _, lat = await blast(base_url, mesh.webhook_secret, OPEN_LOOP_RATE * 10, in_flight, f"pb{next(counter)}", OPEN_LOOP_RATE)
+            _, lat = await blast(base_url, mesh.webhook_secret, OPEN_LOOP_RATE * 10, in_flight, f"pb{next(counter)}",
+                                 OPEN_LOOP_RATE)
             paced_bare.append(pct(lat, 0.99))
             return paced_bare[-1]
 

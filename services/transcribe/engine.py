@@ -268,7 +268,8 @@ class WhisperEngine:
         n = audio.size
         head = int(self.settings.decode.first_piece_seconds * SAMPLE_RATE)
         if head > 0 and n > head * 2:
-            cut = self._quietest(audio, head, lo=SAMPLE_RATE, hi=n - SAMPLE_RATE, radius=min(2 * SAMPLE_RATE, head // 4))
+            cut = self._quietest(audio, head, lo=SAMPLE_RATE, hi=n - SAMPLE_RATE,
+                                 radius=min(2 * SAMPLE_RATE, head // 4))
             return [(0, cut)] + [(a + cut, b + cut) for a, b in self._even_pieces(audio[cut:])]
         return self._even_pieces(audio)
 
@@ -322,8 +323,9 @@ class WhisperEngine:
                                                                      w.probability) for w in seg.words)})
                 info.duration_after_vad += float(more.duration_after_vad)
 
+        rest = (pieces[-1][1] - pieces[1][0]) / SAMPLE_RATE / (len(pieces) - 1)
         log.info("decoding %d pieces: the first %.1f s, then about %.0f s each", len(pieces),
-                 (pieces[0][1] - pieces[0][0]) / SAMPLE_RATE, (pieces[-1][1] - pieces[1][0]) / SAMPLE_RATE / (len(pieces) - 1))
+                 (pieces[0][1] - pieces[0][0]) / SAMPLE_RATE, rest)
         return chained(), info
 
     def _decode(self, audio: np.ndarray, options: TranscribeOptions, language: str | None,
