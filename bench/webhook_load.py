@@ -34,7 +34,7 @@ from aiohttp import web
 from bench.common import RUNS, Result, interleaved, ratio_result, table, value_result
 from callmesh.mesh import new_mesh
 from callmesh.standins import post_webhook
-from services.common.lifecycle import run_loop
+from services.common.lifecycle import run_loop, start_site
 
 OPEN_LOOP_RATE = 200  # webhooks per second offered in the open-loop latency run
 
@@ -59,11 +59,8 @@ class SlowRecorder:
     async def __aenter__(self) -> "SlowRecorder":
         app = web.Application()
         app.router.add_get("/{name:.*}", self._hold)
-        self.runner = web.AppRunner(app, access_log=None, shutdown_timeout=1)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        await site.start()
-        self.url = "http://127.0.0.1:%d" % site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.runner, port = await start_site(app, "127.0.0.1", 0, access_log=None, shutdown_timeout=1)
+        self.url = f"http://127.0.0.1:{port}"
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -76,11 +73,7 @@ def serve_baseline(ready: Path) -> None:
     async def main() -> None:
         app = web.Application()
         app.router.add_post("/v1/calls", _baseline_handler)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        _, port = await start_site(app, "127.0.0.1", 0, access_log=None)
         ready.write_text(json.dumps({"address": f"127.0.0.1:{port}"}))
         await asyncio.Event().wait()
 
