@@ -9,6 +9,7 @@ What each configuration runs:
   stereo files are decoded channel by channel, as the service does.
 - ``callmesh-batched``: the same with ``WHISPER_BATCH_SIZE=8`` (``BatchedInferencePipeline``).
 - ``callmesh-six-languages``: the same with ``WHISPER_LANGUAGES=en,es,fr,de,it,pt``.
+- ``callmesh-first-piece-6``: the same with ``WHISPER_FIRST_PIECE_SECONDS=6`` (the language from the first 6 s).
 - ``faster-whisper-defaults``: ``WhisperModel.transcribe(path)`` with no options (stereo mixed down).
 No language hint anywhere: the language is detected, and that detection is scored.
 """
@@ -26,12 +27,12 @@ import time
 import unicodedata
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 from bench.common import RESULTS, Result, value_result
 from bench.evalset import EvalFile, generate
 
-CONFIGS = ("callmesh", "callmesh-batched", "callmesh-six-languages", "faster-whisper-defaults")
+CONFIGS = ("callmesh", "callmesh-batched", "callmesh-six-languages", "callmesh-first-piece-6",
+           "faster-whisper-defaults")
 SIX = ("en", "es", "fr", "de", "it", "pt")
 BASELINE = "faster-whisper-defaults"
 
@@ -67,7 +68,8 @@ def _evaluate(config: str, files: list[dict], model: Path, threads: int) -> list
         from services.transcribe.engine import LanguageResult, SegmentResult, TranscribeOptions, WhisperEngine
 
         decode = {"callmesh-batched": DecodeSettings(batch_size=8),
-                  "callmesh-six-languages": DecodeSettings(languages=SIX)}.get(config, DecodeSettings())
+                  "callmesh-six-languages": DecodeSettings(languages=SIX),
+                  "callmesh-first-piece-6": DecodeSettings(first_piece_seconds=6)}.get(config, DecodeSettings())
         engine = WhisperEngine(EngineSettings(model_path=model, cpu_threads=threads, decode=decode))
     for f in files:
         started = time.perf_counter()

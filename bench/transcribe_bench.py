@@ -17,12 +17,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from faster_whisper import WhisperModel
+
 from bench.common import Result, interleaved, ratio_result, value_result
 from callcenter.v1 import transcribe_pb2, transcribe_pb2_grpc
 from callmesh.mesh import Mesh, new_mesh
 from services.common.grpc_server import client_channel
 from services.transcribe.config import EngineSettings
-from services.transcribe.engine import TranscribeOptions, WhisperEngine
+from services.transcribe.engine import TranscribeOptions, decode_kwargs
 
 CHUNK = 256 * 1024
 
@@ -57,14 +59,21 @@ async def transcribe_rpc(address: str, path: Path) -> RpcRun:
     return RpcRun(end - sent_at[0], (first or end) - sent_at[0], segments)
 
 
-def transcribe_direct(engine: WhisperEngine, path: Path) -> tuple[float, int]:
+def bare_whisper(settings: EngineSettings) -> WhisperModel:
+    """faster-whisper's own ``WhisperModel``, loaded as the service loads its model."""
+    return WhisperModel(str(settings.model_path), device=settings.device, compute_type=settings.compute_type,
+                        cpu_threads=settings.cpu_threads, num_workers=settings.num_workers, local_files_only=True)
+
+
+def transcribe_direct(model: WhisperModel, settings: EngineSettings, path: Path) -> tuple[float, int]:
+    """One call through bare faster-whisper with the service's decoding settings; (seconds, segments)."""
     started = time.perf_counter()
-    segments, _ = engine.model.transcribe(str(path), **engine._transcribe_kwargs(TranscribeOptions(), None))
+    segments, _ = model.transcribe(str(path), **decode_kwargs(settings.decode, TranscribeOptions(), None))
     count = sum(1 for _ in segments)
     return time.perf_counter() - started, count
 
 
-FIRST_PIECE_SECONDS = 8  # the short first piece measured beside the default (WHISPER_FIRST_PIECE_SECONDS)
+FIRST_PIECE_SECONDS = 6  # the short first piece measured beside the default (WHISPER_FIRST_PIECE_SECONDS)
 
 
 def start_transcribe(work: Path, whisper: Path, **env: str) -> Mesh:
@@ -91,11 +100,10 @@ def rss_mib(pid: int) -> float:
 BARE_SCRIPT = """
 import json, sys
 from pathlib import Path
+from bench.transcribe_bench import transcribe_direct, bare_whisper
 from services.transcribe.config import EngineSettings
-from services.transcribe.engine import TranscribeOptions, WhisperEngine
-engine = WhisperEngine(EngineSettings.from_env())
-segments, _ = engine.model.transcribe(sys.argv[1], **engine._transcribe_kwargs(TranscribeOptions(), None))
-n = sum(1 for _ in segments)
+settings = EngineSettings.from_env()
+_, n = transcribe_direct(bare_whisper(settings), settings, Path(sys.argv[1]))
 hwm = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmHWM:"))
 print(json.dumps({"segments": n, "peak_mib": int(hwm.split()[1]) / 1024}))
 """
@@ -104,10 +112,11 @@ print(json.dumps({"segments": n, "peak_mib": int(hwm.split()[1]) / 1024}))
 async def overhead_and_first_segment(call: Path, work: Path, whisper: Path, runs: int) -> list[Result]:
     """The service with its defaults against bare faster-whisper, interleaved; then, interleaved with
     bare faster-whisper again, the service with a short first piece (``WHISPER_FIRST_PIECE_SECONDS``)."""
-    engine = WhisperEngine(EngineSettings.from_env())
+    settings = EngineSettings.from_env()
+    bare = bare_whisper(settings)
 
     async def direct() -> float:
-        seconds, _ = await asyncio.to_thread(transcribe_direct, engine, call)
+        seconds, _ = await asyncio.to_thread(transcribe_direct, bare, settings, call)
         return seconds
 
     async def measure(mesh: Mesh) -> tuple[list[RpcRun], list[float], list[float]]:

@@ -337,9 +337,63 @@ def test_a_short_first_piece_brings_the_first_segments_before_the_rest(whisper_d
     assert all(a == b for (_, b), (a, _) in zip(pieces, pieces[1:])) and pieces[-1][1] == audio.size
     segments, summary = events(engine, audio_dir / "long-en.wav")
     assert segments[0].end <= pieces[0][1] / SAMPLE_RATE + 0.5  # the first segment comes from the first piece
+    # the call's language is the first piece's, detected on the window decoded first (sure enough at 0.5)
+    detected = engine._detect_as_decoded(audio[:pieces[0][1]])
+    assert detected[1] >= 0.5 and summary.language_probability == pytest.approx(detected[1])
     starts = [s.start for s in segments]
     assert starts == sorted(starts) and segments[-1].end > 25 and summary.language == "en"
     assert " ".join(s.text for s in segments).lower().count("invoice") == 3
+
+
+def test_language_detection_and_the_first_window_share_one_encoder_pass(whisper_dir: Path, audio_dir: Path) -> None:
+    from services.transcribe.config import DecodeSettings
+    from services.transcribe.encoder_memo import EncoderCounts
+
+    engine = WhisperEngine(EngineSettings(model_path=whisper_dir, cpu_threads=2,
+                                          decode=DecodeSettings(first_piece_seconds=0)))
+    segments, summary = events(engine, audio_dir / "es-billing-angry.wav")  # under 30 s: one window
+    assert summary.language == "es" and "factura" in " ".join(s.text for s in segments).lower()
+    assert engine.model.counts == EncoderCounts(encoded=1, reused=1)  # detected, then decoded, from one pass
+
+
+def test_the_encoder_reuses_only_the_same_window_asked_again_in_the_same_thread(engine: WhisperEngine) -> None:
+    import threading
+    from dataclasses import replace
+
+    import numpy as np
+
+    model = engine.model
+    window = np.random.default_rng(7).standard_normal((model.model.n_mels, 3000)).astype(np.float32)
+    other = window.copy()
+    other[0, 0] += 1.0
+    before = replace(model.counts)
+    first = model.encode(window)
+    assert model.encode(window.copy()) is first  # equal features: the remembered output
+    assert model.encode(other) is not first  # one value differs: encoded again
+    elsewhere = threading.Thread(target=model.encode, args=(other,))
+    elsewhere.start()
+    elsewhere.join()
+    model.forget()
+    model.encode(other)  # forgotten when the decode ends
+    assert (model.counts.encoded - before.encoded, model.counts.reused - before.reused) == (4, 1)
+
+
+def test_a_first_piece_too_short_to_be_sure_of_the_language_leaves_it_to_the_whole_call(
+        whisper_dir: Path, audio_dir: Path) -> None:
+    from services.transcribe.config import DecodeSettings
+    from services.transcribe.engine import decode_audio
+
+    call = audio_dir / "long-en.wav"
+    audio = decode_audio(call)
+    strict = WhisperEngine(EngineSettings(model_path=whisper_dir, cpu_threads=2, decode=DecodeSettings(
+        first_piece_seconds=6, language_min_probability=0.999)))
+    start, end = strict._pieces(audio)[0]
+    on_the_piece = strict._detect_as_decoded(audio[start:end])
+    over_the_call = strict._detect(audio)
+    assert on_the_piece[0] == over_the_call[0] == "en" and on_the_piece[1] < 0.999
+    assert on_the_piece[1] != pytest.approx(over_the_call[1])
+    _, summary = events(strict, call)
+    assert summary.language_probability == pytest.approx(over_the_call[1])
 
 
 def test_detection_picks_among_the_languages_a_contact_center_takes(whisper_dir: Path, tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ from typing import BinaryIO, Literal, Protocol
 import numpy as np
 
 from services.transcribe.statistics import CallStats, call_statistics
-from services.transcribe.config import EngineSettings
+from services.transcribe.config import DecodeSettings, EngineSettings
 
 log = logging.getLogger(__name__)
 
@@ -158,11 +158,41 @@ def decode_audio(source: str | Path | BinaryIO, *, split_stereo: bool = False) -
     return audio
 
 
+def decode_kwargs(d: DecodeSettings, options: TranscribeOptions, language: str | None, *,
+                  multilingual: bool = False, batched: bool = False) -> dict:
+    """The keyword arguments of faster-whisper's ``transcribe`` for these settings (also what the
+    benchmarks give bare faster-whisper, so both decode alike)."""
+    kwargs = dict(
+        language=language,
+        task=options.task,
+        beam_size=d.beam_size,
+        temperature=d.temperature,
+        condition_on_previous_text=d.condition_on_previous_text,
+        no_repeat_ngram_size=d.no_repeat_ngram_size,
+        repetition_penalty=d.repetition_penalty,
+        compression_ratio_threshold=d.compression_ratio_threshold,
+        no_speech_threshold=d.no_speech_threshold,
+        vad_filter=d.vad_filter,
+        word_timestamps=options.word_timestamps,
+        hotwords=" ".join(options.hotwords) or None,
+        language_detection_segments=d.language_detection_segments,
+        multilingual=multilingual,
+    )
+    if d.hallucination_silence_threshold > 0:
+        # faster-whisper finds the silences from word timings, so they are computed (not returned unless asked).
+        kwargs.update(hallucination_silence_threshold=d.hallucination_silence_threshold, word_timestamps=True)
+    if batched:
+        kwargs["batch_size"] = d.batch_size
+    return kwargs
+
+
 class WhisperEngine:
     """One loaded Whisper model, shared by every stream."""
 
     def __init__(self, settings: EngineSettings, diarizer: Diarizer | None = None) -> None:
-        from faster_whisper import BatchedInferencePipeline, WhisperModel
+        from faster_whisper import BatchedInferencePipeline
+
+        from services.transcribe.encoder_memo import SharedEncoderWhisperModel
 
         if not (settings.model_path / "model.bin").is_file():
             raise FileNotFoundError(
@@ -173,7 +203,7 @@ class WhisperEngine:
         self.diarizer = diarizer
         self.model_name = settings.model_path.name
         started = time.perf_counter()
-        self.model = WhisperModel(
+        self.model = SharedEncoderWhisperModel(
             str(settings.model_path),
             device=settings.device,
             compute_type=settings.compute_type,
@@ -198,29 +228,8 @@ class WhisperEngine:
         return wanted and not options.language
 
     def _transcribe_kwargs(self, options: TranscribeOptions, language: str | None) -> dict:
-        d = self.settings.decode
-        kwargs = dict(
-            language=language,
-            task=options.task,
-            beam_size=d.beam_size,
-            temperature=d.temperature,
-            condition_on_previous_text=d.condition_on_previous_text,
-            no_repeat_ngram_size=d.no_repeat_ngram_size,
-            repetition_penalty=d.repetition_penalty,
-            compression_ratio_threshold=d.compression_ratio_threshold,
-            no_speech_threshold=d.no_speech_threshold,
-            vad_filter=d.vad_filter,
-            word_timestamps=options.word_timestamps,
-            hotwords=" ".join(options.hotwords) or None,
-            language_detection_segments=d.language_detection_segments,
-            multilingual=self.per_segment_language(options),
-        )
-        if d.hallucination_silence_threshold > 0:
-            # faster-whisper finds the silences from word timings, so they are computed (not returned unless asked).
-            kwargs.update(hallucination_silence_threshold=d.hallucination_silence_threshold, word_timestamps=True)
-        if self.pipeline is not None:
-            kwargs["batch_size"] = d.batch_size
-        return kwargs
+        return decode_kwargs(self.settings.decode, options, language,
+                             multilingual=self.per_segment_language(options), batched=self.pipeline is not None)
 
     def _utterances(self, audio: np.ndarray, fallback: str) -> list[tuple[float, float, str]]:
         """Stretches of speech between pauses of half a second, each with the language spoken in it."""
@@ -250,6 +259,7 @@ class WhisperEngine:
                 yield from self._run_mono(source, options, cancel, started)
             finished = True
         finally:
+            self.model.forget()
             self.stats.add(active=-1, completed=1 if finished else 0, cancelled=0 if finished else 1)
 
     def _uncertain(self, options: TranscribeOptions, probability: float) -> bool:
@@ -305,8 +315,14 @@ class WhisperEngine:
         whole costs gigabytes before the first segment; in pieces, memory stays that of one piece. With
         ``WHISPER_FIRST_PIECE_SECONDS`` the first piece is short, so the first segments come back early."""
         pieces = [(0, audio.size)] if self.per_segment_language(options) else self._pieces(audio)
-        first, first_info = self._decode(audio[pieces[0][0]:pieces[0][1]], options, language, speaker, channel)
-        info = DecodeInfo(first_info.language, float(first_info.language_probability),
+        head = audio[pieces[0][0]:pieces[0][1]]
+        detected = None
+        if language is None and not self.per_segment_language(options):
+            short = len(pieces) > 1 and self.settings.decode.first_piece_seconds > 0
+            detected = self._detect_head(head, audio, short=short)
+            language = detected[0] if detected else None
+        first, first_info = self._decode(head, options, language, speaker, channel)
+        info = DecodeInfo(first_info.language, detected[1] if detected else float(first_info.language_probability),
                           float(first_info.duration_after_vad))
         if len(pieces) == 1:
             return first, info
@@ -338,6 +354,7 @@ class WhisperEngine:
             # language loses the second one. Each utterance is decoded on its own instead, in the
             # language detected for it (sequential decoder: it takes clips in seconds).
             detected = language or self._detect(audio)[0]
+            kwargs["language"] = detected  # the call's language; each window is still detected again
             utterances = self._utterances(audio, detected)
             decoder = self.model
             kwargs.update(vad_filter=False, clip_timestamps=[t for u in utterances for t in u[:2]] or "0")
@@ -376,15 +393,7 @@ class WhisperEngine:
     def _run_mono(self, source, options: TranscribeOptions, cancel: threading.Event, started: float) -> Iterator[Event]:
         audio = decode_audio(source)
         self._check(cancel)
-        language, probability = options.language, 1.0
-        if not language and self.settings.decode.languages:
-            try:
-                language, probability = self._detect(audio)
-            except Exception:  # nothing to detect from (no speech): let the decoder decide
-                language = None
-        segments, info = self._segments(audio, options, language, "unknown", 0)
-        if language and not options.language:
-            info.language, info.language_probability = language, probability
+        segments, info = self._segments(audio, options, options.language, "unknown", 0)
         probability = 1.0 if options.language else float(info.language_probability)
         yield LanguageResult(info.language, probability, from_hint=bool(options.language))
         if self.diarizer is not None:
@@ -406,6 +415,42 @@ class WhisperEngine:
             statistics=call_statistics(spoken, audio.size / SAMPLE_RATE),
             language_uncertain=self._uncertain(options, probability),
         )
+
+    def _detect_head(self, head: np.ndarray, audio: np.ndarray, *, short: bool) -> tuple[str, float] | None:
+        """The call's language, detected on the first piece it is decoded in (None: no speech to tell from).
+
+        The detection reads the very window the decoder reads first, so one encoder pass serves both.
+        A short first piece (``WHISPER_FIRST_PIECE_SECONDS``) that leaves the detection below
+        ``WHISPER_LANGUAGE_MIN_PROBABILITY`` is not trusted alone: the first windows of the whole call decide."""
+        try:
+            detected = self._detect_as_decoded(head)
+            if detected is not None and short and detected[1] < self.settings.decode.language_min_probability:
+                log.info("language %s (p=%.2f) from the first piece alone is unsure: detecting over the call",
+                         *detected)
+                detected = self._detect(audio)
+        except Exception:  # nothing to detect from: let the decoder decide
+            log.debug("language detection failed; the decoder detects it", exc_info=True)
+            return None
+        return detected
+
+    def _detect_as_decoded(self, audio: np.ndarray) -> tuple[str, float] | None:
+        """The language of ``audio``, from the features faster-whisper's ``transcribe`` decodes: its speech
+        after VAD, the features computed over all of it, less the last frame (its decoder leaves that one
+        out). The first window is then the same array in both, and :class:`SharedEncoderWhisperModel`
+        encodes it once."""
+        from faster_whisper.vad import VadOptions, collect_chunks, get_speech_timestamps
+
+        d = self.settings.decode
+        speech = audio
+        if d.vad_filter:
+            chunks, _ = collect_chunks(audio, get_speech_timestamps(audio, VadOptions()))
+            speech = np.concatenate(chunks)
+        if speech.size == 0:
+            return None
+        features = self.model.feature_extractor(speech)
+        return self._allowed(*self.model.detect_language(
+            features=features[..., :max(features.shape[-1] - 1, 1)],
+            language_detection_segments=d.language_detection_segments))
 
     def _detect(self, audio: np.ndarray) -> tuple[str, float]:
         """The language spoken, over several windows; with ``WHISPER_LANGUAGES`` set, the likeliest of those
