@@ -330,14 +330,14 @@ def test_a_short_first_piece_brings_the_first_segments_before_the_rest(whisper_d
     from services.transcribe.engine import SAMPLE_RATE, decode_audio
 
     engine = WhisperEngine(EngineSettings(model_path=whisper_dir, cpu_threads=2,
-                                          decode=DecodeSettings(first_piece_seconds=6)))
+                                          decode=DecodeSettings(first_piece_seconds=6, first_piece_min_probability=0.5)))
     audio = decode_audio(audio_dir / "long-en.wav")
     pieces = engine._pieces(audio)
     assert 4 <= pieces[0][1] / SAMPLE_RATE <= 8  # cut at the quietest moment within 2 s of the mark
     assert all(a == b for (_, b), (a, _) in zip(pieces, pieces[1:])) and pieces[-1][1] == audio.size
     segments, summary = events(engine, audio_dir / "long-en.wav")
     assert segments[0].end <= pieces[0][1] / SAMPLE_RATE + 0.5  # the first segment comes from the first piece
-    # the call's language is the first piece's, detected on the window decoded first (sure enough at 0.5)
+    # the call's language is the first piece's, detected on the window decoded first (trusted from 0.5 here)
     detected = engine._detect_as_decoded(audio[:pieces[0][1]])
     assert detected[1] >= 0.5 and summary.language_probability == pytest.approx(detected[1])
     starts = [s.start for s in segments]
@@ -386,7 +386,7 @@ def test_a_first_piece_too_short_to_be_sure_of_the_language_leaves_it_to_the_who
     call = audio_dir / "long-en.wav"
     audio = decode_audio(call)
     strict = WhisperEngine(EngineSettings(model_path=whisper_dir, cpu_threads=2, decode=DecodeSettings(
-        first_piece_seconds=6, language_min_probability=0.999)))
+        first_piece_seconds=6, first_piece_min_probability=0.999)))
     start, end = strict._pieces(audio)[0]
     on_the_piece = strict._detect_as_decoded(audio[start:end])
     over_the_call = strict._detect(audio)

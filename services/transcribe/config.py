@@ -37,6 +37,7 @@ class DecodeSettings:
     per_segment_language: bool = False  # detect each segment's language (calls that switch language)
     chunk_seconds: float = 300.0  # longer recordings are decoded in pieces of about this length (0: whole)
     first_piece_seconds: float = 0.0  # >0: the first piece is this short, for an early first segment
+    first_piece_min_probability: float = 0.75  # a first piece's language below this: detected over the call
     languages: tuple[str, ...] = ()  # detection picks among these (empty: any language Whisper knows)
 
     @classmethod
@@ -60,6 +61,8 @@ class DecodeSettings:
             per_segment_language=env_bool("WHISPER_PER_SEGMENT_LANGUAGE", d.per_segment_language),
             chunk_seconds=env_float("WHISPER_CHUNK_SECONDS", d.chunk_seconds, minimum=0.0),
             first_piece_seconds=env_float("WHISPER_FIRST_PIECE_SECONDS", d.first_piece_seconds, minimum=0.0),
+            first_piece_min_probability=env_float("WHISPER_FIRST_PIECE_MIN_PROBABILITY",
+                                                  d.first_piece_min_probability, minimum=0.0),
             languages=tuple(code.lower() for code in env_list("WHISPER_LANGUAGES")),
         )
         if settings.batch_size and not settings.vad_filter:

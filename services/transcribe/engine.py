@@ -421,10 +421,10 @@ class WhisperEngine:
 
         The detection reads the very window the decoder reads first, so one encoder pass serves both.
         A short first piece (``WHISPER_FIRST_PIECE_SECONDS``) that leaves the detection below
-        ``WHISPER_LANGUAGE_MIN_PROBABILITY`` is not trusted alone: the first windows of the whole call decide."""
+        ``WHISPER_FIRST_PIECE_MIN_PROBABILITY`` is not trusted alone: the first windows of the whole call decide."""
         try:
             detected = self._detect_as_decoded(head)
-            if detected is not None and short and detected[1] < self.settings.decode.language_min_probability:
+            if detected is not None and short and detected[1] < self.settings.decode.first_piece_min_probability:
                 log.info("language %s (p=%.2f) from the first piece alone is unsure: detecting over the call",
                          *detected)
                 detected = self._detect(audio)
