@@ -221,10 +221,12 @@ def test_detected_language_below_the_minimum_probability_is_flagged(whisper_dir:
 
 async def test_a_call_that_switches_language_gets_each_segments_language(stub, audio_dir: Path) -> None:
     config = transcribe_pb2.TranscriptionConfig(call_id="switch", detect_language_per_segment=True)
-    segments = [r.segment for r in await collect(stub.Transcribe(requests(audio_dir / "switch-en-es.wav", config)))
-                if r.HasField("segment")]
+    responses = await collect(stub.Transcribe(requests(audio_dir / "switch-en-es.wav", config)))
+    segments = [r.segment for r in responses if r.HasField("segment")]
     languages = [s.language_code for s in segments]
     assert languages[0] == "en" and languages[-1] == "es", languages
+    call = responses[0].language  # the call's language is a detection, with its probability
+    assert call.language_code == "en" and 0 < call.probability < 1 and not call.from_hint
     assert "factura" in segments[-1].text.lower() or "dinero" in segments[-1].text.lower()
 
 

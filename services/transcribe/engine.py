@@ -317,9 +317,9 @@ class WhisperEngine:
         pieces = [(0, audio.size)] if self.per_segment_language(options) else self._pieces(audio)
         head = audio[pieces[0][0]:pieces[0][1]]
         detected = None
-        if language is None and not self.per_segment_language(options):
+        if language is None:
             short = len(pieces) > 1 and self.settings.decode.first_piece_seconds > 0
-            detected = self._detect_head(head, audio, short=short)
+            detected = self._detect_head(head, audio, short=short, per_segment=self.per_segment_language(options))
             language = detected[0] if detected else None
         first, first_info = self._decode(head, options, language, speaker, channel)
         info = DecodeInfo(first_info.language, detected[1] if detected else float(first_info.language_probability),
@@ -416,13 +416,17 @@ class WhisperEngine:
             language_uncertain=self._uncertain(options, probability),
         )
 
-    def _detect_head(self, head: np.ndarray, audio: np.ndarray, *, short: bool) -> tuple[str, float] | None:
+    def _detect_head(self, head: np.ndarray, audio: np.ndarray, *, short: bool,
+                     per_segment: bool = False) -> tuple[str, float] | None:
         """The call's language, detected on the first piece it is decoded in (None: no speech to tell from).
 
         The detection reads the very window the decoder reads first, so one encoder pass serves both.
         A short first piece (``WHISPER_FIRST_PIECE_SECONDS``) that leaves the detection below
-        ``WHISPER_FIRST_PIECE_MIN_PROBABILITY`` is not trusted alone: the first windows of the whole call decide."""
+        ``WHISPER_FIRST_PIECE_MIN_PROBABILITY`` is not trusted alone: the first windows of the whole call decide.
+        With per-segment languages the whole call's first windows decide too (each utterance is detected later)."""
         try:
+            if per_segment:
+                return self._detect(audio)
             detected = self._detect_as_decoded(head)
             if detected is not None and short and detected[1] < self.settings.decode.first_piece_min_probability:
                 log.info("language %s (p=%.2f) from the first piece alone is unsure: detecting over the call",
