@@ -51,7 +51,7 @@ STORE = web.AppKey("store", JobStore)
 WORKER = web.AppKey("worker", PipelineWorker)
 POLICY = web.AppKey("policy", UrlPolicy)
 VERIFIER = web.AppKey("verifier", WebhookVerifier)
-OUTCOME = "callmesh.webhook_outcome"  # request key: "duplicate" when the call was known
+OUTCOME = web.RequestKey("callmesh.webhook_outcome", str)  # "duplicate" when the call was known
 SETTINGS = web.AppKey("settings", dict)
 
 
