@@ -17,14 +17,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from faster_whisper import WhisperModel
-
+from bench.bare_whisper import bare_whisper, transcribe_direct
 from bench.common import Result, interleaved, ratio_result, value_result
 from callcenter.v1 import transcribe_pb2, transcribe_pb2_grpc
 from callmesh.mesh import Mesh, new_mesh
 from services.common.grpc_server import client_channel
 from services.transcribe.config import EngineSettings
-from services.transcribe.engine import TranscribeOptions, decode_kwargs
 
 CHUNK = 256 * 1024
 
@@ -59,20 +57,6 @@ async def transcribe_rpc(address: str, path: Path) -> RpcRun:
     return RpcRun(end - sent_at[0], (first or end) - sent_at[0], segments)
 
 
-def bare_whisper(settings: EngineSettings) -> WhisperModel:
-    """faster-whisper's own ``WhisperModel``, loaded as the service loads its model."""
-    return WhisperModel(str(settings.model_path), device=settings.device, compute_type=settings.compute_type,
-                        cpu_threads=settings.cpu_threads, num_workers=settings.num_workers, local_files_only=True)
-
-
-def transcribe_direct(model: WhisperModel, settings: EngineSettings, path: Path) -> tuple[float, int]:
-    """One call through bare faster-whisper with the service's decoding settings; (seconds, segments)."""
-    started = time.perf_counter()
-    segments, _ = model.transcribe(str(path), **decode_kwargs(settings.decode, TranscribeOptions(), None))
-    count = sum(1 for _ in segments)
-    return time.perf_counter() - started, count
-
-
 FIRST_PIECE_SECONDS = 6  # the short first piece measured beside the default (WHISPER_FIRST_PIECE_SECONDS)
 
 
@@ -100,7 +84,7 @@ def rss_mib(pid: int) -> float:
 BARE_SCRIPT = """
 import json, sys
 from pathlib import Path
-from bench.transcribe_bench import transcribe_direct, bare_whisper
+from bench.bare_whisper import bare_whisper, transcribe_direct
 from services.transcribe.config import EngineSettings
 settings = EngineSettings.from_env()
 _, n = transcribe_direct(bare_whisper(settings), settings, Path(sys.argv[1]))
