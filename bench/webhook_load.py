@@ -15,6 +15,12 @@ behind a burst. The client is the same for both: the same signed webhooks (the
 baseline ignores the signature) over the same connection pool. Prints
 webhooks/s, latency percentiles and the ratio to the baseline measured in the
 same run.
+
+Where ``wrk`` (Debian's package) is installed, the closed loop runs a second time
+with it as the client: wrk is C, so it leaves more of the two cores to the
+servers than the Python client does, and shows what each server can take. Its
+webhooks are signed here beforehand and sent in order by a Lua script; wrk's own
+rate counts its fixed duration, so the script times the run itself.
 """
 
 from __future__ import annotations
@@ -22,10 +28,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import shutil
+import signal
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import aiohttp
@@ -33,10 +44,11 @@ from aiohttp import web
 
 from bench.common import RUNS, Result, interleaved, ratio_result, table, value_result
 from callmesh.mesh import new_mesh
-from callmesh.standins import post_webhook
+from callmesh.standins import post_webhook, signed_headers
 from services.common.lifecycle import run_loop, start_site
 
 OPEN_LOOP_RATE = 200  # webhooks per second offered in the open-loop latency run
+WRK_WEBHOOKS = 10000  # per wrk run: wrk sends 2,000 in well under a second to the bare handler
 
 
 async def _baseline_handler(request: web.Request) -> web.Response:
@@ -107,6 +119,76 @@ async def blast(url: str, secret: str | None, n: int, connections: int, prefix: 
         return time.perf_counter() - start, sorted(latencies)
 
 
+WRK_SCRIPT = """
+local ffi = require("ffi")
+ffi.cdef[[ typedef struct { long tv_sec; long tv_nsec; } callmesh_ts; int clock_gettime(int, callmesh_ts*); ]]
+local ts = ffi.new("callmesh_ts")
+local function now() ffi.C.clock_gettime(1, ts); return tonumber(ts.tv_sec) + tonumber(ts.tv_nsec) * 1e-9 end
+local threads = {}
+function setup(thread) thread:set("id", #threads); table.insert(threads, thread) end
+function init(args) sent = 0; answered = 0; refused = 0; started = 0; finished = 0 end
+request = function()
+  if started == 0 then started = now() end
+  local i = sent * THREADS + id + 1
+  sent = sent + 1
+  return requests[math.min(i, #requests)]
+end
+response = function(status, headers, body)
+  answered = answered + 1
+  if status ~= 202 then refused = refused + 1 end
+  if answered == SHARE then
+    finished = now()
+    io.write("thread done\\n"); io.flush()
+  end
+end
+function done(summary, latency, requests)
+  local first, last, bad = math.huge, 0, 0
+  for _, t in ipairs(threads) do
+    first = math.min(first, t:get("started")); last = math.max(last, t:get("finished"))
+    bad = bad + t:get("refused")
+  end
+  io.write(string.format('{"seconds": %.6f, "p99_ms": %.3f, "refused": %d}\\n', last - first,
+                         latency:percentile(99) / 1000, bad))
+end
+"""
+
+
+def wrk_script(url: str, secret: str, n: int, connections: int, threads: int, prefix: str, recorder: str) -> str:
+    """A wrk script that sends ``n`` webhooks signed now, in order, each once (and up to ``connections`` more
+    while the last answers come in), and prints the seconds until each thread had its share answered."""
+    host = url.split("//", 1)[1].split("/", 1)[0]
+    requests = []
+    for i in range(n + connections + threads):
+        body = json.dumps({"call_id": f"{prefix}-{i:05d}", "recording_url": f"{recorder}/r/{i}.wav"})
+        headers = {"Host": host, **signed_headers(secret, body.encode()), "Content-Length": str(len(body))}
+        head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        requests.append(json.dumps(f"POST /v1/calls HTTP/1.1\r\n{head}\r\n{body}"))
+    return (f"local THREADS = {threads}\nlocal SHARE = {n // threads}\nrequests = {{\n" + ",\n".join(requests)
+            + "\n}\n" + WRK_SCRIPT)
+
+
+async def wrk_blast(url: str, script: Path, connections: int, threads: int) -> tuple[float, float]:
+    """Runs wrk with ``script`` and stops it once every thread had its share answered: (seconds, p99 ms)."""
+    proc = await asyncio.create_subprocess_exec(
+        "wrk", f"-t{threads}", f"-c{connections}", "-d120s", "--latency", "-s", str(script), url + "/v1/calls",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    assert proc.stdout is not None
+    finished = 0
+    while finished < threads:
+        line = await asyncio.wait_for(proc.stdout.readline(), timeout=130)
+        if not line:
+            break
+        finished += line.strip() == b"thread done"
+    proc.send_signal(signal.SIGINT)  # wrk then ends its run at once instead of sleeping out -d
+    out, err = await proc.communicate()
+    summary = next((json.loads(x) for x in out.decode().splitlines() if x.startswith("{")), None)
+    if finished < threads or summary is None:
+        raise RuntimeError(f"wrk did not finish: {out.decode()[-500:]} {err.decode()[-500:]}")
+    if summary["refused"]:
+        raise RuntimeError(f"{summary['refused']} webhooks were not answered 202")
+    return summary["seconds"], summary["p99_ms"]
+
+
 def pct(values: list[float], p: float) -> float:
     return values[min(len(values) - 1, int(len(values) * p))] * 1000
 
@@ -165,6 +247,9 @@ async def _webhook_ack(work: Path, n: int, in_flight: int, runs: int, recorder: 
             return pct(lat, 0.99)
 
         _, paced_ingest = await interleaved(bare_paced, ingest_paced, runs)
+        servers = {"bare": (base_url, baseline.pid), "ingest": (mesh.ingest_url, mesh.services["ingest"].process.pid)}
+        with_wrk = await _wrk_runs(work, servers, mesh.webhook_secret, in_flight, runs, recorder, counter) \
+            if shutil.which("wrk") else []
     finally:
         mesh.stop()
         baseline.terminate()
@@ -178,9 +263,53 @@ async def _webhook_ack(work: Path, n: int, in_flight: int, runs: int, recorder: 
                      f"{max(ingest_rates):.0f}/s, bare {min(bare_rates):.0f}-{max(bare_rates):.0f}/s"),
         value_result("webhook ack p99 latency", p99, "ms", "<= 25", lambda v: v <= 25,
                      f"closed loop, {in_flight} in flight; bare p99 {min(bare_p99):.1f}-{max(bare_p99):.1f} ms"),
+        *with_wrk,
         value_result(f"webhook ack p99 at {OPEN_LOOP_RATE}/s", paced_ingest, "ms", "<= 25", lambda v: v <= 25,
                      f"open loop, {OPEN_LOOP_RATE * 10} webhooks over 10 s, up to {in_flight} connections; "
                      f"bare p99 {min(paced_bare):.1f}-{max(paced_bare):.1f} ms"),
+    ]
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of process ``pid`` so far (all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def _wrk_runs(work: Path, servers: dict[str, tuple[str, int]], secret: str, in_flight: int, runs: int,
+                    recorder: str, counter: Iterator[int]) -> list[Result]:
+    """The closed loop again with wrk as the client, interleaved, each run with webhooks signed just before.
+    ``servers``: the URL and process id of "bare" and "ingest"; the server's CPU time per webhook is kept too."""
+    threads = 2
+    p99: dict[str, list[float]] = {"bare": [], "ingest": []}
+    cpu_ms: dict[str, list[float]] = {"bare": [], "ingest": []}
+
+    def side(name: str) -> Callable[[], Awaitable[float]]:
+        url, pid = servers[name]
+
+        async def one() -> float:
+            script = work / f"wrk-{name}.lua"
+            script.write_text(wrk_script(url, secret, WRK_WEBHOOKS, in_flight, threads, f"wrk{name}{next(counter)}",
+                                         recorder))
+            cpu = cpu_seconds(pid)
+            seconds, p = await wrk_blast(url, script, in_flight, threads)
+            cpu_ms[name].append((cpu_seconds(pid) - cpu) * 1000 / WRK_WEBHOOKS)
+            p99[name].append(p)
+            return WRK_WEBHOOKS / seconds
+        return one
+
+    bare_rates, ingest_rates = await interleaved(side("bare"), side("ingest"), runs)
+    cpu = {name: statistics.median(values) for name, values in cpu_ms.items()}
+    ratios = [i / b for i, b in zip(ingest_rates, bare_rates)]
+    return [
+        ratio_result("webhook ack throughput vs bare, wrk", ratios, ">= 0.5", lambda v: v >= 0.5,
+                     f"{WRK_WEBHOOKS} signed webhooks, {in_flight} connections, wrk as the client: ingest "
+                     f"{min(ingest_rates):.0f}-{max(ingest_rates):.0f}/s, bare {min(bare_rates):.0f}-"
+                     f"{max(bare_rates):.0f}/s; server CPU per webhook {cpu['ingest']:.2f} ms against "
+                     f"{cpu['bare']:.2f} ms", cpu_ms_per_webhook=cpu_ms),
+        value_result("webhook ack p99 latency, wrk", p99["ingest"], "ms", "<= 25", lambda v: v <= 25,
+                     f"closed loop, {in_flight} in flight, wrk; bare p99 {min(p99['bare']):.1f}-"
+                     f"{max(p99['bare']):.1f} ms"),
     ]
 
 

@@ -21,6 +21,7 @@ if (( dev )); then
   compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || missing+=(postgresql)   # scale-out tests start one on loopback
   command -v text2wave >/dev/null || missing+=(festival festvox-kallpc16k)   # a second voice for the evaluation sets
   command -v kubectl >/dev/null || missing+=(kubernetes-client)   # renders deploy/k8s with kubectl kustomize
+  command -v wrk >/dev/null || missing+=(wrk)   # the webhook benchmark's second client (bench/webhook_load.py)
 fi
 python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
 if (( ${#missing[@]} )); then
