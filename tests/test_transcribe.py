@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 import pytest_asyncio
 
@@ -308,6 +309,64 @@ def test_a_diarizer_labels_the_speakers_of_a_mono_call(whisper_dir: Path, audio_
     assert [s.speaker for s in segments][0] == "agent" and [s.speaker for s in segments][-1] == "customer"
     plain, _ = events(WhisperEngine(EngineSettings(model_path=whisper_dir, cpu_threads=2)), mono)
     assert {s.speaker for s in plain} == {"unknown"}
+
+
+def test_mixed_stereo_is_decoded_once_and_each_segment_goes_to_its_louder_channel(whisper_dir: Path,
+                                                                                  audio_dir: Path) -> None:
+    from services.transcribe.config import DecodeSettings
+    from services.transcribe.encoder_memo import EncoderCounts
+
+    mixed = WhisperEngine(EngineSettings(model_path=whisper_dir, cpu_threads=2,
+                                         decode=DecodeSettings(stereo_mode="mix")))
+    segments, summary = events(mixed, audio_dir / "stereo-agent-left.wav", stereo=True, agent_channel="left")
+    assert mixed.model.counts == EncoderCounts(encoded=1, reused=1)  # one window for both speakers
+    agent = " ".join(s.text for s in segments if s.speaker == "agent").lower()
+    customer = " ".join(s.text for s in segments if s.speaker == "customer").lower()
+    assert "help" in agent and "parcel" in customer and "parcel" not in agent and "help" not in customer
+    assert {(s.speaker, s.channel) for s in segments} == {("agent", 0), ("customer", 1)}
+    assert summary.language == "en" and summary.segment_count == len(segments)
+    assert set(summary.statistics.talk_time) == {"agent", "customer"}
+
+
+def test_in_mixed_stereo_the_agent_channel_decides_who_is_the_agent(whisper_dir: Path, audio_dir: Path) -> None:
+    from services.transcribe.config import DecodeSettings
+
+    mixed = WhisperEngine(EngineSettings(model_path=whisper_dir, cpu_threads=2,
+                                         decode=DecodeSettings(stereo_mode="mix")))
+    segments, _ = events(mixed, audio_dir / "stereo-agent-left.wav", stereo=True, agent_channel="right")
+    agent = " ".join(s.text for s in segments if s.speaker == "agent").lower()
+    assert "parcel" in agent and "help" not in agent  # the right channel, louder where the parcel is spoken of
+    assert {(s.speaker, s.channel) for s in segments} == {("customer", 0), ("agent", 1)}
+
+
+def test_the_louder_channel_wins_over_the_other_ones_echo() -> None:
+    from services.transcribe.engine import SAMPLE_RATE, ChannelEnergy
+
+    seconds = 90
+    rng = np.random.default_rng(7)
+    left = rng.normal(0, 0.001, seconds * SAMPLE_RATE).astype(np.float32)  # line noise on both
+    right = rng.normal(0, 0.001, seconds * SAMPLE_RATE).astype(np.float32)
+    speech = rng.normal(0, 0.2, 10 * SAMPLE_RATE).astype(np.float32)
+    left[5 * SAMPLE_RATE:15 * SAMPLE_RATE] += speech
+    right[5 * SAMPLE_RATE:15 * SAMPLE_RATE] += 0.1 * speech  # the agent heard faintly on the customer's line
+    right[70 * SAMPLE_RATE:80 * SAMPLE_RATE] += speech
+    left[70 * SAMPLE_RATE:80 * SAMPLE_RATE] += 0.1 * speech
+    interleaved = np.stack([left, right], axis=1).ravel()  # as decode_audio splits it: strided views
+    energy = ChannelEnergy(interleaved[0::2], interleaved[1::2])
+    assert energy.louder(5.2, 14.8) == 0 and energy.louder(70.1, 79.9) == 1
+    assert energy.louder(4.0, 16.0) == 0 and energy.louder(65.0, 90.0) == 1  # silence around a turn changes nothing
+    energy.louder(200.0, 210.0)  # past the end (a segment's rounded end): an answer, not an IndexError
+
+
+def test_an_unknown_stereo_mode_is_refused_at_start(monkeypatch) -> None:
+    from services.common.config import ConfigError
+    from services.transcribe.config import DecodeSettings
+
+    monkeypatch.setenv("WHISPER_STEREO_MODE", "both")
+    with pytest.raises(ConfigError, match="WHISPER_STEREO_MODE"):
+        DecodeSettings.from_env()
+    monkeypatch.setenv("WHISPER_STEREO_MODE", "MIX")
+    assert DecodeSettings.from_env().stereo_mode == "mix"
 
 
 def test_a_long_recording_is_decoded_in_pieces_with_times_that_run_on(whisper_dir: Path, audio_dir: Path) -> None:

@@ -17,6 +17,8 @@ from services.common.config import (
     env_str,
 )
 
+STEREO_MODES = ("channels", "mix")
+
 
 @dataclass(frozen=True)
 class DecodeSettings:
@@ -39,6 +41,7 @@ class DecodeSettings:
     first_piece_seconds: float = 0.0  # >0: the first piece is this short, for an early first segment
     first_piece_min_probability: float = 0.75  # a first piece's language below this: detected over the call
     languages: tuple[str, ...] = ()  # detection picks among these (empty: any language Whisper knows)
+    stereo_mode: str = "channels"  # stereo calls: "channels" decodes each alone; "mix" decodes the mix once
 
     @classmethod
     def from_env(cls) -> "DecodeSettings":
@@ -64,7 +67,11 @@ class DecodeSettings:
             first_piece_min_probability=env_float("WHISPER_FIRST_PIECE_MIN_PROBABILITY",
                                                   d.first_piece_min_probability, minimum=0.0),
             languages=tuple(code.lower() for code in env_list("WHISPER_LANGUAGES")),
+            stereo_mode=env_str("WHISPER_STEREO_MODE", d.stereo_mode).lower(),
         )
+        if settings.stereo_mode not in STEREO_MODES:
+            raise ConfigError(f"WHISPER_STEREO_MODE must be one of {', '.join(STEREO_MODES)}, "
+                              f"not {settings.stereo_mode!r}")
         if settings.batch_size and not settings.vad_filter:
             raise ConfigError("WHISPER_BATCH_SIZE needs WHISPER_VAD=1: batched decoding cuts the audio at pauses")
         return settings

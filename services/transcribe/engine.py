@@ -12,7 +12,7 @@ import heapq
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Literal, Protocol
@@ -30,6 +30,38 @@ Speaker = Literal["agent", "customer", "unknown"]
 
 class AudioDecodeError(ValueError):
     """The recording is not audio FFmpeg can decode, or holds no samples."""
+
+
+class ChannelEnergy:
+    """How loud each channel of a stereo call is over time (10-ms frames), to tell which channel a
+    stretch of the mix came from: a contact center records the agent on one and the customer on the
+    other, and each hears the other only faintly, if at all."""
+
+    FRAMES_PER_SECOND = 100
+
+    def __init__(self, left: np.ndarray, right: np.ndarray) -> None:
+        frame = SAMPLE_RATE // self.FRAMES_PER_SECOND
+        n = min(left.size, right.size) // frame * frame
+
+        def running(channel: np.ndarray) -> np.ndarray:
+            per_frame = np.empty(n // frame, dtype=np.float64)
+            block = frame * 60 * self.FRAMES_PER_SECOND  # a minute at a time: no copy of the whole call
+            for at in range(0, n, block):
+                part = np.ascontiguousarray(channel[at:min(at + block, n)]).reshape(-1, frame)
+                per_frame[at // frame:at // frame + part.shape[0]] = np.einsum("ij,ij->i", part, part)
+            return np.concatenate(([0.0], np.cumsum(per_frame)))
+
+        self._sums = (running(left), running(right))
+        self._frames = n // frame
+
+    def louder(self, start: float, end: float) -> int:
+        """0 (left) or 1 (right): the channel with more energy between ``start`` and ``end`` seconds."""
+        a = min(max(int(start * self.FRAMES_PER_SECOND), 0), self._frames)
+        b = min(max(int(np.ceil(end * self.FRAMES_PER_SECOND)), a + 1), self._frames)
+        if b <= a:
+            return 0
+        left, right = (float(s[b] - s[a]) for s in self._sums)
+        return 0 if left >= right else 1
 
 
 class DecodeCancelled(Exception):
@@ -116,6 +148,7 @@ class SummaryResult:
 
 
 Event = LanguageResult | SegmentResult | SummaryResult
+Labeller = Callable[[Iterator[SegmentResult]], Iterator[SegmentResult]]  # says who spoke each segment
 
 
 @dataclass
@@ -393,13 +426,47 @@ class WhisperEngine:
     def _run_mono(self, source, options: TranscribeOptions, cancel: threading.Event, started: float) -> Iterator[Event]:
         audio = decode_audio(source)
         self._check(cancel)
+        yield from self._run_one(audio, options, cancel, started,
+                                 self._diarized(self.diarizer, audio) if self.diarizer is not None else None)
+
+    @staticmethod
+    def _diarized(diarizer: Diarizer, audio: np.ndarray) -> Labeller:
+        def label(segments: Iterator[SegmentResult]) -> Iterator[SegmentResult]:
+            turns = diarizer.turns(audio, SAMPLE_RATE)  # once the language is out, as the segments start
+            for seg in segments:
+                yield SegmentResult(**{**seg.__dict__, "speaker": speaker_of(seg.start, seg.end, turns)})
+
+        return label
+
+    def _run_mixed(self, source, options: TranscribeOptions, cancel: threading.Event,
+                   started: float) -> Iterator[Event]:
+        """``WHISPER_STEREO_MODE=mix``: the two channels decoded once, mixed, so Whisper hears the whole
+        conversation as in a mono call; each segment goes to the channel that is louder over it."""
+        left, right = decode_audio(source, split_stereo=True)
+        self._check(cancel)
+        energy = ChannelEnergy(left, right)
+        mixed = left  # mixed in place: no third copy of the call
+        mixed += right
+        mixed *= 0.5
+        del left, right
+        agent = 0 if options.agent_channel == "left" else 1
+
+        def label(segments: Iterator[SegmentResult]) -> Iterator[SegmentResult]:
+            for seg in segments:
+                channel = energy.louder(seg.start, seg.end)
+                yield SegmentResult(**{**seg.__dict__, "channel": channel,
+                                       "speaker": "agent" if channel == agent else "customer"})
+
+        yield from self._run_one(mixed, options, cancel, started, label)
+
+    def _run_one(self, audio: np.ndarray, options: TranscribeOptions, cancel: threading.Event, started: float,
+                 label: Labeller | None) -> Iterator[Event]:
+        """One decode of ``audio``; ``label`` (when given) says who spoke each segment."""
         segments, info = self._segments(audio, options, options.language, "unknown", 0)
         probability = 1.0 if options.language else float(info.language_probability)
         yield LanguageResult(info.language, probability, from_hint=bool(options.language))
-        if self.diarizer is not None:
-            turns = self.diarizer.turns(audio, SAMPLE_RATE)
-            segments = (SegmentResult(**{**seg.__dict__, "speaker": speaker_of(seg.start, seg.end, turns)})
-                        for seg in segments)
+        if label is not None:
+            segments = label(segments)
         spoken: list[tuple[str, float, float]] = []
         for seg in self._numbered(segments, cancel):
             spoken.append((seg.speaker, seg.start, seg.end))
@@ -476,6 +543,9 @@ class WhisperEngine:
         return language, float(probability)
 
     def _run_stereo(self, source, options: TranscribeOptions, cancel: threading.Event, started: float) -> Iterator[Event]:
+        if self.settings.decode.stereo_mode == "mix":
+            yield from self._run_mixed(source, options, cancel, started)
+            return
         left, right = decode_audio(source, split_stereo=True)
         self._check(cancel)
         if options.language:
