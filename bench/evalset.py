@@ -78,6 +78,7 @@ class EvalFile:
     stereo: bool
     reference: str  # the script, turns in order
     duration: float
+    turns: tuple[tuple[str, str], ...] = ()  # (speaker, line): who says what, for speaker-attributed WER
 
 
 def _festival(text: str, out: Path) -> Path:
@@ -151,5 +152,5 @@ def generate(directory: Path) -> list[EvalFile]:
             if not out.exists():
                 _encode(master, out, channels, rate)
             files.append(EvalFile(out, lang, voice, form, container, channels == 2,
-                                  " ".join(line for _, line in turns), duration))
+                                  " ".join(line for _, line in turns), duration, tuple(turns)))
     return files

@@ -10,6 +10,8 @@ What each configuration runs:
 - ``callmesh-batched``: the same with ``WHISPER_BATCH_SIZE=8`` (``BatchedInferencePipeline``).
 - ``callmesh-six-languages``: the same with ``WHISPER_LANGUAGES=en,es,fr,de,it,pt``.
 - ``callmesh-first-piece-6``: the same with ``WHISPER_FIRST_PIECE_SECONDS=6`` (the language from the first 6 s).
+- ``callmesh-stereo-mix``: the same with ``WHISPER_STEREO_MODE=mix`` (a stereo call decoded once, mixed;
+  each segment to its louder channel).
 - ``faster-whisper-defaults``: ``WhisperModel.transcribe(path)`` with no options (stereo mixed down).
 No language hint anywhere: the language is detected, and that detection is scored.
 """
@@ -32,7 +34,7 @@ from bench.common import RESULTS, Result, value_result
 from bench.evalset import EvalFile, generate
 
 CONFIGS = ("callmesh", "callmesh-batched", "callmesh-six-languages", "callmesh-first-piece-6",
-           "faster-whisper-defaults")
+           "callmesh-stereo-mix", "faster-whisper-defaults")
 SIX = ("en", "es", "fr", "de", "it", "pt")
 BASELINE = "faster-whisper-defaults"
 
@@ -69,10 +71,12 @@ def _evaluate(config: str, files: list[dict], model: Path, threads: int) -> list
 
         decode = {"callmesh-batched": DecodeSettings(batch_size=8),
                   "callmesh-six-languages": DecodeSettings(languages=SIX),
-                  "callmesh-first-piece-6": DecodeSettings(first_piece_seconds=6)}.get(config, DecodeSettings())
+                  "callmesh-first-piece-6": DecodeSettings(first_piece_seconds=6),
+                  "callmesh-stereo-mix": DecodeSettings(stereo_mode="mix")}.get(config, DecodeSettings())
         engine = WhisperEngine(EngineSettings(model_path=model, cpu_threads=threads, decode=decode))
     for f in files:
         started = time.perf_counter()
+        said: dict[str, list[str]] | None = None  # speaker → text, where the speakers are known
         if config == BASELINE:
             segments, info = fw.transcribe(f["path"])
             text = " ".join(s.text.strip() for s in segments)
@@ -81,9 +85,22 @@ def _evaluate(config: str, files: list[dict], model: Path, threads: int) -> list
             events = list(engine.run(f["path"], TranscribeOptions(stereo=f["stereo"], agent_channel="left")))
             text = " ".join(e.text for e in events if isinstance(e, SegmentResult))
             language = next(e.code for e in events if isinstance(e, LanguageResult))
+            if f["stereo"]:
+                said = {}
+                for e in events:
+                    if isinstance(e, SegmentResult):
+                        said.setdefault(e.speaker, []).append(e.text)
         seconds = time.perf_counter() - started
         errors, words = word_errors(f["reference"], text)
+        speaker_errors = None
+        if said is not None:
+            # Each speaker's text against that speaker's lines: a segment given to the wrong speaker
+            # counts as words missing from one and words added to the other.
+            spoken = {who for who, _ in f["turns"]} | set(said)
+            speaker_errors = sum(word_errors(" ".join(line for w, line in f["turns"] if w == who),
+                                             " ".join(said.get(who, ())))[0] for who in spoken)
         rows.append({**f, "config": config, "hypothesis": text, "errors": errors, "words": words,
+                     "speaker_errors": speaker_errors,
                      "wer": errors / words, "detected": language, "language_ok": language == f["language"],
                      "seconds": seconds, "rtf": seconds / f["duration"]})
     return rows
@@ -138,6 +155,14 @@ def evaluate(work: Path, model: Path, threads: int | None = None) -> list[Result
             note=f"corpus WER {corpus_wer(rows):.3f} over {len(rows)} files; per file median/min/max",
             corpus_wer=round(corpus_wer(rows), 4), by_language=breakdown(rows, "language"),
             by_form=breakdown(rows, "form"), by_voice=breakdown(rows, "voice")))
+    for config in ("callmesh", "callmesh-stereo-mix"):
+        stereo = [r for r in by_config[config] if r["speaker_errors"] is not None]
+        plain = corpus_wer(stereo)
+        attributed = sum(r["speaker_errors"] for r in stereo) / sum(r["words"] for r in stereo)
+        results.append(Result(
+            f"quality: speaker-attributed WER, stereo, {config}", "report", len(stereo), attributed, attributed,
+            attributed, "WER", None, f"each speaker's text against that speaker's lines, {len(stereo)} stereo "
+            f"files; {plain:.3f} without the speakers"))
     results.append(Result(
         "quality: language ID accuracy", ">= 0.9", len(ours), accuracy_of(ours), accuracy_of(ours), accuracy_of(ours),
         "fraction", accuracy_of(ours) >= 0.9,
