@@ -311,6 +311,61 @@ def test_a_diarizer_labels_the_speakers_of_a_mono_call(whisper_dir: Path, audio_
     assert {s.speaker for s in plain} == {"unknown"}
 
 
+def four_turn_stereo_call(directory: Path) -> Path:
+    """Agent (left) and customer (right) taking turns twice each, half a second apart."""
+    import wave
+
+    from callmesh.samples import synthesize
+
+    turns = [("agent", "Thank you for calling, my name is Anna. How can I help you today?"),
+             ("customer", "Hello, my internet connection has been very slow since Monday."),
+             ("agent", "I am sorry to hear that. Let me check your line and restart the router from here."),
+             ("customer", "Thank you, it works much better now.")]
+    spoken, rate = [], 0
+    for i, (speaker, line) in enumerate(turns):
+        with wave.open(str(synthesize(line, "en-us", directory / f"turn{i}.wav", speed=150))) as w:
+            rate = w.getframerate()
+            spoken.append((speaker, np.frombuffer(w.readframes(w.getnframes()), dtype=np.int16)))
+    gap = rate // 2
+    stereo = np.zeros((sum(a.size + gap for _, a in spoken) + gap, 2), dtype=np.int16)
+    at = gap
+    for speaker, audio in spoken:
+        stereo[at:at + audio.size, 0 if speaker == "agent" else 1] = audio
+        at += audio.size + gap
+    path = directory / "four-turns.wav"
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(2)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(stereo.tobytes())
+    return path
+
+
+def test_a_stereo_call_reads_in_the_order_its_turns_were_spoken(engine: WhisperEngine, tmp_path: Path) -> None:
+    segments, _ = events(engine, four_turn_stereo_call(tmp_path), stereo=True, agent_channel="left")
+    turns = [segments[0].speaker]
+    for s in segments[1:]:
+        if s.speaker != turns[-1]:
+            turns.append(s.speaker)
+    assert turns == ["agent", "customer", "agent", "customer"]
+    said = " ".join(s.text for s in segments).lower()
+    assert said.index("monday") < said.index("router") < said.index("better")
+    assert all(not s.words for s in segments)  # word times were used, not returned unasked
+
+
+def test_a_segment_is_split_where_its_words_stand_a_gap_apart() -> None:
+    from services.transcribe.engine import WordResult, split_at_gaps
+
+    words = (WordResult(" Hello", 0.0, 0.4, 0.9), WordResult(" there.", 0.5, 0.9, 0.9),
+             WordResult(" Yes,", 4.0, 4.3, 0.9), WordResult(" thanks.", 4.4, 4.8, 0.9))
+    assert split_at_gaps(0.0, 5.0, "Hello there. Yes, thanks.", words, 1.0) == [
+        (0.0, 0.9, words[:2], "Hello there."), (4.0, 5.0, words[2:], "Yes, thanks.")]
+    assert split_at_gaps(0.0, 5.0, "Hello there. Yes, thanks.", words, 0.0) == [
+        (0.0, 5.0, words, "Hello there. Yes, thanks.")]
+    assert split_at_gaps(0.0, 0.9, "Hello there.", words[:2], 1.0) == [(0.0, 0.9, words[:2], "Hello there.")]
+    assert split_at_gaps(0.0, 1.0, "Hmm.", (), 1.0) == [(0.0, 1.0, (), "Hmm.")]
+
+
 def test_mixed_stereo_is_decoded_once_and_each_segment_goes_to_its_louder_channel(whisper_dir: Path,
                                                                                   audio_dir: Path) -> None:
     from services.transcribe.config import DecodeSettings

@@ -25,6 +25,7 @@ from services.transcribe.config import DecodeSettings, EngineSettings
 log = logging.getLogger(__name__)
 
 SAMPLE_RATE = 16_000
+STEREO_SPLIT_GAP_SECONDS = 1.0  # a pause this long inside one channel's segment: split there
 Speaker = Literal["agent", "customer", "unknown"]
 
 
@@ -62,6 +63,18 @@ class ChannelEnergy:
             return 0
         left, right = (float(s[b] - s[a]) for s in self._sums)
         return 0 if left >= right else 1
+
+
+def split_at_gaps(start: float, end: float, text: str, words: tuple["WordResult", ...], gap: float,
+                  ) -> list[tuple[float, float, tuple["WordResult", ...], str]]:
+    """A segment as (start, end, words, text) parts, cut wherever one word ends ``gap`` seconds or more
+    before the next begins (one part when ``gap`` is 0 or nothing is that far apart)."""
+    cuts = [i for i in range(1, len(words)) if gap > 0 and words[i].start - words[i - 1].end >= gap]
+    if not cuts:
+        return [(start, end, words, text)]
+    parts = [words[a:b] for a, b in zip([0, *cuts], [*cuts, len(words)])]
+    return [(start if i == 0 else part[0].start, end if i == len(parts) - 1 else part[-1].end, part,
+             "".join(w.text for w in part).strip()) for i, part in enumerate(parts)]
 
 
 class DecodeCancelled(Exception):
@@ -342,11 +355,13 @@ class WhisperEngine:
         return lo + (int(np.argmin(energy)) + 2) * frame + frame // 2
 
     def _segments(self, audio: np.ndarray, options: TranscribeOptions, language: str | None,
-                  speaker: Speaker, channel: int) -> tuple[Iterator[SegmentResult], "DecodeInfo"]:
+                  speaker: Speaker, channel: int, *, split_gap: float = 0.0,
+                  ) -> tuple[Iterator[SegmentResult], "DecodeInfo"]:
         """Segments of the whole recording. A long one is decoded piece by piece (``WHISPER_CHUNK_SECONDS``):
         faster-whisper computes the features of everything it is given at once, so a one-hour call given
         whole costs gigabytes before the first segment; in pieces, memory stays that of one piece. With
-        ``WHISPER_FIRST_PIECE_SECONDS`` the first piece is short, so the first segments come back early."""
+        ``WHISPER_FIRST_PIECE_SECONDS`` the first piece is short, so the first segments come back early.
+        With ``split_gap``, a segment is split wherever its words are that many seconds apart."""
         pieces = [(0, audio.size)] if self.per_segment_language(options) else self._pieces(audio)
         head = audio[pieces[0][0]:pieces[0][1]]
         detected = None
@@ -354,7 +369,7 @@ class WhisperEngine:
             short = len(pieces) > 1 and self.settings.decode.first_piece_seconds > 0
             detected = self._detect_head(head, audio, short=short, per_segment=self.per_segment_language(options))
             language = detected[0] if detected else None
-        first, first_info = self._decode(head, options, language, speaker, channel)
+        first, first_info = self._decode(head, options, language, speaker, channel, split_gap=split_gap)
         info = DecodeInfo(first_info.language, detected[1] if detected else float(first_info.language_probability),
                           float(first_info.duration_after_vad))
         if len(pieces) == 1:
@@ -364,7 +379,8 @@ class WhisperEngine:
             yield from first
             for a, b in pieces[1:]:
                 # The language found in the first piece holds for the rest: one call, one language.
-                segments, more = self._decode(audio[a:b], options, language or info.language, speaker, channel)
+                segments, more = self._decode(audio[a:b], options, language or info.language, speaker, channel,
+                                              split_gap=split_gap)
                 offset = a / SAMPLE_RATE
                 for seg in segments:
                     yield SegmentResult(**{**seg.__dict__, "start": seg.start + offset, "end": seg.end + offset,
@@ -378,8 +394,10 @@ class WhisperEngine:
         return chained(), info
 
     def _decode(self, audio: np.ndarray, options: TranscribeOptions, language: str | None,
-                speaker: Speaker, channel: int) -> tuple[Iterator[SegmentResult], object]:
+                speaker: Speaker, channel: int, *, split_gap: float = 0.0) -> tuple[Iterator[SegmentResult], object]:
         kwargs = self._transcribe_kwargs(options, language)
+        if split_gap > 0:
+            kwargs["word_timestamps"] = True  # where to split; returned only when asked for
         decoder = self.pipeline or self.model
         utterances: list[tuple[float, float, str]] = []
         if self.per_segment_language(options):
@@ -407,13 +425,15 @@ class WhisperEngine:
                     continue
                 words = tuple(
                     WordResult(w.word, float(w.start), float(w.end), float(w.probability)) for w in (seg.words or ())
-                ) if options.word_timestamps else ()
-                yield SegmentResult(
-                    index=-1, start=float(seg.start), end=float(seg.end), text=text, speaker=speaker,
-                    channel=channel, avg_logprob=float(seg.avg_logprob), no_speech_prob=float(seg.no_speech_prob),
-                    language="en" if options.task == "translate" else
-                    language_at(seg.start, seg.end) if utterances else info.language, words=words,
                 )
+                for start, end, part, said in split_at_gaps(float(seg.start), float(seg.end), text, words, split_gap):
+                    yield SegmentResult(
+                        index=-1, start=start, end=end, text=said, speaker=speaker, channel=channel,
+                        avg_logprob=float(seg.avg_logprob), no_speech_prob=float(seg.no_speech_prob),
+                        language="en" if options.task == "translate" else
+                        language_at(start, end) if utterances else info.language,
+                        words=part if options.word_timestamps else (),
+                    )
 
         return convert(), info
 
@@ -554,8 +574,16 @@ class WhisperEngine:
             language, probability = self._detect((left + right) / 2)
         yield LanguageResult(language, float(probability), from_hint=bool(options.language))
         agent_is_left = options.agent_channel == "left"
-        left_segments, left_info = self._segments(left, options, language, "agent" if agent_is_left else "customer", 0)
-        right_segments, right_info = self._segments(right, options, language, "customer" if agent_is_left else "agent", 1)
+        # Each channel is decoded without its silences (VAD), where the other speaker talks. faster-whisper
+        # then dates a segment that starts right after a removed silence from the end of the speech before
+        # it, so a speaker's second turn sorted before the other's first; and one segment can hold two
+        # turns. Word times are right, so each channel is decoded with them: segments start at their first
+        # word and are split where their words stand apart. The call then reads in the order it was spoken.
+        gap = STEREO_SPLIT_GAP_SECONDS
+        left_segments, left_info = self._segments(left, options, language, "agent" if agent_is_left else "customer",
+                                                  0, split_gap=gap)
+        right_segments, right_info = self._segments(right, options, language,
+                                                    "customer" if agent_is_left else "agent", 1, split_gap=gap)
         merged = heapq.merge(left_segments, right_segments, key=lambda s: (s.start, s.channel))
         spoken: list[tuple[str, float, float]] = []
         for seg in self._numbered(merged, cancel):
