@@ -576,8 +576,8 @@ class WhisperEngine:
         agent_is_left = options.agent_channel == "left"
         # Each channel is decoded without its silences (VAD), where the other speaker talks. faster-whisper
         # then dates a segment that starts right after a removed silence from the end of the speech before
-        # it, so a speaker's second turn sorted before the other's first; and one segment can hold two
-        # turns. Word times are right, so each channel is decoded with them: segments start at their first
+        # it, so a speaker's next turn could sort before the other speaker's turn in between; and one
+        # segment can hold two turns. Word times are right, so each channel is decoded with them: segments start at their first
         # word and are split where their words stand apart. The call then reads in the order it was spoken.
         gap = STEREO_SPLIT_GAP_SECONDS
         left_segments, left_info = self._segments(left, options, language, "agent" if agent_is_left else "customer",
