@@ -312,32 +312,16 @@ def test_a_diarizer_labels_the_speakers_of_a_mono_call(whisper_dir: Path, audio_
 
 
 def four_turn_stereo_call(directory: Path) -> Path:
-    """Agent (left) and customer (right) taking turns twice each, half a second apart."""
-    import wave
-
+    """The evaluation set's English dialogue: agent (left) and customer (right) taking turns twice each,
+    half a second apart."""
+    from bench.evalset import DIALOGUES, _samples, _timeline, _write_wav
     from callmesh.samples import synthesize
 
-    turns = [("agent", "Thank you for calling, my name is Anna. How can I help you today?"),
-             ("customer", "Hello, my internet connection has been very slow since Monday."),
-             ("agent", "I am sorry to hear that. Let me check your line and restart the router from here."),
-             ("customer", "Thank you, it works much better now.")]
-    spoken, rate = [], 0
-    for i, (speaker, line) in enumerate(turns):
-        with wave.open(str(synthesize(line, "en-us", directory / f"turn{i}.wav", speed=150))) as w:
-            rate = w.getframerate()
-            spoken.append((speaker, np.frombuffer(w.readframes(w.getnframes()), dtype=np.int16)))
-    gap = rate // 2
-    stereo = np.zeros((sum(a.size + gap for _, a in spoken) + gap, 2), dtype=np.int16)
-    at = gap
-    for speaker, audio in spoken:
-        stereo[at:at + audio.size, 0 if speaker == "agent" else 1] = audio
-        at += audio.size + gap
+    voice, turns = DIALOGUES["en"]
+    spoken = [(speaker, _samples(synthesize(line, voice, directory / f"turn{i}.wav", speed=150)))
+              for i, (speaker, line) in enumerate(turns)]
     path = directory / "four-turns.wav"
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(2)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes(stereo.tobytes())
+    _write_wav(_timeline(spoken), path)
     return path
 
 
