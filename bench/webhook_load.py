@@ -92,6 +92,11 @@ def serve_baseline(ready: Path) -> None:
     run_loop(main(), uvloop=True)  # the loop ingest runs on, so the two servers differ only in their work
 
 
+def webhook_payload(prefix: str, i: int, recorder: str) -> dict[str, str]:
+    """The ``i``-th webhook of a run: a call id of its own and a recording on the slow recorder."""
+    return {"call_id": f"{prefix}-{i:05d}", "recording_url": f"{recorder}/r/{i}.wav"}
+
+
 async def blast(url: str, secret: str | None, n: int, connections: int, prefix: str,
                 rate: float | None = None, recorder: str = "http://127.0.0.1:9") -> tuple[float, list[float]]:
     """``n`` signed webhooks over ``connections``: as fast as answers come back (closed loop), or, with
@@ -101,7 +106,7 @@ async def blast(url: str, secret: str | None, n: int, connections: int, prefix: 
     latencies: list[float] = []
 
     async def one(session: aiohttp.ClientSession, i: int, start: float) -> None:
-        payload = {"call_id": f"{prefix}-{i:05d}", "recording_url": f"{recorder}/r/{i}.wav"}
+        payload = webhook_payload(prefix, i, recorder)
         if rate:
             await asyncio.sleep(max(0.0, start + i / rate - time.perf_counter()))
         t0 = time.perf_counter()
@@ -159,7 +164,7 @@ def wrk_script(url: str, secret: str, n: int, connections: int, threads: int, pr
     host = url.split("//", 1)[1].split("/", 1)[0]
     requests = []
     for i in range(n + connections + threads):
-        body = json.dumps({"call_id": f"{prefix}-{i:05d}", "recording_url": f"{recorder}/r/{i}.wav"})
+        body = json.dumps(webhook_payload(prefix, i, recorder))
         headers = {"Host": host, **signed_headers(secret, body.encode()), "Content-Length": str(len(body))}
         head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
         requests.append(json.dumps(f"POST /v1/calls HTTP/1.1\r\n{head}\r\n{body}"))
