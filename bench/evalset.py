@@ -66,6 +66,8 @@ DIALOGUES: dict[str, tuple[str, list[tuple[str, str]]]] = {
 FORMS = (("mono-16k", 1, 16_000, "wav"), ("mono-8k", 1, 8_000, "mp3"), ("stereo-16k", 2, 16_000, "ogg"),
          ("stereo-8k", 2, 8_000, "wav"))
 FESTIVAL_FORMS = (("mono-16k", 1, 16_000, "wav"), ("stereo-8k", 2, 8_000, "mp3"))
+LONG_REPEATS = 3  # a long call: the dialogue three times over, about a minute
+LONG_FORMS = (("long-mono-16k", 1, 16_000, "wav"), ("long-mono-8k", 1, 8_000, "mp3"))
 
 
 @dataclass(frozen=True)
@@ -153,4 +155,29 @@ def generate(directory: Path) -> list[EvalFile]:
                 _encode(master, out, channels, rate)
             files.append(EvalFile(out, lang, voice, form, container, channels == 2,
                                   " ".join(line for _, line in turns), duration, tuple(turns)))
+    return files
+
+
+def generate_long(directory: Path) -> list[EvalFile]:
+    """Calls longer than one Whisper window: each dialogue of :func:`generate` spoken ``LONG_REPEATS``
+    times over (a second apart), as mono 16 kHz wav and 8 kHz telephone-band mp3."""
+    files: list[EvalFile] = []
+    for short in generate(directory):
+        if short.form != "mono-16k":
+            continue
+        stem = short.path.name.removesuffix("-mono-16k.wav")
+        master = directory / f"{stem}-long-master.wav"
+        if not master.exists():
+            with wave.open(str(directory / f"{stem}-master.wav")) as w:
+                once = np.frombuffer(w.readframes(w.getnframes()), dtype="<i2").reshape(-1, w.getnchannels())
+            pause = np.zeros((RATE, once.shape[1]), dtype=np.float32)
+            _write_wav(np.concatenate([part for _ in range(LONG_REPEATS) for part in (once / 32767, pause)]), master)
+        with wave.open(str(master)) as w:
+            duration = w.getnframes() / w.getframerate()
+        for form, channels, rate, container in LONG_FORMS:
+            out = directory / f"{stem}-{form}.{container}"
+            if not out.exists():
+                _encode(master, out, channels, rate)
+            files.append(EvalFile(out, short.language, short.voice, form, container, False,
+                                  " ".join([short.reference] * LONG_REPEATS), duration, short.turns * LONG_REPEATS))
     return files

@@ -7,12 +7,18 @@ defaults (and batched decoding), each configuration in a process of its own.
 What each configuration runs:
 - ``callmesh``: the service's engine (``WhisperEngine``) with the default ``DecodeSettings``;
   stereo files are decoded channel by channel, as the service does.
+- ``callmesh-full-context``: the same with ``WHISPER_FIT_CONTEXT=0`` (the encoder reads every window
+  padded to 30 s, as faster-whisper does).
 - ``callmesh-batched``: the same with ``WHISPER_BATCH_SIZE=8`` (``BatchedInferencePipeline``).
 - ``callmesh-six-languages``: the same with ``WHISPER_LANGUAGES=en,es,fr,de,it,pt``.
-- ``callmesh-first-piece-6``: the same with ``WHISPER_FIRST_PIECE_SECONDS=6`` (the language from the first 6 s).
 - ``callmesh-stereo-mix``: the same with ``WHISPER_STEREO_MODE=mix`` (a stereo call decoded once, mixed;
   each segment to its louder channel).
 - ``faster-whisper-defaults``: ``WhisperModel.transcribe(path)`` with no options (stereo mixed down).
+
+These calls are 20 s long, one window each. The one-minute calls (each dialogue three times over,
+mono) measure the short first piece a longer call is decoded with (``WHISPER_FIRST_PIECE_SECONDS``):
+- ``callmesh`` against ``callmesh-whole-windows`` (``WHISPER_FIRST_PIECE_SECONDS=0``): WER, and the
+  time to the first segment as a fraction of the decode.
 No language hint anywhere: the language is detected, and that detection is scored.
 """
 
@@ -31,10 +37,11 @@ from dataclasses import asdict
 from pathlib import Path
 
 from bench.common import RESULTS, Result, value_result
-from bench.evalset import EvalFile, generate
+from bench.evalset import EvalFile, generate, generate_long
 
-CONFIGS = ("callmesh", "callmesh-batched", "callmesh-six-languages", "callmesh-first-piece-6",
+CONFIGS = ("callmesh", "callmesh-full-context", "callmesh-batched", "callmesh-six-languages",
            "callmesh-stereo-mix", "faster-whisper-defaults")
+LONG_CONFIGS = ("callmesh", "callmesh-whole-windows")
 SIX = ("en", "es", "fr", "de", "it", "pt")
 BASELINE = "faster-whisper-defaults"
 
@@ -69,20 +76,26 @@ def _evaluate(config: str, files: list[dict], model: Path, threads: int) -> list
         from services.transcribe.config import DecodeSettings, EngineSettings
         from services.transcribe.engine import LanguageResult, SegmentResult, TranscribeOptions, WhisperEngine
 
-        decode = {"callmesh-batched": DecodeSettings(batch_size=8),
+        decode = {"callmesh-full-context": DecodeSettings(fit_context=False),
+                  "callmesh-batched": DecodeSettings(batch_size=8),
                   "callmesh-six-languages": DecodeSettings(languages=SIX),
-                  "callmesh-first-piece-6": DecodeSettings(first_piece_seconds=6),
+                  "callmesh-whole-windows": DecodeSettings(first_piece_seconds=0),
                   "callmesh-stereo-mix": DecodeSettings(stereo_mode="mix")}.get(config, DecodeSettings())
         engine = WhisperEngine(EngineSettings(model_path=model, cpu_threads=threads, decode=decode))
     for f in files:
         started = time.perf_counter()
+        first_segment = None
         said: dict[str, list[str]] | None = None  # speaker → text, where the speakers are known
         if config == BASELINE:
             segments, info = fw.transcribe(f["path"])
             text = " ".join(s.text.strip() for s in segments)
             language = info.language
         else:
-            events = list(engine.run(f["path"], TranscribeOptions(stereo=f["stereo"], agent_channel="left")))
+            events = []
+            for event in engine.run(f["path"], TranscribeOptions(stereo=f["stereo"], agent_channel="left")):
+                if first_segment is None and isinstance(event, SegmentResult):
+                    first_segment = time.perf_counter() - started
+                events.append(event)
             text = " ".join(e.text for e in events if isinstance(e, SegmentResult))
             language = next(e.code for e in events if isinstance(e, LanguageResult))
             if f["stereo"]:
@@ -102,7 +115,7 @@ def _evaluate(config: str, files: list[dict], model: Path, threads: int) -> list
         rows.append({**f, "config": config, "hypothesis": text, "errors": errors, "words": words,
                      "speaker_errors": speaker_errors,
                      "wer": errors / words, "detected": language, "language_ok": language == f["language"],
-                     "seconds": seconds, "rtf": seconds / f["duration"]})
+                     "seconds": seconds, "rtf": seconds / f["duration"], "first_segment_seconds": first_segment})
     return rows
 
 
@@ -122,6 +135,11 @@ def accuracy_of(rows: list[dict]) -> float:
     return sum(r["language_ok"] for r in rows) / len(rows)
 
 
+def heard(rows: list[dict]) -> list[dict]:
+    """The rows of files where the service wrote at least one segment."""
+    return [r for r in rows if r.get("first_segment_seconds") is not None]
+
+
 def corpus_wer(rows: list[dict]) -> float:
     return sum(r["errors"] for r in rows) / sum(r["words"] for r in rows)
 
@@ -134,10 +152,17 @@ def evaluate(work: Path, model: Path, threads: int | None = None) -> list[Result
     for config in CONFIGS:
         print(f"quality: {config} on {len(files)} files …", flush=True)
         by_config[config], rss[config] = run_config(config, files, model, threads)
+    long_files = generate_long(work / "evalset")
+    by_long: dict[str, list[dict]] = {}
+    for config in LONG_CONFIGS:
+        print(f"quality: {config} on {len(long_files)} one-minute calls …", flush=True)
+        by_long[config], _ = run_config(config, long_files, model, threads)
     (RESULTS / "quality.json").parent.mkdir(exist_ok=True)
     (RESULTS / "quality.json").write_text(json.dumps({
         "configs": CONFIGS, "peak_rss_mib": rss,
         "rows": [{k: v for k, v in r.items() if k != "path"} for c in CONFIGS for r in by_config[c]],
+        "long_configs": LONG_CONFIGS,
+        "long_rows": [{k: v for k, v in r.items() if k != "path"} for c in LONG_CONFIGS for r in by_long[c]],
     }, indent=1, ensure_ascii=False) + "\n")
 
     ours, base, batched = by_config["callmesh"], by_config[BASELINE], by_config["callmesh-batched"]
@@ -186,6 +211,18 @@ def evaluate(work: Path, model: Path, threads: int | None = None) -> list[Result
     for config, rows in by_config.items():
         results.append(value_result(f"quality: real-time factor, {config}", [r["rtf"] for r in rows], "x",
                                     "< 1", lambda v: v < 1, peak_rss_mib=round(rss[config], 1)))
+    for config, rows in by_long.items():
+        results.append(value_result(
+            f"quality: WER, one-minute calls, {config}", [r["wer"] for r in rows], "WER", "report", None,
+            note=f"corpus WER {corpus_wer(rows):.3f} over {len(rows)} files; language ID "
+                 f"{sum(r['language_ok'] for r in rows)}/{len(rows)}; decode {sum(r['seconds'] for r in rows):.0f} s",
+            corpus_wer=round(corpus_wer(rows), 4), by_form=breakdown(rows, "form")))
+        results.append(value_result(
+            f"quality: time to first segment / decode, one-minute calls, {config}",
+            [r["first_segment_seconds"] / r["seconds"] for r in heard(rows)], "fraction", "<= 0.15",
+            lambda v: v <= 0.15, note=f"first segment after {min(r['first_segment_seconds'] for r in heard(rows)):.1f}-"
+                                      f"{max(r['first_segment_seconds'] for r in heard(rows)):.1f} s; per file with a "
+                                      f"segment ({len(heard(rows))}/{len(rows)})"))
     batched_ratio = [a["seconds"] / b["seconds"] for a, b in zip(batched, ours)]
     results.append(Result("quality: time batched / sequential", "report", len(batched_ratio),
                           statistics.median(batched_ratio), min(batched_ratio), max(batched_ratio), "ratio", None,

@@ -38,10 +38,11 @@ class DecodeSettings:
     batch_size: int = 0  # >0: faster-whisper's BatchedInferencePipeline with this many windows at once
     per_segment_language: bool = False  # detect each segment's language (calls that switch language)
     chunk_seconds: float = 300.0  # longer recordings are decoded in pieces of about this length (0: whole)
-    first_piece_seconds: float = 0.0  # >0: the first piece is this short, for an early first segment
+    first_piece_seconds: float = 6.0  # >0: a call's first piece is this short, for an early first segment
     first_piece_min_probability: float = 0.75  # a first piece's language below this: detected over the call
     languages: tuple[str, ...] = ()  # detection picks among these (empty: any language Whisper knows)
     stereo_mode: str = "channels"  # stereo calls: "channels" decodes each alone; "mix" decodes the mix once
+    fit_context: bool = True  # the encoder reads a short window's content, not its 30-s padding
 
     @classmethod
     def from_env(cls) -> "DecodeSettings":
@@ -68,6 +69,7 @@ class DecodeSettings:
                                                   d.first_piece_min_probability, minimum=0.0),
             languages=tuple(code.lower() for code in env_list("WHISPER_LANGUAGES")),
             stereo_mode=env_str("WHISPER_STEREO_MODE", d.stereo_mode).lower(),
+            fit_context=env_bool("WHISPER_FIT_CONTEXT", d.fit_context),
         )
         if settings.stereo_mode not in STEREO_MODES:
             raise ConfigError(f"WHISPER_STEREO_MODE must be one of {', '.join(STEREO_MODES)}, "

@@ -25,6 +25,7 @@ from services.transcribe.config import DecodeSettings, EngineSettings
 log = logging.getLogger(__name__)
 
 SAMPLE_RATE = 16_000
+WINDOW_SECONDS = 30  # Whisper reads audio in windows this long
 STEREO_SPLIT_GAP_SECONDS = 1.0  # a pause this long inside one channel's segment: split there
 Speaker = Literal["agent", "customer", "unknown"]
 
@@ -256,6 +257,7 @@ class WhisperEngine:
             cpu_threads=settings.cpu_threads,
             num_workers=settings.num_workers,
             local_files_only=True,
+            fit_context=settings.decode.fit_context,
         )
         # Batched decoding shares the loaded model: one copy of the weights either way.
         self.pipeline = BatchedInferencePipeline(self.model) if settings.decode.batch_size else None
@@ -319,11 +321,13 @@ class WhisperEngine:
     def _pieces(self, audio: np.ndarray) -> list[tuple[int, int]]:
         """Sample ranges to decode one after the other, each cut at the quietest moment near its mark.
 
-        With ``first_piece_seconds``, the first is that short, so its segments come back after one short
-        decode instead of a whole 30-s window; the rest is cut in pieces of about ``chunk_seconds``."""
+        With ``first_piece_seconds``, the first of a call longer than one window is that short, so its
+        segments come back after one short decode instead of a whole 30-s window; the rest is cut in pieces
+        of about ``chunk_seconds``. A call that fits one window is decoded whole: Whisper hears a short clip
+        alone worse than inside its window (``bench/quality.py``), and the whole of it decodes in seconds."""
         n = audio.size
         head = int(self.settings.decode.first_piece_seconds * SAMPLE_RATE)
-        if head > 0 and n > head * 2:
+        if head > 0 and n > max(head * 2, WINDOW_SECONDS * SAMPLE_RATE):
             cut = self._quietest(audio, head, lo=SAMPLE_RATE, hi=n - SAMPLE_RATE,
                                  radius=min(2 * SAMPLE_RATE, head // 4))
             return [(0, cut)] + [(a + cut, b + cut) for a, b in self._even_pieces(audio[cut:])]
@@ -509,7 +513,8 @@ class WhisperEngine:
 
         The detection reads the very window the decoder reads first, so one encoder pass serves both.
         A short first piece (``WHISPER_FIRST_PIECE_SECONDS``) that leaves the detection below
-        ``WHISPER_FIRST_PIECE_MIN_PROBABILITY`` is not trusted alone: the first windows of the whole call decide.
+        ``WHISPER_FIRST_PIECE_MIN_PROBABILITY`` is not trusted alone: the call's first window of speech
+        decides (one encoder pass, before the first segment; the piece holds a fifth of that speech or less).
         With per-segment languages the whole call's first windows decide too (each utterance is detected later)."""
         try:
             if per_segment:
@@ -518,7 +523,7 @@ class WhisperEngine:
             if detected is not None and short and detected[1] < self.settings.decode.first_piece_min_probability:
                 log.info("language %s (p=%.2f) from the first piece alone is unsure: detecting over the call",
                          *detected)
-                detected = self._detect(audio)
+                detected = self._detect(audio, windows=1)
         except Exception:  # nothing to detect from: let the decoder decide
             log.debug("language detection failed; the decoder detects it", exc_info=True)
             return None
@@ -543,12 +548,17 @@ class WhisperEngine:
             features=features[..., :max(features.shape[-1] - 1, 1)],
             language_detection_segments=d.language_detection_segments))
 
-    def _detect(self, audio: np.ndarray) -> tuple[str, float]:
-        """The language spoken, over several windows; with ``WHISPER_LANGUAGES`` set, the likeliest of those
-        (its probability taken among them): a contact center knows which languages its callers speak."""
+    def _detect(self, audio: np.ndarray, windows: int = 0) -> tuple[str, float]:
+        """The language spoken, over the first ``windows`` windows of speech (default
+        ``WHISPER_LANGUAGE_DETECTION_SEGMENTS``); with ``WHISPER_LANGUAGES`` set, the likeliest of those
+        (its probability taken among them): a contact center knows which languages its callers speak.
+        Only the call's first minutes are read (four times the windows' length), not the whole call:
+        voice detection over an hour of audio would cost seconds before the first segment."""
         d = self.settings.decode
+        windows = windows or d.language_detection_segments
+        head = audio[:windows * WINDOW_SECONDS * SAMPLE_RATE * 4]
         return self._allowed(*self.model.detect_language(
-            audio=audio, vad_filter=d.vad_filter, language_detection_segments=d.language_detection_segments))
+            audio=head, vad_filter=d.vad_filter, language_detection_segments=windows))
 
     def _allowed(self, language: str, probability: float, ranked: list[tuple[str, float]]) -> tuple[str, float]:
         """A detection restricted to ``WHISPER_LANGUAGES`` (when set): the likeliest of those."""
