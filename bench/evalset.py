@@ -147,14 +147,22 @@ def generate(directory: Path) -> list[EvalFile]:
                     synthesize(line, voice.split(":", 1)[1], part, speed=150)
                 spoken.append((speaker, _samples(part)))
             _write_wav(_timeline(spoken), master)
-        with wave.open(str(master)) as w:
-            duration = w.getnframes() / w.getframerate()
-        for form, channels, rate, container in forms:
-            out = directory / f"{stem}-{form}.{container}"
-            if not out.exists():
-                _encode(master, out, channels, rate)
-            files.append(EvalFile(out, lang, voice, form, container, channels == 2,
-                                  " ".join(line for _, line in turns), duration, tuple(turns)))
+        files += _forms(master, directory / stem, forms, lang, voice, tuple(turns))
+    return files
+
+
+def _forms(master: Path, stem: Path, forms: tuple[tuple[str, int, int, str], ...], language: str, voice: str,
+           turns: tuple[tuple[str, str], ...]) -> list[EvalFile]:
+    """``master`` written in each of ``forms`` (``<stem>-<form>.<container>``, kept when already there)."""
+    with wave.open(str(master)) as w:
+        duration = w.getnframes() / w.getframerate()
+    files = []
+    for form, channels, rate, container in forms:
+        out = stem.with_name(f"{stem.name}-{form}.{container}")
+        if not out.exists():
+            _encode(master, out, channels, rate)
+        files.append(EvalFile(out, language, voice, form, container, channels == 2,
+                              " ".join(line for _, line in turns), duration, turns))
     return files
 
 
@@ -172,12 +180,6 @@ def generate_long(directory: Path) -> list[EvalFile]:
                 once = np.frombuffer(w.readframes(w.getnframes()), dtype="<i2").reshape(-1, w.getnchannels())
             pause = np.zeros((RATE, once.shape[1]), dtype=np.float32)
             _write_wav(np.concatenate([part for _ in range(LONG_REPEATS) for part in (once / 32767, pause)]), master)
-        with wave.open(str(master)) as w:
-            duration = w.getnframes() / w.getframerate()
-        for form, channels, rate, container in LONG_FORMS:
-            out = directory / f"{stem}-{form}.{container}"
-            if not out.exists():
-                _encode(master, out, channels, rate)
-            files.append(EvalFile(out, short.language, short.voice, form, container, False,
-                                  " ".join([short.reference] * LONG_REPEATS), duration, short.turns * LONG_REPEATS))
+        files += _forms(master, directory / stem, LONG_FORMS, short.language, short.voice,
+                        short.turns * LONG_REPEATS)
     return files

@@ -219,8 +219,8 @@ def evaluate(work: Path, model: Path, threads: int | None = None) -> list[Result
             corpus_wer=round(corpus_wer(rows), 4), by_form=breakdown(rows, "form")))
         results.append(value_result(
             f"quality: time to first segment / decode, one-minute calls, {config}",
-            [r["first_segment_seconds"] / r["seconds"] for r in heard(rows)], "fraction", "<= 0.15",
-            lambda v: v <= 0.15, note=f"first segment after {min(r['first_segment_seconds'] for r in heard(rows)):.1f}-"
+            [r["first_segment_seconds"] / r["seconds"] for r in heard(rows)], "fraction",
+            *(("<= 0.15", lambda v: v <= 0.15) if config == "callmesh" else ("report", None)), note=f"first segment after {min(r['first_segment_seconds'] for r in heard(rows)):.1f}-"
                                       f"{max(r['first_segment_seconds'] for r in heard(rows)):.1f} s; per file with a "
                                       f"segment ({len(heard(rows))}/{len(rows)})"))
     batched_ratio = [a["seconds"] / b["seconds"] for a, b in zip(batched, ours)]

@@ -133,8 +133,9 @@ async def overhead_and_first_segment(call: Path, work: Path, whisper: Path, runs
             ratio_result(f"transcribe RPC vs direct throughput{label}", ratios, ">= 0.95", lambda v: v >= 0.95,
                          f"60 s call: RPC {min(rpc_times):.1f}-{max(rpc_times):.1f} s, direct "
                          f"{min(direct_times):.1f}-{max(direct_times):.1f} s, {rpc_runs[0].segments} segments"),
-            value_result(f"time to first segment / decode{label}", fractions, "fraction", "<= 0.15",
-                         lambda v: v <= 0.15,
+            # the goal is the product's: the decode as faster-whisper does it is reported beside it
+            value_result(f"time to first segment / decode{label}", fractions, "fraction",
+                         "report" if env else "<= 0.15", None if env else (lambda v: v <= 0.15),
                          f"first segment after {min(r.first_segment for r in rpc_runs):.1f}-"
                          f"{max(r.first_segment for r in rpc_runs):.1f} s"),
         ]
