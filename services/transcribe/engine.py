@@ -521,8 +521,8 @@ class WhisperEngine:
                 return self._detect(audio)
             detected = self._detect_as_decoded(head)
             if detected is not None and short and detected[1] < self.settings.decode.first_piece_min_probability:
-                log.info("language %s (p=%.2f) from the first piece alone is unsure: detecting over the call",
-                         *detected)
+                log.info("language %s (p=%.2f) from the first piece alone is unsure: detecting over the call's "
+                         "first window", *detected)
                 detected = self._detect(audio, windows=1)
         except Exception:  # nothing to detect from: let the decoder decide
             log.debug("language detection failed; the decoder detects it", exc_info=True)
