@@ -45,6 +45,7 @@ class FakeOllama:
     requests: list[dict] = field(default_factory=list)
     by_schema: bool = False  # answer from the requested schema instead of the queue (long calls)
     delay: float = 0.0  # seconds before each answer: a busy model
+    gate: asyncio.Event | None = None  # when given, no answer leaves before it is set: a model busy until then
     url: str = ""
     _runner: web.AppRunner | None = None
 
@@ -52,6 +53,8 @@ class FakeOllama:
         body = await request.json()
         self.requests.append(body)
         await asyncio.sleep(self.delay)
+        if self.gate is not None:
+            await self.gate.wait()
         content = self.answers.pop(0) if not self.by_schema else schema_answer(body["format"])
         return web.json_response({
             "model": body["model"], "created_at": "2026-11-25T00:00:00Z", "done": True, "done_reason": "stop",

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from services.ingest.store import DELIVERING, DOWNLOADING, JobOptions, JobStore
+from services.ingest.store import ANALYZING, DELIVERING, DOWNLOADING, RECEIVED, JobOptions, JobStore
 
 
 @pytest_asyncio.fixture(params=["sqlite", "postgresql"])
@@ -36,3 +36,19 @@ async def test_a_call_id_is_stored_once_whatever_the_engine(store: JobStore) -> 
     again, new_again = await store.create("call-1", "http://127.0.0.1:9/b.wav", JobOptions(), {}, "")
     assert (new, new_again) == (True, False)
     assert again.recording_url.endswith("/a.wav") and again.options.language == "es"
+
+
+async def test_a_claim_takes_only_the_stages_it_names(store: JobStore) -> None:
+    for i in range(3):
+        await store.create(f"call-{i}", "http://127.0.0.1:9/a.wav", JobOptions(), {}, "")
+    await store.claim("w", 3, 60)
+    await store.update("call-1", "w", state=ANALYZING, release=True)  # transcribed, waits for an analysis slot
+    await store.update("call-2", "w", release=True)
+    assert [j.call_id for j in await store.claim("w", 3, 60, (ANALYZING, DELIVERING))] == ["call-1"]
+    assert [j.call_id for j in await store.claim("w", 3, 60, (RECEIVED, DOWNLOADING))] == ["call-2"]
+
+
+async def test_next_due_counts_only_the_stages_it_names(store: JobStore) -> None:
+    await store.create("call-0", "http://127.0.0.1:9/a.wav", JobOptions(), {}, "")
+    assert await store.next_due_at((ANALYZING, DELIVERING)) is None
+    assert await store.next_due_at((RECEIVED,)) is not None

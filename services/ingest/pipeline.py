@@ -45,7 +45,8 @@ _stage_seconds = meter(__name__).create_histogram(
     explicit_bucket_boundaries_advisory=DURATION_BUCKETS)
 
 FRONT_STATES = (RECEIVED, DOWNLOADING, TRANSCRIBING)
-BACK_STAGE_FACTOR = 3  # calls in flight in all: at most this many times PIPELINE_CONCURRENCY
+BACK_STATES = (ANALYZING, DELIVERING)
+BACK_STAGE_FACTOR = 3  # calls analysed or delivered at once: at most this many times PIPELINE_CONCURRENCY
 TRANSIENT_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED,
                    grpc.StatusCode.ABORTED, grpc.StatusCode.UNKNOWN, grpc.StatusCode.CANCELLED}
 
@@ -90,20 +91,25 @@ class PipelineWorker:
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self._tasks: set[asyncio.Task] = set()
-        # Calls not yet past transcription: PIPELINE_CONCURRENCY bounds these, so a call waiting for
-        # the LLM or the CRM does not keep the transcriber from its next recording.
+        # Two pools of slots. Calls not yet past transcription hold one of PIPELINE_CONCURRENCY front
+        # slots; calls at analysis or delivery one of BACK_STAGE_FACTOR times as many back slots. A
+        # transcribed call that finds every back slot taken waits in the job store, not as a task, so
+        # a backlog at the LLM or the CRM never keeps the transcriber from the next recording.
         self._front: set[str] = set()
+        self._back: set[str] = set()
         self._loop_task: asyncio.Task | None = None
 
     def wake(self) -> None:
-        """A call was queued: look for work now, unless every slot is taken (a slot that frees wakes the loop).
-        Behind a burst of webhooks this spares a pass of the loop per webhook."""
-        if self._room() > 0:
+        """A call was queued: look for work now, unless every front slot is taken (a slot that frees
+        wakes the loop). Behind a burst of webhooks this spares a pass of the loop per webhook."""
+        if self._front_room() > 0:
             self._wake.set()
 
-    def _room(self) -> int:
-        return min(self.settings.concurrency - len(self._front),
-                   self.settings.concurrency * BACK_STAGE_FACTOR - len(self._tasks))
+    def _front_room(self) -> int:
+        return self.settings.concurrency - len(self._front)
+
+    def _back_room(self) -> int:
+        return self.settings.concurrency * BACK_STAGE_FACTOR - len(self._back)
 
     async def start(self) -> None:
         resumed = await self.store.release_leases(self.owner)
@@ -131,15 +137,20 @@ class PipelineWorker:
         while not self._stopping.is_set():
             wait = 1.0
             try:
-                room = self._room()
-                if room > 0:
-                    for job in await self.store.claim(self.owner, room, self.settings.lease_seconds):
-                        if job.state in FRONT_STATES:
-                            self._front.add(job.call_id)
-                        task = asyncio.create_task(self._run(job), name=f"job-{job.call_id}")
-                        self._tasks.add(task)
-                        task.add_done_callback(functools.partial(self._finished, job.call_id))
-                    due = await self.store.next_due_at()
+                # Calls further along first: their slots free as they finish, and the CRM gets records sooner.
+                pools = ((BACK_STATES, self._back, self._back_room), (FRONT_STATES, self._front, self._front_room))
+                watched: tuple[str, ...] = ()
+                for states, pool, room in pools:
+                    if room() > 0:
+                        for job in await self.store.claim(self.owner, room(), self.settings.lease_seconds, states):
+                            pool.add(job.call_id)
+                            task = asyncio.create_task(self._run(job), name=f"job-{job.call_id}")
+                            self._tasks.add(task)
+                            task.add_done_callback(functools.partial(self._finished, job.call_id))
+                    if room() > 0:  # jobs that fall due here can be taken: look again then
+                        watched += states
+                if watched:
+                    due = await self.store.next_due_at(watched)
                     wait = 5.0 if due is None else max(0.05, min(5.0, due - time.time()))
             except Exception:
                 log.exception("pipeline loop error")
@@ -148,6 +159,7 @@ class PipelineWorker:
     def _finished(self, call_id: str, task: asyncio.Task) -> None:
         self._tasks.discard(task)
         self._front.discard(call_id)
+        self._back.discard(call_id)
         self._wake.set()
 
     async def _heartbeat(self, call_id: str) -> None:
@@ -210,11 +222,21 @@ class PipelineWorker:
                 return
             finally:
                 _stage_seconds.record(time.perf_counter() - stage_started, {"stage": stage, "outcome": outcome})
-            await self.store.update(job.call_id, self.owner, state=next_state, error=None, error_stage=None, **fields)
-            log.info("%s → %s", stage, next_state)
-            if next_state not in FRONT_STATES and job.call_id in self._front:
-                self._front.discard(job.call_id)  # past transcription: its slot goes to the next recording
+            # Past transcription: the front slot goes to the next recording, and the call carries on
+            # in a back slot, or waits for one in the job store.
+            handed_back = False
+            if next_state in BACK_STATES and job.call_id in self._front:
+                self._front.discard(job.call_id)
+                if self._back_room() > 0:
+                    self._back.add(job.call_id)
+                else:
+                    handed_back = True
                 self._wake.set()
+            await self.store.update(job.call_id, self.owner, state=next_state, error=None, error_stage=None,
+                                    release=handed_back, **fields)
+            log.info("%s → %s%s", stage, next_state, " (waits for a free slot)" if handed_back else "")
+            if handed_back:
+                return
             job.state, job.attempts = next_state, 0
             for key, value in fields.items():
                 setattr(job, key, value)

@@ -197,20 +197,21 @@ class JobStore:
         rows = await self.db.fetchall("SELECT state, COUNT(*) FROM jobs GROUP BY state")
         return {r[0]: r[1] for r in rows}
 
-    async def claim(self, owner: str, limit: int, lease_seconds: float) -> list[Job]:
-        """Lease up to ``limit`` due jobs: calls furthest along first, then oldest first.
+    async def claim(self, owner: str, limit: int, lease_seconds: float,
+                    states: tuple[str, ...] = ACTIVE_STATES) -> list[Job]:
+        """Lease up to ``limit`` due jobs in ``states``: calls furthest along first, then oldest first.
 
         Finishing what was started comes before starting new calls, so a call waiting for its
         CRM confirmation is not kept behind a queue of new arrivals."""
         now = time.time()
-        placeholders = ",".join("?" * len(ACTIVE_STATES))
+        placeholders = ",".join("?" * len(states))
         progress = " ".join(f"WHEN '{state}' THEN {rank}" for rank, state in enumerate(reversed(ACTIVE_STATES)))
 
         def tx(c: Any) -> list[Job]:
             rows = c.execute(
                 f"SELECT * FROM jobs WHERE state IN ({placeholders}) AND next_attempt_at <= ? AND lease_until < ? "
                 f"ORDER BY CASE state {progress} END, next_attempt_at, seq LIMIT ?{self.db.skip_locked}",
-                (*ACTIVE_STATES, now, now, limit)).fetchall()
+                (*states, now, now, limit)).fetchall()
             for r in rows:
                 c.execute("UPDATE jobs SET lease_owner = ?, lease_until = ? WHERE call_id = ?",
                           (owner, now + lease_seconds, r["call_id"]))
@@ -218,11 +219,12 @@ class JobStore:
 
         return await self.db.transaction(tx)
 
-    async def next_due_at(self) -> float | None:
-        placeholders = ",".join("?" * len(ACTIVE_STATES))
+    async def next_due_at(self, states: tuple[str, ...] = ACTIVE_STATES) -> float | None:
+        """When the next job in ``states`` can be claimed (None when there is none)."""
+        placeholders = ",".join("?" * len(states))
         row = await self.db.fetchone(
             "SELECT MIN(CASE WHEN next_attempt_at > lease_until THEN next_attempt_at ELSE lease_until END) "
-            f"FROM jobs WHERE state IN ({placeholders})", ACTIVE_STATES)
+            f"FROM jobs WHERE state IN ({placeholders})", states)
         return row[0] if row else None
 
     async def renew(self, call_id: str, owner: str, lease_seconds: float) -> bool:
