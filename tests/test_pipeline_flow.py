@@ -64,12 +64,17 @@ async def busy_llm_mesh(engine, tmp_path: Path, audio_dir: Path) -> AsyncIterato
         await ollama.stop()
 
 
-async def test_recordings_are_transcribed_while_every_analysis_slot_waits_for_the_llm(busy_llm_mesh: dict) -> None:
-    ingest, recorder = busy_llm_mesh["ingest"], busy_llm_mesh["recorder"]
-    ids = [f"ahead-{i}" for i in range(CALLS)]
+async def post_calls(mesh: dict, prefix: str) -> list[str]:
+    """Post CALLS webhooks for the short English recording; their call ids."""
+    ids = [f"{prefix}-{i}" for i in range(CALLS)]
     for call_id in ids:
-        body = json.dumps({"call_id": call_id, "recording_url": recorder.url_for("en-internet-angry.wav")})
-        assert (await post(ingest.url, body))[0] == 202
+        body = json.dumps({"call_id": call_id, "recording_url": mesh["recorder"].url_for("en-internet-angry.wav")})
+        assert (await post(mesh["ingest"].url, body))[0] == 202
+    return ids
+
+
+async def test_recordings_are_transcribed_while_every_analysis_slot_waits_for_the_llm(busy_llm_mesh: dict) -> None:
+    ingest, ids = busy_llm_mesh["ingest"], await post_calls(busy_llm_mesh, "ahead")
     for call_id in ids:  # the LLM has answered nothing yet
         status = await wait_for_state(ingest.url, call_id, {"analyzing"}, timeout=180)
         assert status["progress"]["transcript_complete"], status
@@ -77,11 +82,7 @@ async def test_recordings_are_transcribed_while_every_analysis_slot_waits_for_th
 
 
 async def test_calls_that_waited_for_a_slot_reach_the_crm_once_the_llm_answers(busy_llm_mesh: dict) -> None:
-    ingest, recorder = busy_llm_mesh["ingest"], busy_llm_mesh["recorder"]
-    ids = [f"waited-{i}" for i in range(CALLS)]
-    for call_id in ids:
-        body = json.dumps({"call_id": call_id, "recording_url": recorder.url_for("en-internet-angry.wav")})
-        assert (await post(ingest.url, body))[0] == 202
+    ingest, ids = busy_llm_mesh["ingest"], await post_calls(busy_llm_mesh, "waited")
     await wait_for_state(ingest.url, ids[-1], {"analyzing"}, timeout=180)
     busy_llm_mesh["gate"].set()
     for call_id in ids:
