@@ -81,6 +81,13 @@ async def test_recordings_are_transcribed_while_every_analysis_slot_waits_for_th
     assert len(busy_llm_mesh["ollama"].requests) == 1  # one analysis at the LLM, the others wait their turn
 
 
+async def test_a_transcribed_call_beyond_the_analysis_slots_shows_that_it_waits_its_turn(busy_llm_mesh: dict) -> None:
+    ingest, ids = busy_llm_mesh["ingest"], await post_calls(busy_llm_mesh, "turn")
+    statuses = [await wait_for_state(ingest.url, call_id, {"analyzing"}, timeout=180) for call_id in ids]
+    held = [s["call_id"] for s in statuses if s["progress"]["in_progress"]]
+    assert held == ids[:CONCURRENCY * BACK_STAGE_FACTOR]  # in the analysis slots, oldest first; the rest wait
+
+
 async def test_calls_that_waited_for_a_slot_reach_the_crm_once_the_llm_answers(busy_llm_mesh: dict) -> None:
     ingest, ids = busy_llm_mesh["ingest"], await post_calls(busy_llm_mesh, "waited")
     await wait_for_state(ingest.url, ids[-1], {"analyzing"}, timeout=180)

@@ -88,7 +88,14 @@ SCHEMAS: dict[str, Any] = {
                 "type": "object", "required": ["stage", "message"],
                 "properties": {"stage": {"type": ["string", "null"]}, "message": {"type": "string"}}}]},
             "next_attempt_at": _TS,
-            "progress": {"type": "object"},
+            "progress": {"type": "object", "properties": {
+                "language": {"type": ["string", "null"], "description": "Language detected so far"},
+                "segments": {"type": "integer", "minimum": 0, "description": "Transcript segments so far"},
+                "transcript_complete": {"type": "boolean"},
+                "in_progress": {"type": "boolean", "description": (
+                    "A pipeline worker is on the call now; false while it waits its turn (every slot of "
+                    "its stage taken) or its next attempt")},
+            }},
             "delivery": {"type": "object"},
             "result": {"type": ["object", "null"], "description": "The CRM record, once done"},
         },

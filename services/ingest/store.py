@@ -89,6 +89,7 @@ class Job:
     created_at: float
     updated_at: float
     lease_owner: str | None = None
+    lease_until: float = 0.0  # a worker holds the job until then
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -104,6 +105,7 @@ class Job:
             trace_context=j("trace_context") or {}, trace_id=row["trace_id"], recording_path=row["recording_path"],
             transcript=j("transcript"), analysis=j("analysis"), result=j("result"),
             created_at=row["created_at"], updated_at=row["updated_at"], lease_owner=row["lease_owner"],
+            lease_until=row["lease_until"],
         )
 
 
