@@ -17,15 +17,13 @@ import pytest_asyncio
 
 from callcenter.v1 import analyze_pb2_grpc
 from callmesh.standins import CrmReceiver, Recorder
-from services.analyze.analyzer import Analyzer
 from services.analyze.backends import OllamaBackend
-from services.analyze.config import DEFAULT_EMOTIONS, DEFAULT_TOPICS
 from services.analyze.servicer import AnalysisServicer
 from services.common.grpc_server import ServiceBinding, start_server
 from services.common.limits import AdmissionLimiter
 from services.ingest.pipeline import BACK_STAGE_FACTOR
 from tests.ingest_harness import post, running_ingest, wait_for_state
-from tests.test_analyze import FakeOllama, settings
+from tests.test_analyze import FakeOllama, analyzer, settings
 from tests.test_crm import start_crm
 from tests.test_transcribe import _serve, engine  # noqa: F401  (the engine fixture)
 
@@ -41,8 +39,7 @@ async def busy_llm_mesh(engine, tmp_path: Path, audio_dir: Path) -> AsyncIterato
     gate = asyncio.Event()
     ollama = await FakeOllama([], by_schema=True, gate=gate).start()
     llm = dataclasses.replace(settings(ollama.url), timeout_seconds=300)
-    servicer = AnalysisServicer(Analyzer(OllamaBackend(llm), DEFAULT_TOPICS, DEFAULT_EMOTIONS, 4096, 512),
-                                AdmissionLimiter(1, 2 * CALLS))
+    servicer = AnalysisServicer(analyzer(OllamaBackend(llm)), AdmissionLimiter(1, 2 * CALLS))
     analyze = await start_server("127.0.0.1:0", [ServiceBinding(
         "callcenter.v1.AnalysisService", lambda s: analyze_pb2_grpc.add_AnalysisServiceServicer_to_server(servicer, s))])
     transcribe, _ = await _serve(engine, max_running=1, max_queued=4)
