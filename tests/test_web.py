@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -98,6 +99,33 @@ async def test_call_page_follows_a_call_in_progress(page: Page, ingest: Ingest) 
     await ingest.store.update("live-1", None, state="failed", error="stopped by the test", error_stage="downloading")
     await expect(page.locator("#status")).to_have_text("failed", timeout=10_000)
     await expect(page.locator("#error")).to_contain_text("stopped by the test")
+
+
+async def test_call_page_says_whether_a_worker_is_on_the_call(page: Page, ingest: Ingest) -> None:
+    await ingest.worker.stop(1)  # the test takes and hands back the call itself
+    status, _ = await post(ingest.url, '{"call_id": "turn-1", "recording_url": "http://127.0.0.1:9/a.wav"}')
+    assert status == 202
+    await page.goto(f"{ingest.url}/calls/turn-1")
+    await expect(page.locator("#activity")).to_have_text("waiting for a free worker")
+    assert [job.call_id for job in await ingest.store.claim("test-worker", 1, 60)] == ["turn-1"]
+    await expect(page.locator("#activity")).to_have_text("in progress", timeout=10_000)  # no manual reload
+    await ingest.store.update("turn-1", "test-worker", release=True, error="recorder answered 503",
+                              next_attempt_at=time.time() + 600)
+    await expect(page.locator("#activity")).to_contain_text("next attempt at", timeout=10_000)
+    await expect(page.locator("#error")).to_contain_text("recorder answered 503")
+
+
+async def test_call_list_follows_a_worker_taking_up_a_call(page: Page, ingest: Ingest) -> None:
+    await ingest.worker.stop(1)
+    for call_id in ("queue-1", "queue-2"):
+        status, _ = await post(ingest.url, f'{{"call_id": "{call_id}", "recording_url": "http://127.0.0.1:9/a.wav"}}')
+        assert status == 202
+    await page.goto(ingest.url + "/")
+    for call_id in ("queue-1", "queue-2"):
+        await expect(page.locator(f"tr[data-call='{call_id}'] .activity")).to_have_text("waiting for a free worker")
+    assert [job.call_id for job in await ingest.store.claim("test-worker", 1, 60)] == ["queue-1"]
+    await expect(page.locator("tr[data-call='queue-1'] .activity")).to_have_text("in progress", timeout=10_000)
+    await expect(page.locator("tr[data-call='queue-2'] .activity")).to_have_text("waiting for a free worker")
 
 
 async def test_pages_need_the_api_token_when_one_is_set(page: Page, tmp_path: Path) -> None:

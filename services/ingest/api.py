@@ -29,7 +29,7 @@ from services.common.telemetry import current_traceparent, server_span_middlewar
 from services.ingest.openapi import openapi_document
 from services.ingest.pipeline import PipelineWorker
 from services.ingest.signatures import SignatureRejected, WebhookVerifier
-from services.ingest.store import ACTIVE_STATES, DONE, FAILED, STATES, Job, JobOptions, JobStore
+from services.ingest.store import DONE, FAILED, STATES, Job, JobOptions, JobStore
 from services.ingest.urlpolicy import UrlPolicy, UrlRejected
 from services.ingest.web import WebPages, authorized
 
@@ -88,8 +88,7 @@ def job_view(job: Job, base_url: str = "") -> dict[str, Any]:
             "language": transcript.get("language"),
             "segments": len(transcript.get("segments", [])),
             "transcript_complete": bool(transcript.get("complete")),
-            # False while the call waits its turn: a free slot in a worker, or its next attempt.
-            "in_progress": job.state in ACTIVE_STATES and job.lease_until > time.time(),
+            "in_progress": job.in_progress(time.time()),
         },
     }
     if job.error:

@@ -92,6 +92,10 @@ class Job:
     lease_until: float = 0.0  # a worker holds the job until then
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def in_progress(self, now: float) -> bool:
+        """Whether a worker is on the call at ``now``: false while it waits for a free slot or its next attempt."""
+        return self.state in ACTIVE_STATES and self.lease_until > now
+
     @classmethod
     def from_row(cls, row: Any) -> "Job":
         def j(name: str) -> Any:

@@ -3,7 +3,8 @@
 ``/`` lists the calls (filter by status); ``/calls/{call_id}`` shows one call:
 the transcript as a conversation, the English translation beside it, summary,
 topic, sentiment, emotion, talk time per speaker, the stage timeline and the
-trace id. While a call is in progress the page polls the status API and
+trace id; beside an unfinished call's status, whether a worker is on it or it
+waits. While a call is in progress the page polls the status API and
 refreshes when something changes. With ``API_TOKEN`` set, ``/login`` takes the
 token once and keeps it in an HttpOnly cookie that the status API also accepts.
 """
@@ -11,6 +12,7 @@ token once and keeps it in an HttpOnly cookie that the status API also accepts.
 from __future__ import annotations
 
 import hmac
+import time
 from datetime import datetime, timezone
 from html import escape
 from typing import Any
@@ -45,6 +47,7 @@ th{background:#eef1f5}
 .bar.customer{background:#e9a13b}.bar.unknown{background:#999}
 ol.timeline{padding-left:1.2rem}
 .muted{color:#666}
+.activity{font-size:.8rem;margin-left:.4rem}
 """
 
 
@@ -75,6 +78,17 @@ def call_summary(job: Job) -> dict[str, Any]:
         "sentiment": record.get("sentiment", analysis.get("sentiment", "")),
         "duration": record.get("audio_duration_seconds", transcript.get("audio_duration")),
     }
+
+
+def activity(job: Job, now: float) -> str:
+    """What is happening to a call that is not finished: worked on, waiting for a slot, or waiting to retry."""
+    if job.state not in ACTIVE_STATES:
+        return ""
+    if job.in_progress(now):
+        return "in progress"
+    if job.error and job.next_attempt_at > now:
+        return f"next attempt at {_when(job.next_attempt_at)} UTC"
+    return "waiting for a free worker"
 
 
 def talk_time(segments: list[dict[str, Any]]) -> dict[str, float]:
@@ -115,13 +129,16 @@ class WebPages:
         filters = " ".join(
             f"<a href='/?status={s}'>{s} ({counts.get(s, 0)})</a>" for s in STATES) + " <a href='/'>all</a>"
         rows = []
+        now = time.time()
         for job in jobs:
             info = call_summary(job)
             duration = f"{info['duration']:.1f} s" if info["duration"] else ""
             rows.append(
-                f"<tr data-call='{escape(job.call_id)}' data-status='{job.state}'>"
+                f"<tr data-call='{escape(job.call_id)}' data-status='{job.state}' "
+                f"data-busy='{str(job.in_progress(now)).lower()}'>"
                 f"<td><a href='/calls/{quote(job.call_id)}'>{escape(job.call_id)}</a></td>"
-                f"<td><span class='badge {job.state}'>{job.state}</span></td>"
+                f"<td><span class='badge {job.state}'>{job.state}</span>"
+                f"<span class='activity muted'>{escape(activity(job, now))}</span></td>"
                 f"<td>{escape(info['language'] or '')}</td><td>{escape(info['topic'] or '')}</td>"
                 f"<td class='{escape(info['sentiment'] or '')}'>{escape(info['sentiment'] or '')}</td>"
                 f"<td>{duration}</td><td class='muted'>{_when(job.updated_at)}</td></tr>")
@@ -130,11 +147,14 @@ class WebPages:
                  + ("".join(rows) or "<tr><td colspan='7' class='muted'>No calls yet.</td></tr>")
                  + "</tbody></table>")
         body = f"<h1>Calls{f' — {status}' if status else ''}</h1><p class='filters'>{filters}</p>{table}"
-        # Live: poll the status API and reload when any call on the page changes state.
+        # Live: poll the status API and reload when any call on the page changes state, or a worker
+        # takes it up or hands it back.
         query = f"?status={status}&limit=200" if status else "?limit=200"
-        script = (f"const seen=new Map([...document.querySelectorAll('tr[data-call]')].map(r=>[r.dataset.call,r.dataset.status]));"
+        script = ("const seen=new Map([...document.querySelectorAll('tr[data-call]')]"
+                  ".map(r=>[r.dataset.call,r.dataset.status+' '+r.dataset.busy]));"
                   f"setInterval(async()=>{{const r=await fetch('/v1/calls{query}');if(!r.ok)return;"
-                  "const d=await r.json();if(d.calls.length!==seen.size||d.calls.some(c=>seen.get(c.call_id)!==c.status))"
+                  "const d=await r.json();if(d.calls.length!==seen.size||"
+                  "d.calls.some(c=>seen.get(c.call_id)!==c.status+' '+c.progress.in_progress))"
                   f"location.reload();}},{POLL_MS});")
         return _page("Calls", body, script)
 
@@ -147,7 +167,9 @@ class WebPages:
         record, transcript, analysis = _record(job), job.transcript or {}, job.analysis or {}
         segments = record.get("segments") or transcript.get("segments") or []
         info = call_summary(job)
-        parts = [f"<h1>Call {escape(job.call_id)} <span class='badge {job.state}' id='status'>{job.state}</span></h1>"]
+        now = time.time()
+        parts = [f"<h1>Call {escape(job.call_id)} <span class='badge {job.state}' id='status'>{job.state}</span>"
+                 f"<span class='activity muted' id='activity'>{escape(activity(job, now))}</span></h1>"]
         if job.error:
             parts.append(f"<div class='card failed' id='error'><b>{'Failed' if job.state == FAILED else 'Last error'}"
                          f" at {escape(job.error_stage or '')}:</b> {escape(job.error)}</div>")
@@ -187,9 +209,11 @@ class WebPages:
                      f"<p>Trace: <code id='trace'>{trace_html}</code> · attempts {job.attempts}</p></div>")
         script = ""
         if job.state in ACTIVE_STATES:
-            script = (f"const s='{job.state}',n={len(segments)};setInterval(async()=>{{"
-                      f"const r=await fetch('/v1/calls/{quote(job.call_id)}');if(!r.ok)return;const d=await r.json();"
-                      "if(d.status!==s||d.progress.segments!==n)location.reload();}," f"{POLL_MS});")
+            script = (f"const s='{job.state}',n={len(segments)},b={str(job.in_progress(now)).lower()};"
+                      f"setInterval(async()=>{{const r=await fetch('/v1/calls/{quote(job.call_id)}');if(!r.ok)return;"
+                      "const d=await r.json();"
+                      "if(d.status!==s||d.progress.segments!==n||d.progress.in_progress!==b)location.reload();},"
+                      f"{POLL_MS});")
         return _page(f"Call {job.call_id}", "".join(parts), script)
 
     async def login_form(self, request: web.Request) -> web.Response:
