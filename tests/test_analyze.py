@@ -22,7 +22,8 @@ import pytest_asyncio
 from aiohttp import web
 
 from callcenter.v1 import analyze_pb2, analyze_pb2_grpc, common_pb2
-from services.analyze.analyzer import AnalysisError, Analyzer, TranscriptTooLong, Utterance, analysis_schema
+from services.analyze.analyzer import (EMOTION_MEANINGS, AnalysisError, Analyzer, TranscriptTooLong, Utterance,
+                                       analysis_schema)
 from services.analyze.backends import BackendUnavailable, EmbeddedLlamaBackend, OllamaBackend
 from services.analyze.config import DEFAULT_EMOTIONS, DEFAULT_TOPICS, LlmSettings
 from services.analyze.servicer import AnalysisServicer
@@ -115,6 +116,18 @@ async def test_english_call_is_not_translated(ollama: FakeOllama) -> None:
     result = await analyzer(OllamaBackend(settings(ollama.url))).analyze(CALL, "en")
     assert result.translated_transcript == ""
     assert len(ollama.requests) == 1
+
+
+async def test_prompt_says_what_each_known_emotion_means_and_offers_others_by_name(ollama: FakeOllama) -> None:
+    emotions = ("angry", "anxious", "resigned")  # the last one configured beyond the defaults
+    ollama.answers = [json.dumps({**GOOD, "emotion": "resigned"})]
+    configured = Analyzer(OllamaBackend(settings(ollama.url)), DEFAULT_TOPICS, emotions, 4096, 512)
+    result = await configured.analyze(CALL, "en")
+    assert result.emotion == "resigned"
+    prompt = ollama.requests[0]["messages"][1]["content"]
+    assert (f"Allowed emotions: angry ({EMOTION_MEANINGS['angry']}); anxious ({EMOTION_MEANINGS['anxious']}); "
+            "resigned.\n") in prompt
+    assert ollama.requests[0]["format"]["properties"]["emotion"]["enum"] == list(emotions)
 
 
 async def test_other_languages_are_translated_in_a_request_of_their_own(ollama: FakeOllama) -> None:

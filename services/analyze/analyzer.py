@@ -31,7 +31,7 @@ _tokens_per_second = _meter.create_histogram(
     "callmesh.llm.tokens_per_second", description="Generation speed of one LLM answer (purpose)",
     explicit_bucket_boundaries_advisory=(1, 2, 5, 10, 20, 30, 50, 75, 100, 200))
 
-PROMPT_VERSION = "2026-11-25.3"
+PROMPT_VERSION = "2026-11-26.1"
 SENTIMENTS = ("positive", "neutral", "negative")
 LANGUAGE_NAMES = {
     "en": "English", "es": "Spanish", "fr": "French", "de": "German", "it": "Italian", "pt": "Portuguese",
@@ -40,9 +40,20 @@ LANGUAGE_NAMES = {
 }
 # A rough, safe estimate of tokens from characters (multilingual text, small vocabularies).
 CHARS_PER_TOKEN = 3
-PROMPT_TOKENS = 400  # the system prompt, the lists of topics and emotions, the chat template
+PROMPT_TOKENS = 550  # the system prompt, the lists of topics and emotions (with their meanings), the chat template
 ANALYSIS_ANSWER_TOKENS = 700
 NOTES_PER_PART = 6
+# What each default emotion means, given to the model beside the allowed list. Small models otherwise pick
+# one word for every unhappy customer (bench/analysis_bench.py: "frustrated" for all of them). An emotion
+# configured beyond these (ANALYZE_EMOTIONS) is offered by its name alone.
+EMOTION_MEANINGS = {
+    "calm": "even-tempered, no strong feeling",
+    "satisfied": "pleased or thankful, the matter settled to their liking",
+    "confused": "does not understand something, or does not know what to do",
+    "anxious": "worried or afraid of what may happen, e.g. to their money, order or service",
+    "frustrated": "fed up or impatient with a problem that goes on or keeps coming back",
+    "angry": "says they are angry, or is hostile or indignant: blames, demands, threatens",
+}
 NUMBER = re.compile(r"\d+(?:[.,:]\d+)*")
 
 
@@ -170,7 +181,8 @@ ANALYSIS_SYSTEM = (
     "Read the transcript and answer in JSON only, in English whatever the call's language:\n"
     "- sentiment: the customer's overall sentiment. negative when the customer complains, is angry, upset or "
     "threatens to leave; positive when the customer thanks or praises; neutral otherwise.\n"
-    "- emotion: the customer's dominant emotion, from the allowed list.\n"
+    "- emotion: the customer's dominant emotion, from the allowed list: the feeling the customer names or "
+    "shows most strongly, whatever the topic.\n"
     "- customer_sentiment and agent_sentiment (when asked): each speaker's own sentiment.\n"
     "- topic: the one category from the allowed list that best fits the call.\n"
     "- sub_topic: a few words that narrow the topic down, e.g. \"double charge on invoice\".\n"
@@ -328,7 +340,7 @@ class Analyzer:
         transcript, parts, used = await self._notes(lines, language)
         heading = "Transcript" if parts == 0 else f"Notes on the call, read in {parts} parts, in order"
         topics = ", ".join(self.topics)
-        emotions = ", ".join(self.emotions)
+        emotions = "; ".join(f"{e} ({EMOTION_MEANINGS[e]})" if e in EMOTION_MEANINGS else e for e in self.emotions)
         translated_lines: tuple[str, ...] = ()
         if language != "en" and not translation:
             translated_lines, more = await self._translate(utterances, language)
