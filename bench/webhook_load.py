@@ -278,15 +278,15 @@ async def _webhook_ack(work: Path, n: int, in_flight: int, runs: int, recorder: 
     bare_mean_ms = [statistics.fmean(lat) * 1000 for lat in b_lat]
     return [
         ratio_result("webhook ack throughput vs bare", ratios, ">= 0.5", lambda v: v >= 0.5,
-                     f"{n} signed webhooks, {in_flight} connections: ingest {min(ingest_rates):.0f}-"
-                     f"{max(ingest_rates):.0f}/s, bare {min(bare_rates):.0f}-{max(bare_rates):.0f}/s"),
+                     f"{n} signed webhooks, {in_flight} connections: ingest {span(ingest_rates, 0)}/s, "
+                     f"bare {span(bare_rates, 0)}/s"),
         value_result("webhook ack p99 latency", p99, "ms", "<= 25", lambda v: v <= 25,
                      f"closed loop, {in_flight} in flight; mean {span(mean_ms)} ms; bare p99 {span(bare_p99)} ms, "
                      f"mean {span(bare_mean_ms)} ms; {closed_loop_floor(in_flight)}"),
         *with_wrk,
         value_result(f"webhook ack p99 at {OPEN_LOOP_RATE}/s", paced_ingest, "ms", "<= 25", lambda v: v <= 25,
                      f"open loop, {OPEN_LOOP_RATE * 10} webhooks over 10 s, up to {in_flight} connections; "
-                     f"bare p99 {min(paced_bare):.1f}-{max(paced_bare):.1f} ms"),
+                     f"bare p99 {span(paced_bare)} ms"),
     ]
 
 
@@ -326,9 +326,8 @@ async def _wrk_runs(work: Path, servers: dict[str, tuple[str, int]], secret: str
     return [
         ratio_result("webhook ack throughput vs bare, wrk", ratios, ">= 0.5", lambda v: v >= 0.5,
                      f"{WRK_WEBHOOKS} signed webhooks, {in_flight} connections, wrk as the client: ingest "
-                     f"{min(ingest_rates):.0f}-{max(ingest_rates):.0f}/s, bare {min(bare_rates):.0f}-"
-                     f"{max(bare_rates):.0f}/s; server CPU per webhook {cpu['ingest']:.2f} ms against "
-                     f"{cpu['bare']:.2f} ms", cpu_ms_per_webhook=cpu_ms),
+                     f"{span(ingest_rates, 0)}/s, bare {span(bare_rates, 0)}/s; server CPU per webhook "
+                     f"{cpu['ingest']:.2f} ms against {cpu['bare']:.2f} ms", cpu_ms_per_webhook=cpu_ms),
         value_result("webhook ack p99 latency, wrk", p99["ingest"], "ms", "<= 25", lambda v: v <= 25,
                      f"closed loop, {in_flight} in flight, wrk; mean {span(mean_ms['ingest'])} ms; bare p99 "
                      f"{span(p99['bare'])} ms, mean {span(mean_ms['bare'])} ms; {closed_loop_floor(in_flight)}"),
