@@ -1,8 +1,8 @@
 """``python -m bench``: every benchmark, on loopback, each against a baseline measured in the same run.
 
-    .venv/bin/python -m bench                     # all of them (about 40 minutes on 2 cores)
+    .venv/bin/python -m bench                     # all of them (about 2.5 hours on 2 cores)
     .venv/bin/python -m bench --only webhook,transcribe
-    .venv/bin/python -m bench --long-minutes 10   # a shorter long call for the RSS check
+    .venv/bin/python -m bench --long-minutes 10   # a shorter long call for the RSS check (60 min: five 13-min decodes)
     .venv/bin/python -m bench --only quality      # WER and language ID on the generated evaluation set
     .venv/bin/python -m bench --only analysis     # topic/sentiment/emotion accuracy, translation sources
 
@@ -68,7 +68,7 @@ async def run(only: tuple[str, ...], runs: int, long_minutes: int, llm_key: str)
         done(await asyncio.to_thread(quality.evaluate, work, whisper))
     if "long" in only:
         long_call = looped_call(call, long_minutes, audio)
-        done(await transcribe_bench.long_call_rss(long_call, work, whisper, long_minutes))
+        done(await transcribe_bench.long_call_rss(long_call, work, whisper, long_minutes, runs))
     return results
 
 

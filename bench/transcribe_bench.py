@@ -171,43 +171,71 @@ async def memory(call: Path, work: Path, whisper: Path, runs: int) -> list[Resul
                          f"bare {min(bare_peaks):.0f}-{max(bare_peaks):.0f} MiB")]
 
 
-async def long_call_rss(long_call: Path, work: Path, whisper: Path, minutes: int) -> list[Result]:
-    """RSS of the service sampled every 2 s through one long call: it should stay flat once decoding runs."""
-    mesh = await asyncio.to_thread(start_transcribe, work / "long", whisper)
-    pid = mesh.services["transcribe"].process.pid
-    samples: list[tuple[float, float]] = []
-    done = threading.Event()
+@dataclass
+class LongRun:
+    """One long call through a fresh service: its RSS every 2 s, and the decode."""
 
-    def sample() -> None:
-        start = time.perf_counter()
-        while not done.wait(2.0):
-            samples.append((time.perf_counter() - start, rss_mib(pid)))
+    samples: list[tuple[float, float]]  # (seconds since the first byte, RSS MiB)
+    total: float
+    segments: int
 
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    try:
-        run = await transcribe_rpc(mesh.services["transcribe"].address, long_call)
-    finally:
-        done.set()
-        sampler.join()
-        await asyncio.to_thread(mesh.stop)
-    return [rss_result(samples, minutes, f"{run.total:.0f} s, {run.segments} segments")]
+    def growth(self) -> float:
+        """Median RSS of the last quarter of the decode against that of the second quarter."""
+        n = len(self.samples)
+        early = [rss for _, rss in self.samples[n // 4: n // 2]] or [self.samples[0][1]]
+        late = [rss for _, rss in self.samples[3 * n // 4:]] or [self.samples[-1][1]]
+        return statistics.median(late) / statistics.median(early)
+
+    def at_minutes(self, minutes: int) -> dict[int, float]:
+        """RSS when 5, 30 and 60 minutes of audio were reached (taken as that fraction of the decode time)."""
+        total = self.samples[-1][0]
+        return {m: min(self.samples, key=lambda s: abs(s[0] - total * m / minutes))[1]
+                for m in (5, 30, 60) if m <= minutes}
 
 
-def rss_result(samples: list[tuple[float, float]], minutes: int, what: str) -> Result:
-    """Flat: the median RSS of the last quarter of the decode against that of the second quarter.
+async def long_call_rss(long_call: Path, work: Path, whisper: Path, minutes: int, runs: int) -> list[Result]:
+    """RSS of the service sampled every 2 s through a long call, ``runs`` times (each in a service process
+    of its own, started for it): it should stay flat once decoding runs."""
+    done_runs: list[LongRun] = []
+    for i in range(runs):
+        mesh = await asyncio.to_thread(start_transcribe, work / f"long-{i}", whisper)
+        pid = mesh.services["transcribe"].process.pid
+        samples: list[tuple[float, float]] = []
+        done = threading.Event()
+
+        def sample() -> None:
+            start = time.perf_counter()
+            while not done.wait(2.0):
+                samples.append((time.perf_counter() - start, rss_mib(pid)))
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        try:
+            run = await transcribe_rpc(mesh.services["transcribe"].address, long_call)
+        finally:
+            done.set()
+            sampler.join()
+            await asyncio.to_thread(mesh.stop)
+        done_runs.append(LongRun(samples, run.total, run.segments))
+    return [rss_result(done_runs, minutes)]
+
+
+def rss_result(runs: list[LongRun], minutes: int) -> Result:
+    """Flat: each run's median RSS of the last quarter of the decode against that of the second quarter.
     Medians, because each piece of a long call briefly adds its features (a few seconds' spike);
-    the peak is reported beside it, with RSS when 5, 30 and 60 minutes of audio were reached
-    (taken as that fraction of the decode time)."""
-    n = len(samples)
-    early = [rss for _, rss in samples[n // 4: n // 2]] or [samples[0][1]]
-    late = [rss for _, rss in samples[3 * n // 4:]] or [samples[-1][1]]
-    growth = [statistics.median(late) / statistics.median(early)]
-    total = samples[-1][0]
-    at = {m: min(samples, key=lambda s: abs(s[0] - total * m / minutes))[1] for m in (5, 30, 60) if m <= minutes}
-    return value_result(f"transcribe RSS growth, {minutes} min call", growth, "x", "<= 1.05 (flat)",
-                        lambda v: v <= 1.05,
-                        f"RSS {min(r for _, r in samples):.0f}-{max(r for _, r in samples):.0f} MiB over {what}; "
-                        "at " + ", ".join(f"{m} min {r:.0f} MiB" for m, r in at.items()) + "; one run (a long call)",
-                        peak_mib=round(max(r for _, r in samples), 1), rss_at_minutes=at,
-                        samples=[[round(t, 1), round(r, 1)] for t, r in samples])
+    the peaks are reported beside them, with RSS when 5, 30 and 60 minutes of audio were reached.
+    The samples kept are those of the run with the median growth."""
+    rss = [r for run in runs for _, r in run.samples]
+    peaks = [max(r for _, r in run.samples) for run in runs]
+    middle = sorted(runs, key=LongRun.growth)[len(runs) // 2]
+    at = {m: [run.at_minutes(minutes)[m] for run in runs] for m in middle.at_minutes(minutes)}
+    return value_result(f"transcribe RSS growth, {minutes} min call", [run.growth() for run in runs], "x",
+                        "<= 1.05 (flat)", lambda v: v <= 1.05,
+                        f"RSS {min(rss):.0f}-{max(rss):.0f} MiB over {len(runs)} runs of "
+                        f"{min(r.total for r in runs):.0f}-{max(r.total for r in runs):.0f} s, "
+                        f"{middle.segments} segments; "
+                        + "".join(f"at {m} min {min(v):.0f}-{max(v):.0f} MiB, " for m, v in at.items())
+                        + f"peak {min(peaks):.0f}-{max(peaks):.0f} MiB",
+                        peak_mib=[round(p, 1) for p in peaks],
+                        rss_at_minutes={m: [round(x, 1) for x in v] for m, v in at.items()},
+                        samples=[[round(t, 1), round(r, 1)] for t, r in middle.samples])
