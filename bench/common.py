@@ -52,6 +52,11 @@ def summary(values: list[float]) -> tuple[float, float, float]:
     return statistics.median(values), min(values), max(values)
 
 
+def span(values: list[float], digits: int = 1) -> str:
+    """``min-max`` of ``values``."""
+    return f"{min(values):.{digits}f}-{max(values):.{digits}f}"
+
+
 def ratio_result(name: str, ratios: list[float], goal: str, met: Callable[[float], bool], note: str = "",
                  **extra: Any) -> Result:
     med, lo, hi = summary(ratios)

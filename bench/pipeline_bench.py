@@ -17,7 +17,7 @@ from pathlib import Path
 
 import aiohttp
 
-from bench.common import Result, interleaved, ratio_result, value_result
+from bench.common import Result, interleaved, ratio_result, span, value_result
 from callmesh.mesh import Mesh, new_mesh
 from callmesh.samples import SAMPLES, synthesize
 from callmesh.standins import CrmReceiver, Recorder, post_webhook
@@ -112,13 +112,13 @@ async def pipeline_overlap(work: Path, whisper: Path, llm: Path, runs: int, call
             ids = world.new_ids(calls, "overlap")
             total, _ = await world.mesh_batch(ids)
             totals.append(total)
-            fraction, span = world.decode_busy_fraction(ids)
+            fraction, window = world.decode_busy_fraction(ids)
             fractions.append(fraction)
-            spans.append(span)
+            spans.append(window)
     return [value_result(f"decode busy, {calls} calls, concurrency {concurrency}", fractions, "fraction",
                          ">= 0.90", lambda v: v >= 0.90,
-                         f"all {calls} in the CRM after {min(totals):.0f}-{max(totals):.0f} s; "
-                         f"all {calls} decoded within {min(spans):.0f}-{max(spans):.0f} s")]
+                         f"all {calls} in the CRM after {span(totals, 0)} s; "
+                         f"all {calls} decoded within {span(spans, 0)} s")]
 
 
 async def seed_versus_mesh(work: Path, whisper: Path, llm: Path, runs: int, calls: int = 10) -> list[Result]:
@@ -168,8 +168,8 @@ async def seed_versus_mesh(work: Path, whisper: Path, llm: Path, runs: int, call
     return [
         ratio_result(f"mesh vs seed, total for {calls} calls", [m / s for m, s in zip(mesh_totals, seed_totals)],
                      "<= 1.0", lambda v: v <= 1.0,
-                     f"mesh {min(mesh_totals):.0f}-{max(mesh_totals):.0f} s, seed "
-                     f"{min(seed_totals):.0f}-{max(seed_totals):.0f} s (all {calls} posted at once)"),
+                     f"mesh {span(mesh_totals, 0)} s, seed "
+                     f"{span(seed_totals, 0)} s (all {calls} posted at once)"),
         value_result("seed webhook latency (median)", seed_ack, "s", "(baseline)", None,
                      "the recorder waits for download, transcription, analysis and the CRM"),
         value_result("mesh webhook latency (median)", mesh_ack, "ms", "(ack after durable write)", None),

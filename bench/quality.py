@@ -36,7 +36,7 @@ import unicodedata
 from dataclasses import asdict
 from pathlib import Path
 
-from bench.common import RESULTS, Result, value_result
+from bench.common import RESULTS, Result, span, value_result
 from bench.evalset import EvalFile, generate, generate_long
 
 CONFIGS = ("callmesh", "callmesh-full-context", "callmesh-batched", "callmesh-six-languages",
@@ -223,7 +223,7 @@ def evaluate(work: Path, model: Path, threads: int | None = None) -> list[Result
         results.append(value_result(
             f"quality: time to first segment / decode, one-minute calls, {config}",
             [r["first_segment_seconds"] / r["seconds"] for r in timed], "fraction", goal, met,
-            note=f"first segment after {min(firsts):.1f}-{max(firsts):.1f} s; per file with a segment "
+            note=f"first segment after {span(firsts)} s; per file with a segment "
                  f"({len(timed)}/{len(rows)})"))
     batched_ratio = [a["seconds"] / b["seconds"] for a, b in zip(batched, ours)]
     results.append(Result("quality: time batched / sequential", "report", len(batched_ratio),

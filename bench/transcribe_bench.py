@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.bare_whisper import bare_whisper, transcribe_direct
-from bench.common import Result, interleaved, ratio_result, value_result
+from bench.common import Result, interleaved, ratio_result, span, value_result
 from callcenter.v1 import transcribe_pb2, transcribe_pb2_grpc
 from callmesh.mesh import Mesh, new_mesh
 from services.common.grpc_server import client_channel
@@ -131,8 +131,8 @@ async def overhead_and_first_segment(call: Path, work: Path, whisper: Path, runs
         fractions = [r.first_segment / r.total for r in rpc_runs]
         results += [
             ratio_result(f"transcribe RPC vs direct throughput{label}", ratios, ">= 0.95", lambda v: v >= 0.95,
-                         f"60 s call: RPC {min(rpc_times):.1f}-{max(rpc_times):.1f} s, direct "
-                         f"{min(direct_times):.1f}-{max(direct_times):.1f} s, {rpc_runs[0].segments} segments"),
+                         f"60 s call: RPC {span(rpc_times)} s, direct "
+                         f"{span(direct_times)} s, {rpc_runs[0].segments} segments"),
             # the goal is the product's: the decode as faster-whisper does it is reported beside it
             value_result(f"time to first segment / decode{label}", fractions, "fraction",
                          "report" if env else "<= 0.15", None if env else (lambda v: v <= 0.15),
@@ -167,8 +167,8 @@ async def memory(call: Path, work: Path, whisper: Path, runs: int) -> list[Resul
     await interleaved(service, bare, runs)
     ratios = [s / b for s, b in zip(service_peaks, bare_peaks)]
     return [ratio_result("transcribe peak RSS vs bare", ratios, "<= 1.3", lambda v: v <= 1.3,
-                         f"service {min(service_peaks):.0f}-{max(service_peaks):.0f} MiB, "
-                         f"bare {min(bare_peaks):.0f}-{max(bare_peaks):.0f} MiB")]
+                         f"service {span(service_peaks, 0)} MiB, "
+                         f"bare {span(bare_peaks, 0)} MiB")]
 
 
 @dataclass
@@ -231,11 +231,11 @@ def rss_result(runs: list[LongRun], minutes: int) -> Result:
     at = {m: [run.at_minutes(minutes)[m] for run in runs] for m in middle.at_minutes(minutes)}
     return value_result(f"transcribe RSS growth, {minutes} min call", [run.growth() for run in runs], "x",
                         "<= 1.05 (flat)", lambda v: v <= 1.05,
-                        f"RSS {min(rss):.0f}-{max(rss):.0f} MiB over {len(runs)} runs of "
-                        f"{min(r.total for r in runs):.0f}-{max(r.total for r in runs):.0f} s, "
+                        f"RSS {span(rss, 0)} MiB over {len(runs)} runs of "
+                        f"{span([r.total for r in runs], 0)} s, "
                         f"{middle.segments} segments; "
-                        + "".join(f"at {m} min {min(v):.0f}-{max(v):.0f} MiB, " for m, v in at.items())
-                        + f"peak {min(peaks):.0f}-{max(peaks):.0f} MiB",
+                        + "".join(f"at {m} min {span(v, 0)} MiB, " for m, v in at.items())
+                        + f"peak {span(peaks, 0)} MiB",
                         peak_mib=[round(p, 1) for p in peaks],
                         rss_at_minutes={m: [round(x, 1) for x in v] for m, v in at.items()},
                         samples=[[round(t, 1), round(r, 1)] for t, r in middle.samples])

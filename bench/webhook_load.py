@@ -42,7 +42,7 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
-from bench.common import RUNS, Result, interleaved, ratio_result, table, value_result
+from bench.common import RUNS, Result, interleaved, ratio_result, span, table, value_result
 from callmesh.mesh import new_mesh
 from callmesh.standins import post_webhook, signed_headers
 from services.common.lifecycle import run_loop, start_site
@@ -197,11 +197,6 @@ async def wrk_blast(url: str, script: Path, connections: int, threads: int) -> t
 
 def pct(values: list[float], p: float) -> float:
     return values[min(len(values) - 1, int(len(values) * p))] * 1000
-
-
-def span(values: list[float], digits: int = 1) -> str:
-    """``min-max`` of ``values``."""
-    return f"{min(values):.{digits}f}-{max(values):.{digits}f}"
 
 
 def closed_loop_floor(in_flight: int) -> str:
