@@ -45,7 +45,7 @@ from aiohttp import web
 from bench.common import RUNS, Result, interleaved, ratio_result, span, table, value_result
 from callmesh.mesh import new_mesh
 from callmesh.standins import post_webhook, signed_headers
-from services.common.lifecycle import run_loop, start_site
+from services.common.lifecycle import freeze_startup_heap, run_loop, start_site
 
 OPEN_LOOP_RATE = 200  # webhooks per second offered in the open-loop latency run
 WRK_WEBHOOKS = 10000  # per wrk run: wrk sends 2,000 in well under a second to the bare handler
@@ -86,6 +86,7 @@ def serve_baseline(ready: Path) -> None:
         app = web.Application()
         app.router.add_post("/v1/calls", _baseline_handler)
         _, port = await start_site(app, "127.0.0.1", 0, access_log=None)
+        freeze_startup_heap()  # as every service does once started
         ready.write_text(json.dumps({"address": f"127.0.0.1:{port}"}))
         await asyncio.Event().wait()
 
@@ -234,6 +235,7 @@ async def _webhook_ack(work: Path, n: int, in_flight: int, runs: int, recorder: 
         base_url = "http://" + json.loads(ready.read_text())["address"]
         await blast(base_url, mesh.webhook_secret, 200, in_flight, "warm")
         await to_ingest(200, "warm")
+        freeze_startup_heap()  # this client too: its own full collections would stall both sides' answers
 
         async def bare() -> float:
             t, lat = await blast(base_url, mesh.webhook_secret, n, in_flight, f"base{next(counter)}")

@@ -20,7 +20,7 @@ from grpc_reflection.v1alpha import reflection
 from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_server_interceptor
 
 from services.common.config import PLAINTEXT, GrpcServerSettings, TlsSettings
-from services.common.lifecycle import install_stop_signals, write_ready_file
+from services.common.lifecycle import freeze_startup_heap, install_stop_signals, write_ready_file
 from services.common.metrics import start_metrics_site
 
 log = logging.getLogger(__name__)
@@ -118,6 +118,7 @@ async def serve(
         metrics_runner, metrics_address = await start_metrics_site(settings.metrics_listen, *metrics_refresh)
         extra["metrics"] = f"http://{metrics_address}/metrics"
         log.info("%s metrics on %s", service, extra["metrics"])
+    log.debug("start-up heap frozen: %d objects", freeze_startup_heap())
     write_ready_file(settings.ready_file, running.address, **extra)
     stop = asyncio.Event()
     install_stop_signals(stop)

@@ -6,7 +6,7 @@ import asyncio
 import logging
 
 from services.common.config import env_str
-from services.common.lifecycle import install_stop_signals, start_site, write_ready_file
+from services.common.lifecycle import freeze_startup_heap, install_stop_signals, start_site, write_ready_file
 from services.common.telemetry import run_service
 from services.ingest.api import create_app
 from services.ingest.config import IngestSettings
@@ -42,8 +42,9 @@ async def amain() -> None:
     address = f"{settings.host}:{port}"
     log.info("ingest listening on http://%s (transcribe %s, analyze %s, crm %s)", address,
              settings.pipeline.transcribe_addr, settings.pipeline.analyze_addr, settings.pipeline.crm_addr)
-    write_ready_file(settings.ready_file, address, metrics=f"http://{address}/metrics")
     await worker.start()
+    log.debug("start-up heap frozen: %d objects", freeze_startup_heap())
+    write_ready_file(settings.ready_file, address, metrics=f"http://{address}/metrics")
     stop = asyncio.Event()
     install_stop_signals(stop)
     await stop.wait()
