@@ -104,20 +104,23 @@ def machine() -> dict[str, Any]:
 
 
 def write_results(results: list[Result], started: float) -> Path:
-    """Write results/latest.json; benchmarks not run this time keep their last figures (and their date)."""
+    """Write results/latest.json; benchmarks not run this time keep their last figures, with the date
+    and the machine of their own run (the top-level ``machine`` is this run's)."""
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / "latest.json"
     date = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started))
-    fresh = [{**r.as_json(), "date": date} for r in results]
+    here = machine()
+    fresh = [{**r.as_json(), "date": date, "machine": here} for r in results]
     kept: list[dict[str, Any]] = []
     if path.exists():
         names = {r.name for r in results}
         previous = json.loads(path.read_text())
-        kept = [r for r in previous.get("results", []) if r["name"] not in names]
+        # Figures from before results named their machine ran on the one the whole file named then.
+        kept = [{"machine": previous.get("machine"), **r} for r in previous.get("results", []) if r["name"] not in names]
     path.write_text(json.dumps({
         "date": date,
         "seconds": round(time.time() - started, 1),
-        "machine": machine(),
+        "machine": here,
         "results": kept + fresh,
     }, indent=2) + "\n")
     return path
