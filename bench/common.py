@@ -115,8 +115,7 @@ def write_results(results: list[Result], started: float) -> Path:
     if path.exists():
         names = {r.name for r in results}
         previous = json.loads(path.read_text())
-        # Figures from before results named their machine ran on the one the whole file named then.
-        kept = [{"machine": previous.get("machine"), **r} for r in previous.get("results", []) if r["name"] not in names]
+        kept = [r for r in previous.get("results", []) if r["name"] not in names]
     path.write_text(json.dumps({
         "date": date,
         "seconds": round(time.time() - started, 1),

@@ -118,7 +118,7 @@ async def serve(
         metrics_runner, metrics_address = await start_metrics_site(settings.metrics_listen, *metrics_refresh)
         extra["metrics"] = f"http://{metrics_address}/metrics"
         log.info("%s metrics on %s", service, extra["metrics"])
-    log.debug("start-up heap frozen: %d objects", freeze_startup_heap())
+    freeze_startup_heap()
     write_ready_file(settings.ready_file, running.address, **extra)
     stop = asyncio.Event()
     install_stop_signals(stop)

@@ -41,7 +41,9 @@ def freeze_startup_heap() -> int:
     is never collected; start-up builds what the service keeps, so that costs nothing."""
     gc.collect()  # start-up's own garbage goes first, so it is not kept for good
     gc.freeze()
-    return gc.get_freeze_count()
+    frozen = gc.get_freeze_count()
+    log.debug("start-up heap frozen: %d objects", frozen)
+    return frozen
 
 
 def write_ready_file(path: Path | None, address: str, **extra: str) -> None:

@@ -43,7 +43,7 @@ async def amain() -> None:
     log.info("ingest listening on http://%s (transcribe %s, analyze %s, crm %s)", address,
              settings.pipeline.transcribe_addr, settings.pipeline.analyze_addr, settings.pipeline.crm_addr)
     await worker.start()
-    log.debug("start-up heap frozen: %d objects", freeze_startup_heap())
+    freeze_startup_heap()
     write_ready_file(settings.ready_file, address, metrics=f"http://{address}/metrics")
     stop = asyncio.Event()
     install_stop_signals(stop)
