@@ -27,6 +27,14 @@ def test_longest_silence_counts_the_start_and_the_end_of_the_call() -> None:
     assert call_statistics([("unknown", 0.0, 1.0)], 30.0).longest_silence == 29.0
 
 
+def test_a_segment_stamped_past_the_end_counts_up_to_the_end_only() -> None:
+    stats = call_statistics([("unknown", 1.0, 5.0), ("unknown", 9.0, 13.0)], 12.852)
+    assert stats.talk_time == {"unknown": 7.852}
+    assert stats.non_talk_time == 5.0
+    assert stats.talk_time["unknown"] + stats.non_talk_time == 12.852
+    assert stats.longest_silence == 4.0
+
+
 def test_a_call_without_speech_is_all_silence() -> None:
     stats = call_statistics([], 30.0)
     assert (stats.talk_time, stats.non_talk_time, stats.interruptions, stats.longest_silence) == ({}, 30.0, 0, 30.0)

@@ -36,12 +36,17 @@ def _merge(intervals: Iterable[tuple[float, float]]) -> list[tuple[float, float]
 
 
 def call_statistics(segments: Iterable[tuple[str, float, float]], duration: float) -> CallStats:
-    """``segments`` as (speaker, start, end) in seconds; ``duration`` of the whole recording."""
-    timed = sorted((start, max(start, end), speaker) for speaker, start, end in segments)
+    """``segments`` as (speaker, start, end) in seconds; ``duration`` of the whole recording.
+
+    A segment is counted within the recording only: Whisper may stamp the last one past its end
+    (13.0 s in a 12.85-s call), and talk plus non-talk time is the recording's duration."""
+    def within(t: float) -> float:
+        return min(max(t, 0.0), duration)
+
+    timed = sorted((within(start), within(max(start, end)), speaker) for speaker, start, end in segments)
     speakers = sorted({speaker for _, _, speaker in timed})
     talk = {s: round(sum(e - b for b, e in _merge((b, e) for b, e, who in timed if who == s)), 3) for s in speakers}
     speech = _merge((b, e) for b, e, _ in timed)
-    duration = max(duration, speech[-1][1] if speech else 0.0)
     edges = [0.0, *(x for interval in speech for x in interval), duration]
     gaps = [edges[i + 1] - edges[i] for i in range(0, len(edges) - 1, 2)]
     interruptions = 0
