@@ -143,6 +143,24 @@ async def test_other_languages_are_translated_in_a_request_of_their_own(ollama: 
     assert "1. Agent: Buenos días.\n2. Customer: Me cobraron dos veces." == translation["messages"][1]["content"]
 
 
+async def test_a_speaker_label_the_model_repeats_in_its_translation_is_not_doubled(ollama: FakeOllama) -> None:
+    both = {**GOOD, "agent_sentiment": "neutral", "customer_sentiment": "negative"}
+    ollama.answers = [json.dumps({"lines": ["Agent: Good morning.", "2. Customer: I was charged twice."]}),
+                      json.dumps(both)]
+    result = await analyzer(OllamaBackend(settings(ollama.url))).analyze(
+        [Utterance("agent", 0, "Buenos días."), Utterance("customer", 2, "Me cobraron dos veces.")], "es")
+    assert result.translated_lines == ("Good morning.", "I was charged twice.")
+    assert result.translated_transcript == "Agent: Good morning.\nCustomer: I was charged twice."
+
+
+async def test_a_call_in_a_script_of_a_token_a_character_gets_room_for_its_translation(ollama: FakeOllama) -> None:
+    thai = "สวัสดีค่ะ ดิฉันถูกเรียกเก็บเงินสองครั้งในใบแจ้งหนี้เดือนนี้ อยากขอคืนเงินค่ะ"
+    ollama.answers = [json.dumps({"lines": ["Hello, I was charged twice on this month's bill; I'd like a refund."]}),
+                      json.dumps(GOOD)]
+    await analyzer(OllamaBackend(settings(ollama.url))).analyze([Utterance("customer", 0, thai)], "th")
+    assert ollama.requests[0]["options"]["num_predict"] >= 2 * len(thai)
+
+
 async def test_personal_data_can_be_kept_from_the_llm(ollama: FakeOllama) -> None:
     ollama.answers = [json.dumps({"lines": ["My card is [CARD_NUMBER]."]}), json.dumps(GOOD)]
     call = [Utterance("customer", 0, "Mi tarjeta es 4111 1111 1111 1111, escriba a ana.lopez@example.com.")]

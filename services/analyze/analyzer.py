@@ -40,6 +40,8 @@ LANGUAGE_NAMES = {
 }
 # A rough, safe estimate of tokens from characters (multilingual text, small vocabularies).
 CHARS_PER_TOKEN = 3
+# From Thai on (U+0E00: Thai, Lao, Tibetan, Myanmar, Georgian, Hangul, kana, CJK …) a character is about a token.
+ONE_TOKEN_SCRIPTS_FROM = 0x0E00
 PROMPT_TOKENS = 550  # the system prompt, the lists of topics and emotions (with their meanings), the chat template
 ANALYSIS_ANSWER_TOKENS = 700
 NOTES_PER_PART = 6
@@ -73,7 +75,8 @@ class Utterance:
 
 
 def tokens(text: str) -> int:
-    return len(text) // CHARS_PER_TOKEN + 1
+    wide = sum(1 for ch in text if ord(ch) >= ONE_TOKEN_SCRIPTS_FROM)
+    return (len(text) - wide) // CHARS_PER_TOKEN + wide + 1
 
 
 # Capitalised mid-sentence without being a name the call must have said.
@@ -116,6 +119,10 @@ class AnalysisResult:
     translated_lines: tuple[str, ...] = ()  # one per utterance analysed, in order; empty for English calls
     parts: int = 1  # how many parts a long transcript was read in
     dropped_bullets: int = 0  # summary bullets dropped for naming numbers the call never mentioned
+
+
+# The number and speaker label of a line, when the model repeats them in its translation (it is asked not to).
+ECHOED_LABEL = re.compile(r"^\s*(?:\d+\.\s*)?(?:Agent|Customer|Speaker)\s*:\s*")
 
 
 def render_transcript(utterances: list[Utterance]) -> str:
@@ -322,7 +329,7 @@ class Analyzer:
                 {"role": "user", "content": numbered},
             ], translation_schema(batch), min(self.max_answer_tokens * 4, 2 * sum(tokens(b) for b in batch) + 64))
             used += completion.completion_tokens
-            out += [line.strip() for line in answer["lines"]]
+            out += [ECHOED_LABEL.sub("", line).strip() for line in answer["lines"]]
         return tuple(out), used
 
     async def analyze(self, utterances: list[Utterance], language: str,
