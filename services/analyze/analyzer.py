@@ -121,14 +121,18 @@ class AnalysisResult:
     dropped_bullets: int = 0  # summary bullets dropped for naming numbers the call never mentioned
 
 
+# How a line of the transcript the model reads names its speaker; anyone else is "Speaker".
+SPEAKER_LABELS = {"agent": "Agent", "customer": "Customer"}
+UNKNOWN_SPEAKER_LABEL = "Speaker"
 # The number and speaker label of a line, when the model repeats them in its translation (it is asked not to).
-ECHOED_LABEL = re.compile(r"^\s*(?:\d+\.\s*)?(?:Agent|Customer|Speaker)\s*:\s*")
+ECHOED_LABEL = re.compile(r"^\s*(?:\d+\.\s*)?(?:%s)\s*:\s*"
+                          % "|".join(map(re.escape, [*SPEAKER_LABELS.values(), UNKNOWN_SPEAKER_LABEL])))
 
 
 def render_transcript(utterances: list[Utterance]) -> str:
     lines = []
     for u in utterances:
-        label = {"agent": "Agent", "customer": "Customer"}.get(u.speaker, "Speaker")
+        label = SPEAKER_LABELS.get(u.speaker, UNKNOWN_SPEAKER_LABEL)
         lines.append(f"{label}: {u.text.strip()}")
     return "\n".join(lines)
 
