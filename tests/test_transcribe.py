@@ -473,16 +473,21 @@ def test_the_encoder_reuses_only_the_same_window_asked_again_in_the_same_thread(
     window = np.random.default_rng(7).standard_normal((model.model.n_mels, 3000)).astype(np.float32)
     other = window.copy()
     other[0, 0] += 1.0
+    third = window.copy()
+    third[1, 1] += 1.0
     before = replace(model.counts)
     first = model.encode(window)
     assert model.encode(window.copy()) is first  # equal features: the remembered output
     assert model.encode(other) is not first  # one value differs: encoded again
+    assert model.encode(window) is first  # the last two windows are remembered
+    model.encode(third)
+    assert model.encode(window) is not first  # not three
     elsewhere = threading.Thread(target=model.encode, args=(other,))
     elsewhere.start()
     elsewhere.join()
     model.forget()
     model.encode(other)  # forgotten when the decode ends
-    assert (model.counts.encoded - before.encoded, model.counts.reused - before.reused) == (4, 1)
+    assert (model.counts.encoded - before.encoded, model.counts.reused - before.reused) == (6, 2)
 
 
 def test_the_encoder_reads_a_short_window_up_to_two_seconds_past_its_content(engine: WhisperEngine) -> None:
@@ -522,6 +527,8 @@ def test_a_batch_is_read_as_far_as_its_longest_window_in_whole_seconds() -> None
 
 def test_a_first_piece_too_short_to_be_sure_of_the_language_leaves_it_to_the_calls_first_window(
         whisper_dir: Path, audio_dir: Path) -> None:
+    from dataclasses import replace
+
     from services.transcribe.config import DecodeSettings
     from services.transcribe.engine import decode_audio
 
@@ -534,8 +541,56 @@ def test_a_first_piece_too_short_to_be_sure_of_the_language_leaves_it_to_the_cal
     over_the_call = strict._detect(audio, windows=1)  # the first 30 s of speech
     assert on_the_piece[0] == over_the_call[0] == "en" and on_the_piece[1] < 0.999
     assert on_the_piece[1] != pytest.approx(over_the_call[1])
+    strict.model.forget()  # the windows encoded just above
+    before = replace(strict.model.counts)
     _, summary = events(strict, call)
     assert summary.language_probability == pytest.approx(over_the_call[1])
+    # the piece's encoder pass, made to detect, still serves its decode after the call's first window
+    assert strict.model.counts.reused - before.reused == 1
+
+
+def _voice_detection_spans(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """How many samples each voice detection reads (the real one, watched)."""
+    import faster_whisper.vad
+
+    spans: list[int] = []
+    real = faster_whisper.vad.get_speech_timestamps
+
+    def watched(audio, *args, **kwargs):
+        spans.append(audio.size)
+        return real(audio, *args, **kwargs)
+
+    monkeypatch.setattr(faster_whisper.vad, "get_speech_timestamps", watched)
+    return spans
+
+
+def test_the_calls_first_window_of_speech_is_found_in_its_first_45_seconds_when_they_hold_it(
+        audio_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from faster_whisper.vad import VadOptions, collect_chunks, get_speech_timestamps
+
+    from services.transcribe.engine import SAMPLE_RATE, decode_audio
+
+    one = decode_audio(audio_dir / "long-en.wav")
+    call = np.concatenate([one] * 3)  # two and a half minutes of talk
+    wanted = 30 * SAMPLE_RATE
+    over_two_minutes = np.concatenate(collect_chunks(call[:4 * wanted],
+                                                     get_speech_timestamps(call[:4 * wanted], VadOptions()))[0])
+    spans = _voice_detection_spans(monkeypatch)
+    speech = WhisperEngine._first_speech(call, wanted)
+    assert spans == [45 * SAMPLE_RATE]  # not the two minutes read before
+    assert np.array_equal(speech, over_two_minutes[:wanted])
+
+
+def test_a_call_that_opens_with_silence_is_searched_further_for_its_first_window_of_speech(
+        audio_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from services.transcribe.engine import SAMPLE_RATE, decode_audio
+
+    talk = decode_audio(audio_dir / "long-en.wav")
+    call = np.concatenate([np.zeros(40 * SAMPLE_RATE, dtype=np.float32), talk, talk])  # 40 s on hold first
+    spans = _voice_detection_spans(monkeypatch)
+    speech = WhisperEngine._first_speech(call, 30 * SAMPLE_RATE)
+    assert spans == [45 * SAMPLE_RATE, 120 * SAMPLE_RATE]
+    assert speech.size == 30 * SAMPLE_RATE and np.abs(speech[:SAMPLE_RATE]).max() > 0.01  # talk, not the hold
 
 
 def test_detection_picks_among_the_languages_a_contact_center_takes(whisper_dir: Path, tmp_path: Path) -> None:

@@ -10,6 +10,9 @@ evaluation set then decodes in less time, with no more errors (``bench/quality.p
 faster-whisper also runs the encoder once to detect the language and again on the same
 window to decode it; this model hands the second caller the output of the first. Only
 an identical input is answered from memory, so the results are those of the encoder.
+It keeps two windows: a call whose first piece leaves the language unsure has its first
+window of speech encoded between the piece's detection and its decode, and the piece is
+then still remembered.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from faster_whisper import WhisperModel
 
 FIT_MARGIN_FRAMES = 200  # padding kept after a window's content (2 s): Whisper hears where speech ends
 FIT_STEP_FRAMES = 100  # the kept length is rounded up to whole seconds
+REMEMBERED_WINDOWS = 2  # per decoding thread: a first piece and the window that decided its language
 
 
 @dataclass
@@ -45,11 +49,11 @@ def fitted_frames(features: np.ndarray) -> int:
 
 class SharedEncoderWhisperModel(WhisperModel):
     """``WhisperModel`` whose ``encode`` fits the window (``fit_context``) and remembers its last
-    single window, per decoding thread.
+    single windows, per decoding thread.
 
-    Each thread keeps one window (its features and the encoder output): a decode runs in one
-    thread, so concurrent decodes never see each other's windows. ``forget`` drops the
-    current thread's window when its decode ends."""
+    Each thread keeps its last ``REMEMBERED_WINDOWS`` windows (their features and encoder
+    outputs): a decode runs in one thread, so concurrent decodes never see each other's
+    windows. ``forget`` drops the current thread's windows when its decode ends."""
 
     def __init__(self, *args, fit_context: bool = False, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -60,12 +64,13 @@ class SharedEncoderWhisperModel(WhisperModel):
 
     def encode(self, features: np.ndarray):  # -> ctranslate2.StorageView
         single = features.ndim == 2 or features.shape[0] == 1  # batched decoding never repeats a batch
+        remembered: list = getattr(self._last, "windows", None) or []
         if single:
-            last = getattr(self._last, "window", None)
-            if last is not None and last[0].shape == features.shape and np.array_equal(last[0], features):
-                with self._counts_lock:
-                    self.counts.reused += 1
-                return last[1]
+            for seen, output in remembered:
+                if seen.shape == features.shape and np.array_equal(seen, features):
+                    with self._counts_lock:
+                        self.counts.reused += 1
+                    return output
         given = features
         if self.fit_context:
             keep = fitted_frames(features)
@@ -75,9 +80,9 @@ class SharedEncoderWhisperModel(WhisperModel):
         with self._counts_lock:
             self.counts.encoded += 1
         if single:
-            self._last.window = (np.array(given, copy=True), output)
+            self._last.windows = [(np.array(given, copy=True), output), *remembered][:REMEMBERED_WINDOWS]
         return output
 
     def forget(self) -> None:
-        """Drop the window this thread remembers (its decode is over)."""
-        self._last.window = None
+        """Drop the windows this thread remembers (its decode is over)."""
+        self._last.windows = None
