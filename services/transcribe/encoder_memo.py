@@ -48,8 +48,8 @@ def fitted_frames(features: np.ndarray) -> int:
 
 
 class SharedEncoderWhisperModel(WhisperModel):
-    """``WhisperModel`` whose ``encode`` fits the window (``fit_context``) and remembers its last
-    single windows, per decoding thread.
+    """``WhisperModel`` whose ``encode`` fits the window (``fit_context``) and remembers the last
+    windows it encoded one at a time (not batches), per decoding thread.
 
     Each thread keeps its last ``REMEMBERED_WINDOWS`` windows (their features and encoder
     outputs): a decode runs in one thread, so concurrent decodes never see each other's
