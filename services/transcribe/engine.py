@@ -205,6 +205,13 @@ def decode_audio(source: str | Path | BinaryIO, *, split_stereo: bool = False) -
     return audio
 
 
+def speech_only(audio: np.ndarray) -> np.ndarray:
+    """``audio`` with its silences cut out, as faster-whisper's voice detection (default options) finds them."""
+    from faster_whisper.vad import VadOptions, collect_chunks, get_speech_timestamps
+
+    return np.concatenate(collect_chunks(audio, get_speech_timestamps(audio, VadOptions()))[0])
+
+
 def decode_kwargs(d: DecodeSettings, options: TranscribeOptions, language: str | None, *,
                   multilingual: bool = False, batched: bool = False) -> dict:
     """The keyword arguments of faster-whisper's ``transcribe`` for these settings (also what the
@@ -534,13 +541,8 @@ class WhisperEngine:
         after VAD, the features computed over all of it, less the last frame (its decoder leaves that one
         out). The first window is then the same array in both, and :class:`SharedEncoderWhisperModel`
         encodes it once."""
-        from faster_whisper.vad import VadOptions, collect_chunks, get_speech_timestamps
-
         d = self.settings.decode
-        speech = audio
-        if d.vad_filter:
-            chunks, _ = collect_chunks(audio, get_speech_timestamps(audio, VadOptions()))
-            speech = np.concatenate(chunks)
+        speech = speech_only(audio) if d.vad_filter else audio
         if speech.size == 0:
             return None
         features = self.model.feature_extractor(speech)
@@ -567,13 +569,10 @@ class WhisperEngine:
         that much of the call first, and up to four times that much only when the first stretch holds
         too little speech: on a 30-s window, 45 s of audio instead of two minutes (0.11 s instead of 0.26 s
         on two cores, before the first segment of a call whose language is unsure)."""
-        from faster_whisper.vad import VadOptions, collect_chunks, get_speech_timestamps
-
         speech = audio[:0]
         for span in (wanted * 3 // 2, wanted * 4):
-            head = audio[:span]
-            speech = np.concatenate(collect_chunks(head, get_speech_timestamps(head, VadOptions()))[0])
-            if speech.size >= wanted or head.size == audio.size:
+            speech = speech_only(audio[:span])
+            if speech.size >= wanted or span >= audio.size:
                 break
         return speech[:wanted]
 
