@@ -5,6 +5,7 @@
     .venv/bin/python -m bench --long-minutes 10   # a shorter long call for the RSS check (60 min: five 13-min decodes)
     .venv/bin/python -m bench --only quality      # WER and language ID on the generated evaluation set
     .venv/bin/python -m bench --only analysis     # topic/sentiment/emotion accuracy, translation sources
+    WHISPER_DEVICE=cuda .venv/bin/python -m bench --only transcribe,memory --results gpu.json   # on a GPU
 
 Runs are interleaved (A B A B …), at least 5 of each; the table shows median, min
 and max, and results/latest.json keeps them with the machine they ran on.
@@ -36,14 +37,16 @@ def model(key: str) -> Path:
     return m.path(data_dir())
 
 
-async def run(only: tuple[str, ...], runs: int, long_minutes: int, llm_key: str) -> list[Result]:
+async def run(only: tuple[str, ...], runs: int, long_minutes: int, llm_key: str,
+              recording: Path | None = None, recordings: Path | None = None) -> list[Result]:
     work = Path(tempfile.mkdtemp(prefix="callmesh-bench-"))
     whisper = model("whisper-base")
-    llm = model(llm_key) / "model.gguf"
+    # only the pipeline benchmarks need the LLM: the transcription ones run without its weights
+    llm = model(llm_key) / "model.gguf" if {"overlap", "seed"} & set(only) else Path()
     os.environ["WHISPER_MODEL"] = str(whisper)
     audio = work / "audio"
     audio.mkdir()
-    call = sixty_second_call(audio)
+    call = recording or sixty_second_call(audio)
     results: list[Result] = []
 
     def done(new: list[Result]) -> None:
@@ -58,9 +61,10 @@ async def run(only: tuple[str, ...], runs: int, long_minutes: int, llm_key: str)
         done(await webhook_load.webhook_ack(work / "webhook", 2000, 100, runs))
     if "overlap" in only:
         done(await pipeline_bench.pipeline_overlap(work, whisper, llm, runs,
-                                                   concurrency=PipelineSettings.from_env().concurrency))
+                                                   concurrency=PipelineSettings.from_env().concurrency,
+                                                   recordings=recordings))
     if "seed" in only:
-        done(await pipeline_bench.seed_versus_mesh(work, whisper, llm, runs))
+        done(await pipeline_bench.seed_versus_mesh(work, whisper, llm, runs, recordings=recordings))
     if "analysis" in only:
         models = {key: model(key) / "model.gguf" for key in analysis_bench.MODELS}
         done(await asyncio.to_thread(analysis_bench.evaluate, work, whisper, models))
@@ -80,19 +84,31 @@ def main() -> None:
     parser.add_argument("--long-minutes", type=int, default=60, help="length of the long call for the RSS check")
     parser.add_argument("--llm", choices=("small", "main"), default="small",
                         help="LLM for the pipeline benchmarks (same on both sides): the 0.5B or the default 1.5B")
+    parser.add_argument("--call", type=Path, metavar="WAV",
+                        help="the 60-s recording to use instead of synthesizing one (no espeak-ng or ffmpeg needed)")
+    parser.add_argument("--recordings", type=Path, metavar="DIR",
+                        help="the sample calls for the pipeline benchmarks, made earlier by `python -m tests.audio DIR`")
+    parser.add_argument("--results", default="latest.json", metavar="NAME",
+                        help="file under bench/results to write (e.g. gpu.json for a run on a GPU)")
     args = parser.parse_args()
     only = tuple(x.strip() for x in args.only.split(",") if x.strip())
     unknown = set(only) - set(BENCHMARKS)
     if unknown or args.runs < 5:
         parser.error(f"unknown benchmark(s) {sorted(unknown)}" if unknown else "--runs must be at least 5")
+    if args.call is not None and not args.call.is_file():
+        parser.error(f"--call {args.call}: no such file")
+    if args.recordings is not None and not args.recordings.is_dir():
+        parser.error(f"--recordings {args.recordings}: no such folder")
+    if Path(args.results).name != args.results or not args.results.endswith(".json"):
+        parser.error("--results takes a file name ending in .json, written under bench/results")
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     logging.basicConfig(level=logging.WARNING)
     started = time.time()
     print(f"machine: {machine()}", flush=True)
     results = asyncio.run(run(only, args.runs, args.long_minutes,
-                              "qwen2.5-coder-0.5b" if args.llm == "small" else "qwen2.5-coder-1.5b"))
+                              "qwen2.5-coder-0.5b" if args.llm == "small" else "qwen2.5-coder-1.5b", args.call, args.recordings))
     print("\n" + table(results))
-    print(f"\nwritten to {write_results(results, started)}")
+    print(f"\nwritten to {write_results(results, started, args.results)}")
 
 
 if __name__ == "__main__":

@@ -100,14 +100,15 @@ def machine() -> dict[str, Any]:
     except (OSError, StopIteration):
         pass
     return {"cores": os.cpu_count(), "cpu": cpu or platform.processor(), "gpu": gpu or None, "memory_mib": mem,
+            "whisper_device": os.environ.get("WHISPER_DEVICE", "cpu"),
             "python": platform.python_version(), "platform": platform.platform()}
 
 
-def write_results(results: list[Result], started: float) -> Path:
-    """Write results/latest.json; benchmarks not run this time keep their last figures, with the date
+def write_results(results: list[Result], started: float, name: str = "latest.json") -> Path:
+    """Write results/``name``; benchmarks not run this time keep their last figures, with the date
     and the machine of their own run (the top-level ``machine`` is this run's)."""
     RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / "latest.json"
+    path = RESULTS / name
     date = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started))
     here = machine()
     fresh = [{**r.as_json(), "date": date, "machine": here} for r in results]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -25,10 +26,16 @@ from callmesh.standins import CrmReceiver, Recorder, post_webhook
 RECORDINGS = ("en-internet-angry.wav", "es-billing-angry.wav")
 
 
-def make_recordings(directory: Path) -> None:
+def make_recordings(directory: Path, made: Path | None = None) -> None:
+    """The calls the recorder serves: synthesized, or copied from ``made`` (``python -m tests.audio``)."""
+    directory.mkdir(parents=True, exist_ok=True)
     for name in RECORDINGS:
         key = name.removesuffix(".wav")
-        if not (directory / name).exists():
+        if (directory / name).exists():
+            continue
+        if made is not None:
+            shutil.copyfile(made / name, directory / name)
+        else:
             synthesize(SAMPLES[key].text, SAMPLES[key].voice, directory / name)
 
 
@@ -42,12 +49,13 @@ async def wait_delivered(crm: CrmReceiver, call_ids: list[str], timeout: float) 
 
 
 class World:
-    def __init__(self, work: Path, whisper: Path, llm: Path, concurrency: int) -> None:
+    def __init__(self, work: Path, whisper: Path, llm: Path, concurrency: int, recordings: Path | None = None) -> None:
         self.work, self.whisper, self.llm, self.concurrency = work, whisper, llm, concurrency
+        self.recordings = recordings
         self.counter = 0
 
     async def __aenter__(self) -> "World":
-        make_recordings(self.work / "recordings")
+        make_recordings(self.work / "recordings", self.recordings)
         self.recorder = await Recorder(self.work / "recordings").start()
         self.crm = await CrmReceiver().start()
         self.mesh: Mesh = new_mesh({
@@ -105,8 +113,8 @@ class World:
 
 
 async def pipeline_overlap(work: Path, whisper: Path, llm: Path, runs: int, calls: int = 20,
-                           concurrency: int = 2) -> list[Result]:
-    async with World(work / f"overlap-{concurrency}", whisper, llm, concurrency) as world:
+                           concurrency: int = 2, recordings: Path | None = None) -> list[Result]:
+    async with World(work / f"overlap-{concurrency}", whisper, llm, concurrency, recordings) as world:
         fractions, totals, spans = [], [], []
         for _ in range(runs):
             ids = world.new_ids(calls, "overlap")
@@ -121,8 +129,9 @@ async def pipeline_overlap(work: Path, whisper: Path, llm: Path, runs: int, call
                          f"all {calls} decoded within {span(spans, 0)} s")]
 
 
-async def seed_versus_mesh(work: Path, whisper: Path, llm: Path, runs: int, calls: int = 10) -> list[Result]:
-    async with World(work / "seed", whisper, llm, 2) as world:
+async def seed_versus_mesh(work: Path, whisper: Path, llm: Path, runs: int, calls: int = 10,
+                           recordings: Path | None = None) -> list[Result]:
+    async with World(work / "seed", whisper, llm, 2, recordings) as world:
         ready = work / "seed.ready"
         seed = subprocess.Popen([sys.executable, "-m", "bench.seed_baseline", "--ready", str(ready),
                                  "--crm", world.crm.url], env={**world.mesh.env, "LLM_MODEL": str(llm),
