@@ -277,6 +277,14 @@ def test_hallucination_silence_threshold_reaches_the_decoder(whisper_dir: Path, 
     assert all(s.words == () for s in segments)  # computed for the check, returned only when asked
 
 
+def test_whisper_on_cuda_defaults_to_float16_and_on_the_cpu_to_int8(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("WHISPER_COMPUTE_TYPE", raising=False)
+    monkeypatch.setenv("WHISPER_DEVICE", "cuda")
+    assert EngineSettings.from_env().compute_type == "float16"
+    monkeypatch.setenv("WHISPER_DEVICE", "cpu")
+    assert EngineSettings.from_env().compute_type == "int8"
+
+
 def test_batched_decoding_without_vad_is_refused_at_start(monkeypatch) -> None:
     from services.common.config import ConfigError
     from services.transcribe.config import DecodeSettings

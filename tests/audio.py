@@ -1,0 +1,59 @@
+"""The recordings the tests decode, generated with espeak-ng and ffmpeg; nothing is committed.
+
+    python -m tests.audio DIR    # make them once, for CALLMESH_TEST_AUDIO=DIR on a machine without those two
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from callmesh.samples import SAMPLES, synthesize
+
+LONG_TEXT = (
+    "Good morning, thank you for calling. I would like to ask about my last invoice. "
+    "The amount is higher than usual and I do not understand the extra charges. "
+    "Could you explain what the service fee is for and whether it will appear every month. "
+    "I have been a customer for many years and I always paid on time. "
+)
+
+
+def make_test_audio(d: Path) -> Path:
+    """Write every test recording into ``d`` and return it."""
+    d.mkdir(parents=True, exist_ok=True)
+    for key, sample in SAMPLES.items():
+        synthesize(sample.text, sample.voice, d / f"{key}.wav")
+    synthesize(LONG_TEXT * 3, "en-us", d / "long-en.wav", speed=160)
+    # The Spanish call as 8 kHz telephone-band mp3.
+    subprocess.run(["ffmpeg", "-loglevel", "error", "-y", "-i", str(d / "es-billing-angry.wav"), "-ar", "8000",
+                    "-ac", "1", str(d / "es-billing-angry-8k.mp3")], check=True)
+    # Stereo: the agent (left) speaks first, the customer (right) answers after.
+    synthesize("Thank you for calling, how can I help you today?", "en-us", d / "agent.wav")
+    synthesize("My parcel never arrived and I want a refund.", "en-us", d / "customer.wav")
+    subprocess.run(["ffmpeg", "-loglevel", "error", "-y", "-i", str(d / "agent.wav"), "-i", str(d / "customer.wav"),
+                    "-filter_complex", "[1:a]adelay=5000[c];[0:a]apad[l];[l][c]join=inputs=2:channel_layout=stereo:map=0.0-FL|1.0-FR[a]",
+                    "-map", "[a]", "-shortest", str(d / "stereo-agent-left.wav")], check=True)
+    # A call that switches language: the English call, a second of silence, then the Spanish one.
+    subprocess.run(["ffmpeg", "-loglevel", "error", "-y", "-i", str(d / "en-internet-angry.wav"), "-f", "lavfi",
+                    "-i", "anullsrc=r=22050:cl=mono", "-i", str(d / "es-billing-angry.wav"), "-filter_complex",
+                    "[1:a]atrim=duration=1[s];[0:a][s][2:a]concat=n=3:v=0:a=1[a]", "-map", "[a]", "-ar", "16000",
+                    str(d / "switch-en-es.wav")], check=True)
+    # Edge cases only the transcriber can judge: 30 s of silence, pink noise, an MP3 cut at 40 %.
+    subprocess.run(["ffmpeg", "-loglevel", "error", "-y", "-f", "lavfi", "-i", "anullsrc=r=16000:cl=mono", "-t", "30",
+                    str(d / "silence-30s.wav")], check=True)
+    subprocess.run(["ffmpeg", "-loglevel", "error", "-y", "-f", "lavfi", "-i", "anoisesrc=d=15:c=pink:a=0.3:r=16000",
+                    "-ac", "1", str(d / "noise-15s.wav")], check=True)
+    mp3 = (d / "es-billing-angry-8k.mp3").read_bytes()
+    (d / "truncated.mp3").write_bytes(mp3[: len(mp3) * 2 // 5])
+    (d / "not-audio.txt").write_text("<html><body>This is not a recording.</body></html>\n" * 20)
+    # Looks like WAV from its first bytes, but the rest is garbage.
+    (d / "broken.wav").write_bytes(b"RIFF\x24\x08\x00\x00WAVEfmt " + os.urandom(4000))
+    return d
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit(__doc__)
+    print(make_test_audio(Path(sys.argv[1])))
