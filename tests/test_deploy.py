@@ -225,3 +225,24 @@ def test_grafana_dashboard_only_plots_metrics_the_services_export() -> None:
                      re.findall(r"\b(callmesh_[a-z_]+)", target["expr"])}
     assert used and used <= defined, used - defined
     assert len(used) >= 10
+
+
+def test_the_gpu_image_brings_the_cublas_that_ctranslate2_loads() -> None:
+    """CTranslate2 names the cuBLAS it opens at its first matrix product; the NVIDIA runtime brings only
+    the driver, so the GPU build installs that major version and puts its folder on LD_LIBRARY_PATH."""
+    import mmap
+
+    import ctranslate2
+
+    library = next((Path(ctranslate2.__file__).parents[1] / "ctranslate2.libs").glob("libctranslate2*.so*"))
+    with library.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        major = re.search(rb"libcublas\.so\.(\d+)", data).group(1).decode()
+    assert re.search(rf"^nvidia-cublas-cu{major}==", (ROOT / "requirements-gpu.txt").read_text(), re.M)
+    dockerfile = (ROOT / "services" / "transcribe" / "Dockerfile").read_text()
+    python = re.search(r"^FROM python:(\d+\.\d+)", dockerfile, re.M).group(1)
+    assert f"LD_LIBRARY_PATH=/opt/venv/lib/python{python}/site-packages/nvidia/cublas/lib" in dockerfile
+    assert 'if [ "$WHISPER_GPU" = 1 ]; then /opt/venv/bin/pip install --no-cache-dir -r requirements-gpu.txt' in dockerfile
+    gpu = yaml.safe_load((ROOT / "docker-compose.gpu.yml").read_text())["services"]["transcribe"]
+    assert gpu["build"]["args"]["WHISPER_GPU"] == "1"
+    assert gpu["image"] != compose_services()["transcribe"]["image"]
+    assert containers()["transcribe"]["image"] == gpu["image"]  # the Kubernetes transcribe runs on a GPU node
