@@ -285,6 +285,41 @@ def test_whisper_on_cuda_defaults_to_float16_and_on_the_cpu_to_int8(monkeypatch:
     assert EngineSettings.from_env().compute_type == "int8"
 
 
+def test_the_warm_up_decodes_once_outside_any_call_and_forgets_its_window(whisper_dir: Path) -> None:
+    engine = WhisperEngine(EngineSettings(model_path=whisper_dir, cpu_threads=2))
+    assert engine.warm_up() > 0
+    assert engine.model.counts.encoded == 1
+    assert getattr(engine.model._last, "windows", None) is None
+    assert (engine.stats.completed, engine.stats.segments) == (0, 0)  # not a call
+
+
+def test_the_service_warms_up_before_it_serves_unless_told_not_to(whisper_dir: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from services.transcribe.__main__ import build
+    from services.transcribe.config import TranscribeSettings
+
+    monkeypatch.setenv("WHISPER_MODEL", str(whisper_dir))
+    monkeypatch.setenv("WHISPER_CPU_THREADS", "2")
+    servicer, _ = build(TranscribeSettings.from_env())
+    assert servicer.engine.model.counts.encoded == 1
+    monkeypatch.setenv("WHISPER_WARM_UP", "0")
+    servicer, _ = build(TranscribeSettings.from_env())
+    assert servicer.engine.model.counts.encoded == 0
+
+
+def test_a_model_that_cannot_decode_stops_the_service_at_start(whisper_dir: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from faster_whisper import WhisperModel
+
+    def missing_library(*args, **kwargs):
+        raise RuntimeError("Library libcublas.so.12 is not found or cannot be loaded")
+
+    engine = WhisperEngine(EngineSettings(model_path=whisper_dir, cpu_threads=2))
+    monkeypatch.setattr(WhisperModel, "encode", missing_library)
+    with pytest.raises(RuntimeError, match=r"cannot decode on device=cpu compute_type=int8: Library libcublas"):
+        engine.warm_up()
+
+
 def test_batched_decoding_without_vad_is_refused_at_start(monkeypatch) -> None:
     from services.common.config import ConfigError
     from services.transcribe.config import DecodeSettings

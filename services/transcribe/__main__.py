@@ -18,6 +18,8 @@ log = logging.getLogger(SERVICE)
 
 def build(settings: TranscribeSettings) -> tuple[TranscriptionServicer, ServiceBinding]:
     engine = WhisperEngine(settings.engine)
+    if settings.warm_up:
+        log.info("warmed up: one decode on device=%s in %.1f s", settings.engine.device, engine.warm_up())
     servicer = TranscriptionServicer(engine, AdmissionLimiter(settings.max_concurrent, settings.max_queued),
                                      settings.max_audio_bytes)
     name = transcribe_pb2.DESCRIPTOR.services_by_name["TranscriptionService"].full_name

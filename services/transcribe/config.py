@@ -114,6 +114,7 @@ class TranscribeSettings:
     max_concurrent: int
     max_queued: int
     max_audio_bytes: int
+    warm_up: bool = True  # decode once before serving (see WhisperEngine.warm_up)
 
     @classmethod
     def from_env(cls) -> "TranscribeSettings":
@@ -124,4 +125,5 @@ class TranscribeSettings:
             max_concurrent=engine.num_workers,
             max_queued=env_int("TRANSCRIBE_MAX_QUEUED", 8, minimum=0),
             max_audio_bytes=env_int("TRANSCRIBE_MAX_AUDIO_BYTES", 2 * 1024**3, minimum=1),
+            warm_up=env_bool("WHISPER_WARM_UP", True),
         )

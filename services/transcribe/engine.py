@@ -276,6 +276,27 @@ class WhisperEngine:
             time.perf_counter() - started,
         )
 
+    def warm_up(self) -> float:
+        """Decode two seconds of silence once, outside any call, and return the seconds it took.
+
+        The device's first use happens here rather than in the first call: on a GPU, CUDA's start,
+        cuBLAS opened and the kernels loaded (the first decode of a fresh process on an H100 took
+        15.8 s, the next ones 0.3-0.5 s); and a library that cannot be loaded stops the service at
+        start instead of failing every call after it reports SERVING."""
+        started = time.perf_counter()
+        try:
+            segments, _ = self.model.transcribe(
+                np.zeros(2 * SAMPLE_RATE, dtype=np.float32), language="en", beam_size=self.settings.decode.beam_size,
+                temperature=0.0, vad_filter=False, condition_on_previous_text=False, max_new_tokens=4)
+            for _ in segments:
+                pass
+        except RuntimeError as exc:
+            raise RuntimeError(f"Whisper cannot decode on device={self.settings.device} "
+                               f"compute_type={self.settings.compute_type}: {exc}") from exc
+        finally:
+            self.model.forget()
+        return time.perf_counter() - started
+
     def per_segment_language(self, options: TranscribeOptions) -> bool:
         """Each segment's language is detected when asked (or configured) and no hint fixes it."""
         wanted = self.settings.decode.per_segment_language if options.per_segment_language is None \
