@@ -5,7 +5,7 @@
     .venv/bin/python -m bench --long-minutes 10   # a shorter long call for the RSS check (60 min: five 13-min decodes)
     .venv/bin/python -m bench --only quality      # WER and language ID on the generated evaluation set
     .venv/bin/python -m bench --only analysis     # topic/sentiment/emotion accuracy, translation sources
-    WHISPER_DEVICE=cuda .venv/bin/python -m bench --only transcribe,memory --results gpu.json   # on a GPU
+    WHISPER_DEVICE=cuda .venv/bin/python -m bench --only transcribe,memory,overlap --results gpu.json   # on a GPU
 
 Runs are interleaved (A B A B …), at least 5 of each; the table shows median, min
 and max, and results/latest.json keeps them with the machine they ran on.
@@ -84,13 +84,21 @@ def main() -> None:
     parser.add_argument("--long-minutes", type=int, default=60, help="length of the long call for the RSS check")
     parser.add_argument("--llm", choices=("small", "main"), default="small",
                         help="LLM for the pipeline benchmarks (same on both sides): the 0.5B or the default 1.5B")
+    parser.add_argument("--make-recordings", type=Path, metavar="DIR",
+                        help="only write the benchmarks' recordings into DIR (for --call DIR/call-60s.wav "
+                             "--recordings DIR on a machine without espeak-ng and ffmpeg), then stop")
     parser.add_argument("--call", type=Path, metavar="WAV",
-                        help="the 60-s recording to use instead of synthesizing one (no espeak-ng or ffmpeg needed)")
+                        help="the 60-s recording to use instead of synthesizing one")
     parser.add_argument("--recordings", type=Path, metavar="DIR",
-                        help="the sample calls for the pipeline benchmarks, made earlier by `python -m tests.audio DIR`")
+                        help="the sample calls for the pipeline benchmarks, instead of synthesizing them")
     parser.add_argument("--results", default="latest.json", metavar="NAME",
                         help="file under bench/results to write (e.g. gpu.json for a run on a GPU)")
     args = parser.parse_args()
+    if args.make_recordings is not None:
+        args.make_recordings.mkdir(parents=True, exist_ok=True)
+        pipeline_bench.make_recordings(args.make_recordings)
+        print(sixty_second_call(args.make_recordings))
+        return
     only = tuple(x.strip() for x in args.only.split(",") if x.strip())
     unknown = set(only) - set(BENCHMARKS)
     if unknown or args.runs < 5:
