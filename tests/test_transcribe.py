@@ -285,6 +285,17 @@ def test_whisper_on_cuda_defaults_to_float16_and_on_the_cpu_to_int8(monkeypatch:
     assert EngineSettings.from_env().compute_type == "int8"
 
 
+def test_auto_decides_the_device_from_the_gpus_ctranslate2_sees(monkeypatch: pytest.MonkeyPatch) -> None:
+    from services.transcribe import config
+
+    monkeypatch.delenv("WHISPER_COMPUTE_TYPE", raising=False)
+    monkeypatch.setenv("WHISPER_DEVICE", "auto")
+    monkeypatch.setattr(config, "cuda_device_count", lambda: 0)
+    assert (EngineSettings.from_env().device, EngineSettings.from_env().compute_type) == ("cpu", "int8")
+    monkeypatch.setattr(config, "cuda_device_count", lambda: 1)
+    assert (EngineSettings.from_env().device, EngineSettings.from_env().compute_type) == ("cuda", "float16")
+
+
 def test_the_warm_up_decodes_once_outside_any_call_and_forgets_its_window(whisper_dir: Path) -> None:
     engine = WhisperEngine(EngineSettings(model_path=whisper_dir, cpu_threads=2))
     assert engine.warm_up() > 0

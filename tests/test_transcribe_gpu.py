@@ -14,21 +14,12 @@ import pytest
 from callcenter.v1 import transcribe_pb2, transcribe_pb2_grpc
 from services.common.grpc_server import ServiceBinding, client_channel, start_server
 from services.common.limits import AdmissionLimiter
-from services.transcribe.config import DecodeSettings, EngineSettings
+from services.transcribe.config import DecodeSettings, EngineSettings, cuda_device_count
 from services.transcribe.engine import WhisperEngine
 from services.transcribe.servicer import TranscriptionServicer
 
 
-def cuda_devices() -> int:
-    import ctranslate2
-
-    try:
-        return ctranslate2.get_cuda_device_count()
-    except RuntimeError:  # a CUDA build that finds no driver
-        return 0
-
-
-pytestmark = pytest.mark.skipif(cuda_devices() == 0, reason="no CUDA device for CTranslate2 on this machine")
+pytestmark = pytest.mark.skipif(cuda_device_count() == 0, reason="no CUDA device for CTranslate2 on this machine")
 
 SERVICE_NAME = transcribe_pb2.DESCRIPTOR.services_by_name["TranscriptionService"].full_name
 
@@ -73,6 +64,13 @@ def text_of(responses: list[transcribe_pb2.TranscribeResponse]) -> str:
 def test_the_engine_loads_the_model_on_the_gpu(engine: WhisperEngine) -> None:
     assert engine.model.model.device == "cuda"
     assert engine.model.model.compute_type == "float16"
+
+
+def test_auto_picks_the_gpu_in_float16(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WHISPER_DEVICE", "auto")
+    monkeypatch.delenv("WHISPER_COMPUTE_TYPE", raising=False)
+    settings = EngineSettings.from_env()
+    assert (settings.device, settings.compute_type) == ("cuda", "float16")
 
 
 async def test_on_the_gpu_the_rpc_streams_language_segments_and_summary(engine: WhisperEngine,

@@ -20,6 +20,16 @@ from services.common.config import (
 STEREO_MODES = ("channels", "mix")
 
 
+def cuda_device_count() -> int:
+    """How many CUDA devices CTranslate2 sees (0 without a driver or a GPU)."""
+    import ctranslate2
+
+    try:
+        return ctranslate2.get_cuda_device_count()
+    except RuntimeError:  # a CUDA build that finds no driver
+        return 0
+
+
 @dataclass(frozen=True)
 class DecodeSettings:
     """faster-whisper decoding options; defaults chosen to hold on hard (synthetic, telephone) audio."""
@@ -95,6 +105,8 @@ class EngineSettings:
         device = env_str("WHISPER_DEVICE", "cpu")
         if device not in {"cpu", "cuda", "auto"}:
             raise ConfigError(f"WHISPER_DEVICE={device!r}: use cpu, cuda or auto")
+        if device == "auto":  # decided here, so that the compute type follows the device
+            device = "cuda" if cuda_device_count() else "cpu"
         default_compute = "float16" if device == "cuda" else "int8"
         workers = env_int("TRANSCRIBE_MAX_CONCURRENT", 1, minimum=1)
         return cls(
