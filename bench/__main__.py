@@ -113,8 +113,8 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     started = time.time()
     print(f"machine: {machine()}", flush=True)
-    results = asyncio.run(run(only, args.runs, args.long_minutes,
-                              "qwen2.5-coder-0.5b" if args.llm == "small" else "qwen2.5-coder-1.5b", args.call, args.recordings))
+    llm = "qwen2.5-coder-0.5b" if args.llm == "small" else "qwen2.5-coder-1.5b"
+    results = asyncio.run(run(only, args.runs, args.long_minutes, llm, args.call, args.recordings))
     print("\n" + table(results))
     print(f"\nwritten to {write_results(results, started, args.results)}")
 

@@ -27,7 +27,7 @@ RECORDINGS = ("en-internet-angry.wav", "es-billing-angry.wav")
 
 
 def make_recordings(directory: Path, made: Path | None = None) -> None:
-    """The calls the recorder serves: synthesized, or copied from ``made`` (``python -m tests.audio``)."""
+    """The calls the recorder serves: synthesized, or copied from ``made`` (``python -m bench --make-recordings``)."""
     directory.mkdir(parents=True, exist_ok=True)
     for name in RECORDINGS:
         key = name.removesuffix(".wav")

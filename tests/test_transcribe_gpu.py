@@ -18,15 +18,14 @@ from services.transcribe.config import DecodeSettings, EngineSettings, cuda_devi
 from services.transcribe.engine import WhisperEngine
 from services.transcribe.servicer import TranscriptionServicer
 
-
 pytestmark = pytest.mark.skipif(cuda_device_count() == 0, reason="no CUDA device for CTranslate2 on this machine")
 
 SERVICE_NAME = transcribe_pb2.DESCRIPTOR.services_by_name["TranscriptionService"].full_name
 
 
-def gpu_engine(whisper_dir: Path, **decode: object) -> WhisperEngine:
+def gpu_engine(whisper_dir: Path, num_workers: int = 1, **decode: object) -> WhisperEngine:
     settings = EngineSettings(model_path=whisper_dir, device="cuda", compute_type="float16",
-                              decode=DecodeSettings(**decode))
+                              num_workers=num_workers, decode=DecodeSettings(**decode))
     return WhisperEngine(settings)
 
 
@@ -106,8 +105,7 @@ def test_on_the_gpu_detection_and_the_first_window_share_one_encoder_pass(whispe
 
 
 async def test_on_the_gpu_calls_decoded_at_once_read_as_they_do_alone(whisper_dir: Path, audio_dir: Path) -> None:
-    engine = WhisperEngine(EngineSettings(model_path=whisper_dir, device="cuda", compute_type="float16",
-                                          num_workers=2))
+    engine = gpu_engine(whisper_dir, num_workers=2)
     calls = [audio_dir / "long-en.wav", audio_dir / "es-billing-angry.wav"]
     alone = [(await transcribe(engine, [path]))[0] for path in calls]
     together = await transcribe(engine, calls)
