@@ -95,8 +95,7 @@ def main() -> None:
                         help="file under bench/results to write (e.g. gpu.json for a run on a GPU)")
     args = parser.parse_args()
     if args.make_recordings is not None:
-        args.make_recordings.mkdir(parents=True, exist_ok=True)
-        pipeline_bench.make_recordings(args.make_recordings)
+        pipeline_bench.make_recordings(args.make_recordings)  # creates DIR
         print(sixty_second_call(args.make_recordings))
         return
     only = tuple(x.strip() for x in args.only.split(",") if x.strip())

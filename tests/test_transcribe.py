@@ -290,10 +290,10 @@ def test_auto_decides_the_device_from_the_gpus_ctranslate2_sees(monkeypatch: pyt
 
     monkeypatch.delenv("WHISPER_COMPUTE_TYPE", raising=False)
     monkeypatch.setenv("WHISPER_DEVICE", "auto")
-    monkeypatch.setattr(config, "cuda_device_count", lambda: 0)
-    assert (EngineSettings.from_env().device, EngineSettings.from_env().compute_type) == ("cpu", "int8")
-    monkeypatch.setattr(config, "cuda_device_count", lambda: 1)
-    assert (EngineSettings.from_env().device, EngineSettings.from_env().compute_type) == ("cuda", "float16")
+    for gpus, expected in ((0, ("cpu", "int8")), (1, ("cuda", "float16"))):
+        monkeypatch.setattr(config, "cuda_device_count", lambda: gpus)
+        settings = EngineSettings.from_env()
+        assert (settings.device, settings.compute_type) == expected
 
 
 def test_the_warm_up_decodes_once_outside_any_call_and_forgets_its_window(whisper_dir: Path) -> None:
