@@ -296,6 +296,25 @@ def test_auto_decides_the_device_from_the_gpus_ctranslate2_sees(monkeypatch: pyt
         assert (settings.device, settings.compute_type) == expected
 
 
+def test_cuda_keeps_its_compiled_kernels_in_the_data_directory(tmp_path: Path) -> None:
+    from services.transcribe.config import keep_compiled_kernels
+
+    environ: dict[str, str] = {}
+    assert keep_compiled_kernels(environ, tmp_path) == tmp_path / "cuda-cache"
+    assert environ == {"CUDA_CACHE_PATH": str(tmp_path / "cuda-cache")}
+
+
+def test_a_cuda_cache_the_operator_set_or_disabled_is_left_alone(tmp_path: Path) -> None:
+    from services.transcribe.config import keep_compiled_kernels
+
+    for environ in ({"CUDA_CACHE_PATH": "/var/cache/cuda"}, {"CUDA_CACHE_DISABLE": "1"}):
+        before = dict(environ)
+        assert keep_compiled_kernels(environ, tmp_path) is None
+        assert environ == before
+    environ = {"CUDA_CACHE_DISABLE": "0"}
+    assert keep_compiled_kernels(environ, tmp_path) == tmp_path / "cuda-cache"
+
+
 def test_the_warm_up_decodes_once_outside_any_call_and_forgets_its_window(whisper_dir: Path) -> None:
     engine = WhisperEngine(EngineSettings(model_path=whisper_dir, cpu_threads=2))
     assert engine.warm_up() > 0

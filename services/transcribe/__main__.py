@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import os
 
 from callcenter.v1 import transcribe_pb2, transcribe_pb2_grpc
+from services.common.config import data_dir
 from services.common.grpc_server import ServiceBinding, serve
 from services.common.limits import AdmissionLimiter
 from services.common.telemetry import run_service
-from services.transcribe.config import TranscribeSettings
+from services.transcribe.config import TranscribeSettings, keep_compiled_kernels
 from services.transcribe.engine import WhisperEngine
 from services.transcribe.servicer import TranscriptionServicer
 
@@ -33,6 +35,7 @@ async def amain() -> None:
 
 
 def main() -> None:
+    keep_compiled_kernels(os.environ, data_dir())  # before CUDA starts
     run_service(SERVICE, amain)
 
 

@@ -279,10 +279,10 @@ class WhisperEngine:
     def warm_up(self) -> float:
         """Decode two seconds of silence once, outside any call, and return the seconds it took.
 
-        The device's first use happens here rather than in the first call: on a GPU, CUDA's start,
-        cuBLAS opened and the kernels loaded (the first decode of a fresh process on an H100 took
-        15.8 s, the next ones 0.3-0.5 s); and a library that cannot be loaded stops the service at
-        start instead of failing every call after it reports SERVING."""
+        The device's first use happens here rather than in the first call: on a GPU, CUDA's start
+        and the compiling of GPU kernels for the card (14-19 s for a fresh process on an
+        H100, 0.4 s with the kernels kept: ``keep_compiled_kernels``); and a library that cannot be
+        loaded stops the service at start instead of failing every call after it reports SERVING."""
         started = time.perf_counter()
         try:
             segments, _ = self.model.transcribe(
