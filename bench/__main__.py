@@ -5,7 +5,7 @@
     .venv/bin/python -m bench --long-minutes 10   # a shorter long call for the RSS check (60 min: five 13-min decodes)
     .venv/bin/python -m bench --only quality      # WER and language ID on the generated evaluation set
     .venv/bin/python -m bench --only analysis     # topic/sentiment/emotion accuracy, translation sources
-    WHISPER_DEVICE=cuda .venv/bin/python -m bench --only transcribe,memory,overlap --results gpu.json   # on a GPU
+    WHISPER_DEVICE=cuda .venv/bin/python -m bench --only transcribe,cold,restart,memory,overlap --results gpu.json   # on a GPU
 
 Runs are interleaved (A B A B …), at least 5 of each; the table shows median, min
 and max, and results/latest.json keeps them with the machine they ran on.
@@ -27,7 +27,7 @@ from callmesh.models import MODELS, is_installed
 from services.common.config import data_dir
 from services.ingest.config import PipelineSettings
 
-BENCHMARKS = ("transcribe", "memory", "long", "webhook", "overlap", "seed", "quality", "analysis")
+BENCHMARKS = ("transcribe", "cold", "restart", "memory", "long", "webhook", "overlap", "seed", "quality", "analysis")
 
 
 def model(key: str) -> Path:
@@ -55,6 +55,10 @@ async def run(only: tuple[str, ...], runs: int, long_minutes: int, llm_key: str,
 
     if "transcribe" in only:
         done(await transcribe_bench.overhead_and_first_segment(call, work, whisper, runs))
+    if "cold" in only:
+        done(await transcribe_bench.cold_start(call, work, whisper, runs))
+    if "restart" in only:
+        done(await transcribe_bench.restart(call, work, whisper, runs))
     if "memory" in only:
         done(await transcribe_bench.memory(call, work, whisper, runs))
     if "webhook" in only:

@@ -172,6 +172,84 @@ async def memory(call: Path, work: Path, whisper: Path, runs: int) -> list[Resul
 
 
 @dataclass
+class ColdRun:
+    """One fresh transcribe service: start to SERVING, then the same call twice."""
+
+    start: float  # process started → listening (the model loaded, the warm-up done if on)
+    first: float  # the first call, first audio byte sent → last segment received
+    second: float  # the same call again
+
+    @property
+    def extra(self) -> float:
+        """What the first call costs beyond the second."""
+        return self.first - self.second
+
+
+# A fresh container: each service starts with CUDA's kernel cache off (no effect on the CPU), and logs
+# at INFO, which says how long its warm-up took.
+FRESH = {"CUDA_CACHE_DISABLE": "1", "LOG_LEVEL": "INFO"}
+
+
+async def cold_run(call: Path, work: Path, whisper: Path, **env: str) -> ColdRun:
+    """Start a service, send it the call twice, stop it."""
+    started = time.perf_counter()
+    mesh = await asyncio.to_thread(start_transcribe, work, whisper, **env)
+    ready = time.perf_counter() - started
+    try:
+        address = mesh.services["transcribe"].address
+        first = await transcribe_rpc(address, call)
+        second = await transcribe_rpc(address, call)
+    finally:
+        await asyncio.to_thread(mesh.stop)
+    return ColdRun(ready, first.total, second.total)
+
+
+def cold_note(runs: list[ColdRun]) -> str:
+    return (f"serving after {span([r.start for r in runs])} s, 60 s call first {span([r.first for r in runs])} s, "
+            f"then {span([r.second for r in runs])} s")
+
+
+async def cold_start(call: Path, work: Path, whisper: Path, runs: int) -> list[Result]:
+    """A fresh service's first call against its second: with the warm-up at start (the default)
+    and without it (``WHISPER_WARM_UP=0``), interleaved, each run in a new process."""
+    runs_by: dict[str, list[ColdRun]] = {"1": [], "0": []}
+
+    def fresh(warm_up: str):
+        async def one() -> float:
+            run = await cold_run(call, work / f"cold-{warm_up}", whisper, WHISPER_WARM_UP=warm_up, **FRESH)
+            runs_by[warm_up].append(run)
+            return run.first
+        return one
+
+    await interleaved(fresh("1"), fresh("0"), runs)
+    results = []
+    for warm_up, label, goal, met in (("1", "", "<= 1", lambda v: v <= 1.0),
+                                      ("0", ", no warm-up", "report", None)):
+        done = runs_by[warm_up]
+        results.append(value_result(
+            f"transcribe first call's extra time{label}", [r.extra for r in done], "s", goal, met,
+            f"fresh service: {cold_note(done)}",
+            start_seconds=[round(r.start, 2) for r in done],
+            first_seconds=[round(r.first, 2) for r in done],
+            second_seconds=[round(r.second, 2) for r in done]))
+    return results
+
+
+async def restart(call: Path, work: Path, whisper: Path, runs: int) -> list[Result]:
+    """A service started again on one data directory, which keeps the kernels CUDA compiled at its
+    first start (``keep_compiled_kernels``): the time to serving of each restart."""
+    kept = {"CALLMESH_DATA_DIR": str(work / "restart-data"), "LOG_LEVEL": "INFO"}
+    first_start = await cold_run(call, work / "restart", whisper, **kept)
+    restarts = [await cold_run(call, work / "restart", whisper, **kept) for _ in range(runs)]
+    return [value_result(
+        "transcribe restart: seconds to serving", [r.start for r in restarts], "s", "report", None,
+        f"the data directory's first start {first_start.start:.1f} s; restarts: {cold_note(restarts)}",
+        first_start_seconds=round(first_start.start, 2),
+        first_seconds=[round(r.first, 2) for r in restarts],
+        second_seconds=[round(r.second, 2) for r in restarts])]
+
+
+@dataclass
 class LongRun:
     """One long call through a fresh service: its RSS every 2 s, and the decode."""
 
