@@ -153,6 +153,14 @@ async def test_a_speaker_label_the_model_repeats_in_its_translation_is_not_doubl
     assert result.translated_transcript == "Agent: Good morning.\nCustomer: I was charged twice."
 
 
+async def test_a_mono_calls_translation_carries_no_speaker_label(ollama: FakeOllama) -> None:
+    ollama.answers = [json.dumps({"lines": ["Good morning.", "Speaker: I was charged twice."]}), json.dumps(GOOD)]
+    result = await analyzer(OllamaBackend(settings(ollama.url))).analyze(
+        [Utterance("unknown", 0, "Buenos días."), Utterance("unknown", 2, "Me cobraron dos veces.")], "es")
+    assert "1. Speaker: Buenos días.\n2. Speaker: Me cobraron dos veces." == ollama.requests[0]["messages"][1]["content"]
+    assert result.translated_transcript == "Good morning.\nI was charged twice."
+
+
 async def test_a_call_in_a_script_of_a_token_a_character_gets_room_for_its_translation(ollama: FakeOllama) -> None:
     thai = "สวัสดีค่ะ ดิฉันถูกเรียกเก็บเงินสองครั้งในใบแจ้งหนี้เดือนนี้ อยากขอคืนเงินค่ะ"
     ollama.answers = [json.dumps({"lines": ["Hello, I was charged twice on this month's bill; I'd like a refund."]}),

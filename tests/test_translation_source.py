@@ -80,3 +80,11 @@ async def test_whisper_can_translate_instead_and_the_record_says_so(services: di
     english = " ".join(s["text"] for s in record["translated_segments"]).lower()
     assert "hello" in english and "factura" not in english
     assert record["translated_transcript"].lower().count("hello") >= 1
+
+
+async def test_the_records_translation_reads_like_its_transcript(services: dict, tmp_path: Path,
+                                                                audio_dir: Path) -> None:
+    record = await run_call(services, tmp_path, audio_dir, "llm")
+    assert record["transcript"] == " ".join(s["text"].strip() for s in record["segments"])
+    assert record["translated_transcript"] == " ".join(s["text"].strip() for s in record["translated_segments"])
+    assert "Speaker:" not in record["translated_transcript"]

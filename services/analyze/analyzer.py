@@ -129,11 +129,13 @@ ECHOED_LABEL = re.compile(r"^\s*(?:\d+\.\s*)?(?:%s)\s*:\s*"
                           % "|".join(map(re.escape, [*SPEAKER_LABELS.values(), UNKNOWN_SPEAKER_LABEL])))
 
 
-def render_transcript(utterances: list[Utterance]) -> str:
+def render_transcript(utterances: list[Utterance], unknown_label: str = UNKNOWN_SPEAKER_LABEL) -> str:
+    """One line per utterance, ``Label: text``; with ``unknown_label`` empty, a line whose speaker is not
+    known is the bare text (the English translation given back: "Speaker" only helps the model read)."""
     lines = []
     for u in utterances:
-        label = SPEAKER_LABELS.get(u.speaker, UNKNOWN_SPEAKER_LABEL)
-        lines.append(f"{label}: {u.text.strip()}")
+        label = SPEAKER_LABELS.get(u.speaker, unknown_label)
+        lines.append(f"{label}: {u.text.strip()}" if label else u.text.strip())
     return "\n".join(lines)
 
 
@@ -384,8 +386,9 @@ class Analyzer:
         if dropped:
             log.warning("dropped %d summary bullet(s) naming numbers the call never mentions", len(dropped))
         summary = tuple(b.strip().lstrip("-• ").strip() for i, b in enumerate(answer["summary"]) if i not in dropped)
-        translated = render_transcript(translation) if translation and language != "en" else "\n".join(
-            render_transcript([replace(u, text=t)]) for u, t in zip(utterances, translated_lines))
+        english_lines = translation if translation and language != "en" else [
+            replace(u, text=t) for u, t in zip(utterances, translated_lines)]
+        translated = render_transcript(english_lines, unknown_label="")
         return AnalysisResult(
             summary=summary,  # type: ignore[arg-type]
             topic=answer["topic"],

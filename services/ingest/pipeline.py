@@ -365,11 +365,14 @@ class PipelineWorker:
     def build_record(self, job: Job) -> crm_pb2.CallRecord:
         t, a = job.transcript or {}, job.analysis or {}
         segments = t.get("segments", [])
+        english = a.get("translated_segments", [])
         return crm_pb2.CallRecord(
             # No speech: no language either (Whisper's guess on silence is noise).
             call_id=job.call_id, language_code=t.get("language", "") if not a.get("no_speech") else "",
             transcript=" ".join(s["text"].strip() for s in segments),
-            translated_transcript=a.get("translated_transcript", ""), summary=a.get("summary", []),
+            # The translation in the transcript's own form: the segments' text one after the other.
+            translated_transcript=" ".join(s["text"].strip() for s in english) if english
+            else a.get("translated_transcript", ""), summary=a.get("summary", []),
             topic=a.get("topic", ""), sentiment=SENTIMENT_VALUES.get(a.get("sentiment", ""), common_pb2.SENTIMENT_NEUTRAL),
             emotion=a.get("emotion", ""), create_time=timestamp(job.stage_times.get(DELIVERING) or time.time()),
             segments=[segment_from_dict(s) for s in segments], audio_duration=duration(t.get("audio_duration", 0.0)),
@@ -379,7 +382,7 @@ class PipelineWorker:
             language_uncertain=bool(t.get("language_uncertain")) and not a.get("no_speech"),
             sub_topic=a.get("sub_topic", ""), resolved=bool(a.get("resolved")),
             follow_up_actions=a.get("follow_up_actions", []),
-            translated_segments=[segment_from_dict(s) for s in a.get("translated_segments", [])],
+            translated_segments=[segment_from_dict(s) for s in english],
             translation_source=a.get("translation_source", ""),
             agent_sentiment=SENTIMENT_VALUES.get(a.get("sentiment_by_speaker", {}).get("agent", ""), 0),
             customer_sentiment=SENTIMENT_VALUES.get(a.get("sentiment_by_speaker", {}).get("customer", ""), 0),
