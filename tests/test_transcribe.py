@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import wave
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -372,8 +374,6 @@ async def test_translate_task_gives_english_segments_of_a_spanish_call(stub, aud
 
 def test_a_diarizer_labels_the_speakers_of_a_mono_call(whisper_dir: Path, audio_dir: Path, tmp_path: Path) -> None:
     """No diarization model ships as a package: a stand-in that knows the turns shows the interface."""
-    import subprocess
-
     mono = tmp_path / "mono.wav"
     subprocess.run(["ffmpeg", "-loglevel", "error", "-y", "-i", str(audio_dir / "stereo-agent-left.wav"), "-ac", "1",
                     str(mono)], check=True)
@@ -414,6 +414,31 @@ def test_a_stereo_call_reads_in_the_order_its_turns_were_spoken(engine: WhisperE
     assert turns == ["agent", "customer", "agent", "customer"]
     said = " ".join(s.text for s in segments).lower()
     assert said.index("monday") < said.index("router") < said.index("better")
+    assert all(not s.words for s in segments)  # word times were used, not returned unasked
+
+
+def test_with_word_times_a_mono_call_keeps_its_pause_out_of_every_segment(whisper_dir: Path, tmp_path: Path) -> None:
+    from callmesh.samples import synthesize
+    from services.transcribe.config import DecodeSettings
+
+    before = synthesize("Thank you for calling, how can I help you today? Let me check your account.", "en-us",
+                        tmp_path / "a.wav", speed=175)
+    after = synthesize("Thanks for holding. I found the problem, your refund is on its way.", "en-us",
+                       tmp_path / "b.wav", speed=175)
+    path = tmp_path / "on-hold.wav"  # the two, three seconds apart
+    subprocess.run(["ffmpeg", "-loglevel", "error", "-y", "-i", str(before), "-f", "lavfi", "-i",
+                    "anullsrc=r=22050:cl=mono", "-i", str(after), "-filter_complex",
+                    "[1:a]atrim=duration=3[s];[0:a][s][2:a]concat=n=3:v=0:a=1[a]", "-map", "[a]", "-ar", "16000",
+                    str(path)], check=True)
+    with wave.open(str(before)) as w:
+        pause_from = w.getnframes() / w.getframerate()
+    timed = WhisperEngine(EngineSettings(model_path=whisper_dir, cpu_threads=2, decode=DecodeSettings(word_times=True)))
+    segments, summary = events(timed, path)
+    assert "account" in " ".join(s.text for s in segments).lower()
+    # No segment runs into the three seconds nobody speaks (faster-whisper's own segment times ran one
+    # from "Let me check your account." through them to the next words here).
+    assert all(s.end <= pause_from + 0.3 or s.start >= pause_from + 2.7 for s in segments), segments
+    assert summary.statistics.longest_silence >= 2.5
     assert all(not s.words for s in segments)  # word times were used, not returned unasked
 
 
@@ -486,6 +511,15 @@ def test_an_unknown_stereo_mode_is_refused_at_start(monkeypatch) -> None:
         DecodeSettings.from_env()
     monkeypatch.setenv("WHISPER_STEREO_MODE", "MIX")
     assert DecodeSettings.from_env().stereo_mode == "mix"
+
+
+def test_word_times_for_mono_calls_are_off_unless_asked_for(monkeypatch) -> None:
+    from services.transcribe.config import DecodeSettings
+
+    monkeypatch.delenv("WHISPER_WORD_TIMES", raising=False)
+    assert DecodeSettings.from_env().word_times is False
+    monkeypatch.setenv("WHISPER_WORD_TIMES", "1")
+    assert DecodeSettings.from_env().word_times is True
 
 
 def test_a_long_recording_is_decoded_in_pieces_with_times_that_run_on(whisper_dir: Path, audio_dir: Path) -> None:

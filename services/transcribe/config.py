@@ -69,6 +69,7 @@ class DecodeSettings:
     languages: tuple[str, ...] = ()  # detection picks among these (empty: any language Whisper knows)
     stereo_mode: str = "channels"  # stereo calls: "channels" decodes each alone; "mix" decodes the mix once
     fit_context: bool = True  # the encoder reads a short window's content, not its 30-s padding
+    word_times: bool = False  # mono (and mixed stereo) calls timed by their words, as stereo channels are
 
     @classmethod
     def from_env(cls) -> "DecodeSettings":
@@ -96,6 +97,7 @@ class DecodeSettings:
             languages=tuple(code.lower() for code in env_list("WHISPER_LANGUAGES")),
             stereo_mode=env_str("WHISPER_STEREO_MODE", d.stereo_mode).lower(),
             fit_context=env_bool("WHISPER_FIT_CONTEXT", d.fit_context),
+            word_times=env_bool("WHISPER_WORD_TIMES", d.word_times),
         )
         if settings.stereo_mode not in STEREO_MODES:
             raise ConfigError(f"WHISPER_STEREO_MODE must be one of {', '.join(STEREO_MODES)}, "

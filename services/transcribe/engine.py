@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 SAMPLE_RATE = 16_000
 WINDOW_SECONDS = 30  # Whisper reads audio in windows this long
-STEREO_SPLIT_GAP_SECONDS = 1.0  # a pause this long inside one channel's segment: split there
+SPLIT_GAP_SECONDS = 1.0  # a pause this long inside a segment timed by its words: split there
 Speaker = Literal["agent", "customer", "unknown"]
 
 
@@ -513,8 +513,13 @@ class WhisperEngine:
 
     def _run_one(self, audio: np.ndarray, options: TranscribeOptions, cancel: threading.Event, started: float,
                  label: Labeller | None) -> Iterator[Event]:
-        """One decode of ``audio``; ``label`` (when given) says who spoke each segment."""
-        segments, info = self._segments(audio, options, options.language, "unknown", 0)
+        """One decode of ``audio``; ``label`` (when given) says who spoke each segment.
+
+        With ``WHISPER_WORD_TIMES`` the segments are timed by their words, as a stereo channel's are:
+        faster-whisper otherwise dates the end of a segment that stops right before a pause its voice
+        detection cut from the start of the speech after it, and the pause then counts as talk."""
+        gap = SPLIT_GAP_SECONDS if self.settings.decode.word_times else 0.0
+        segments, info = self._segments(audio, options, options.language, "unknown", 0, split_gap=gap)
         probability = 1.0 if options.language else float(info.language_probability)
         yield LanguageResult(info.language, probability, from_hint=bool(options.language))
         if label is not None:
@@ -626,7 +631,7 @@ class WhisperEngine:
         # it, so a speaker's next turn could sort before the other speaker's turn in between; and one
         # segment can hold two turns. Word times are right, so each channel is decoded with them: segments start at their first
         # word and are split where their words stand apart. The call then reads in the order it was spoken.
-        gap = STEREO_SPLIT_GAP_SECONDS
+        gap = SPLIT_GAP_SECONDS
         left_segments, left_info = self._segments(left, options, language, "agent" if agent_is_left else "customer",
                                                   0, split_gap=gap)
         right_segments, right_info = self._segments(right, options, language,
