@@ -417,9 +417,8 @@ def test_a_stereo_call_reads_in_the_order_its_turns_were_spoken(engine: WhisperE
     assert all(not s.words for s in segments)  # word times were used, not returned unasked
 
 
-def test_with_word_times_a_mono_call_keeps_its_pause_out_of_every_segment(whisper_dir: Path, tmp_path: Path) -> None:
+def test_a_mono_call_keeps_its_pause_out_of_every_segment(engine: WhisperEngine, tmp_path: Path) -> None:
     from callmesh.samples import synthesize
-    from services.transcribe.config import DecodeSettings
 
     before = synthesize("Thank you for calling, how can I help you today? Let me check your account.", "en-us",
                         tmp_path / "a.wav", speed=175)
@@ -432,8 +431,7 @@ def test_with_word_times_a_mono_call_keeps_its_pause_out_of_every_segment(whispe
                     str(path)], check=True)
     with wave.open(str(before)) as w:
         pause_from = w.getnframes() / w.getframerate()
-    timed = WhisperEngine(EngineSettings(model_path=whisper_dir, cpu_threads=2, decode=DecodeSettings(word_times=True)))
-    segments, summary = events(timed, path)
+    segments, summary = events(engine, path)  # the defaults
     assert "account" in " ".join(s.text for s in segments).lower()
     # No segment runs into the three seconds nobody speaks (faster-whisper's own segment times ran one
     # from "Let me check your account." through them to the next words here).
@@ -513,13 +511,15 @@ def test_an_unknown_stereo_mode_is_refused_at_start(monkeypatch) -> None:
     assert DecodeSettings.from_env().stereo_mode == "mix"
 
 
-def test_word_times_for_mono_calls_are_off_unless_asked_for(monkeypatch) -> None:
+def test_mono_calls_are_timed_by_their_words_unless_turned_off(monkeypatch) -> None:
     from services.transcribe.config import DecodeSettings
+    from services.transcribe.engine import TranscribeOptions, decode_kwargs
 
     monkeypatch.delenv("WHISPER_WORD_TIMES", raising=False)
-    assert DecodeSettings.from_env().word_times is False
-    monkeypatch.setenv("WHISPER_WORD_TIMES", "1")
     assert DecodeSettings.from_env().word_times is True
+    assert decode_kwargs(DecodeSettings.from_env(), TranscribeOptions(), None)["word_timestamps"] is True
+    monkeypatch.setenv("WHISPER_WORD_TIMES", "0")
+    assert decode_kwargs(DecodeSettings.from_env(), TranscribeOptions(), None)["word_timestamps"] is False
 
 
 def test_a_long_recording_is_decoded_in_pieces_with_times_that_run_on(whisper_dir: Path, audio_dir: Path) -> None:

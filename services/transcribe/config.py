@@ -69,7 +69,7 @@ class DecodeSettings:
     languages: tuple[str, ...] = ()  # detection picks among these (empty: any language Whisper knows)
     stereo_mode: str = "channels"  # stereo calls: "channels" decodes each alone; "mix" decodes the mix once
     fit_context: bool = True  # the encoder reads a short window's content, not its 30-s padding
-    word_times: bool = False  # mono (and mixed stereo) calls timed by their words, as stereo channels are
+    word_times: bool = True  # mono (and mixed stereo) calls timed by their words, as stereo channels are
 
     @classmethod
     def from_env(cls) -> "DecodeSettings":

@@ -227,7 +227,7 @@ def decode_kwargs(d: DecodeSettings, options: TranscribeOptions, language: str |
         compression_ratio_threshold=d.compression_ratio_threshold,
         no_speech_threshold=d.no_speech_threshold,
         vad_filter=d.vad_filter,
-        word_timestamps=options.word_timestamps,
+        word_timestamps=options.word_timestamps or d.word_times,  # returned only when the caller asks
         hotwords=" ".join(options.hotwords) or None,
         language_detection_segments=d.language_detection_segments,
         multilingual=multilingual,
@@ -515,7 +515,7 @@ class WhisperEngine:
                  label: Labeller | None) -> Iterator[Event]:
         """One decode of ``audio``; ``label`` (when given) says who spoke each segment.
 
-        With ``WHISPER_WORD_TIMES`` the segments are timed by their words, as a stereo channel's are:
+        With ``WHISPER_WORD_TIMES`` (the default) the segments are timed by their words, as a stereo channel's are:
         faster-whisper otherwise dates the end of a segment that stops right before a pause its voice
         detection cut from the start of the speech after it, and the pause then counts as talk."""
         gap = SPLIT_GAP_SECONDS if self.settings.decode.word_times else 0.0
