@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,7 +129,12 @@ async def test_crm_outage_is_retried_until_delivered(tmp_path: Path, receiver: C
 async def test_crm_outage_then_recovery_delivers_every_record_once_in_order_of_arrival(
         tmp_path: Path, receiver: CrmReceiver) -> None:
     port = int(receiver.url.split(":")[2].split("/")[0])
-    await receiver.stop()  # first the CRM refuses connections
+    await receiver.stop()  # first the CRM refuses connections:
+    # its port stays bound and not listening, so connections to it are refused, and no server started
+    # meanwhile (the crm service's own, on port 0) can be given it before the CRM comes back there.
+    down = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    down.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    down.bind(("127.0.0.1", port))
     crm = await start_crm(tmp_path / "o.db", receiver)
     try:
         batch = [f"batch-{i:02d}" for i in range(12)]
@@ -137,6 +143,7 @@ async def test_crm_outage_then_recovery_delivers_every_record_once_in_order_of_a
         head = await wait_delivery(crm.stub, batch[0], lambda d: d.attempts >= 2, timeout=10)
         assert "unreachable" in head.last_error
         receiver.fail_with = 503  # then it is up but answers 503
+        down.close()
         await receiver.start(port=port)
         head = await wait_delivery(crm.stub, batch[0], lambda d: "503" in d.last_error, timeout=10)
         assert receiver.records == []
@@ -147,6 +154,7 @@ async def test_crm_outage_then_recovery_delivers_every_record_once_in_order_of_a
         assert len({r.idempotency_key for r in receiver.records}) == len(batch)
         assert receiver.posts > len(batch)  # the 503s were posts too
     finally:
+        down.close()
         await crm.close()
 
 
