@@ -71,6 +71,11 @@ def _rpc_error(stage: str, exc: grpc.aio.AioRpcError) -> StageError:
     return StageError(message, permanent=code not in TRANSIENT_CODES, waiting=code == grpc.StatusCode.UNAVAILABLE)
 
 
+def spoken_text(segments: list[dict]) -> str:
+    """A call's text as the record carries it: the segments' text, one after the other."""
+    return " ".join(s["text"].strip() for s in segments)
+
+
 class PipelineWorker:
     def __init__(self, store: JobStore, downloader: Downloader, settings: PipelineSettings,
                  worker_id: str | None = None) -> None:
@@ -369,10 +374,10 @@ class PipelineWorker:
         return crm_pb2.CallRecord(
             # No speech: no language either (Whisper's guess on silence is noise).
             call_id=job.call_id, language_code=t.get("language", "") if not a.get("no_speech") else "",
-            transcript=" ".join(s["text"].strip() for s in segments),
-            # The translation in the transcript's own form: the segments' text one after the other.
-            translated_transcript=" ".join(s["text"].strip() for s in english) if english
-            else a.get("translated_transcript", ""), summary=a.get("summary", []),
+            transcript=spoken_text(segments),
+            # The translation in the transcript's own form.
+            translated_transcript=spoken_text(english) if english else a.get("translated_transcript", ""),
+            summary=a.get("summary", []),
             topic=a.get("topic", ""), sentiment=SENTIMENT_VALUES.get(a.get("sentiment", ""), common_pb2.SENTIMENT_NEUTRAL),
             emotion=a.get("emotion", ""), create_time=timestamp(job.stage_times.get(DELIVERING) or time.time()),
             segments=[segment_from_dict(s) for s in segments], audio_duration=duration(t.get("audio_duration", 0.0)),
