@@ -23,6 +23,8 @@ from services.common.retry import backoff_delay
 from services.crm.delivery import DeliveryWorker
 from services.crm.outbox import Outbox
 from services.crm.servicer import CrmSyncServicer
+from services.ingest.store import DELIVERING, JobOptions, JobStore
+from tests.ingest_harness import running_ingest, wait_for_state
 
 
 @dataclass
@@ -250,3 +252,42 @@ async def test_redaction_can_be_turned_off(tmp_path: Path, receiver: CrmReceiver
         assert body["pii_redaction_applied"] is False and body["redactions"] == []
     finally:
         await crm.close()
+
+
+async def test_pipeline_sees_a_record_the_crm_took_at_once_without_waiting_a_poll_interval(
+        tmp_path: Path, receiver: CrmReceiver) -> None:
+    # A call that was transcribed and analysed before ingest started: it resumes at delivery.
+    store = JobStore(tmp_path / "ingest.db")
+    await store.open()
+    await store.create("c-quick", "http://127.0.0.1:9/c.wav", JobOptions(), {}, "0" * 32)
+    await store.update("c-quick", None, state=DELIVERING,
+                       transcript={"language": "es", "segments": [
+                           {"index": 0, "start": 0.0, "end": 1.0, "text": "Hola.", "speaker": "unknown"}]},
+                       analysis={"summary": ["a", "b", "c"], "topic": "Billing", "sentiment": "negative",
+                                 "emotion": "angry"})
+    await store.close()
+    crm = await start_crm(tmp_path / "o.db", receiver)
+    try:
+        # The crm service queues the record and answers before it has sent it; the stand-in CRM takes it
+        # in milliseconds. With a minute between polls, only an early first look finishes the call in time.
+        async with running_ingest(tmp_path, crm_addr=crm.server.address, delivery_poll_seconds=60) as ingest:
+            status = await wait_for_state(ingest.url, "c-quick", {"done", "failed"}, timeout=15)
+        assert status["status"] == "done", status
+        assert status["delivery"]["state"] == "delivered"
+        assert [r.body["transcript"] for r in receiver.for_call("c-quick")] == ["Hola."]
+    finally:
+        await crm.close()
+
+
+async def test_delivery_polls_start_soon_and_slow_down_to_the_configured_interval(tmp_path: Path) -> None:
+    from services.ingest.config import PipelineSettings
+    from services.ingest.pipeline import PipelineWorker
+    settings = PipelineSettings("127.0.0.1:9", "127.0.0.1:9", "127.0.0.1:9", worker_id="w", concurrency=1,
+                                max_attempts=1, backoff_initial=1, backoff_max=1, transcribe_timeout=1,
+                                analyze_timeout=1, rpc_timeout=1, delivery_poll_seconds=2.0, chunk_bytes=1024,
+                                lease_seconds=30)
+    worker = PipelineWorker(JobStore(tmp_path / "unused.db"), None, settings)  # type: ignore[arg-type]
+    delays = [worker.delivery_poll_delay(n) for n in range(8)] + [worker.delivery_poll_delay(5000)]
+    assert delays[0] < 0.1
+    assert all(b == 2 * a for a, b in zip(delays[:5], delays[1:6]))
+    assert delays[6:] == [2.0, 2.0, 2.0]  # a CRM that is down: never more often than DELIVERY_POLL_SECONDS

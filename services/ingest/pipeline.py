@@ -47,6 +47,7 @@ _stage_seconds = meter(__name__).create_histogram(
 FRONT_STATES = (RECEIVED, DOWNLOADING, TRANSCRIBING)
 BACK_STATES = (ANALYZING, DELIVERING)
 BACK_STAGE_FACTOR = 3  # calls analysed or delivered at once: at most this many times PIPELINE_CONCURRENCY
+FIRST_DELIVERY_POLL_SECONDS = 0.05  # the CRM's answer is looked for this soon, then twice as late each time
 TRANSIENT_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED,
                    grpc.StatusCode.ABORTED, grpc.StatusCode.UNKNOWN, grpc.StatusCode.CANCELLED}
 
@@ -412,7 +413,8 @@ class PipelineWorker:
                 await self.store.update(job.call_id, self.owner, result={**(job.result or {}), "queued": False})
                 job.result = {**(job.result or {}), "queued": False}
             raise _rpc_error("crm", exc) from exc
-        result = {**(job.result or {}), "delivery": {
+        polls = int((job.result or {}).get("polls", 0))
+        result = {**(job.result or {}), "polls": polls + 1, "delivery": {
             "state": crm_pb2.DeliveryState.Name(delivery.state).removeprefix("DELIVERY_STATE_").lower(),
             "attempts": delivery.attempts, "last_error": delivery.last_error,
             "idempotency_key": delivery.idempotency_key}}
@@ -423,7 +425,14 @@ class PipelineWorker:
             raise StageError(f"crm: {delivery.last_error}", permanent=True)
         await self.store.update(job.call_id, self.owner, result=result)
         job.result = result
-        raise _Reschedule(self.settings.delivery_poll_seconds)
+        raise _Reschedule(self.delivery_poll_delay(polls))
+
+    def delivery_poll_delay(self, polls: int) -> float:
+        """When to ask the crm service again after ``polls`` answers that the record is not in the CRM yet:
+        soon at first (a CRM that answers in milliseconds gets its call done in milliseconds, not after a
+        whole poll interval), twice as late each time, and every ``DELIVERY_POLL_SECONDS`` from then on
+        (a CRM that is down is polled no more often than that)."""
+        return min(self.settings.delivery_poll_seconds, FIRST_DELIVERY_POLL_SECONDS * 2.0 ** min(polls, 30))
 
     def _cleanup(self, job: Job) -> None:
         if job.recording_path:

@@ -1,0 +1,45 @@
+"""Every setting a service reads from its environment is documented, with its default, in the README."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from services.common.config import ConfigError, env_float
+
+ROOT = Path(__file__).resolve().parents[1]
+# The environment helpers of services/common/config.py (and ingest's choice among fixed values), called with a name.
+READ = re.compile(r'\b(?:env_str|env_int|env_float|env_bool|env_list|_choice)\(\s*"([A-Z][A-Z0-9_]+)"')
+PREFIXED = re.compile(r'GrpcServerSettings\.from_env\(\s*"([A-Z_]+)"')
+
+
+def variables_the_services_read() -> set[str]:
+    names: set[str] = set()
+    for path in (ROOT / "services").rglob("*.py"):
+        text = path.read_text()
+        names |= set(READ.findall(text))
+        for prefix in PREFIXED.findall(text):
+            names |= {f"{prefix}_LISTEN", f"{prefix}_METRICS_LISTEN"}
+    return names
+
+
+def configuration_table() -> str:
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index("\n## Configuration\n")
+    return readme[start:readme.index("\n## ", start + 1)]
+
+
+def test_every_variable_a_service_reads_is_in_the_readme_configuration_table() -> None:
+    names = variables_the_services_read()
+    assert {"DELIVERY_POLL_SECONDS", "TRANSCRIBE_LISTEN", "WHISPER_NO_SPEECH_THRESHOLD"} <= names  # the scan sees them
+    table = configuration_table()
+    undocumented = sorted(n for n in names if f"`{n}`" not in table)
+    assert not undocumented, f"read by the services but not in the README's Configuration table: {undocumented}"
+
+
+def test_a_setting_below_its_minimum_is_refused_with_its_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DELIVERY_POLL_SECONDS", "0.001")
+    with pytest.raises(ConfigError, match="DELIVERY_POLL_SECONDS=0.001 is below the minimum 0.05"):
+        env_float("DELIVERY_POLL_SECONDS", 2.0, minimum=0.05)
