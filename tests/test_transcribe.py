@@ -28,8 +28,9 @@ def engine(whisper_dir: Path) -> WhisperEngine:
     return WhisperEngine(EngineSettings(model_path=whisper_dir, cpu_threads=2))
 
 
-async def _serve(engine: WhisperEngine, max_running: int, max_queued: int) -> tuple[RunningServer, TranscriptionServicer]:
-    servicer = TranscriptionServicer(engine, AdmissionLimiter(max_running, max_queued), max_audio_bytes=64 * 1024 * 1024)
+async def _serve(engine: WhisperEngine, max_running: int, max_queued: int,
+                 max_audio_bytes: int = 64 * 1024 * 1024) -> tuple[RunningServer, TranscriptionServicer]:
+    servicer = TranscriptionServicer(engine, AdmissionLimiter(max_running, max_queued), max_audio_bytes=max_audio_bytes)
     binding = ServiceBinding(SERVICE_NAME, lambda s: transcribe_pb2_grpc.add_TranscriptionServiceServicer_to_server(servicer, s))
     return await start_server("127.0.0.1:0", [binding]), servicer
 
@@ -189,6 +190,46 @@ async def test_over_the_concurrency_limit_is_resource_exhausted(engine, audio_di
     finally:
         await channel.close()
         await server.stop(1)
+
+
+async def test_a_recording_over_the_size_limit_is_invalid_argument_naming_the_limit(engine, audio_dir: Path) -> None:
+    server, _ = await _serve(engine, 1, 0, max_audio_bytes=100_000)
+    channel = client_channel(server.address)
+    try:
+        stub = transcribe_pb2_grpc.TranscriptionServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as info:  # 566 kB, sent in 32-kB messages
+            await collect(stub.Transcribe(requests(audio_dir / "es-billing-angry.wav")))
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "over the 100000-byte limit" in info.value.details()
+    finally:
+        await channel.close()
+        await server.stop(1)
+
+
+async def test_a_second_config_in_the_stream_is_invalid_argument_with_the_reason(stub, audio_dir: Path) -> None:
+    async def config_among_the_audio():
+        async for message in requests(audio_dir / "es-billing-angry.wav"):
+            yield message
+            if message.HasField("config"):
+                yield transcribe_pb2.TranscribeRequest(audio=b"RIFF")
+                yield transcribe_pb2.TranscribeRequest(config=transcribe_pb2.TranscriptionConfig(call_id="again"))
+
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await collect(stub.Transcribe(config_among_the_audio()))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details() == "only the first message may carry a config"
+
+
+async def test_audio_before_the_config_is_invalid_argument_with_the_reason(stub, audio_dir: Path) -> None:
+    async def audio_only():
+        async for message in requests(audio_dir / "es-billing-angry.wav"):
+            if message.HasField("audio"):
+                yield message
+
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await collect(stub.Transcribe(audio_only()))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "the first message must carry the config" in info.value.details()
 
 
 async def test_health_and_reflection_are_served(stub, engine) -> None:

@@ -51,9 +51,11 @@ class TranscriptionServiceServicer:
         chunks, and streams back the detected language as soon as it is known,
         each segment as soon as it is decoded, and a final summary.
         Errors: INVALID_ARGUMENT when the first message is not a config, when no
-        audio arrives or when the audio cannot be decoded; RESOURCE_EXHAUSTED
-        when the service is at its concurrency limit or the recording is over its
-        size limit. Cancelling the call stops the decode.
+        audio arrives, when the recording is over the service's size limit or
+        when the audio cannot be decoded (sending it again will not help; the
+        status comes once the client has sent its whole stream); RESOURCE_EXHAUSTED
+        when the service is at its concurrency limit (try again later).
+        Cancelling the call stops the decode.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -85,6 +85,8 @@ class TranscriptionServicer(transcribe_pb2_grpc.TranscriptionServiceServicer):
                          context: grpc.aio.ServicerContext) -> AsyncIterator[transcribe_pb2.TranscribeResponse]:
         first = await anext(request_iterator, None)
         if first is None or first.WhichOneof("request") != "config":
+            async for _ in request_iterator:  # the reason reaches the client only once it has sent all (see below)
+                pass
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 "the first message must carry the config, audio follows in later messages")
         config = first.config
@@ -108,17 +110,28 @@ class TranscriptionServicer(transcribe_pb2_grpc.TranscriptionServiceServicer):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
 
     async def _receive_audio(self, request_iterator, spool, context: grpc.aio.ServicerContext) -> int:
+        """The audio spooled; a stream that cannot be decoded is refused with INVALID_ARGUMENT and the reason.
+
+        The refusal waits for the end of the stream (what follows the fault is read and dropped): aborted
+        while the client still writes, the call ends on the client as INTERNAL "Internal error from
+        Core", without the reason, and a client such as ingest cannot tell that sending again is useless."""
         size = 0
+        problem = ""
         async for message in request_iterator:
+            if problem:
+                continue
             if message.WhichOneof("request") != "audio":
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "only the first message may carry a config")
+                problem = "only the first message may carry a config"
+                continue
             size += len(message.audio)
             if size > self.max_audio_bytes:
-                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                    f"the recording is over the {self.max_audio_bytes}-byte limit")
+                problem = f"the recording is over the {self.max_audio_bytes}-byte limit (TRANSCRIBE_MAX_AUDIO_BYTES)"
+                continue
             spool.write(message.audio)
-        if size == 0:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "no audio was sent after the config")
+        if not problem and size == 0:
+            problem = "no audio was sent after the config"
+        if problem:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
         return size
 
     async def _decode(self, source, options: TranscribeOptions, call_id: str) -> AsyncIterator[transcribe_pb2.TranscribeResponse]:
