@@ -23,6 +23,7 @@ from services.common.retry import backoff_delay
 from services.crm.delivery import DeliveryWorker
 from services.crm.outbox import Outbox
 from services.crm.servicer import CrmSyncServicer
+from services.ingest.pipeline import delivery_poll_delay
 from services.ingest.store import DELIVERING, JobOptions, JobStore
 from tests.ingest_harness import running_ingest, wait_for_state
 
@@ -279,15 +280,8 @@ async def test_pipeline_sees_a_record_the_crm_took_at_once_without_waiting_a_pol
         await crm.close()
 
 
-async def test_delivery_polls_start_soon_and_slow_down_to_the_configured_interval(tmp_path: Path) -> None:
-    from services.ingest.config import PipelineSettings
-    from services.ingest.pipeline import PipelineWorker
-    settings = PipelineSettings("127.0.0.1:9", "127.0.0.1:9", "127.0.0.1:9", worker_id="w", concurrency=1,
-                                max_attempts=1, backoff_initial=1, backoff_max=1, transcribe_timeout=1,
-                                analyze_timeout=1, rpc_timeout=1, delivery_poll_seconds=2.0, chunk_bytes=1024,
-                                lease_seconds=30)
-    worker = PipelineWorker(JobStore(tmp_path / "unused.db"), None, settings)  # type: ignore[arg-type]
-    delays = [worker.delivery_poll_delay(n) for n in range(8)] + [worker.delivery_poll_delay(5000)]
+def test_delivery_polls_start_soon_and_slow_down_to_the_configured_interval() -> None:
+    delays = [delivery_poll_delay(n, 2.0) for n in range(8)] + [delivery_poll_delay(5000, 2.0)]
     assert delays[0] < 0.1
     assert all(b == 2 * a for a, b in zip(delays[:5], delays[1:6]))
     assert delays[6:] == [2.0, 2.0, 2.0]  # a CRM that is down: never more often than DELIVERY_POLL_SECONDS

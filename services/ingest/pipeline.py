@@ -77,6 +77,14 @@ def spoken_text(segments: list[dict]) -> str:
     return " ".join(s["text"].strip() for s in segments)
 
 
+def delivery_poll_delay(polls: int, interval: float) -> float:
+    """When to ask the crm service again after ``polls`` answers that the record is not in the CRM yet:
+    soon at first (a CRM that answers in milliseconds gets its call done in milliseconds, not after a
+    whole poll interval), twice as late each time, and every ``interval`` (``DELIVERY_POLL_SECONDS``)
+    from then on: a CRM that is down is polled no more often than that."""
+    return min(interval, FIRST_DELIVERY_POLL_SECONDS * 2.0 ** min(polls, 30))
+
+
 class PipelineWorker:
     def __init__(self, store: JobStore, downloader: Downloader, settings: PipelineSettings,
                  worker_id: str | None = None) -> None:
@@ -425,14 +433,7 @@ class PipelineWorker:
             raise StageError(f"crm: {delivery.last_error}", permanent=True)
         await self.store.update(job.call_id, self.owner, result=result)
         job.result = result
-        raise _Reschedule(self.delivery_poll_delay(polls))
-
-    def delivery_poll_delay(self, polls: int) -> float:
-        """When to ask the crm service again after ``polls`` answers that the record is not in the CRM yet:
-        soon at first (a CRM that answers in milliseconds gets its call done in milliseconds, not after a
-        whole poll interval), twice as late each time, and every ``DELIVERY_POLL_SECONDS`` from then on
-        (a CRM that is down is polled no more often than that)."""
-        return min(self.settings.delivery_poll_seconds, FIRST_DELIVERY_POLL_SECONDS * 2.0 ** min(polls, 30))
+        raise _Reschedule(delivery_poll_delay(polls, self.settings.delivery_poll_seconds))
 
     def _cleanup(self, job: Job) -> None:
         if job.recording_path:
