@@ -47,7 +47,7 @@ _stage_seconds = meter(__name__).create_histogram(
 FRONT_STATES = (RECEIVED, DOWNLOADING, TRANSCRIBING)
 BACK_STATES = (ANALYZING, DELIVERING)
 BACK_STAGE_FACTOR = 3  # calls analysed or delivered at once: at most this many times PIPELINE_CONCURRENCY
-FIRST_DELIVERY_POLL_SECONDS = 0.05  # the CRM's answer is looked for this soon, then twice as late each time
+FIRST_DELIVERY_POLL_SECONDS = 0.05  # the CRM's answer is first looked for this soon after the record is queued
 TRANSIENT_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED,
                    grpc.StatusCode.ABORTED, grpc.StatusCode.UNKNOWN, grpc.StatusCode.CANCELLED}
 
@@ -77,12 +77,12 @@ def spoken_text(segments: list[dict]) -> str:
     return " ".join(s["text"].strip() for s in segments)
 
 
-def delivery_poll_delay(polls: int, interval: float) -> float:
-    """When to ask the crm service again after ``polls`` answers that the record is not in the CRM yet:
-    soon at first (a CRM that answers in milliseconds gets its call done in milliseconds, not after a
-    whole poll interval), twice as late each time, and every ``interval`` (``DELIVERY_POLL_SECONDS``)
-    from then on: a CRM that is down is polled no more often than that."""
-    return min(interval, FIRST_DELIVERY_POLL_SECONDS * 2.0 ** min(polls, 30))
+def delivery_poll_delay(waited: float, interval: float) -> float:
+    """When to ask the crm service again about a record that has waited ``waited`` seconds for the CRM:
+    after as long again, so that a CRM that answers in milliseconds gets its call done in milliseconds,
+    not after a whole poll interval, and the looks come twice as far apart each time; and at most
+    every ``interval`` (``DELIVERY_POLL_SECONDS``): a CRM that is down is polled no more often than that."""
+    return min(interval, max(FIRST_DELIVERY_POLL_SECONDS, waited))
 
 
 class PipelineWorker:
@@ -421,8 +421,7 @@ class PipelineWorker:
                 await self.store.update(job.call_id, self.owner, result={**(job.result or {}), "queued": False})
                 job.result = {**(job.result or {}), "queued": False}
             raise _rpc_error("crm", exc) from exc
-        polls = int((job.result or {}).get("polls", 0))
-        result = {**(job.result or {}), "polls": polls + 1, "delivery": {
+        result = {**(job.result or {}), "delivery": {
             "state": crm_pb2.DeliveryState.Name(delivery.state).removeprefix("DELIVERY_STATE_").lower(),
             "attempts": delivery.attempts, "last_error": delivery.last_error,
             "idempotency_key": delivery.idempotency_key}}
@@ -433,7 +432,8 @@ class PipelineWorker:
             raise StageError(f"crm: {delivery.last_error}", permanent=True)
         await self.store.update(job.call_id, self.owner, result=result)
         job.result = result
-        raise _Reschedule(delivery_poll_delay(polls, self.settings.delivery_poll_seconds))
+        waited = time.time() - (job.stage_times.get(DELIVERING) or time.time())
+        raise _Reschedule(delivery_poll_delay(waited, self.settings.delivery_poll_seconds))
 
     def _cleanup(self, job: Job) -> None:
         if job.recording_path:
