@@ -7,6 +7,7 @@ import logging
 import tempfile
 import threading
 from collections.abc import AsyncIterator
+from typing import NoReturn
 
 import grpc
 from callcenter.v1 import common_pb2, transcribe_pb2, transcribe_pb2_grpc
@@ -85,10 +86,8 @@ class TranscriptionServicer(transcribe_pb2_grpc.TranscriptionServiceServicer):
                          context: grpc.aio.ServicerContext) -> AsyncIterator[transcribe_pb2.TranscribeResponse]:
         first = await anext(request_iterator, None)
         if first is None or first.WhichOneof("request") != "config":
-            async for _ in request_iterator:  # the reason reaches the client only once it has sent all (see below)
-                pass
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                "the first message must carry the config, audio follows in later messages")
+            await self._refuse(request_iterator, context,
+                               "the first message must carry the config, audio follows in later messages")
         config = first.config
         with call_context(config.call_id or "-"), tempfile.SpooledTemporaryFile(_SPOOL_IN_MEMORY) as spool:
             # Admission is decided once the client has sent everything: rejecting a stream
@@ -110,29 +109,28 @@ class TranscriptionServicer(transcribe_pb2_grpc.TranscriptionServiceServicer):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
 
     async def _receive_audio(self, request_iterator, spool, context: grpc.aio.ServicerContext) -> int:
-        """The audio spooled; a stream that cannot be decoded is refused with INVALID_ARGUMENT and the reason.
-
-        The refusal waits for the end of the stream (what follows the fault is read and dropped): aborted
-        while the client still writes, the call ends on the client as INTERNAL "Internal error from
-        Core", without the reason, and a client such as ingest cannot tell that sending again is useless."""
         size = 0
-        problem = ""
         async for message in request_iterator:
-            if problem:
-                continue
             if message.WhichOneof("request") != "audio":
-                problem = "only the first message may carry a config"
-                continue
+                await self._refuse(request_iterator, context, "only the first message may carry a config")
             size += len(message.audio)
             if size > self.max_audio_bytes:
-                problem = f"the recording is over the {self.max_audio_bytes}-byte limit (TRANSCRIBE_MAX_AUDIO_BYTES)"
-                continue
+                await self._refuse(request_iterator, context, f"the recording is over the {self.max_audio_bytes}"
+                                   "-byte limit (TRANSCRIBE_MAX_AUDIO_BYTES)")
             spool.write(message.audio)
-        if not problem and size == 0:
-            problem = "no audio was sent after the config"
-        if problem:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        if size == 0:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "no audio was sent after the config")
         return size
+
+    @staticmethod
+    async def _refuse(request_iterator, context: grpc.aio.ServicerContext, reason: str) -> NoReturn:
+        """INVALID_ARGUMENT with ``reason``, once the client has sent its whole stream (the rest is read and
+        dropped): aborted while the client still writes, the call ends on the client as INTERNAL "Internal
+        error from Core", without the reason, and a client such as ingest cannot tell that sending again
+        is useless."""
+        async for _ in request_iterator:
+            pass
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, reason)
 
     async def _decode(self, source, options: TranscribeOptions, call_id: str) -> AsyncIterator[transcribe_pb2.TranscribeResponse]:
         """Run the blocking engine in a thread and hand its events over as they come."""
