@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from services.ingest.store import ANALYZING, DELIVERING, DOWNLOADING, RECEIVED, JobOptions, JobStore
+from services.ingest.store import (
+    ANALYZING, DELIVERING, DONE, DOWNLOADING, FAILED, RECEIVED, TRANSCRIBING, JobOptions, JobStore,
+)
 
 
 @pytest_asyncio.fixture(params=["sqlite", "postgresql"])
@@ -52,3 +54,11 @@ async def test_next_due_counts_only_the_stages_it_names(store: JobStore) -> None
     await store.create("call-0", "http://127.0.0.1:9/a.wav", JobOptions(), {}, "")
     assert await store.next_due_at((ANALYZING, DELIVERING)) is None
     assert await store.next_due_at((RECEIVED,)) is not None
+
+
+async def test_the_recordings_in_use_are_those_of_calls_not_done(store: JobStore) -> None:
+    for call_id, state in (("working", TRANSCRIBING), ("failed", FAILED), ("done", DONE), ("queued", RECEIVED)):
+        await store.create(call_id, "http://127.0.0.1:9/a.wav", JobOptions(), {}, "")
+        if state != RECEIVED:
+            await store.update(call_id, None, state=state, recording_path=f"/data/recordings/{call_id}.audio")
+    assert await store.recordings_in_use() == {"working.audio", "failed.audio"}

@@ -6,7 +6,9 @@ import asyncio
 import logging
 import os
 import socket
+import time
 import uuid
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urljoin
@@ -24,6 +26,8 @@ log = logging.getLogger(__name__)
 _tracer = tracer(__name__)
 
 _REDIRECTS = {301, 302, 303, 307, 308}
+RECORDING_SUFFIX = ".audio"  # a complete recording, under a name made here
+PARTIAL_SUFFIX = ".partial"  # a recording still being written
 _PERMANENT_HTTP = {400, 401, 403, 404, 405, 410, 451}
 
 
@@ -82,6 +86,27 @@ class Downloader:
         self.policy = UrlPolicy(settings.allowed_hosts, settings.allowed_networks)
         settings.directory.mkdir(parents=True, exist_ok=True)
 
+    def remove_orphans(self, in_use: Collection[str], older_than: float) -> list[Path]:
+        """Delete the recordings (finished or partial) that no call holds (``in_use``: file names) and that
+        nobody has written for ``older_than`` seconds; return them.
+
+        A process killed mid-download leaves its partial file, and one killed (or whose lease was taken) between
+        the download and the job's update leaves a recording no call names: each holds a caller's voice, kept
+        for nothing. Files of other kinds in the directory are left alone."""
+        removed = []
+        cutoff = time.time() - older_than
+        for path in self.settings.directory.iterdir():
+            if path.suffix not in (RECORDING_SUFFIX, PARTIAL_SUFFIX) or path.name in in_use:
+                continue
+            try:
+                if path.stat().st_mtime >= cutoff or not path.is_file():
+                    continue
+                path.unlink()
+            except FileNotFoundError:  # another replica sharing the directory took it first
+                continue
+            removed.append(path)
+        return removed
+
     async def fetch(self, url: str) -> Downloaded:
         """Stream ``url`` to a file with a generated name; raise :class:`DownloadError`."""
         s = self.settings
@@ -125,8 +150,8 @@ class Downloader:
         raise DownloadError(f"more than {self.settings.max_redirects} redirects", permanent=True)
 
     async def _save(self, resp: aiohttp.ClientResponse) -> Downloaded:
-        path = self.settings.directory / f"{uuid.uuid4().hex}.audio"
-        partial = path.with_suffix(".partial")
+        path = self.settings.directory / f"{uuid.uuid4().hex}{RECORDING_SUFFIX}"
+        partial = path.with_suffix(PARTIAL_SUFFIX)
         size = 0
         head = b""
         try:

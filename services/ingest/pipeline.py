@@ -10,6 +10,7 @@ once with the stage and the reason.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
@@ -112,6 +113,7 @@ class PipelineWorker:
         self._front: set[str] = set()
         self._back: set[str] = set()
         self._loop_task: asyncio.Task | None = None
+        self._sweep_task: asyncio.Task | None = None
 
     def wake(self) -> None:
         """A call was queued: look for work now, unless every front slot is taken (a slot that frees
@@ -130,6 +132,7 @@ class PipelineWorker:
         if resumed:
             log.info("resuming %d job(s) left unfinished by the previous run", resumed)
         self._loop_task = asyncio.create_task(self._loop(), name="pipeline")
+        self._sweep_task = asyncio.create_task(self._sweep_recordings(), name="recording-sweep")
 
     async def stop(self, grace: float) -> None:
         """Stop claiming; give running jobs ``grace`` seconds, then hand them back to the queue."""
@@ -137,6 +140,8 @@ class PipelineWorker:
         self._wake.set()
         if self._loop_task is not None:
             await self._loop_task
+        if self._sweep_task is not None:
+            await self._sweep_task
         if self._tasks:
             log.info("waiting up to %.0f s for %d job(s) in flight", grace, len(self._tasks))
             done, pending = await asyncio.wait(self._tasks, timeout=grace)
@@ -169,6 +174,25 @@ class PipelineWorker:
             except Exception:
                 log.exception("pipeline loop error")
             await sleep_or_wake(self._wake, wait)
+
+    def orphan_age(self) -> float:
+        """How long a recording no call holds is left alone: the longest a download may take, plus a lease
+        (a worker whose lease ran out can have fetched a file it could not record)."""
+        return self.downloader.settings.total_timeout + self.settings.lease_seconds
+
+    async def _sweep_recordings(self) -> None:
+        """At start and then every :meth:`orphan_age`, delete the recordings that no call holds."""
+        while not self._stopping.is_set():
+            try:
+                in_use = await self.store.recordings_in_use()
+                removed = await asyncio.to_thread(self.downloader.remove_orphans, in_use, self.orphan_age())
+                if removed:
+                    log.info("removed %d recording file(s) that no call holds (left by a stopped download "
+                             "or a lost lease)", len(removed))
+            except Exception:
+                log.exception("sweeping the recording directory failed; trying again later")
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), self.orphan_age())
 
     def _finished(self, call_id: str, task: asyncio.Task) -> None:
         self._tasks.discard(task)

@@ -193,6 +193,14 @@ class JobStore:
             rows = await self.db.fetchall("SELECT * FROM jobs ORDER BY seq DESC LIMIT ? OFFSET ?", (limit, offset))
         return [Job.from_row(r) for r in rows]
 
+    async def recordings_in_use(self) -> set[str]:
+        """The file names of the recordings that calls not yet done still hold (failed ones included,
+        for a retry)."""
+        holding = (*ACTIVE_STATES, FAILED)
+        rows = await self.db.fetchall(f"SELECT recording_path FROM jobs WHERE state IN ({','.join('?' * len(holding))}) "
+                                      "AND recording_path IS NOT NULL", holding)
+        return {Path(r[0]).name for r in rows}
+
     async def oldest_active_created_at(self) -> float | None:
         """When the oldest call still in the pipeline arrived (None when none is)."""
         placeholders = ",".join("?" * len(ACTIVE_STATES))

@@ -1,0 +1,98 @@
+"""Recordings on ingest's disk: a caller's voice is kept only while a call holds it.
+
+A delivered call's recording is deleted with its delivery (test_end_to_end). These
+tests cover what a stopped process leaves behind: a partial download, or a finished
+one that no job names. Ingest removes such files when it starts and then every
+``orphan_age`` seconds, once nobody has written them for that long; the recording of
+a call still in the pipeline, or failed and waiting for a retry, stays.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+
+from services.ingest.store import FAILED, TRANSCRIBING, JobOptions, JobStore
+from tests.ingest_harness import running_ingest
+
+# Old enough for any setting: the harness downloads for at most 5 s and leases for 30 s.
+LONG_AGO = time.time() - 24 * 3600
+
+
+def leftover(directory: Path, name: str, *, written_at: float = LONG_AGO) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / name
+    path.write_bytes(b"RIFF\x00\x00\x00\x00WAVEfmt ")
+    os.utime(path, (written_at, written_at))
+    return path
+
+
+async def call_holding(tmp_path: Path, call_id: str, recording: Path, state: str) -> None:
+    """A job in ``state`` whose recording is ``recording``, in the store the harness opens."""
+    store = JobStore(tmp_path / "ingest.db")
+    await store.open()
+    try:
+        await store.create(call_id, "http://127.0.0.1:9/r.wav", JobOptions(), {}, "")
+        await store.update(call_id, None, state=state, recording_path=str(recording), next_attempt_at=time.time() + 3600)
+    finally:
+        await store.close()
+
+
+async def gone(path: Path, timeout: float = 10) -> bool:
+    for _ in range(int(timeout * 20)):
+        if not path.exists():
+            return True
+        await asyncio.sleep(0.05)
+    return False
+
+
+async def test_a_partial_download_left_by_a_killed_process_is_removed_at_start(tmp_path: Path) -> None:
+    partial = leftover(tmp_path / "recordings", "0123abcd.partial")
+    async with running_ingest(tmp_path):
+        assert await gone(partial)
+
+
+async def test_a_recording_no_call_holds_is_removed_at_start(tmp_path: Path) -> None:
+    orphan = leftover(tmp_path / "recordings", "4567abcd.audio")
+    async with running_ingest(tmp_path):
+        assert await gone(orphan)
+
+
+async def test_the_recordings_of_calls_in_the_pipeline_or_failed_are_kept(tmp_path: Path) -> None:
+    recordings = tmp_path / "recordings"
+    working, failed = leftover(recordings, "aaaa.audio"), leftover(recordings, "bbbb.audio")
+    orphan = leftover(recordings, "cccc.audio")
+    await call_holding(tmp_path, "still-transcribing", working, TRANSCRIBING)
+    await call_holding(tmp_path, "failed-awaiting-retry", failed, FAILED)
+    async with running_ingest(tmp_path):
+        assert await gone(orphan)  # the sweep ran
+        assert working.exists() and failed.exists()
+
+
+async def test_a_recording_written_lately_is_left_to_the_download_that_writes_it(tmp_path: Path) -> None:
+    recordings = tmp_path / "recordings"
+    fresh = leftover(recordings, "dddd.partial", written_at=time.time())
+    old = leftover(recordings, "eeee.partial")
+    async with running_ingest(tmp_path) as ingest:
+        assert await gone(old)
+        assert ingest.worker.orphan_age() > 30
+        assert fresh.exists()
+
+
+async def test_files_that_are_not_recordings_are_left_alone(tmp_path: Path) -> None:
+    recordings = tmp_path / "recordings"
+    other = leftover(recordings, "notes.txt")
+    orphan = leftover(recordings, "ffff.audio")
+    async with running_ingest(tmp_path):
+        assert await gone(orphan)
+        assert other.exists()
+
+
+async def test_a_recording_left_while_ingest_runs_is_removed_by_a_later_sweep(tmp_path: Path) -> None:
+    async with running_ingest(tmp_path, total_timeout=0.5, lease_seconds=1) as ingest:
+        assert ingest.worker.orphan_age() == 1.5
+        await asyncio.sleep(0.2)  # the sweep at start is over
+        orphan = leftover(tmp_path / "recordings", "abab.audio")
+        assert await gone(orphan, timeout=5)
