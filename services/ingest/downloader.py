@@ -26,9 +26,9 @@ log = logging.getLogger(__name__)
 _tracer = tracer(__name__)
 
 _REDIRECTS = {301, 302, 303, 307, 308}
+_PERMANENT_HTTP = {400, 401, 403, 404, 405, 410, 451}
 RECORDING_SUFFIX = ".audio"  # a complete recording, under a name made here
 PARTIAL_SUFFIX = ".partial"  # a recording still being written
-_PERMANENT_HTTP = {400, 401, 403, 404, 405, 410, 451}
 
 
 class DownloadError(Exception):
