@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import aiohttp
 import grpc
 import pytest
 import pytest_asyncio
@@ -186,6 +187,71 @@ async def test_permanent_refusal_marks_the_delivery_failed(tmp_path: Path, recei
         await crm.close()
 
 
+async def test_a_refused_record_is_not_sent_again_unless_asked(tmp_path: Path, receiver: CrmReceiver) -> None:
+    receiver.fail_with = 422
+    crm = await start_crm(tmp_path / "o.db", receiver)
+    try:
+        await crm.stub.Deliver(crm_pb2.DeliverRequest(record=record("refused")))
+        await wait_state(crm.stub, "refused", crm_pb2.DELIVERY_STATE_FAILED)
+        receiver.fail_with = None
+        again = await crm.stub.Deliver(crm_pb2.DeliverRequest(record=record("refused")))
+        assert again.delivery.state == crm_pb2.DELIVERY_STATE_FAILED and not again.HasField("record")
+        await asyncio.sleep(0.3)
+        assert receiver.posts == 1
+    finally:
+        await crm.close()
+
+
+async def test_a_refused_record_queued_again_is_delivered_under_the_same_key(
+        tmp_path: Path, receiver: CrmReceiver) -> None:
+    receiver.fail_with = 422
+    crm = await start_crm(tmp_path / "o.db", receiver)
+    try:
+        first = await crm.stub.Deliver(crm_pb2.DeliverRequest(record=record("refused")))
+        await wait_state(crm.stub, "refused", crm_pb2.DELIVERY_STATE_FAILED)
+        receiver.fail_with = None
+        fixed = record("refused")
+        fixed.topic = "Refunds"
+        again = await crm.stub.Deliver(crm_pb2.DeliverRequest(record=fixed, requeue_failed=True))
+        assert again.delivery.state == crm_pb2.DELIVERY_STATE_QUEUED and again.record.topic == "Refunds"
+        assert again.delivery.attempts == 0 and again.delivery.last_error == ""
+        delivered = await wait_state(crm.stub, "refused", crm_pb2.DELIVERY_STATE_DELIVERED)
+        assert delivered.idempotency_key == first.delivery.idempotency_key and delivered.attempts == 1
+        assert [r.body["topic"] for r in receiver.for_call("refused")] == ["Refunds"]
+    finally:
+        await crm.close()
+
+
+async def test_a_record_queued_again_waits_behind_the_records_already_queued(
+        tmp_path: Path, receiver: CrmReceiver) -> None:
+    receiver.fail_with = 422
+    crm = await start_crm(tmp_path / "o.db", receiver)
+    try:
+        await crm.stub.Deliver(crm_pb2.DeliverRequest(record=record("refused")))
+        await wait_state(crm.stub, "refused", crm_pb2.DELIVERY_STATE_FAILED)
+        receiver.fail_with = 503  # down: what is queued stays queued, in order
+        await crm.stub.Deliver(crm_pb2.DeliverRequest(record=record("waiting")))
+        await crm.stub.Deliver(crm_pb2.DeliverRequest(record=record("refused"), requeue_failed=True))
+        receiver.fail_with = None
+        await wait_state(crm.stub, "refused", crm_pb2.DELIVERY_STATE_DELIVERED)
+        assert [r.body["call_id"] for r in receiver.records] == ["waiting", "refused"]
+    finally:
+        await crm.close()
+
+
+async def test_requeue_leaves_a_delivered_record_alone(tmp_path: Path, receiver: CrmReceiver) -> None:
+    crm = await start_crm(tmp_path / "o.db", receiver)
+    try:
+        await crm.stub.Deliver(crm_pb2.DeliverRequest(record=record("taken")))
+        await wait_state(crm.stub, "taken", crm_pb2.DELIVERY_STATE_DELIVERED)
+        again = await crm.stub.Deliver(crm_pb2.DeliverRequest(record=record("taken"), requeue_failed=True))
+        assert again.delivery.state == crm_pb2.DELIVERY_STATE_DELIVERED and not again.HasField("record")
+        await asyncio.sleep(0.3)
+        assert receiver.posts == 1
+    finally:
+        await crm.close()
+
+
 async def test_unknown_delivery_is_not_found(tmp_path: Path, receiver: CrmReceiver) -> None:
     crm = await start_crm(tmp_path / "o.db", receiver)
     try:
@@ -255,18 +321,22 @@ async def test_redaction_can_be_turned_off(tmp_path: Path, receiver: CrmReceiver
         await crm.close()
 
 
-async def test_pipeline_sees_a_record_the_crm_took_at_once_without_waiting_a_poll_interval(
-        tmp_path: Path, receiver: CrmReceiver) -> None:
-    # A call that was transcribed and analysed before ingest started: it resumes at delivery.
+async def analysed_call(tmp_path: Path, call_id: str) -> None:
+    """A call transcribed and analysed before ingest starts: it resumes at delivery."""
     store = JobStore(tmp_path / "ingest.db")
     await store.open()
-    await store.create("c-quick", "http://127.0.0.1:9/c.wav", JobOptions(), {}, "0" * 32)
-    await store.update("c-quick", None, state=DELIVERING,
+    await store.create(call_id, "http://127.0.0.1:9/c.wav", JobOptions(), {}, "0" * 32)
+    await store.update(call_id, None, state=DELIVERING,
                        transcript={"language": "es", "segments": [
                            {"index": 0, "start": 0.0, "end": 1.0, "text": "Hola.", "speaker": "unknown"}]},
                        analysis={"summary": ["a", "b", "c"], "topic": "Billing", "sentiment": "negative",
                                  "emotion": "angry"})
     await store.close()
+
+
+async def test_pipeline_sees_a_record_the_crm_took_at_once_without_waiting_a_poll_interval(
+        tmp_path: Path, receiver: CrmReceiver) -> None:
+    await analysed_call(tmp_path, "c-quick")
     crm = await start_crm(tmp_path / "o.db", receiver)
     try:
         # The crm service queues the record and answers before it has sent it; the stand-in CRM takes it
@@ -276,6 +346,28 @@ async def test_pipeline_sees_a_record_the_crm_took_at_once_without_waiting_a_pol
         assert status["status"] == "done", status
         assert status["delivery"]["state"] == "delivered"
         assert [r.body["transcript"] for r in receiver.for_call("c-quick")] == ["Hola."]
+    finally:
+        await crm.close()
+
+
+async def test_a_call_the_crm_refused_is_sent_again_when_retried(tmp_path: Path, receiver: CrmReceiver) -> None:
+    # The CRM refuses every record (a wrong token, a field it did not know); once that is fixed, the operator
+    # retries the failed calls, and each record goes to the CRM again.
+    await analysed_call(tmp_path, "c-refused")
+    receiver.fail_with = 401
+    crm = await start_crm(tmp_path / "o.db", receiver)
+    try:
+        async with running_ingest(tmp_path, crm_addr=crm.server.address) as ingest:
+            failed = await wait_for_state(ingest.url, "c-refused", {"done", "failed"}, timeout=15)
+            assert failed["status"] == "failed" and "HTTP 401" in failed["error"]["message"], failed
+            receiver.fail_with = None
+            async with aiohttp.ClientSession() as session:
+                async with session.post(f"{ingest.url}/v1/calls/c-refused:retry") as resp:
+                    assert resp.status == 202
+            status = await wait_for_state(ingest.url, "c-refused", {"done", "failed"}, timeout=15)
+        assert status["status"] == "done", status
+        assert status["delivery"]["state"] == "delivered"
+        assert [r.body["transcript"] for r in receiver.for_call("c-refused")] == ["Hola."]
     finally:
         await crm.close()
 

@@ -80,10 +80,12 @@ class CallRecord(_message.Message):
     def __init__(self, call_id: _Optional[str] = ..., language_code: _Optional[str] = ..., transcript: _Optional[str] = ..., translated_transcript: _Optional[str] = ..., summary: _Optional[_Iterable[str]] = ..., topic: _Optional[str] = ..., sentiment: _Optional[_Union[_common_pb2.Sentiment, str]] = ..., emotion: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., segments: _Optional[_Iterable[_Union[_common_pb2.TranscriptSegment, _Mapping]]] = ..., audio_duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., language_probability: _Optional[float] = ..., transcription_model: _Optional[str] = ..., analysis_model: _Optional[str] = ..., prompt_version: _Optional[str] = ..., statistics: _Optional[_Union[_common_pb2.CallStatistics, _Mapping]] = ..., language_uncertain: _Optional[bool] = ..., redactions: _Optional[_Iterable[_Union[_common_pb2.Redaction, _Mapping]]] = ..., pii_redaction_applied: _Optional[bool] = ..., sub_topic: _Optional[str] = ..., agent_sentiment: _Optional[_Union[_common_pb2.Sentiment, str]] = ..., customer_sentiment: _Optional[_Union[_common_pb2.Sentiment, str]] = ..., resolved: _Optional[bool] = ..., follow_up_actions: _Optional[_Iterable[str]] = ..., translated_segments: _Optional[_Iterable[_Union[_common_pb2.TranscriptSegment, _Mapping]]] = ..., translation_source: _Optional[str] = ...) -> None: ...
 
 class DeliverRequest(_message.Message):
-    __slots__ = ("record",)
+    __slots__ = ("record", "requeue_failed")
     RECORD_FIELD_NUMBER: _ClassVar[int]
+    REQUEUE_FAILED_FIELD_NUMBER: _ClassVar[int]
     record: CallRecord
-    def __init__(self, record: _Optional[_Union[CallRecord, _Mapping]] = ...) -> None: ...
+    requeue_failed: bool
+    def __init__(self, record: _Optional[_Union[CallRecord, _Mapping]] = ..., requeue_failed: _Optional[bool] = ...) -> None: ...
 
 class Delivery(_message.Message):
     __slots__ = ("call_id", "state", "attempts", "last_error", "idempotency_key", "create_time", "deliver_time", "next_attempt_time")

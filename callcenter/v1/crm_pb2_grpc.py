@@ -56,7 +56,8 @@ class CrmSyncServiceServicer:
     def Deliver(self, request, context):
         """Deliver queues a record for delivery and returns once it is durably
         stored. It is idempotent on call_id: delivering the same call again
-        returns the existing delivery. Personal data in the record's text is
+        returns the existing delivery, unless that delivery failed and the
+        request sets requeue_failed. Personal data in the record's text is
         masked before it is stored, and the record lists where (PII_REDACTION).
         Errors: INVALID_ARGUMENT when call_id is empty.
         """

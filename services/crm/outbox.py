@@ -83,20 +83,31 @@ class Outbox:
     async def close(self) -> None:
         await self.db.close()
 
-    async def enqueue(self, call_id: str, payload: dict, trace_context: dict[str, str]) -> tuple[DeliveryRow, bool]:
-        """Store the record unless the call is already there; return the row and whether it is new."""
+    async def enqueue(self, call_id: str, payload: dict, trace_context: dict[str, str],
+                      requeue_failed: bool = False) -> tuple[DeliveryRow, bool]:
+        """Store the record unless the call is already there; return the row and whether it was queued now.
+
+        With ``requeue_failed``, a call whose delivery failed is queued again with this record: at the back of
+        the queue, its attempts from zero, under the same idempotency key (the CRM never took it)."""
         now = time.time()
+        body, context = json.dumps(payload, ensure_ascii=False), json.dumps(trace_context)
 
         def tx(c: Any) -> tuple[DeliveryRow, bool]:
             seq = c.execute(self.db.next_seq("deliveries")).fetchone()[0]
             cur = c.execute(
                 "INSERT INTO deliveries (call_id, idempotency_key, payload, state, created_at, "
                 "next_attempt_at, seq, trace_context) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (call_id) DO NOTHING",
-                (call_id, idempotency_key(call_id), json.dumps(payload, ensure_ascii=False), QUEUED, now, now, seq,
-                 json.dumps(trace_context)),
+                (call_id, idempotency_key(call_id), body, QUEUED, now, now, seq, context),
             )
+            queued = cur.rowcount == 1
+            if not queued and requeue_failed:
+                queued = c.execute(
+                    "UPDATE deliveries SET payload = ?, state = ?, attempts = 0, last_error = '', created_at = ?, "
+                    "delivered_at = NULL, next_attempt_at = ?, lease_until = 0, seq = ?, trace_context = ? "
+                    "WHERE call_id = ? AND state = ?", (body, QUEUED, now, now, seq, context, call_id, FAILED),
+                ).rowcount == 1
             row = c.execute("SELECT * FROM deliveries WHERE call_id = ?", (call_id,)).fetchone()
-            return DeliveryRow.from_row(row), cur.rowcount == 1
+            return DeliveryRow.from_row(row), queued
 
         return await self.db.transaction(tx)
 

@@ -45,11 +45,12 @@ class CrmSyncServicer(crm_pb2_grpc.CrmSyncServiceServicer):
         with call_context(record.call_id):
             if self.redact_pii:  # before the outbox: personal data is never stored for the CRM, nor sent
                 record = redact_record(record)
-            row, new = await self.outbox.enqueue(record.call_id, record_to_json(record), current_traceparent())
+            row, new = await self.outbox.enqueue(record.call_id, record_to_json(record), current_traceparent(),
+                                                 requeue_failed=request.requeue_failed)
             if new:
                 kinds = sorted({common_pb2.PiiKind.Name(r.kind) for r in record.redactions})
-                log.info("queued for the CRM%s", f" ({len(record.redactions)} redaction(s): {', '.join(kinds)})"
-                         if kinds else "")
+                log.info("queued for the CRM%s%s", " (a retried call)" if request.requeue_failed else "",
+                         f" ({len(record.redactions)} redaction(s): {', '.join(kinds)})" if kinds else "")
                 self.worker.wake()
             else:
                 log.info("already in the outbox (%s): not queued again", row.state)

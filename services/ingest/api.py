@@ -217,7 +217,7 @@ async def post_call_action(request: web.Request) -> web.Response:
     if job.state != FAILED:
         return problem(409, "Conflict", f"call {call_id} is {job.state}, only failed calls can be retried")
     await store.update(call_id, None, state=job.error_stage or "received", release=True, error=None,
-                       next_attempt_at=0)
+                       next_attempt_at=0, **PipelineWorker.retry_fields(job))
     request.app[WORKER].wake()
     job = await store.get(call_id)
     assert job is not None

@@ -16,6 +16,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 from pathlib import Path
 
 import grpc
@@ -430,7 +431,8 @@ class PipelineWorker:
         try:
             if not (job.result or {}).get("queued"):
                 record = self.build_record(job)
-                response = await self.crm.Deliver(crm_pb2.DeliverRequest(record=record), timeout=self.settings.rpc_timeout)
+                request = crm_pb2.DeliverRequest(record=record, requeue_failed=bool((job.result or {}).get("requeue")))
+                response = await self.crm.Deliver(request, timeout=self.settings.rpc_timeout)
                 # Keep what the CRM will get (personal data masked by the crm service), not what was sent.
                 sent = response.record if response.HasField("record") else record
                 result = {"queued": True, "record": record_to_json(sent)}
@@ -458,6 +460,14 @@ class PipelineWorker:
         job.result = result
         waited = time.time() - (job.stage_times.get(DELIVERING) or time.time())
         raise _Reschedule(delivery_poll_delay(waited, self.settings.delivery_poll_seconds))
+
+    @staticmethod
+    def retry_fields(job: Job) -> dict[str, Any]:
+        """What a retry of the failed ``job`` resets besides its state: a call the CRM refused is queued again
+        in the crm service's outbox (where its failed delivery would otherwise answer every new attempt)."""
+        if job.error_stage == DELIVERING and job.result:
+            return {"result": {**job.result, "queued": False, "requeue": True}}
+        return {}
 
     def _cleanup(self, job: Job) -> None:
         if job.recording_path:
