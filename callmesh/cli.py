@@ -59,6 +59,12 @@ def fail(code: int, message: str) -> typer.Exit:
     return typer.Exit(code)
 
 
+def print_json(data: Any) -> None:
+    """JSON on stdout, coloured on a terminal, never wrapped: a long string stays on its line, so the output
+    parses when piped."""
+    console.print(JSON(json.dumps(data, ensure_ascii=False)), soft_wrap=True)
+
+
 def run(coro: Any) -> Any:
     try:
         return asyncio.run(coro)
@@ -320,7 +326,7 @@ async def _post_and_follow(session: aiohttp.ClientSession, base: str, payload: d
     if status["status"] == "done":
         record = status.get("result") or {}
         console.print("CRM record:")
-        console.print(JSON(json.dumps(record, ensure_ascii=False)))
+        print_json(record)
         console.print(trace_line)
         if out:
             out.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
@@ -377,7 +383,7 @@ async def read_api(base: str, path: str, as_json: bool) -> dict[str, Any] | None
     if code != 200:
         raise Exit(REFUSED, body.get("detail", f"HTTP {code}"))
     if as_json:
-        console.print(JSON(json.dumps(body, ensure_ascii=False)))
+        print_json(body)
         return None
     return body
 
@@ -433,13 +439,23 @@ async def _calls(state: str | None, base: str, limit: int, as_json: bool) -> Non
     console.print(table)
 
 
+RETRY_PAGE = 500  # the status API's largest page
+FAILED_AT = ("downloading", "transcribing", "analyzing", "delivering", "any")
+
+
 @app.command()
 def retry(
-    call_id: Annotated[str, typer.Argument(help="A failed call")],
+    call_id: Annotated[str | None, typer.Argument(help="A failed call")] = None,
+    failed_at: Annotated[str | None, typer.Option(
+        "--failed-at", help=f"Instead of one call: every call that failed at this stage ({', '.join(FAILED_AT)})")] = None,
     url: Annotated[str | None, typer.Option(help="Ingest URL (default: the local mesh)")] = None,
 ) -> None:
-    """Replay a failed call from the stage it failed in."""
-    run(_retry(call_id, ingest_url(url)))
+    """Replay a failed call from the stage it failed in (or every call that failed at a stage)."""
+    if (call_id is None) == (failed_at is None):
+        raise fail(USAGE, "name one failed call, or --failed-at STAGE for all that failed there")
+    if failed_at is not None and failed_at not in FAILED_AT:
+        raise fail(USAGE, f"--failed-at must be one of {', '.join(FAILED_AT)}")
+    run(_retry(call_id, ingest_url(url)) if call_id is not None else _retry_failed(failed_at or "any", ingest_url(url)))
 
 
 async def _retry(call_id: str, base: str) -> None:
@@ -449,6 +465,33 @@ async def _retry(call_id: str, base: str) -> None:
     if resp.status != 202:
         raise Exit(REFUSED, body.get("detail", f"HTTP {resp.status}"))
     console.print(f"Call {call_id} queued again at {body['status']}")
+
+
+async def _retry_failed(stage: str, base: str) -> None:
+    """Every failed call (at ``stage``, or "any"): listed first, page by page, then each retried."""
+    chosen: list[str] = []
+    async with ingest_session(base) as session:
+        offset = 0
+        while True:
+            code, body = await get_json(session, f"{base}/v1/calls?status=failed&limit={RETRY_PAGE}&offset={offset}")
+            if code != 200:
+                raise Exit(REFUSED, body.get("detail", f"HTTP {code}"))
+            chosen += [c["call_id"] for c in body["calls"]
+                       if stage == "any" or (c.get("error") or {}).get("stage") == stage]
+            if len(body["calls"]) < RETRY_PAGE:
+                break
+            offset += RETRY_PAGE
+        chosen = list(dict.fromkeys(chosen))  # a call that failed while the pages were read can appear twice
+        skipped = []
+        for call_id in chosen:
+            async with session.post(f"{base}/v1/calls/{call_id}:retry") as resp:
+                answer = await resp.json(content_type=None)
+            if resp.status != 202:  # retried meanwhile by someone else: no longer failed
+                skipped.append(f"{call_id} ({answer.get('detail', f'HTTP {resp.status}')})")
+    where = "" if stage == "any" else f" at {stage}"
+    console.print(f"{len(chosen) - len(skipped)} call(s) that failed{where} queued again")
+    for line in skipped:
+        console.print(f"  not retried: {line}")
 
 
 # -- callmesh transcribe -----------------------------------------------------------------------

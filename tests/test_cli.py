@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -65,6 +67,13 @@ def test_status_of_a_call_shows_its_stages_and_result(up_mesh: UpMesh, stereo_ca
     assert "done" in result.stdout and "topic" in result.stdout and "trace" in result.stdout
 
 
+def test_status_json_parses_when_a_value_is_longer_than_the_terminal_is_wide(up_mesh: UpMesh, stereo_call) -> None:
+    result = subprocess.run([*CALLMESH, "status", "cli-stereo", "--json"], env={**up_mesh.env, "COLUMNS": "60"},
+                            cwd=ROOT, capture_output=True, text=True, timeout=60)
+    status = json.loads(result.stdout)
+    assert len(status["result"]["transcript"]) > 60
+
+
 def test_status_of_an_unknown_call_exits_4(up_mesh: UpMesh) -> None:
     result = up_mesh.run("status", "never-seen")
     assert result.returncode == 4 and "never-seen" in result.stderr
@@ -85,6 +94,37 @@ def test_retry_requeues_a_failed_call_and_refuses_a_done_one(up_mesh: UpMesh, au
     assert again.returncode == 0 and "queued again at downloading" in again.stdout
     done = up_mesh.run("retry", "cli-stereo")
     assert done.returncode == 4 and "only failed calls" in done.stderr
+
+
+def failed_time(up_mesh: UpMesh, call_id: str) -> str | None:
+    status = json.loads(up_mesh.run("status", call_id, "--json").stdout)
+    return status["stages"].get("failed") if status["status"] == "failed" else None
+
+
+def test_retry_failed_at_a_stage_replays_every_call_that_failed_there(up_mesh: UpMesh, audio_dir: Path) -> None:
+    for call_id in ("cli-bulk-1", "cli-bulk-2"):
+        up_mesh.run("submit", str(audio_dir / "not-audio.txt"), "--call-id", call_id)
+    before = {c: failed_time(up_mesh, c) for c in ("cli-bulk-1", "cli-bulk-2")}
+    assert all(before.values()), before
+    result = up_mesh.run("retry", "--failed-at", "downloading")
+    assert result.returncode == 0, result.stderr
+    assert int(re.search(r"(\d+) call\(s\) that failed at downloading queued again", result.stdout)[1]) >= 2
+    for call_id, first in before.items():  # each went through its download again and failed anew
+        deadline = time.monotonic() + 20
+        while (again := failed_time(up_mesh, call_id)) in (None, first) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert again is not None and again > first, (call_id, first, again)
+
+
+def test_retry_failed_at_a_stage_where_none_failed_queues_nothing(up_mesh: UpMesh) -> None:
+    result = up_mesh.run("retry", "--failed-at", "delivering")
+    assert result.returncode == 0 and "0 call(s) that failed at delivering queued again" in result.stdout
+
+
+def test_retry_needs_one_call_or_a_stage(up_mesh: UpMesh) -> None:
+    assert up_mesh.run("retry").returncode == 2
+    assert up_mesh.run("retry", "some-call", "--failed-at", "delivering").returncode == 2
+    assert up_mesh.run("retry", "--failed-at", "nowhere").returncode == 2
 
 
 def test_transcribe_prints_language_and_segments(up_mesh: UpMesh, audio_dir: Path) -> None:
