@@ -187,13 +187,19 @@ async def test_permanent_refusal_marks_the_delivery_failed(tmp_path: Path, recei
         await crm.close()
 
 
-async def test_a_refused_record_is_not_sent_again_unless_asked(tmp_path: Path, receiver: CrmReceiver) -> None:
+async def crm_that_refused(tmp_path: Path, receiver: CrmReceiver) -> tuple[Crm, crm_pb2.Delivery]:
+    """A crm service whose CRM refused the record of call "refused" (HTTP 422), and takes records again now."""
     receiver.fail_with = 422
     crm = await start_crm(tmp_path / "o.db", receiver)
+    first = await crm.stub.Deliver(crm_pb2.DeliverRequest(record=record("refused")))
+    await wait_state(crm.stub, "refused", crm_pb2.DELIVERY_STATE_FAILED)
+    receiver.fail_with = None
+    return crm, first.delivery
+
+
+async def test_a_refused_record_is_not_sent_again_unless_asked(tmp_path: Path, receiver: CrmReceiver) -> None:
+    crm, _ = await crm_that_refused(tmp_path, receiver)
     try:
-        await crm.stub.Deliver(crm_pb2.DeliverRequest(record=record("refused")))
-        await wait_state(crm.stub, "refused", crm_pb2.DELIVERY_STATE_FAILED)
-        receiver.fail_with = None
         again = await crm.stub.Deliver(crm_pb2.DeliverRequest(record=record("refused")))
         assert again.delivery.state == crm_pb2.DELIVERY_STATE_FAILED and not again.HasField("record")
         await asyncio.sleep(0.3)
@@ -204,19 +210,15 @@ async def test_a_refused_record_is_not_sent_again_unless_asked(tmp_path: Path, r
 
 async def test_a_refused_record_queued_again_is_delivered_under_the_same_key(
         tmp_path: Path, receiver: CrmReceiver) -> None:
-    receiver.fail_with = 422
-    crm = await start_crm(tmp_path / "o.db", receiver)
+    crm, first = await crm_that_refused(tmp_path, receiver)
     try:
-        first = await crm.stub.Deliver(crm_pb2.DeliverRequest(record=record("refused")))
-        await wait_state(crm.stub, "refused", crm_pb2.DELIVERY_STATE_FAILED)
-        receiver.fail_with = None
         fixed = record("refused")
         fixed.topic = "Refunds"
         again = await crm.stub.Deliver(crm_pb2.DeliverRequest(record=fixed, requeue_failed=True))
         assert again.delivery.state == crm_pb2.DELIVERY_STATE_QUEUED and again.record.topic == "Refunds"
         assert again.delivery.attempts == 0 and again.delivery.last_error == ""
         delivered = await wait_state(crm.stub, "refused", crm_pb2.DELIVERY_STATE_DELIVERED)
-        assert delivered.idempotency_key == first.delivery.idempotency_key and delivered.attempts == 1
+        assert delivered.idempotency_key == first.idempotency_key and delivered.attempts == 1
         assert [r.body["topic"] for r in receiver.for_call("refused")] == ["Refunds"]
     finally:
         await crm.close()
@@ -224,11 +226,8 @@ async def test_a_refused_record_queued_again_is_delivered_under_the_same_key(
 
 async def test_a_record_queued_again_waits_behind_the_records_already_queued(
         tmp_path: Path, receiver: CrmReceiver) -> None:
-    receiver.fail_with = 422
-    crm = await start_crm(tmp_path / "o.db", receiver)
+    crm, _ = await crm_that_refused(tmp_path, receiver)
     try:
-        await crm.stub.Deliver(crm_pb2.DeliverRequest(record=record("refused")))
-        await wait_state(crm.stub, "refused", crm_pb2.DELIVERY_STATE_FAILED)
         receiver.fail_with = 503  # down: what is queued stays queued, in order
         await crm.stub.Deliver(crm_pb2.DeliverRequest(record=record("waiting")))
         await crm.stub.Deliver(crm_pb2.DeliverRequest(record=record("refused"), requeue_failed=True))
