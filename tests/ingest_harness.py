@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import dataclasses
 import ipaddress
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import aiohttp
@@ -91,12 +91,17 @@ async def post(url: str, body: bytes | str, content_type: str = "application/jso
             return resp.status, await resp.json(content_type=None)
 
 
-async def wait_for_state(url: str, call_id: str, states: set[str], timeout: float = 30) -> dict:
+async def wait_for(url: str, call_id: str, done: Callable[[dict], bool], timeout: float = 30) -> dict:
+    """The call's status once ``done(status)`` holds; polled every 0.1 s."""
     async with aiohttp.ClientSession() as session:
         for _ in range(int(timeout * 10)):
             async with session.get(f"{url}/v1/calls/{call_id}") as resp:
                 status = await resp.json()
-            if status["status"] in states:
+            if done(status):
                 return status
             await asyncio.sleep(0.1)
-    raise AssertionError(f"{call_id} never reached {states}: {status}")
+    raise AssertionError(f"{call_id} never got there: {status}")
+
+
+async def wait_for_state(url: str, call_id: str, states: set[str], timeout: float = 30) -> dict:
+    return await wait_for(url, call_id, lambda status: status["status"] in states, timeout)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import wave
 from collections.abc import AsyncIterator
@@ -19,6 +20,8 @@ from services.common.limits import AdmissionLimiter
 from services.transcribe.config import EngineSettings
 from services.transcribe.engine import WhisperEngine
 from services.transcribe.servicer import TranscriptionServicer
+from callmesh.standins import Recorder
+from tests.ingest_harness import post, running_ingest, wait_for
 
 SERVICE_NAME = transcribe_pb2.DESCRIPTOR.services_by_name["TranscriptionService"].full_name
 
@@ -188,6 +191,28 @@ async def test_over_the_concurrency_limit_is_resource_exhausted(engine, audio_di
         responses = await collect(stub.Transcribe(requests(audio_dir / "es-billing-angry.wav")))
         assert responses[-1].HasField("summary")
     finally:
+        await channel.close()
+        await server.stop(1)
+
+
+async def test_a_call_that_finds_transcribe_busy_waits_for_it_instead_of_failing(
+        engine, audio_dir: Path, tmp_path: Path) -> None:
+    server, servicer = await _serve(engine, max_running=1, max_queued=0)
+    channel = client_channel(server.address)
+    recorder = await Recorder(audio_dir).start()
+    try:
+        busy = transcribe_pb2_grpc.TranscriptionServiceStub(channel).Transcribe(requests(audio_dir / "long-en.wav"))
+        await anext(aiter(busy))  # the one slot is taken for a while
+        async with running_ingest(tmp_path, transcribe_addr=server.address) as ingest:  # gives up after 2 attempts
+            await post(ingest.url, json.dumps({"call_id": "busy-1", "recording_url": recorder.url_for(
+                "es-billing-angry.wav")}))
+            status = await wait_for(ingest.url, "busy-1", lambda s: s["attempts"] >= 4 or s["status"] == "failed")
+            assert status["status"] == "transcribing" and "RESOURCE_EXHAUSTED" in status["error"]["message"], status
+            busy.cancel()
+            status = await wait_for(ingest.url, "busy-1", lambda s: s["status"] != "transcribing")
+        assert status["status"] == "analyzing" and status["progress"]["transcript_complete"], status
+    finally:
+        await recorder.stop()
         await channel.close()
         await server.stop(1)
 

@@ -2,9 +2,9 @@
 
 Each stage's outcome is written to the job store before the next begins, so a
 restart resumes at the stage it stopped in. Transient failures are retried
-with exponential backoff and jitter; a service that is down (UNAVAILABLE) is
-waited for without using up the attempts; permanent failures fail the call at
-once with the stage and the reason.
+with exponential backoff and jitter; a service that is down (UNAVAILABLE) or at
+its limit (RESOURCE_EXHAUSTED) is waited for without using up the attempts;
+permanent failures fail the call at once with the stage and the reason.
 """
 
 from __future__ import annotations
@@ -54,11 +54,14 @@ TRANSIENT_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUST
                    grpc.StatusCode.ABORTED, grpc.StatusCode.UNKNOWN, grpc.StatusCode.CANCELLED}
 
 
+WAIT_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED}
+
+
 class StageError(Exception):
     def __init__(self, message: str, *, permanent: bool, waiting: bool = False) -> None:
         super().__init__(message)
         self.permanent = permanent
-        self.waiting = waiting  # a dependency is down: wait without using up attempts
+        self.waiting = waiting  # a dependency is down or busy: wait without using up attempts
 
 
 class _Reschedule(Exception):
@@ -71,7 +74,9 @@ class _Reschedule(Exception):
 def _rpc_error(stage: str, exc: grpc.aio.AioRpcError) -> StageError:
     code = exc.code()
     message = f"{stage}: {code.name}: {exc.details()}"
-    return StageError(message, permanent=code not in TRANSIENT_CODES, waiting=code == grpc.StatusCode.UNAVAILABLE)
+    # Down (UNAVAILABLE) or at its limit (RESOURCE_EXHAUSTED: several ingest replicas can offer a service more
+    # calls than it queues): the call waits its turn, however long, and never fails for it.
+    return StageError(message, permanent=code not in TRANSIENT_CODES, waiting=code in WAIT_CODES)
 
 
 def spoken_text(segments: list[dict]) -> str:
