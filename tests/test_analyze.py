@@ -27,10 +27,13 @@ from services.analyze.analyzer import (EMOTION_MEANINGS, AnalysisError, Analyzer
 from services.analyze.backends import BackendUnavailable, EmbeddedLlamaBackend, OllamaBackend
 from services.analyze.config import DEFAULT_EMOTIONS, DEFAULT_TOPICS, LlmSettings
 from services.analyze.servicer import AnalysisServicer
-from services.common.grpc_server import ServiceBinding, client_channel, start_server
+from services.common.grpc_server import RunningServer, ServiceBinding, client_channel, start_server
 from services.common.lifecycle import start_site
 from services.common.limits import AdmissionLimiter
 from services.common.protoconv import duration
+from services.ingest.pipeline import analysis_deadline
+from services.ingest.store import ANALYZING, JobOptions, JobStore
+from tests.ingest_harness import running_ingest, wait_for_state
 
 GOOD = {"sentiment": "negative", "emotion": "angry", "topic": "Billing", "sub_topic": "double charge",
         "resolved": False, "follow_up_actions": ["Refund the second charge."],
@@ -332,16 +335,22 @@ async def test_embedded_backend_answers_within_the_schema(llm_small: Path) -> No
 
 
 @contextlib.asynccontextmanager
-async def analysis_service(ollama_url: str, running: int = 1, queued: int = 1) -> AsyncIterator[Any]:
-    """The Analyze service on port 0 over the Ollama stand-in, and a stub to call it."""
+async def analysis_server(ollama_url: str, running: int = 1, queued: int = 1) -> AsyncIterator[RunningServer]:
+    """The Analyze service on port 0 over the Ollama stand-in."""
     servicer = AnalysisServicer(analyzer(OllamaBackend(settings(ollama_url))), AdmissionLimiter(running, queued))
     server = await start_server("127.0.0.1:0", [ServiceBinding(
         "callcenter.v1.AnalysisService", lambda s: analyze_pb2_grpc.add_AnalysisServiceServicer_to_server(servicer, s))])
     try:
-        async with client_channel(server.address) as channel:
-            yield analyze_pb2_grpc.AnalysisServiceStub(channel)
+        yield server
     finally:
         await server.stop(0)
+
+
+@contextlib.asynccontextmanager
+async def analysis_service(ollama_url: str, running: int = 1, queued: int = 1) -> AsyncIterator[Any]:
+    """The Analyze service on port 0 over the Ollama stand-in, and a stub to call it."""
+    async with analysis_server(ollama_url, running, queued) as server, client_channel(server.address) as channel:
+        yield analyze_pb2_grpc.AnalysisServiceStub(channel)
 
 
 def english_request(call_id: str) -> analyze_pb2.AnalyzeRequest:
@@ -388,3 +397,33 @@ async def test_a_call_past_its_deadline_is_cancelled_and_frees_its_slot(ollama: 
         ollama.delay = 0.0
         answer = await stub.Analyze(english_request("late"), timeout=10)  # the only slot is free again
     assert answer.topic == "Billing"
+
+
+async def transcribed_call(tmp_path: Path, call_id: str, audio_seconds: float) -> None:
+    """A call of ``audio_seconds`` transcribed before ingest starts: it resumes at analysis."""
+    store = JobStore(tmp_path / "ingest.db")
+    await store.open()
+    await store.create(call_id, "http://127.0.0.1:9/c.wav", JobOptions(), {}, "0" * 32)
+    await store.update(call_id, None, state=ANALYZING, transcript={
+        "language": "en", "audio_duration": audio_seconds, "complete": True,
+        "segments": [{"index": 0, "start": 0.0, "end": 4.0, "text": CALL[0].text, "speaker": "unknown"}]})
+    await store.close()
+
+
+@pytest.mark.parametrize(("minutes", "outcome"), [(1, "failed"), (25, "delivering")])
+async def test_the_analysis_deadline_grows_with_each_ten_minutes_of_the_call(
+        ollama: FakeOllama, tmp_path: Path, minutes: int, outcome: str) -> None:
+    # The model takes 1.5 s; ANALYZE_TIMEOUT_SECONDS is 1 s: a one-minute call gets 1 s, a 25-minute one 3 s.
+    ollama.answers, ollama.delay = [json.dumps(GOOD)] * 2, 1.5
+    await transcribed_call(tmp_path, "timed", minutes * 60.0)
+    async with analysis_server(ollama.url) as server, running_ingest(
+            tmp_path, analyze_addr=server.address, analyze_timeout=1.0) as ingest:
+        status = await wait_for_state(ingest.url, "timed", {"failed", "delivering"}, timeout=20)
+    assert status["status"] == outcome, status
+    if outcome == "failed":
+        assert "DEADLINE_EXCEEDED" in status["error"]["message"]
+
+
+def test_each_started_ten_minutes_of_a_call_adds_one_analysis_timeout() -> None:
+    assert [analysis_deadline(s, 900.0) for s in (None, 0.0, 600.0, 600.5, 1800.0, 3600.0)] == [
+        900.0, 900.0, 900.0, 1800.0, 2700.0, 5400.0]

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -90,6 +91,19 @@ def delivery_poll_delay(waited: float, interval: float) -> float:
     not after a whole poll interval, and the looks come twice as far apart each time; and at most
     every ``interval`` (``DELIVERY_POLL_SECONDS``): a CRM that is down is polled no more often than that."""
     return min(interval, max(FIRST_DELIVERY_POLL_SECONDS, waited))
+
+
+ANALYSIS_DEADLINE_AUDIO_SECONDS = 600.0  # each ANALYZE_TIMEOUT_SECONDS of deadline buys this much of the call
+
+
+def analysis_deadline(audio_seconds: float | None, timeout_per_ten_minutes: float) -> float:
+    """The deadline of a call's analysis: ``ANALYZE_TIMEOUT_SECONDS`` for each started ten minutes of the call.
+
+    The LLM's work grows with the transcript, its line-by-line translation above all (about 0.3 s a word with
+    the 1.5B model on 2 CPU cores: a 30-minute call in Spanish takes about 20 minutes). One fixed deadline
+    would cut every attempt at a long call short, retry it from the start and fail it, or wait far too long
+    on a short call whose analysis hangs."""
+    return timeout_per_ten_minutes * max(1, math.ceil((audio_seconds or 0.0) / ANALYSIS_DEADLINE_AUDIO_SECONDS))
 
 
 class PipelineWorker:
@@ -389,7 +403,8 @@ class PipelineWorker:
             segments=[segment_from_dict(s) for s in segments],
             translated_segments=[segment_from_dict(s) for s in transcript.get("translated_segments", [])])
         try:
-            response = await self.analyze.Analyze(request, timeout=self.settings.analyze_timeout)
+            response = await self.analyze.Analyze(request, timeout=analysis_deadline(
+                transcript.get("audio_duration"), self.settings.analyze_timeout))
         except grpc.aio.AioRpcError as exc:
             raise _rpc_error("analyze", exc) from exc
         analysis = {
