@@ -24,8 +24,8 @@ from services.common.retry import backoff_delay
 from services.crm.delivery import DeliveryWorker
 from services.crm.outbox import Outbox
 from services.crm.servicer import CrmSyncServicer
-from services.ingest.pipeline import delivery_poll_delay
-from services.ingest.store import DELIVERING, JobOptions, JobStore
+from services.ingest.pipeline import PipelineWorker, delivery_poll_delay
+from services.ingest.store import DELIVERING, FAILED, JobOptions, JobStore
 from tests.ingest_harness import running_ingest, wait_for_state
 
 
@@ -369,6 +369,21 @@ async def test_a_call_the_crm_refused_is_sent_again_when_retried(tmp_path: Path,
         assert [r.body["transcript"] for r in receiver.for_call("c-refused")] == ["Hola."]
     finally:
         await crm.close()
+
+
+async def test_a_retry_asks_for_the_record_to_be_queued_again_even_when_ingest_never_saw_it_queued(
+        tmp_path: Path) -> None:
+    # Deliver's answer was lost (a deadline), and the CRM refused the record before ingest asked again.
+    store = JobStore(tmp_path / "ingest.db")
+    await store.open()
+    try:
+        await store.create("c-lost", "http://127.0.0.1:9/c.wav", JobOptions(), {}, "")
+        await store.update("c-lost", None, state=FAILED, error_stage=DELIVERING, error="crm: CRM refused the record")
+        job = await store.get("c-lost")
+    finally:
+        await store.close()
+    assert job is not None and job.result is None
+    assert PipelineWorker.retry_fields(job) == {"result": {"queued": False, "requeue": True}}
 
 
 def test_delivery_polls_start_soon_and_slow_down_to_the_configured_interval() -> None:

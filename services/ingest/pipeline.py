@@ -17,8 +17,8 @@ import math
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import grpc
 from opentelemetry import context as otel_context
@@ -53,9 +53,7 @@ BACK_STAGE_FACTOR = 3  # calls analysed or delivered at once: at most this many 
 FIRST_DELIVERY_POLL_SECONDS = 0.05  # the CRM's answer is first looked for this soon after the record is queued
 TRANSIENT_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED,
                    grpc.StatusCode.ABORTED, grpc.StatusCode.UNKNOWN, grpc.StatusCode.CANCELLED}
-
-
-WAIT_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED}
+WAIT_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED}  # transient, and never give up
 
 
 class StageError(Exception):
@@ -485,8 +483,8 @@ class PipelineWorker:
     def retry_fields(job: Job) -> dict[str, Any]:
         """What a retry of the failed ``job`` resets besides its state: a call the CRM refused is queued again
         in the crm service's outbox (where its failed delivery would otherwise answer every new attempt)."""
-        if job.error_stage == DELIVERING and job.result:
-            return {"result": {**job.result, "queued": False, "requeue": True}}
+        if job.error_stage == DELIVERING:
+            return {"result": {**(job.result or {}), "queued": False, "requeue": True}}
         return {}
 
     def _cleanup(self, job: Job) -> None:
