@@ -458,12 +458,17 @@ def retry(
     run(_retry(call_id, ingest_url(url)) if call_id is not None else _retry_failed(failed_at or "any", ingest_url(url)))
 
 
+async def post_retry(session: aiohttp.ClientSession, base: str, call_id: str) -> tuple[bool, dict[str, Any]]:
+    """Ask ingest to replay ``call_id``: (whether it took it, its answer)."""
+    async with session.post(f"{base}/v1/calls/{call_id}:retry") as resp:
+        return resp.status == 202, await resp.json(content_type=None)
+
+
 async def _retry(call_id: str, base: str) -> None:
     async with ingest_session(base) as session:
-        async with session.post(f"{base}/v1/calls/{call_id}:retry") as resp:
-            body = await resp.json(content_type=None)
-    if resp.status != 202:
-        raise Exit(REFUSED, body.get("detail", f"HTTP {resp.status}"))
+        taken, body = await post_retry(session, base, call_id)
+    if not taken:
+        raise Exit(REFUSED, body.get("detail", "refused"))
     console.print(f"Call {call_id} queued again at {body['status']}")
 
 
@@ -484,10 +489,9 @@ async def _retry_failed(stage: str, base: str) -> None:
         chosen = list(dict.fromkeys(chosen))  # a call that failed while the pages were read can appear twice
         skipped = []
         for call_id in chosen:
-            async with session.post(f"{base}/v1/calls/{call_id}:retry") as resp:
-                answer = await resp.json(content_type=None)
-            if resp.status != 202:  # retried meanwhile by someone else: no longer failed
-                skipped.append(f"{call_id} ({answer.get('detail', f'HTTP {resp.status}')})")
+            taken, answer = await post_retry(session, base, call_id)
+            if not taken:  # retried meanwhile by someone else: no longer failed
+                skipped.append(f"{call_id} ({answer.get('detail', 'refused')})")
     where = "" if stage == "any" else f" at {stage}"
     console.print(f"{len(chosen) - len(skipped)} call(s) that failed{where} queued again")
     for line in skipped:
