@@ -13,6 +13,7 @@ import dataclasses
 import ipaddress
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest_asyncio
@@ -24,7 +25,7 @@ from services.ingest.config import DownloadSettings, PipelineSettings
 from services.ingest.downloader import Downloader
 from services.ingest.pipeline import PipelineWorker
 from services.ingest.signatures import WebhookVerifier
-from services.ingest.store import JobStore
+from services.ingest.store import Job, JobOptions, JobStore
 
 UNUSED = "127.0.0.1:9"  # discard port: nothing answers gRPC there
 SECRET = new_webhook_secret()
@@ -66,6 +67,21 @@ async def running_ingest(tmp_path: Path, verifier: WebhookVerifier = VERIFIER, *
         await runner.cleanup()
         await worker.stop(1)
         await store.close()
+
+
+async def stored_call(tmp_path: Path, call_id: str, state: str, **fields: Any) -> Job:
+    """A call already at ``state`` (with ``fields``) in the job store the harness opens, as if an earlier
+    run had taken it there: ingest resumes it from that stage."""
+    store = JobStore(tmp_path / "ingest.db")
+    await store.open()
+    try:
+        await store.create(call_id, "http://127.0.0.1:9/c.wav", JobOptions(), {}, "0" * 32)
+        await store.update(call_id, None, state=state, **fields)
+        job = await store.get(call_id)
+    finally:
+        await store.close()
+    assert job is not None
+    return job
 
 
 @pytest_asyncio.fixture

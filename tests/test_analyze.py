@@ -32,8 +32,8 @@ from services.common.lifecycle import start_site
 from services.common.limits import AdmissionLimiter
 from services.common.protoconv import duration
 from services.ingest.pipeline import analysis_deadline
-from services.ingest.store import ANALYZING, JobOptions, JobStore
-from tests.ingest_harness import running_ingest, wait_for_state
+from services.ingest.store import ANALYZING
+from tests.ingest_harness import running_ingest, stored_call, wait_for_state
 
 GOOD = {"sentiment": "negative", "emotion": "angry", "topic": "Billing", "sub_topic": "double charge",
         "resolved": False, "follow_up_actions": ["Refund the second charge."],
@@ -401,13 +401,9 @@ async def test_a_call_past_its_deadline_is_cancelled_and_frees_its_slot(ollama: 
 
 async def transcribed_call(tmp_path: Path, call_id: str, audio_seconds: float) -> None:
     """A call of ``audio_seconds`` transcribed before ingest starts: it resumes at analysis."""
-    store = JobStore(tmp_path / "ingest.db")
-    await store.open()
-    await store.create(call_id, "http://127.0.0.1:9/c.wav", JobOptions(), {}, "0" * 32)
-    await store.update(call_id, None, state=ANALYZING, transcript={
+    await stored_call(tmp_path, call_id, ANALYZING, transcript={
         "language": "en", "audio_duration": audio_seconds, "complete": True,
         "segments": [{"index": 0, "start": 0.0, "end": 4.0, "text": CALL[0].text, "speaker": "unknown"}]})
-    await store.close()
 
 
 @pytest.mark.parametrize(("minutes", "outcome"), [(1, "failed"), (25, "delivering")])

@@ -25,8 +25,8 @@ from services.crm.delivery import DeliveryWorker
 from services.crm.outbox import Outbox
 from services.crm.servicer import CrmSyncServicer
 from services.ingest.pipeline import PipelineWorker, delivery_poll_delay
-from services.ingest.store import DELIVERING, FAILED, JobOptions, JobStore
-from tests.ingest_harness import running_ingest, wait_for_state
+from services.ingest.store import DELIVERING, FAILED
+from tests.ingest_harness import running_ingest, stored_call, wait_for_state
 
 
 @dataclass
@@ -322,15 +322,9 @@ async def test_redaction_can_be_turned_off(tmp_path: Path, receiver: CrmReceiver
 
 async def analysed_call(tmp_path: Path, call_id: str) -> None:
     """A call transcribed and analysed before ingest starts: it resumes at delivery."""
-    store = JobStore(tmp_path / "ingest.db")
-    await store.open()
-    await store.create(call_id, "http://127.0.0.1:9/c.wav", JobOptions(), {}, "0" * 32)
-    await store.update(call_id, None, state=DELIVERING,
-                       transcript={"language": "es", "segments": [
-                           {"index": 0, "start": 0.0, "end": 1.0, "text": "Hola.", "speaker": "unknown"}]},
-                       analysis={"summary": ["a", "b", "c"], "topic": "Billing", "sentiment": "negative",
-                                 "emotion": "angry"})
-    await store.close()
+    await stored_call(tmp_path, call_id, DELIVERING, transcript={"language": "es", "segments": [
+        {"index": 0, "start": 0.0, "end": 1.0, "text": "Hola.", "speaker": "unknown"}]},
+        analysis={"summary": ["a", "b", "c"], "topic": "Billing", "sentiment": "negative", "emotion": "angry"})
 
 
 async def test_pipeline_sees_a_record_the_crm_took_at_once_without_waiting_a_poll_interval(
@@ -374,15 +368,8 @@ async def test_a_call_the_crm_refused_is_sent_again_when_retried(tmp_path: Path,
 async def test_a_retry_asks_for_the_record_to_be_queued_again_even_when_ingest_never_saw_it_queued(
         tmp_path: Path) -> None:
     # Deliver's answer was lost (a deadline), and the CRM refused the record before ingest asked again.
-    store = JobStore(tmp_path / "ingest.db")
-    await store.open()
-    try:
-        await store.create("c-lost", "http://127.0.0.1:9/c.wav", JobOptions(), {}, "")
-        await store.update("c-lost", None, state=FAILED, error_stage=DELIVERING, error="crm: CRM refused the record")
-        job = await store.get("c-lost")
-    finally:
-        await store.close()
-    assert job is not None and job.result is None
+    job = await stored_call(tmp_path, "c-lost", FAILED, error_stage=DELIVERING, error="crm: CRM refused the record")
+    assert job.result is None
     assert PipelineWorker.retry_fields(job) == {"result": {"queued": False, "requeue": True}}
 
 

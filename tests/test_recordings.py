@@ -14,8 +14,8 @@ import os
 import time
 from pathlib import Path
 
-from services.ingest.store import FAILED, TRANSCRIBING, JobOptions, JobStore
-from tests.ingest_harness import running_ingest
+from services.ingest.store import FAILED, TRANSCRIBING
+from tests.ingest_harness import running_ingest, stored_call
 
 # Old enough for any setting: the harness downloads for at most 5 s and leases for 30 s.
 LONG_AGO = time.time() - 24 * 3600
@@ -31,13 +31,7 @@ def leftover(directory: Path, name: str, *, written_at: float = LONG_AGO) -> Pat
 
 async def call_holding(tmp_path: Path, call_id: str, recording: Path, state: str) -> None:
     """A job in ``state`` whose recording is ``recording``, in the store the harness opens."""
-    store = JobStore(tmp_path / "ingest.db")
-    await store.open()
-    try:
-        await store.create(call_id, "http://127.0.0.1:9/r.wav", JobOptions(), {}, "")
-        await store.update(call_id, None, state=state, recording_path=str(recording), next_attempt_at=time.time() + 3600)
-    finally:
-        await store.close()
+    await stored_call(tmp_path, call_id, state, recording_path=str(recording), next_attempt_at=time.time() + 3600)
 
 
 async def gone(path: Path, timeout: float = 10) -> bool:

@@ -15,12 +15,12 @@ import pytest
 import pytest_asyncio
 
 from callcenter.v1 import common_pb2, transcribe_pb2, transcribe_pb2_grpc
+from callmesh.standins import Recorder
 from services.common.grpc_server import RunningServer, ServiceBinding, client_channel, start_server
 from services.common.limits import AdmissionLimiter
 from services.transcribe.config import EngineSettings
 from services.transcribe.engine import WhisperEngine
 from services.transcribe.servicer import TranscriptionServicer
-from callmesh.standins import Recorder
 from tests.ingest_harness import post, running_ingest, wait_for
 
 SERVICE_NAME = transcribe_pb2.DESCRIPTOR.services_by_name["TranscriptionService"].full_name
@@ -197,7 +197,7 @@ async def test_over_the_concurrency_limit_is_resource_exhausted(engine, audio_di
 
 async def test_a_call_that_finds_transcribe_busy_waits_for_it_instead_of_failing(
         engine, audio_dir: Path, tmp_path: Path) -> None:
-    server, servicer = await _serve(engine, max_running=1, max_queued=0)
+    server, _ = await _serve(engine, max_running=1, max_queued=0)
     channel = client_channel(server.address)
     recorder = await Recorder(audio_dir).start()
     try:
