@@ -93,11 +93,15 @@ class ReceivedRecord:
 
 @dataclass
 class CrmReceiver:
-    """A CRM endpoint: ``POST /records``. ``fail_with`` makes it answer that status instead."""
+    """A CRM endpoint: ``POST /records``. ``fail_with`` makes it answer that status instead; ``fail_for`` answers
+    the given status to the records of the given calls only (a CRM that chokes on one record); ``hold`` keeps
+    every answer until that event is set (a slow CRM)."""
 
     records: list[ReceivedRecord] = field(default_factory=list)
     posts: int = 0
     fail_with: int | None = None
+    fail_for: dict[str, int] = field(default_factory=dict)
+    hold: asyncio.Event | None = None  # set: every POST is answered only once this event is set
     url: str = ""
     _runner: web.AppRunner | None = None
     _arrived: asyncio.Condition | None = None
@@ -106,12 +110,16 @@ class CrmReceiver:
 
     async def _post(self, request: web.Request) -> web.Response:
         self.posts += 1
+        if self.hold is not None:
+            await self.hold.wait()
         if self.fail_with is not None:
             return web.json_response({"error": "unavailable"}, status=self.fail_with)
         try:
             body = await request.json()
         except json.JSONDecodeError:
             return web.json_response({"error": "not JSON"}, status=400)
+        if (status := self.fail_for.get(str(body.get("call_id")))) is not None:
+            return web.json_response({"error": "could not store the record"}, status=status)
         key = request.headers.get("Idempotency-Key", "")
         if any(r.idempotency_key == key for r in self.records):
             return web.json_response({"status": "duplicate"}, status=200)

@@ -15,7 +15,7 @@ import pytest_asyncio
 
 from callmesh.standins import CrmReceiver
 from callcenter.v1 import crm_pb2
-from services.crm.outbox import DELIVERED, Outbox
+from services.crm.outbox import DELIVERED, IN_FLIGHT, SET_ASIDE, Outbox
 from services.ingest.store import DOWNLOADING, RECEIVED, JobOptions, JobStore, LeaseLost
 from tests.test_crm import record, start_crm
 
@@ -108,6 +108,19 @@ async def test_a_late_failure_does_not_undo_a_delivery(two_outboxes: tuple[Outbo
     await a.mark_failed("call-0", "the replica that lost its lease reports late")
     row = await b.get("call-0")
     assert row is not None and row.state == DELIVERED
+
+
+async def test_a_record_another_replica_is_posting_is_set_aside_only_after_that_post(
+        two_outboxes: tuple[Outbox, Outbox]) -> None:
+    a, b = two_outboxes
+    for i in range(2):
+        await a.enqueue(f"call-{i}", {"call_id": f"call-{i}"}, {})
+    assert [r.call_id for r in await a.claim_due(1, 60)] == ["call-0"]
+    assert (await b.set_aside("call-0", "CRM bug"))[1] == IN_FLIGHT
+    await a.mark_retry("call-0", "CRM answered HTTP 500", time.time() + 60)
+    row, outcome = await b.set_aside("call-0", "CRM bug")
+    assert outcome == SET_ASIDE and row is not None and row.last_error == "set aside: CRM bug"
+    assert [r.call_id for r in await a.claim_due(1, 60)] == ["call-1"]  # the queue moves on
 
 
 async def test_two_crm_replicas_deliver_every_record_once_in_order(pg_url: str) -> None:

@@ -46,6 +46,11 @@ class CrmSyncServiceStub:
                 request_serializer=callcenter_dot_v1_dot_crm__pb2.GetDeliveryRequest.SerializeToString,
                 response_deserializer=callcenter_dot_v1_dot_crm__pb2.GetDeliveryResponse.FromString,
                 _registered_method=True)
+        self.SetAsideDelivery = channel.unary_unary(
+                '/callcenter.v1.CrmSyncService/SetAsideDelivery',
+                request_serializer=callcenter_dot_v1_dot_crm__pb2.SetAsideDeliveryRequest.SerializeToString,
+                response_deserializer=callcenter_dot_v1_dot_crm__pb2.SetAsideDeliveryResponse.FromString,
+                _registered_method=True)
 
 
 class CrmSyncServiceServicer:
@@ -73,6 +78,21 @@ class CrmSyncServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetAsideDelivery(self, request, context):
+        """SetAsideDelivery takes a queued record out of the queue, marking its
+        delivery failed with the given reason, so that the records behind it go
+        to the CRM: for a record that the CRM fails on (a 5xx) while it takes
+        others. Deliver with requeue_failed queues it again.
+        Errors: INVALID_ARGUMENT when call_id or reason is empty; NOT_FOUND when
+        the call was never delivered; FAILED_PRECONDITION when its delivery is
+        not queued (delivered or failed), or when a POST of it is still in
+        flight at the deadline: a record being posted is set aside only once
+        that POST has ended, as the CRM may be taking it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CrmSyncServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -85,6 +105,11 @@ def add_CrmSyncServiceServicer_to_server(servicer, server):
                     servicer.GetDelivery,
                     request_deserializer=callcenter_dot_v1_dot_crm__pb2.GetDeliveryRequest.FromString,
                     response_serializer=callcenter_dot_v1_dot_crm__pb2.GetDeliveryResponse.SerializeToString,
+            ),
+            'SetAsideDelivery': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetAsideDelivery,
+                    request_deserializer=callcenter_dot_v1_dot_crm__pb2.SetAsideDeliveryRequest.FromString,
+                    response_serializer=callcenter_dot_v1_dot_crm__pb2.SetAsideDeliveryResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -143,6 +168,33 @@ class CrmSyncService:
             '/callcenter.v1.CrmSyncService/GetDelivery',
             callcenter_dot_v1_dot_crm__pb2.GetDeliveryRequest.SerializeToString,
             callcenter_dot_v1_dot_crm__pb2.GetDeliveryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetAsideDelivery(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/callcenter.v1.CrmSyncService/SetAsideDelivery',
+            callcenter_dot_v1_dot_crm__pb2.SetAsideDeliveryRequest.SerializeToString,
+            callcenter_dot_v1_dot_crm__pb2.SetAsideDeliveryResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -41,9 +41,18 @@ class DeliveryWorker:
         self._stopping = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._session: aiohttp.ClientSession | None = None
+        self._posted = asyncio.Condition()  # notified each time a POST's outcome is stored
 
     def wake(self) -> None:
         self._wake.set()
+
+    async def wait_for_a_post(self, timeout: float) -> None:
+        """Return when one of this worker's POSTs has ended and its outcome is stored, or after ``timeout``."""
+        async with self._posted:
+            try:
+                await asyncio.wait_for(self._posted.wait(), timeout)
+            except asyncio.TimeoutError:
+                pass
 
     async def start(self) -> None:
         if not self.settings.crm_url:
@@ -89,6 +98,13 @@ class DeliveryWorker:
 
     async def _deliver(self, row: DeliveryRow) -> bool:
         """One POST; False when it is to be retried (the CRM is down or overloaded)."""
+        try:
+            return await self._post(row)
+        finally:
+            async with self._posted:
+                self._posted.notify_all()
+
+    async def _post(self, row: DeliveryRow) -> bool:
         assert self._session is not None
         headers = {"Idempotency-Key": row.idempotency_key, "Content-Type": "application/json"}
         if self.settings.crm_token:

@@ -19,6 +19,7 @@ from typing import Any
 from services.common.database import connect
 
 QUEUED, DELIVERED, FAILED = "queued", "delivered", "failed"
+SET_ASIDE, NOT_QUEUED, IN_FLIGHT = "set aside", "not queued", "in flight"  # what set_aside did
 _KEY_NAMESPACE = uuid.UUID("6f1c4f3e-8a55-4e0b-9c1e-3d7f2b8a9c10")
 
 SCHEMA = """
@@ -159,6 +160,29 @@ class Outbox:
             "SELECT CASE WHEN next_attempt_at > lease_until THEN next_attempt_at ELSE lease_until END "
             "FROM deliveries WHERE state = ? ORDER BY seq LIMIT 1", (QUEUED,))
         return row[0] if row else None
+
+    async def set_aside(self, call_id: str, reason: str) -> tuple[DeliveryRow | None, str]:
+        """Take a queued record out of the queue as failed, so the records behind it go on.
+
+        Returns the row (None when the call is unknown) and what happened: ``SET_ASIDE``, ``NOT_QUEUED``
+        (delivered or failed already: left as it is) or ``IN_FLIGHT`` (a POST of it holds its lease: the
+        CRM may be taking it right now, so it is left queued)."""
+        now = time.time()
+
+        def tx(c: Any) -> tuple[DeliveryRow | None, str]:
+            row = c.execute(f"SELECT * FROM deliveries WHERE call_id = ?{self.db.for_update}", (call_id,)).fetchone()
+            if row is None:
+                return None, NOT_QUEUED
+            if row["state"] != QUEUED:
+                return DeliveryRow.from_row(row), NOT_QUEUED
+            if row["lease_until"] >= now:
+                return DeliveryRow.from_row(row), IN_FLIGHT
+            c.execute("UPDATE deliveries SET state = ?, last_error = ?, next_attempt_at = NULL, lease_until = 0 "
+                      "WHERE call_id = ?", (FAILED, f"set aside: {reason}"[:1000], call_id))
+            return DeliveryRow.from_row(c.execute("SELECT * FROM deliveries WHERE call_id = ?",
+                                                  (call_id,)).fetchone()), SET_ASIDE
+
+        return await self.db.transaction(tx)
 
     async def mark_delivered(self, call_id: str) -> None:
         await self.db.transaction(lambda c: c.execute(

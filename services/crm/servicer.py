@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 import grpc
 
@@ -11,7 +12,7 @@ from services.common.logs import call_context
 from services.common.protoconv import timestamp
 from services.common.telemetry import current_traceparent
 from services.crm.delivery import DeliveryWorker
-from services.crm.outbox import DELIVERED, FAILED, QUEUED, DeliveryRow, Outbox
+from services.crm.outbox import DELIVERED, FAILED, IN_FLIGHT, QUEUED, SET_ASIDE, DeliveryRow, Outbox
 from services.crm.privacy import redact_record
 from services.common.records import record_to_json
 
@@ -61,3 +62,31 @@ class CrmSyncServicer(crm_pb2_grpc.CrmSyncServiceServicer):
         if row is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no delivery for call {request.call_id!r}")
         return crm_pb2.GetDeliveryResponse(delivery=to_delivery(row))
+
+    async def SetAsideDelivery(self, request: crm_pb2.SetAsideDeliveryRequest,
+                               context: grpc.aio.ServicerContext) -> crm_pb2.SetAsideDeliveryResponse:
+        if not request.call_id or not request.reason.strip():
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "call_id and reason are required")
+        with call_context(request.call_id):
+            # A record being posted is set aside once that POST has ended: the CRM may be taking it right now.
+            # This replica's POSTs say when they end; another replica's end within its lease.
+            remaining = context.time_remaining()
+            deadline = time.monotonic() + min(self.worker.settings.lease_seconds,
+                                              remaining - 0.5 if remaining is not None else float("inf"))
+            while True:
+                row, outcome = await self.outbox.set_aside(request.call_id, request.reason.strip())
+                if outcome != IN_FLIGHT or time.monotonic() >= deadline:
+                    break
+                await self.worker.wait_for_a_post(timeout=min(0.1, max(0.0, deadline - time.monotonic())))
+            if row is None:
+                await context.abort(grpc.StatusCode.NOT_FOUND, f"no delivery for call {request.call_id!r}")
+            if outcome == IN_FLIGHT:
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                    "a POST of this record to the CRM did not end in time: ask again once it has")
+            if outcome != SET_ASIDE:
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                    f"the delivery is {row.state}, not queued: only a queued record can be set aside")
+            log.warning("set aside after %d attempt(s) (%s): the records behind it go on", row.attempts,
+                        request.reason.strip())
+            self.worker.wake()
+            return crm_pb2.SetAsideDeliveryResponse(delivery=to_delivery(row))
