@@ -498,6 +498,28 @@ async def _retry_failed(stage: str, base: str) -> None:
         console.print(f"  not retried: {line}")
 
 
+@app.command("set-aside")
+def set_aside(
+    call_id: Annotated[str, typer.Argument(help="A call waiting for the CRM (delivering)")],
+    reason: Annotated[str, typer.Option("--reason", help="Why, kept as the call's error (e.g. a ticket number)")],
+    url: Annotated[str | None, typer.Option(help="Ingest URL (default: the local mesh)")] = None,
+) -> None:
+    """Take a call's record out of the CRM queue, for a record the CRM fails on while it takes the others
+    (records reach the CRM in order, so it holds up every call behind it). The call fails at delivery with
+    the reason; `callmesh retry CALL_ID` sends it again once the CRM side is fixed."""
+    run(_set_aside(call_id, reason, ingest_url(url)))
+
+
+async def _set_aside(call_id: str, reason: str, base: str) -> None:
+    async with ingest_session(base) as session:
+        async with session.post(f"{base}/v1/calls/{call_id}:setAside", json={"reason": reason}) as resp:
+            body = await resp.json(content_type=None)
+            if resp.status != 202:
+                raise Exit(USAGE if resp.status == 422 else REFUSED, body.get("detail", f"HTTP {resp.status}"))
+    console.print(f"Call {call_id}: its record is set aside; the records behind it go to the CRM. "
+                  f"`callmesh retry {call_id}` sends it again.")
+
+
 # -- callmesh transcribe -----------------------------------------------------------------------
 
 @app.command()

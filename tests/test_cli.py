@@ -121,6 +121,11 @@ def test_retry_failed_at_a_stage_where_none_failed_queues_nothing(up_mesh: UpMes
     assert result.returncode == 0 and "0 call(s) that failed at delivering queued again" in result.stdout
 
 
+def test_set_aside_refuses_a_call_that_is_not_waiting_for_the_crm(up_mesh: UpMesh, stereo_call) -> None:
+    result = up_mesh.run("set-aside", "cli-stereo", "--reason", "stuck")
+    assert result.returncode == 4 and "only a call waiting for the CRM" in result.stderr, result
+
+
 def test_retry_needs_one_call_or_a_stage(up_mesh: UpMesh) -> None:
     assert up_mesh.run("retry").returncode == 2
     assert up_mesh.run("retry", "some-call", "--failed-at", "delivering").returncode == 2

@@ -22,11 +22,11 @@ from services.common.protoconv import timestamp
 from services.crm.config import CrmSettings
 from services.common.retry import backoff_delay
 from services.crm.delivery import DeliveryWorker
-from services.crm.outbox import Outbox
+from services.crm.outbox import FAILED as FAILED_ROW, IN_FLIGHT, QUEUED, SET_ASIDE, Outbox
 from services.crm.servicer import CrmSyncServicer
 from services.ingest.pipeline import PipelineWorker, delivery_poll_delay
 from services.ingest.store import DELIVERING, FAILED
-from tests.ingest_harness import running_ingest, stored_call, wait_for_state
+from tests.ingest_harness import running_ingest, stored_call, wait_for, wait_for_state
 
 
 @dataclass
@@ -251,6 +251,97 @@ async def test_requeue_leaves_a_delivered_record_alone(tmp_path: Path, receiver:
         await crm.close()
 
 
+async def test_a_record_set_aside_lets_the_records_behind_it_reach_the_crm(
+        tmp_path: Path, receiver: CrmReceiver) -> None:
+    receiver.fail_for = {"stuck": 500}  # the CRM fails on this record only, and takes the others
+    crm = await start_crm(tmp_path / "o.db", receiver)
+    try:
+        await crm.stub.Deliver(crm_pb2.DeliverRequest(record=record("stuck")))
+        await crm.stub.Deliver(crm_pb2.DeliverRequest(record=record("behind-1")))
+        await crm.stub.Deliver(crm_pb2.DeliverRequest(record=record("behind-2")))
+        await wait_delivery(crm.stub, "stuck", lambda d: d.attempts >= 3, timeout=10)
+        assert receiver.records == []  # strictly in order: nothing overtakes the head of the queue
+        aside = await crm.stub.SetAsideDelivery(crm_pb2.SetAsideDeliveryRequest(call_id="stuck", reason="ticket 42"))
+        assert aside.delivery.state == crm_pb2.DELIVERY_STATE_FAILED
+        assert aside.delivery.last_error == "set aside: ticket 42" and aside.delivery.attempts >= 3
+        await wait_state(crm.stub, "behind-2", crm_pb2.DELIVERY_STATE_DELIVERED)
+        assert [r.body["call_id"] for r in receiver.records] == ["behind-1", "behind-2"]
+    finally:
+        await crm.close()
+
+
+async def test_a_record_set_aside_is_delivered_when_queued_again(tmp_path: Path, receiver: CrmReceiver) -> None:
+    receiver.fail_for = {"stuck": 503}
+    crm = await start_crm(tmp_path / "o.db", receiver)
+    try:
+        first = await crm.stub.Deliver(crm_pb2.DeliverRequest(record=record("stuck")))
+        await wait_delivery(crm.stub, "stuck", lambda d: d.attempts >= 1, timeout=10)
+        await crm.stub.SetAsideDelivery(crm_pb2.SetAsideDeliveryRequest(call_id="stuck", reason="CRM bug"))
+        receiver.fail_for = {}  # the CRM is fixed
+        await crm.stub.Deliver(crm_pb2.DeliverRequest(record=record("stuck"), requeue_failed=True))
+        delivered = await wait_state(crm.stub, "stuck", crm_pb2.DELIVERY_STATE_DELIVERED)
+        assert delivered.idempotency_key == first.delivery.idempotency_key
+        assert [r.idempotency_key for r in receiver.for_call("stuck")] == [first.delivery.idempotency_key]
+    finally:
+        await crm.close()
+
+
+async def test_only_a_queued_record_can_be_set_aside(tmp_path: Path, receiver: CrmReceiver) -> None:
+    crm = await start_crm(tmp_path / "o.db", receiver)
+    try:
+        await crm.stub.Deliver(crm_pb2.DeliverRequest(record=record("taken")))
+        await wait_state(crm.stub, "taken", crm_pb2.DELIVERY_STATE_DELIVERED)
+        for call_id, reason, code in [("taken", "late", grpc.StatusCode.FAILED_PRECONDITION),
+                                      ("never", "no such call", grpc.StatusCode.NOT_FOUND),
+                                      ("taken", " ", grpc.StatusCode.INVALID_ARGUMENT)]:
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await crm.stub.SetAsideDelivery(crm_pb2.SetAsideDeliveryRequest(call_id=call_id, reason=reason))
+            assert info.value.code() == code, (call_id, reason)
+        assert (await crm.stub.GetDelivery(crm_pb2.GetDeliveryRequest(call_id="taken"))).delivery.state \
+            == crm_pb2.DELIVERY_STATE_DELIVERED
+    finally:
+        await crm.close()
+
+
+async def test_a_record_being_posted_is_set_aside_once_the_crm_has_answered(
+        tmp_path: Path, receiver: CrmReceiver) -> None:
+    receiver.fail_for, receiver.hold = {"slow": 500}, asyncio.Event()
+    crm = await start_crm(tmp_path / "o.db", receiver)
+    try:
+        await crm.stub.Deliver(crm_pb2.DeliverRequest(record=record("slow")))
+        for _ in range(100):
+            if receiver.posts:
+                break
+            await asyncio.sleep(0.02)
+        aside = asyncio.ensure_future(crm.stub.SetAsideDelivery(
+            crm_pb2.SetAsideDeliveryRequest(call_id="slow", reason="ticket 7"), timeout=10))
+        await asyncio.sleep(0.3)
+        assert not aside.done()  # the CRM has not answered the POST yet
+        receiver.hold.set()
+        delivery = (await aside).delivery
+        assert delivery.state == crm_pb2.DELIVERY_STATE_FAILED and delivery.attempts == 1
+        assert delivery.last_error == "set aside: ticket 7"
+    finally:
+        receiver.hold.set()
+        await crm.close()
+
+
+async def test_a_record_being_posted_is_not_set_aside(tmp_path: Path) -> None:
+    # Set aside while the CRM may be taking it, the record could be delivered and reported failed.
+    outbox = Outbox(tmp_path / "o.db")
+    await outbox.open()
+    try:
+        await outbox.enqueue("posting", {"call_id": "posting"}, {})
+        assert [r.call_id for r in await outbox.claim_due(1, lease_seconds=30)] == ["posting"]
+        row, outcome = await outbox.set_aside("posting", "stuck")
+        assert outcome == IN_FLIGHT and row is not None and row.state == QUEUED
+        await outbox.release(["posting"])
+        row, outcome = await outbox.set_aside("posting", "stuck")
+        assert outcome == SET_ASIDE and row is not None and row.state == FAILED_ROW
+    finally:
+        await outbox.close()
+
+
 async def test_unknown_delivery_is_not_found(tmp_path: Path, receiver: CrmReceiver) -> None:
     crm = await start_crm(tmp_path / "o.db", receiver)
     try:
@@ -363,6 +454,59 @@ async def test_a_call_the_crm_refused_is_sent_again_when_retried(tmp_path: Path,
         assert [r.body["transcript"] for r in receiver.for_call("c-refused")] == ["Hola."]
     finally:
         await crm.close()
+
+
+async def set_aside(url: str, call_id: str, body: object) -> tuple[int, dict]:
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{url}/v1/calls/{call_id}:setAside", json=body) as resp:
+            return resp.status, await resp.json(content_type=None)
+
+
+async def test_a_call_set_aside_fails_at_delivery_with_the_reason_and_the_calls_behind_it_go_on(
+        tmp_path: Path, receiver: CrmReceiver) -> None:
+    # The CRM answers 500 to one record and takes every other: the operator sets that call aside, the queue
+    # moves on, and once the CRM side is fixed a retry sends the record.
+    await analysed_call(tmp_path, "c-stuck")
+    receiver.fail_for = {"c-stuck": 500}
+    crm = await start_crm(tmp_path / "o.db", receiver)
+    try:
+        async with running_ingest(tmp_path, crm_addr=crm.server.address) as ingest:
+            await wait_for(ingest.url, "c-stuck", lambda s: (s.get("delivery") or {}).get("attempts", 0) >= 2, 15)
+            await crm.stub.Deliver(crm_pb2.DeliverRequest(record=record("c-behind")))
+            await asyncio.sleep(0.3)
+            assert receiver.for_call("c-behind") == []
+            status, body = await set_aside(ingest.url, "c-stuck", {"reason": "CRM answers 500 to it, ticket 42"})
+            assert status == 202, body
+            failed = await wait_for_state(ingest.url, "c-stuck", {"done", "failed"}, timeout=15)
+            assert failed["status"] == "failed" and failed["error"]["stage"] == "delivering", failed
+            assert "set aside: CRM answers 500 to it, ticket 42" in failed["error"]["message"]
+            await wait_state(crm.stub, "c-behind", crm_pb2.DELIVERY_STATE_DELIVERED)
+            receiver.fail_for = {}
+            async with aiohttp.ClientSession() as session:
+                async with session.post(f"{ingest.url}/v1/calls/c-stuck:retry") as resp:
+                    assert resp.status == 202
+            done = await wait_for_state(ingest.url, "c-stuck", {"done", "failed"}, timeout=15)
+        assert done["status"] == "done", done
+        assert [r.body["call_id"] for r in receiver.records] == ["c-behind", "c-stuck"]
+    finally:
+        await crm.close()
+
+
+async def test_setting_a_call_aside_needs_a_reason(tmp_path: Path, receiver: CrmReceiver) -> None:
+    await stored_call(tmp_path, "c-waiting", FAILED, error_stage=DELIVERING)
+    async with running_ingest(tmp_path) as ingest:
+        for body in [{}, {"reason": "  "}, {"reason": 42}, ["reason"]]:
+            status, problem = await set_aside(ingest.url, "c-waiting", body)
+            assert status == 422 and "reason" in problem["detail"], (body, problem)
+
+
+async def test_only_a_call_waiting_for_the_crm_can_be_set_aside(tmp_path: Path, receiver: CrmReceiver) -> None:
+    await stored_call(tmp_path, "c-failed", FAILED, error_stage=DELIVERING)
+    async with running_ingest(tmp_path) as ingest:
+        status, problem = await set_aside(ingest.url, "c-failed", {"reason": "stuck"})
+        assert status == 409 and "only a call waiting for the CRM" in problem["detail"], problem
+        status, problem = await set_aside(ingest.url, "c-unknown", {"reason": "stuck"})
+        assert status == 404, problem
 
 
 async def test_a_retry_asks_for_the_record_to_be_queued_again_even_when_ingest_never_saw_it_queued(

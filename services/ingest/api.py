@@ -19,6 +19,7 @@ from datetime import datetime, timezone
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import grpc
 from aiohttp import web
 
 from opentelemetry.metrics import Observation
@@ -29,7 +30,7 @@ from services.common.telemetry import current_traceparent, server_span_middlewar
 from services.ingest.openapi import openapi_document
 from services.ingest.pipeline import PipelineWorker
 from services.ingest.signatures import SignatureRejected, WebhookVerifier
-from services.ingest.store import DONE, FAILED, STATES, Job, JobOptions, JobStore
+from services.ingest.store import DELIVERING, DONE, FAILED, STATES, Job, JobOptions, JobStore
 from services.ingest.urlpolicy import UrlPolicy, UrlRejected
 from services.ingest.web import WebPages, authorized
 
@@ -207,21 +208,61 @@ async def get_call(request: web.Request) -> web.Response:
 @requires_token
 async def post_call_action(request: web.Request) -> web.Response:
     name = request.match_info["call_id"]
-    if not name.endswith(":retry"):
-        return problem(404, "Not Found", "unknown action; POST /v1/calls/{call_id}:retry replays a failed call")
-    call_id = name.removesuffix(":retry")
-    store = request.app[STORE]
-    job = await store.get(call_id)
+    call_id, _, action = name.rpartition(":")
+    handler = _ACTIONS.get(action)
+    if not call_id or handler is None:
+        return problem(404, "Not Found", "unknown action; POST /v1/calls/{call_id}:retry replays a failed call, "
+                       "POST /v1/calls/{call_id}:setAside takes its record out of the CRM queue")
+    job = await request.app[STORE].get(call_id)
     if job is None:
         return problem(404, "Not Found", f"no call {call_id!r}")
+    return await handler(request, job)
+
+
+async def _retry(request: web.Request, job: Job) -> web.Response:
+    store, call_id = request.app[STORE], job.call_id
     if job.state != FAILED:
         return problem(409, "Conflict", f"call {call_id} is {job.state}, only failed calls can be retried")
     await store.update(call_id, None, state=job.error_stage or "received", release=True, error=None,
                        next_attempt_at=0, **PipelineWorker.retry_fields(job))
     request.app[WORKER].wake()
-    job = await store.get(call_id)
+    return await _accepted(request, call_id)
+
+
+async def _set_aside(request: web.Request, job: Job) -> web.Response:
+    """Take the call's record out of the CRM queue (it fails at delivery with the reason; ``:retry`` sends it
+    again): for a record the CRM fails on while it takes others, which would hold up every call behind it."""
+    try:
+        body = await request.json() if request.can_read_body else {}
+    except ValueError:  # not JSON, or not UTF-8
+        return problem(400, "Bad Request", "the body is not JSON")
+    reason = body.get("reason") if isinstance(body, dict) else None
+    if not isinstance(reason, str) or not reason.strip() or len(reason) > 500:
+        return problem(422, "Unprocessable Content", 'the body must be {"reason": "..."}: why the record is set '
+                       "aside, 1 to 500 characters")
+    if job.state != DELIVERING:
+        return problem(409, "Conflict", f"call {job.call_id} is {job.state}: only a call waiting for the CRM "
+                       "(delivering) can be set aside")
+    try:
+        await request.app[WORKER].set_aside_delivery(job.call_id, reason.strip())
+    except grpc.aio.AioRpcError as exc:
+        if exc.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION):
+            detail = "its record is not queued for the CRM yet" if exc.code() == grpc.StatusCode.NOT_FOUND \
+                else exc.details()
+            return problem(409, "Conflict", f"call {job.call_id} cannot be set aside now: {detail}")
+        return problem(503, "Service Unavailable", f"the crm service did not answer: {exc.code().name}",
+                       {"Retry-After": "5"})
+    log.warning("call %s: its record is set aside from the CRM queue (%s)", job.call_id, reason.strip())
+    return await _accepted(request, job.call_id)
+
+
+async def _accepted(request: web.Request, call_id: str) -> web.Response:
+    job = await request.app[STORE].get(call_id)
     assert job is not None
     return web.json_response(job_view(job, _base_url(request)), status=202)
+
+
+_ACTIONS: dict[str, Callable[[web.Request, Job], Awaitable[web.Response]]] = {"retry": _retry, "setAside": _set_aside}
 
 
 @requires_token

@@ -40,6 +40,14 @@ _SIGNATURE_HEADERS = [
 ]
 
 SCHEMAS: dict[str, Any] = {
+    "SetAside": {
+        "type": "object",
+        "description": "Why a call's record is taken out of the CRM queue.",
+        "required": ["reason"],
+        "examples": [{"reason": "the CRM answers 500 to this record only; ticket CRM-1234"}],
+        "properties": {"reason": {"type": "string", "minLength": 1, "maxLength": 500, "pattern": r"\S",
+                                  "description": "Kept as the call's error, after \"set aside: \""}},
+    },
     "Webhook": {
         "type": "object",
         "description": "What the recorder posts when a call ends.",
@@ -182,6 +190,24 @@ def openapi_document() -> dict[str, Any]:
                     "responses": {"202": _json("Queued again", "Call"), "401": _UNAUTHORIZED,
                                   "404": _problem("No such call or action"),
                                   "409": _problem("The call has not failed")},
+                },
+            },
+            "/v1/calls/{call_id}:setAside": {
+                "post": {
+                    "operationId": "setAsideCall",
+                    "summary": "Take a call's record out of the CRM queue, for a record the CRM fails on while it "
+                               "takes the others; the call fails at delivery with the reason, :retry sends it again",
+                    "security": [{"bearer": []}, {}],
+                    "parameters": [_CALL_ID_PARAM],
+                    "requestBody": {"required": True, "content": {"application/json": {
+                        "schema": {"$ref": "#/components/schemas/SetAside"}}}},
+                    "responses": {"202": _json("Set aside; the call fails at delivery in a moment", "Call"),
+                                  "400": _problem("The body is not JSON"), "401": _UNAUTHORIZED,
+                                  "404": _problem("No such call or action"),
+                                  "409": _problem("The call is not waiting for the CRM, its record is not queued "
+                                                  "yet, or a POST of it is in flight"),
+                                  "422": _problem("No reason given"),
+                                  "503": _problem("The crm service did not answer")},
                 },
             },
             "/healthz": {

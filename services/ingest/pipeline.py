@@ -479,6 +479,16 @@ class PipelineWorker:
         waited = time.time() - (job.stage_times.get(DELIVERING) or time.time())
         raise _Reschedule(delivery_poll_delay(waited, self.settings.delivery_poll_seconds))
 
+    async def set_aside_delivery(self, call_id: str, reason: str) -> crm_pb2.Delivery:
+        """Have the crm service take the call's queued record out of its queue (``SetAsideDelivery``), so that
+        the records behind it go to the CRM. The call looks at its delivery at once and fails at delivery with
+        the reason; ``retry`` queues the record again."""
+        response = await self.crm.SetAsideDelivery(crm_pb2.SetAsideDeliveryRequest(call_id=call_id, reason=reason),
+                                                   timeout=self.settings.rpc_timeout)
+        await self.store.update(call_id, None, next_attempt_at=0)
+        self.wake()
+        return response.delivery
+
     @staticmethod
     def retry_fields(job: Job) -> dict[str, Any]:
         """What a retry of the failed ``job`` resets besides its state: a call the CRM refused is queued again
