@@ -31,9 +31,10 @@ def engine(whisper_dir: Path) -> WhisperEngine:
     return WhisperEngine(EngineSettings(model_path=whisper_dir, cpu_threads=2))
 
 
-async def _serve(engine: WhisperEngine, max_running: int, max_queued: int,
-                 max_audio_bytes: int = 64 * 1024 * 1024) -> tuple[RunningServer, TranscriptionServicer]:
-    servicer = TranscriptionServicer(engine, AdmissionLimiter(max_running, max_queued), max_audio_bytes=max_audio_bytes)
+async def _serve(engine: WhisperEngine, max_running: int, max_queued: int, max_audio_bytes: int = 64 * 1024 * 1024,
+                 servicer_class: type[TranscriptionServicer] = TranscriptionServicer,
+                 ) -> tuple[RunningServer, TranscriptionServicer]:
+    servicer = servicer_class(engine, AdmissionLimiter(max_running, max_queued), max_audio_bytes=max_audio_bytes)
     binding = ServiceBinding(SERVICE_NAME, lambda s: transcribe_pb2_grpc.add_TranscriptionServiceServicer_to_server(servicer, s))
     return await start_server("127.0.0.1:0", [binding]), servicer
 
@@ -195,8 +196,41 @@ async def test_over_the_concurrency_limit_is_resource_exhausted(engine, audio_di
         await server.stop(1)
 
 
-async def test_a_call_that_finds_transcribe_busy_waits_for_it_instead_of_failing(
-        engine, audio_dir: Path, tmp_path: Path) -> None:
+async def test_a_client_that_awaits_admission_learns_the_service_is_busy_before_sending_audio(
+        engine, audio_dir: Path) -> None:
+    server, _ = await _serve(engine, max_running=1, max_queued=0)
+    channel = client_channel(server.address)
+    try:
+        stub = transcribe_pb2_grpc.TranscriptionServiceStub(channel)
+        busy = stub.Transcribe(requests(audio_dir / "long-en.wav"))
+        await anext(aiter(busy))  # the one slot is taken
+        call = stub.Transcribe(timeout=10)
+        await call.write(transcribe_pb2.TranscribeRequest(config=transcribe_pb2.TranscriptionConfig(
+            call_id="waits", await_admission=True)))
+        metadata = await call.initial_metadata()  # no audio written: the answer comes to the config alone
+        assert "callmesh-admitted" not in [key for key, _ in metadata]
+        assert await call.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "busy" in await call.details()
+        busy.cancel()
+    finally:
+        await channel.close()
+        await server.stop(1)
+
+
+async def test_an_admitted_stream_is_told_so_before_it_sends_audio(stub, audio_dir: Path) -> None:
+    call = stub.Transcribe(timeout=60)
+    await call.write(transcribe_pb2.TranscribeRequest(config=transcribe_pb2.TranscriptionConfig(
+        call_id="admitted", await_admission=True)))
+    assert ("callmesh-admitted", "1") in list(await call.initial_metadata())
+    async for message in requests(audio_dir / "es-billing-angry.wav"):
+        if message.HasField("audio"):
+            await call.write(message)
+    await call.done_writing()
+    responses = [r async for r in call]
+    assert responses[-1].HasField("summary") and responses[-1].summary.language_code == "es"
+
+
+async def test_a_call_that_finds_transcribe_busy_waits_for_it_without_uploading_its_recording_meanwhile(
+        engine, audio_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     server, _ = await _serve(engine, max_running=1, max_queued=0)
     channel = client_channel(server.address)
     recorder = await Recorder(audio_dir).start()
@@ -211,9 +245,48 @@ async def test_a_call_that_finds_transcribe_busy_waits_for_it_instead_of_failing
             busy.cancel()
             status = await wait_for(ingest.url, "busy-1", lambda s: s["status"] != "transcribing")
         assert status["status"] == "analyzing" and status["progress"]["transcript_complete"], status
+        refusals = [r.getMessage() for r in caplog.records if r.name == "services.transcribe.servicer"
+                    and r.getMessage().startswith("rejected")]
+        assert len(refusals) >= 3 and all(m.startswith("rejected before its audio was sent") for m in refusals), refusals
     finally:
         await recorder.stop()
         await channel.close()
+        await server.stop(1)
+
+
+class _ContextWithoutAdmission:
+    def __init__(self, context: grpc.aio.ServicerContext) -> None:
+        self._context = context
+
+    def __getattr__(self, name: str):
+        return getattr(self._context, name)
+
+    async def send_initial_metadata(self, metadata) -> None:
+        pass
+
+
+class _ServicerBeforeAdmissionAnswers(TranscriptionServicer):
+    """The transcribe service as it was before it answered a config: no initial metadata until its first
+    response (as met in a rolling upgrade, where ingest is newer)."""
+
+    def Transcribe(self, request_iterator, context):
+        return super().Transcribe(request_iterator, _ContextWithoutAdmission(context))
+
+
+async def test_ingest_sends_the_recording_to_a_transcribe_service_that_does_not_answer_admission(
+        engine, audio_dir: Path, tmp_path: Path) -> None:
+    server, _ = await _serve(engine, max_running=1, max_queued=4, servicer_class=_ServicerBeforeAdmissionAnswers)
+    recorder = await Recorder(audio_dir).start()
+    try:
+        async with running_ingest(tmp_path, transcribe_addr=server.address, rpc_timeout=0.5,
+                                  transcribe_timeout=20) as ingest:
+            await post(ingest.url, json.dumps({"call_id": "older", "recording_url": recorder.url_for(
+                "es-billing-angry.wav")}))
+            status = await wait_for(ingest.url, "older", lambda s: s["status"] not in ("received", "downloading",
+                                                                                      "transcribing"))
+        assert status["status"] == "analyzing" and status["progress"]["transcript_complete"], status
+    finally:
+        await recorder.stop()
         await server.stop(1)
 
 

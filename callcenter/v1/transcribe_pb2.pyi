@@ -39,7 +39,7 @@ TRANSCRIPTION_TASK_TRANSCRIBE: TranscriptionTask
 TRANSCRIPTION_TASK_TRANSLATE: TranscriptionTask
 
 class TranscriptionConfig(_message.Message):
-    __slots__ = ("call_id", "language_code", "channel_layout", "agent_channel", "word_timestamps", "hotwords", "detect_language_per_segment", "task")
+    __slots__ = ("call_id", "language_code", "channel_layout", "agent_channel", "word_timestamps", "hotwords", "detect_language_per_segment", "task", "await_admission")
     CALL_ID_FIELD_NUMBER: _ClassVar[int]
     LANGUAGE_CODE_FIELD_NUMBER: _ClassVar[int]
     CHANNEL_LAYOUT_FIELD_NUMBER: _ClassVar[int]
@@ -48,6 +48,7 @@ class TranscriptionConfig(_message.Message):
     HOTWORDS_FIELD_NUMBER: _ClassVar[int]
     DETECT_LANGUAGE_PER_SEGMENT_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
+    AWAIT_ADMISSION_FIELD_NUMBER: _ClassVar[int]
     call_id: str
     language_code: str
     channel_layout: ChannelLayout
@@ -56,7 +57,8 @@ class TranscriptionConfig(_message.Message):
     hotwords: _containers.RepeatedScalarFieldContainer[str]
     detect_language_per_segment: bool
     task: TranscriptionTask
-    def __init__(self, call_id: _Optional[str] = ..., language_code: _Optional[str] = ..., channel_layout: _Optional[_Union[ChannelLayout, str]] = ..., agent_channel: _Optional[_Union[AgentChannel, str]] = ..., word_timestamps: _Optional[bool] = ..., hotwords: _Optional[_Iterable[str]] = ..., detect_language_per_segment: _Optional[bool] = ..., task: _Optional[_Union[TranscriptionTask, str]] = ...) -> None: ...
+    await_admission: bool
+    def __init__(self, call_id: _Optional[str] = ..., language_code: _Optional[str] = ..., channel_layout: _Optional[_Union[ChannelLayout, str]] = ..., agent_channel: _Optional[_Union[AgentChannel, str]] = ..., word_timestamps: _Optional[bool] = ..., hotwords: _Optional[_Iterable[str]] = ..., detect_language_per_segment: _Optional[bool] = ..., task: _Optional[_Union[TranscriptionTask, str]] = ..., await_admission: _Optional[bool] = ...) -> None: ...
 
 class TranscribeRequest(_message.Message):
     __slots__ = ("config", "audio")

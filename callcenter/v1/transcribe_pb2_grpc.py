@@ -54,7 +54,8 @@ class TranscriptionServiceServicer:
         audio arrives, when the recording is over the service's size limit or
         when the audio cannot be decoded (sending it again will not help; the
         status comes once the client has sent its whole stream); RESOURCE_EXHAUSTED
-        when the service is at its concurrency limit (try again later).
+        when the service is at its concurrency limit (try again later; see
+        TranscriptionConfig.await_admission to learn it before uploading).
         Cancelling the call stops the decode.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

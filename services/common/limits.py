@@ -10,6 +10,9 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
+# Initial metadata a service sends once it has admitted a stream (callcenter.v1.TranscriptionConfig.await_admission).
+ADMITTED_METADATA = "callmesh-admitted"
+
 
 class Overloaded(Exception):
     """Every running slot and every queue place is taken."""

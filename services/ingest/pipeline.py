@@ -26,6 +26,7 @@ from opentelemetry import trace
 
 from callcenter.v1 import analyze_pb2, analyze_pb2_grpc, common_pb2, crm_pb2, crm_pb2_grpc, transcribe_pb2, transcribe_pb2_grpc
 from services.common.grpc_server import client_channel
+from services.common.limits import ADMITTED_METADATA
 from services.common.logs import call_context
 from services.common.metrics import DURATION_BUCKETS, meter
 from services.common.retry import backoff_delay, sleep_or_wake
@@ -321,18 +322,32 @@ class PipelineWorker:
         log.info("downloaded %d bytes", downloaded.size)
         return TRANSCRIBING, {"recording_path": str(downloaded.path)}
 
-    async def _audio_requests(self, job: Job, path: Path, task: int = transcribe_pb2.TRANSCRIPTION_TASK_TRANSCRIBE,
-                              language: str = "") -> AsyncIterator[transcribe_pb2.TranscribeRequest]:
+    def _transcription(self, job: Job, path: Path, task: int = transcribe_pb2.TRANSCRIPTION_TASK_TRANSCRIBE,
+                       language: str = "") -> grpc.aio.StreamStreamCall:
+        """A Transcribe stream that sends the recording once the service has admitted it: a busy service answers
+        the config with RESOURCE_EXHAUSTED before any upload, so a call that waits for a busy transcriber does not
+        send its recording on every look. (Written through a request iterator: a failed explicit write surfaces
+        as INTERNAL, where the iterator leaves the call its real status.)"""
         opts = job.options
         config = transcribe_pb2.TranscriptionConfig(
-            call_id=job.call_id, language_code=language or opts.language or "", task=task,
+            call_id=job.call_id, language_code=language or opts.language or "", task=task, await_admission=True,
             channel_layout=transcribe_pb2.CHANNEL_LAYOUT_STEREO if opts.agent_channel else transcribe_pb2.CHANNEL_LAYOUT_MONO,
             agent_channel=transcribe_pb2.AGENT_CHANNEL_RIGHT if opts.agent_channel == "right" else transcribe_pb2.AGENT_CHANNEL_LEFT,
         )
-        yield transcribe_pb2.TranscribeRequest(config=config)
-        with path.open("rb") as f:
-            while chunk := await asyncio.to_thread(f.read, self.settings.chunk_bytes):
-                yield transcribe_pb2.TranscribeRequest(audio=chunk)
+
+        async def requests() -> AsyncIterator[transcribe_pb2.TranscribeRequest]:
+            yield transcribe_pb2.TranscribeRequest(config=config)
+            answer = asyncio.ensure_future(call.initial_metadata())
+            await asyncio.wait({answer}, timeout=self.settings.rpc_timeout)
+            if answer.done() and not any(key == ADMITTED_METADATA for key, _ in answer.result()):
+                return  # refused: the call's status says why
+            # Admitted, or no answer from a transcribe service older than await_admission: send the audio.
+            with path.open("rb") as f:
+                while chunk := await asyncio.to_thread(f.read, self.settings.chunk_bytes):
+                    yield transcribe_pb2.TranscribeRequest(audio=chunk)
+
+        call = self.transcribe.Transcribe(requests(), timeout=self.settings.transcribe_timeout)
+        return call
 
     async def _stage_transcribing(self, job: Job) -> tuple[str, dict]:
         if not job.recording_path or not Path(job.recording_path).is_file():
@@ -341,8 +356,7 @@ class PipelineWorker:
         segments: list[dict] = []
         language, probability, summary = "", 0.0, None
         last_saved = time.monotonic()
-        call = self.transcribe.Transcribe(self._audio_requests(job, Path(job.recording_path)),
-                                          timeout=self.settings.transcribe_timeout)
+        call = self._transcription(job, Path(job.recording_path))
         try:
             async for response in call:
                 kind = response.WhichOneof("response")
@@ -378,9 +392,7 @@ class PipelineWorker:
     async def _whisper_translation(self, job: Job, language: str) -> list[dict]:
         """The speech model's own English translation (TRANSLATION_SOURCE=whisper), segment by segment."""
         assert job.recording_path is not None
-        call = self.transcribe.Transcribe(
-            self._audio_requests(job, Path(job.recording_path), transcribe_pb2.TRANSCRIPTION_TASK_TRANSLATE, language),
-            timeout=self.settings.transcribe_timeout)
+        call = self._transcription(job, Path(job.recording_path), transcribe_pb2.TRANSCRIPTION_TASK_TRANSLATE, language)
         try:
             translated = [segment_to_dict(r.segment) async for r in call if r.HasField("segment")]
         except grpc.aio.AioRpcError as exc:

@@ -11,7 +11,7 @@ from typing import NoReturn
 
 import grpc
 from callcenter.v1 import common_pb2, transcribe_pb2, transcribe_pb2_grpc
-from services.common.limits import AdmissionLimiter, Overloaded
+from services.common.limits import ADMITTED_METADATA, AdmissionLimiter, Overloaded
 from services.common.logs import call_context
 from services.common.metrics import DURATION_BUCKETS, meter
 from services.common.protoconv import duration
@@ -90,20 +90,28 @@ class TranscriptionServicer(transcribe_pb2_grpc.TranscriptionServiceServicer):
                                "the first message must carry the config, audio follows in later messages")
         config = first.config
         with call_context(config.call_id or "-"), tempfile.SpooledTemporaryFile(_SPOOL_IN_MEMORY) as spool:
-            # Admission is decided once the client has sent everything: rejecting a stream
-            # while the client is still writing surfaces as INTERNAL on the client, not as
-            # the RESOURCE_EXHAUSTED it should retry on.
-            size = await self._receive_audio(request_iterator, spool, context)
-            log.info("received %d bytes of audio", size)
-            spool.seek(0)
             try:
+                # Admission is decided on the config, before the upload: a client that awaits it learns that
+                # the service is busy without sending its recording.
                 async with self.limiter.admit():
+                    await context.send_initial_metadata(((ADMITTED_METADATA, "1"),))
+                    size = await self._receive_audio(request_iterator, spool, context)
+                    log.info("received %d bytes of audio", size)
+                    spool.seek(0)
                     async with self.limiter.run_slot():
                         async for response in self._decode(spool, options_from_config(config), config.call_id):
                             yield response
             except Overloaded as exc:
                 _rejected.add(1, {"reason": "overloaded"})
-                log.warning("rejected: %s", exc)
+                if config.await_admission:
+                    log.warning("rejected before its audio was sent: %s", exc)
+                else:
+                    # Aborted while the client still writes, the call ends on the client as INTERNAL, not as
+                    # the RESOURCE_EXHAUSTED it should retry on: end it once everything is sent.
+                    dropped = 0
+                    async for message in request_iterator:
+                        dropped += len(message.audio)
+                    log.warning("rejected once its %d bytes of audio were received: %s", dropped, exc)
                 await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
             except _InvalidAudio as exc:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
