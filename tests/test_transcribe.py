@@ -32,9 +32,10 @@ def engine(whisper_dir: Path) -> WhisperEngine:
 
 
 async def _serve(engine: WhisperEngine, max_running: int, max_queued: int, max_audio_bytes: int = 64 * 1024 * 1024,
-                 servicer_class: type[TranscriptionServicer] = TranscriptionServicer,
+                 servicer_class: type[TranscriptionServicer] = TranscriptionServicer, drain_seconds: float = 30.0,
                  ) -> tuple[RunningServer, TranscriptionServicer]:
-    servicer = servicer_class(engine, AdmissionLimiter(max_running, max_queued), max_audio_bytes=max_audio_bytes)
+    servicer = servicer_class(engine, AdmissionLimiter(max_running, max_queued), max_audio_bytes=max_audio_bytes,
+                              drain_seconds=drain_seconds)
     binding = ServiceBinding(SERVICE_NAME, lambda s: transcribe_pb2_grpc.add_TranscriptionServiceServicer_to_server(servicer, s))
     return await start_server("127.0.0.1:0", [binding]), servicer
 
@@ -299,6 +300,43 @@ async def test_a_recording_over_the_size_limit_is_invalid_argument_naming_the_li
             await collect(stub.Transcribe(requests(audio_dir / "es-billing-angry.wav")))
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "over the 100000-byte limit" in info.value.details()
+    finally:
+        await channel.close()
+        await server.stop(1)
+
+
+async def test_a_refused_stream_that_keeps_sending_is_read_no_further_than_the_size_limit(
+        engine, audio_dir: Path) -> None:
+    server, _ = await _serve(engine, 1, 0, max_audio_bytes=100_000)
+    channel = client_channel(server.address)
+    sent = 0
+
+    async def endless():
+        nonlocal sent
+        yield transcribe_pb2.TranscribeRequest(config=transcribe_pb2.TranscriptionConfig(call_id="endless"))
+        for _ in range(20_000):  # 640 MB at most
+            sent += 1
+            yield transcribe_pb2.TranscribeRequest(audio=b"\0" * 32 * 1024)
+
+    try:
+        with pytest.raises(grpc.aio.AioRpcError):
+            await collect(transcribe_pb2_grpc.TranscriptionServiceStub(channel).Transcribe(endless(), timeout=60))
+        assert sent < 100, sent  # about 200 kB read by the service, and what the transport buffered
+    finally:
+        await channel.close()
+        await server.stop(1)
+
+
+async def test_a_refused_stream_that_stalls_gets_its_reason_after_the_drain_time(engine, audio_dir: Path) -> None:
+    server, _ = await _serve(engine, 1, 0, drain_seconds=0.5)
+    channel = client_channel(server.address)
+    try:
+        call = transcribe_pb2_grpc.TranscriptionServiceStub(channel).Transcribe(timeout=20)
+        await call.write(transcribe_pb2.TranscribeRequest(audio=b"RIFF"))  # audio before the config
+        # ... and the stream is never ended.
+        assert await call.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "first message must carry the config" in await call.details()  # not DEADLINE_EXCEEDED, 20 s on
+        call.cancel()
     finally:
         await channel.close()
         await server.stop(1)

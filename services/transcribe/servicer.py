@@ -77,10 +77,12 @@ def to_response(event: LanguageResult | SegmentResult | SummaryResult) -> transc
 class TranscriptionServicer(transcribe_pb2_grpc.TranscriptionServiceServicer):
     """Receives a recording, streams back its transcript as it is decoded."""
 
-    def __init__(self, engine: WhisperEngine, limiter: AdmissionLimiter, max_audio_bytes: int) -> None:
+    def __init__(self, engine: WhisperEngine, limiter: AdmissionLimiter, max_audio_bytes: int,
+                 drain_seconds: float = 30.0) -> None:
         self.engine = engine
         self.limiter = limiter
         self.max_audio_bytes = max_audio_bytes
+        self.drain_seconds = drain_seconds  # how long a refused stream is read before its status goes out
 
     async def Transcribe(self, request_iterator: AsyncIterator[transcribe_pb2.TranscribeRequest],
                          context: grpc.aio.ServicerContext) -> AsyncIterator[transcribe_pb2.TranscribeResponse]:
@@ -108,9 +110,7 @@ class TranscriptionServicer(transcribe_pb2_grpc.TranscriptionServiceServicer):
                 else:
                     # Aborted while the client still writes, the call ends on the client as INTERNAL, not as
                     # the RESOURCE_EXHAUSTED it should retry on: end it once everything is sent.
-                    dropped = 0
-                    async for message in request_iterator:
-                        dropped += len(message.audio)
+                    dropped = await self._drain(request_iterator)
                     log.warning("rejected once its %d bytes of audio were received: %s", dropped, exc)
                 await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
             except _InvalidAudio as exc:
@@ -130,15 +130,29 @@ class TranscriptionServicer(transcribe_pb2_grpc.TranscriptionServiceServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "no audio was sent after the config")
         return size
 
-    @staticmethod
-    async def _refuse(request_iterator, context: grpc.aio.ServicerContext, reason: str) -> NoReturn:
-        """INVALID_ARGUMENT with ``reason``, once the client has sent its whole stream (the rest is read and
-        dropped): aborted while the client still writes, the call ends on the client as INTERNAL "Internal
-        error from Core", without the reason, and a client such as ingest cannot tell that sending again
-        is useless."""
-        async for _ in request_iterator:
-            pass
+    async def _refuse(self, request_iterator, context: grpc.aio.ServicerContext, reason: str) -> NoReturn:
+        """INVALID_ARGUMENT with ``reason``, once the client has sent its whole stream (see :meth:`_drain`):
+        aborted while the client still writes, the call ends on the client as INTERNAL "Internal error from
+        Core", without the reason, and a client such as ingest cannot tell that sending again is useless."""
+        await self._drain(request_iterator)
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, reason)
+
+    async def _drain(self, request_iterator) -> int:
+        """Read and drop the rest of a refused stream, so that its status reaches the client intact; return the
+        audio bytes dropped. Bounded: at most TRANSCRIBE_MAX_AUDIO_BYTES more and ``drain_seconds``, after
+        which the status goes out mid-stream (a client that keeps sending, or stalls without ending its
+        stream, holds nothing longer than that)."""
+        dropped = 0
+        try:
+            async with asyncio.timeout(self.drain_seconds):
+                async for message in request_iterator:
+                    dropped += len(message.audio)
+                    if dropped > self.max_audio_bytes:
+                        log.warning("refused stream: stopped reading after %d more bytes", dropped)
+                        break
+        except TimeoutError:
+            log.warning("refused stream: stopped reading after %.0f s (%d more bytes)", self.drain_seconds, dropped)
+        return dropped
 
     async def _decode(self, source, options: TranscribeOptions, call_id: str) -> AsyncIterator[transcribe_pb2.TranscribeResponse]:
         """Run the blocking engine in a thread and hand its events over as they come."""
