@@ -40,6 +40,7 @@ _rejected = _meter.create_counter("callmesh.transcribe.rejected", description="S
 
 _SPOOL_IN_MEMORY = 8 * 1024 * 1024
 _DONE = object()
+_DRAIN_BYTES_AT_LEAST = 64 * 1024 * 1024
 
 
 def options_from_config(config: transcribe_pb2.TranscriptionConfig) -> TranscribeOptions:
@@ -139,15 +140,15 @@ class TranscriptionServicer(transcribe_pb2_grpc.TranscriptionServiceServicer):
 
     async def _drain(self, request_iterator) -> int:
         """Read and drop the rest of a refused stream, so that its status reaches the client intact; return the
-        audio bytes dropped. Bounded: at most TRANSCRIBE_MAX_AUDIO_BYTES more and ``drain_seconds``, after
-        which the status goes out mid-stream (a client that keeps sending, or stalls without ending its
-        stream, holds nothing longer than that)."""
+        audio bytes dropped. Bounded: at most TRANSCRIBE_MAX_AUDIO_BYTES more (64 MiB when that is less) and
+        ``drain_seconds``, after which the status goes out mid-stream (a client that keeps sending, or stalls
+        without ending its stream, holds nothing longer than that)."""
         dropped = 0
         try:
             async with asyncio.timeout(self.drain_seconds):
                 async for message in request_iterator:
                     dropped += len(message.audio)
-                    if dropped > self.max_audio_bytes:
+                    if dropped > max(self.max_audio_bytes, _DRAIN_BYTES_AT_LEAST):
                         log.warning("refused stream: stopped reading after %d more bytes", dropped)
                         break
         except TimeoutError:
