@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -62,3 +63,15 @@ async def test_the_recordings_in_use_are_those_of_calls_not_done(store: JobStore
         if state != RECEIVED:
             await store.update(call_id, None, state=state, recording_path=f"/data/recordings/{call_id}.audio")
     assert await store.recordings_in_use() == {"working.audio", "failed.audio"}
+
+
+async def test_only_calls_failed_before_the_cutoff_let_go_of_their_recordings(store: JobStore) -> None:
+    for call_id, state in (("failed-early", FAILED), ("working", TRANSCRIBING)):
+        await store.create(call_id, "http://127.0.0.1:9/a.wav", JobOptions(), {}, "")
+        await store.update(call_id, None, state=state, recording_path=f"/data/recordings/{call_id}.audio")
+    cutoff = time.time()
+    await store.create("failed-late", "http://127.0.0.1:9/a.wav", JobOptions(), {}, "")
+    await store.update("failed-late", None, state=FAILED, recording_path="/data/recordings/failed-late.audio")
+    assert await store.release_failed_recordings(cutoff) == [("failed-early", "/data/recordings/failed-early.audio")]
+    assert await store.recordings_in_use() == {"working.audio", "failed-late.audio"}
+    assert await store.release_failed_recordings(cutoff) == []

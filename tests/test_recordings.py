@@ -4,7 +4,8 @@ A delivered call's recording is deleted with its delivery (test_end_to_end). The
 tests cover what a stopped process leaves behind: a partial download, or a finished
 one that no job names. Ingest removes such files when it starts and then every
 ``orphan_age`` seconds, once nobody has written them for that long; the recording of
-a call still in the pipeline, or failed and waiting for a retry, stays.
+a call still in the pipeline stays, and so does a failed call's, for its retry, until
+its retention (RECORDING_FAILED_RETENTION_HOURS) is over.
 """
 
 from __future__ import annotations
@@ -14,8 +15,11 @@ import os
 import time
 from pathlib import Path
 
+import aiohttp
+
+from callmesh.standins import Recorder
 from services.ingest.store import FAILED, TRANSCRIBING
-from tests.ingest_harness import running_ingest, stored_call
+from tests.ingest_harness import running_ingest, stored_call, wait_for
 
 # Old enough for any setting: the harness downloads for at most 5 s and leases for 30 s.
 LONG_AGO = time.time() - 24 * 3600
@@ -90,3 +94,48 @@ async def test_a_recording_left_while_ingest_runs_is_removed_by_a_later_sweep(tm
         await asyncio.sleep(0.2)  # the sweep at start is over
         orphan = leftover(tmp_path / "recordings", "abab.audio")
         assert await gone(orphan, timeout=5)
+
+
+async def call_status(url: str, call_id: str) -> dict:
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{url}/v1/calls/{call_id}") as resp:
+            return await resp.json()
+
+
+async def test_a_failed_call_keeps_its_recording_until_its_retention_is_over(tmp_path: Path) -> None:
+    recordings = tmp_path / "recordings"
+    expired, recent = leftover(recordings, "1111.audio"), leftover(recordings, "2222.audio")
+    await call_holding(tmp_path, "failed-long-ago", expired, FAILED)
+    await asyncio.sleep(1.0)
+    await call_holding(tmp_path, "failed-just-now", recent, FAILED)
+    async with running_ingest(tmp_path, failed_retention=0.8) as ingest:
+        assert await gone(expired)
+        assert (await call_status(ingest.url, "failed-long-ago"))["recording_kept"] is False
+        assert recent.exists() and (await call_status(ingest.url, "failed-just-now"))["recording_kept"] is True
+
+
+async def test_a_retention_of_zero_keeps_a_failed_call_recording_until_it_is_retried(tmp_path: Path) -> None:
+    recording = leftover(tmp_path / "recordings", "3333.audio")
+    await call_holding(tmp_path, "failed-long-ago", recording, FAILED)
+    await asyncio.sleep(0.3)
+    async with running_ingest(tmp_path, failed_retention=0) as ingest:
+        assert await gone(leftover(tmp_path / "recordings", "4444.audio"))  # the sweep ran
+        assert recording.exists() and (await call_status(ingest.url, "failed-long-ago"))["recording_kept"] is True
+
+
+async def test_a_retried_call_whose_recording_was_deleted_downloads_it_again(tmp_path: Path, audio_dir: Path) -> None:
+    recorder = await Recorder(audio_dir).start()
+    try:
+        await stored_call(tmp_path, "expired", FAILED, error_stage=TRANSCRIBING, error="transcribe: INTERNAL",
+                          recording_url=recorder.url_for("es-billing-angry.wav"))
+        async with running_ingest(tmp_path) as ingest:  # transcribe is not there: the call waits for it
+            async with aiohttp.ClientSession() as session:
+                async with session.post(f"{ingest.url}/v1/calls/expired:retry") as resp:
+                    assert resp.status == 202
+            status = await wait_for(ingest.url, "expired", lambda s: "UNAVAILABLE" in (s["error"] or {}).get("message", ""))
+            job = await ingest.store.get("expired")
+        assert status["status"] == "transcribing", status
+        assert list(status["stages"]).index("downloading") > list(status["stages"]).index("failed")
+        assert job is not None and job.recording_path and Path(job.recording_path).stat().st_size > 0
+    finally:
+        await recorder.stop()

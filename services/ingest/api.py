@@ -94,6 +94,8 @@ def job_view(job: Job, base_url: str = "") -> dict[str, Any]:
     }
     if job.error:
         view["error"] = {"stage": job.error_stage, "message": job.error}
+    if job.state == FAILED:
+        view["recording_kept"] = job.recording_path is not None
     if job.state not in (DONE, FAILED) and job.error:
         view["next_attempt_at"] = _iso(job.next_attempt_at)
     if job.result and "delivery" in job.result:

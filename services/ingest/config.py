@@ -39,6 +39,7 @@ class DownloadSettings:
     total_timeout: float
     max_redirects: int
     directory: Path
+    failed_retention: float = 7 * 24 * 3600.0  # seconds a failed call keeps its recording for a retry; 0: until retried
 
     @classmethod
     def from_env(cls, root: Path) -> "DownloadSettings":
@@ -51,6 +52,7 @@ class DownloadSettings:
             total_timeout=env_float("RECORDING_TOTAL_TIMEOUT_SECONDS", 1800.0, minimum=1.0),
             max_redirects=env_int("RECORDING_MAX_REDIRECTS", 3, minimum=0),
             directory=Path(env_str("RECORDING_DIR", str(root / "recordings"))),
+            failed_retention=env_float("RECORDING_FAILED_RETENTION_HOURS", 168.0, minimum=0.0) * 3600,
         )
 
 

@@ -96,6 +96,9 @@ SCHEMAS: dict[str, Any] = {
                 "type": "object", "required": ["stage", "message"],
                 "properties": {"stage": {"type": ["string", "null"]}, "message": {"type": "string"}}}]},
             "next_attempt_at": _TS,
+            "recording_kept": {"type": "boolean", "description": (
+                "Failed calls: whether the downloaded recording is kept for a retry (for "
+                "RECORDING_FAILED_RETENTION_HOURS); false: a retry downloads it again")},
             "progress": {"type": "object", "properties": {
                 "language": {"type": ["string", "null"], "description": "Language detected so far"},
                 "segments": {"type": "integer", "minimum": 0, "description": "Transcript segments so far"},

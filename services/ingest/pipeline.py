@@ -200,9 +200,11 @@ class PipelineWorker:
         return self.downloader.settings.total_timeout + self.settings.lease_seconds
 
     async def _sweep_recordings(self) -> None:
-        """At start and then every :meth:`orphan_age`, delete the recordings that no call holds."""
+        """At start and then every :meth:`orphan_age`, delete the recordings of calls failed longer ago than
+        their retention, and the recordings that no call holds."""
         while not self._stopping.is_set():
             try:
+                await self._expire_failed_recordings()
                 in_use = await self.store.recordings_in_use()
                 removed = await asyncio.to_thread(self.downloader.remove_orphans, in_use, self.orphan_age())
                 if removed:
@@ -212,6 +214,17 @@ class PipelineWorker:
                 log.exception("sweeping the recording directory failed; trying again later")
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), self.orphan_age())
+
+    async def _expire_failed_recordings(self) -> None:
+        retention = self.downloader.settings.failed_retention
+        if retention <= 0:
+            return
+        released = await self.store.release_failed_recordings(time.time() - retention)
+        for _, path in released:
+            Path(path).unlink(missing_ok=True)
+        if released:
+            log.info("deleted the recordings of %d call(s) failed more than %.0f h ago "
+                     "(RECORDING_FAILED_RETENTION_HOURS); a retry downloads them again", len(released), retention / 3600)
 
     def _finished(self, call_id: str, task: asyncio.Task) -> None:
         self._tasks.discard(task)

@@ -201,6 +201,18 @@ class JobStore:
                                       "AND recording_path IS NOT NULL", holding)
         return {Path(r[0]).name for r in rows}
 
+    async def release_failed_recordings(self, failed_before: float) -> list[tuple[str, str]]:
+        """Let go of the recordings of calls that failed before ``failed_before`` (their retention is over):
+        return (call_id, recording_path) of each; a retry of such a call downloads its recording again."""
+
+        def tx(c: Any) -> list[tuple[str, str]]:
+            rows = c.execute(f"SELECT call_id, recording_path FROM jobs WHERE state = ? AND recording_path IS NOT NULL "
+                             f"AND updated_at < ?{self.db.for_update}", (FAILED, failed_before)).fetchall()
+            c.executemany("UPDATE jobs SET recording_path = NULL WHERE call_id = ?", [(r[0],) for r in rows])
+            return [(r[0], r[1]) for r in rows]
+
+        return await self.db.transaction(tx)
+
     async def oldest_active_created_at(self) -> float | None:
         """When the oldest call still in the pipeline arrived (None when none is)."""
         placeholders = ",".join("?" * len(ACTIVE_STATES))
