@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 from collections.abc import AsyncIterator, Callable
@@ -62,6 +63,16 @@ async def start_crm(db: Path | str, receiver: CrmReceiver, lease_seconds: float 
     return Crm(crm_pb2_grpc.CrmSyncServiceStub(channel), receiver, server, worker, outbox, channel)
 
 
+@contextlib.asynccontextmanager
+async def crm_service(db: Path | str, receiver: CrmReceiver, **options) -> AsyncIterator[Crm]:
+    """:func:`start_crm` (``options``: its own), closed at the end."""
+    crm = await start_crm(db, receiver, **options)
+    try:
+        yield crm
+    finally:
+        await crm.close()
+
+
 @pytest_asyncio.fixture
 async def receiver() -> AsyncIterator[CrmReceiver]:
     r = await CrmReceiver().start()
@@ -90,8 +101,7 @@ async def wait_state(stub, call_id: str, state: int, timeout: float = 20) -> crm
 
 
 async def test_record_reaches_the_crm_in_the_seed_shape(tmp_path: Path, receiver: CrmReceiver) -> None:
-    crm = await start_crm(tmp_path / "o.db", receiver)
-    try:
+    async with crm_service(tmp_path / "o.db", receiver) as crm:
         queued = await crm.stub.Deliver(crm_pb2.DeliverRequest(record=record("c1")))
         assert queued.delivery.state in (crm_pb2.DELIVERY_STATE_QUEUED, crm_pb2.DELIVERY_STATE_DELIVERED)
         await wait_state(crm.stub, "c1", crm_pb2.DELIVERY_STATE_DELIVERED)
@@ -99,26 +109,20 @@ async def test_record_reaches_the_crm_in_the_seed_shape(tmp_path: Path, receiver
         assert body["sentiment"] == "negative" and body["summary"] == ["a", "b", "c"]
         assert body["timestamp"] == "2026-09-21T14:13:20Z"
         assert receiver.records[0].idempotency_key == queued.delivery.idempotency_key
-    finally:
-        await crm.close()
 
 
 async def test_deliver_is_idempotent_on_call_id(tmp_path: Path, receiver: CrmReceiver) -> None:
-    crm = await start_crm(tmp_path / "o.db", receiver)
-    try:
+    async with crm_service(tmp_path / "o.db", receiver) as crm:
         replies = await asyncio.gather(*(crm.stub.Deliver(crm_pb2.DeliverRequest(record=record("same"))) for _ in range(3)))
         assert len({r.delivery.idempotency_key for r in replies}) == 1
         await wait_state(crm.stub, "same", crm_pb2.DELIVERY_STATE_DELIVERED)
         await asyncio.sleep(0.3)
         assert receiver.posts == 1
-    finally:
-        await crm.close()
 
 
 async def test_crm_outage_is_retried_until_delivered(tmp_path: Path, receiver: CrmReceiver) -> None:
     receiver.fail_with = 503
-    crm = await start_crm(tmp_path / "o.db", receiver)
-    try:
+    async with crm_service(tmp_path / "o.db", receiver) as crm:
         await crm.stub.Deliver(crm_pb2.DeliverRequest(record=record("outage")))
         d = await wait_delivery(crm.stub, "outage", lambda d: d.attempts >= 3, timeout=10)
         assert d.state == crm_pb2.DELIVERY_STATE_QUEUED and "503" in d.last_error
@@ -126,8 +130,6 @@ async def test_crm_outage_is_retried_until_delivered(tmp_path: Path, receiver: C
         delivered = await wait_state(crm.stub, "outage", crm_pb2.DELIVERY_STATE_DELIVERED)
         assert delivered.attempts >= 4 and delivered.last_error == ""
         assert len(receiver.for_call("outage")) == 1
-    finally:
-        await crm.close()
 
 
 async def test_crm_outage_then_recovery_delivers_every_record_once_in_order_of_arrival(
@@ -168,50 +170,41 @@ async def test_queued_record_survives_a_restart(tmp_path: Path, receiver: CrmRec
     await crm.stub.Deliver(crm_pb2.DeliverRequest(record=record("durable")))
     await crm.close()
     receiver.fail_with = None
-    crm = await start_crm(tmp_path / "o.db", receiver)
-    try:
+    async with crm_service(tmp_path / "o.db", receiver) as crm:
         await wait_state(crm.stub, "durable", crm_pb2.DELIVERY_STATE_DELIVERED)
         assert len(receiver.for_call("durable")) == 1
-    finally:
-        await crm.close()
 
 
 async def test_permanent_refusal_marks_the_delivery_failed(tmp_path: Path, receiver: CrmReceiver) -> None:
     receiver.fail_with = 422
-    crm = await start_crm(tmp_path / "o.db", receiver)
-    try:
+    async with crm_service(tmp_path / "o.db", receiver) as crm:
         await crm.stub.Deliver(crm_pb2.DeliverRequest(record=record("refused")))
         failed = await wait_state(crm.stub, "refused", crm_pb2.DELIVERY_STATE_FAILED)
         assert "HTTP 422" in failed.last_error
-    finally:
-        await crm.close()
 
 
-async def crm_that_refused(tmp_path: Path, receiver: CrmReceiver) -> tuple[Crm, crm_pb2.Delivery]:
+@contextlib.asynccontextmanager
+async def crm_that_refused(tmp_path: Path, receiver: CrmReceiver) -> AsyncIterator[tuple[Crm, crm_pb2.Delivery]]:
     """A crm service whose CRM refused the record of call "refused" (HTTP 422), and takes records again now."""
     receiver.fail_with = 422
-    crm = await start_crm(tmp_path / "o.db", receiver)
-    first = await crm.stub.Deliver(crm_pb2.DeliverRequest(record=record("refused")))
-    await wait_state(crm.stub, "refused", crm_pb2.DELIVERY_STATE_FAILED)
-    receiver.fail_with = None
-    return crm, first.delivery
+    async with crm_service(tmp_path / "o.db", receiver) as crm:
+        first = await crm.stub.Deliver(crm_pb2.DeliverRequest(record=record("refused")))
+        await wait_state(crm.stub, "refused", crm_pb2.DELIVERY_STATE_FAILED)
+        receiver.fail_with = None
+        yield crm, first.delivery
 
 
 async def test_a_refused_record_is_not_sent_again_unless_asked(tmp_path: Path, receiver: CrmReceiver) -> None:
-    crm, _ = await crm_that_refused(tmp_path, receiver)
-    try:
+    async with crm_that_refused(tmp_path, receiver) as (crm, _):
         again = await crm.stub.Deliver(crm_pb2.DeliverRequest(record=record("refused")))
         assert again.delivery.state == crm_pb2.DELIVERY_STATE_FAILED and not again.HasField("record")
         await asyncio.sleep(0.3)
         assert receiver.posts == 1
-    finally:
-        await crm.close()
 
 
 async def test_a_refused_record_queued_again_is_delivered_under_the_same_key(
         tmp_path: Path, receiver: CrmReceiver) -> None:
-    crm, first = await crm_that_refused(tmp_path, receiver)
-    try:
+    async with crm_that_refused(tmp_path, receiver) as (crm, first):
         fixed = record("refused")
         fixed.topic = "Refunds"
         again = await crm.stub.Deliver(crm_pb2.DeliverRequest(record=fixed, requeue_failed=True))
@@ -220,42 +213,33 @@ async def test_a_refused_record_queued_again_is_delivered_under_the_same_key(
         delivered = await wait_state(crm.stub, "refused", crm_pb2.DELIVERY_STATE_DELIVERED)
         assert delivered.idempotency_key == first.idempotency_key and delivered.attempts == 1
         assert [r.body["topic"] for r in receiver.for_call("refused")] == ["Refunds"]
-    finally:
-        await crm.close()
 
 
 async def test_a_record_queued_again_waits_behind_the_records_already_queued(
         tmp_path: Path, receiver: CrmReceiver) -> None:
-    crm, _ = await crm_that_refused(tmp_path, receiver)
-    try:
+    async with crm_that_refused(tmp_path, receiver) as (crm, _):
         receiver.fail_with = 503  # down: what is queued stays queued, in order
         await crm.stub.Deliver(crm_pb2.DeliverRequest(record=record("waiting")))
         await crm.stub.Deliver(crm_pb2.DeliverRequest(record=record("refused"), requeue_failed=True))
         receiver.fail_with = None
         await wait_state(crm.stub, "refused", crm_pb2.DELIVERY_STATE_DELIVERED)
         assert [r.body["call_id"] for r in receiver.records] == ["waiting", "refused"]
-    finally:
-        await crm.close()
 
 
 async def test_requeue_leaves_a_delivered_record_alone(tmp_path: Path, receiver: CrmReceiver) -> None:
-    crm = await start_crm(tmp_path / "o.db", receiver)
-    try:
+    async with crm_service(tmp_path / "o.db", receiver) as crm:
         await crm.stub.Deliver(crm_pb2.DeliverRequest(record=record("taken")))
         await wait_state(crm.stub, "taken", crm_pb2.DELIVERY_STATE_DELIVERED)
         again = await crm.stub.Deliver(crm_pb2.DeliverRequest(record=record("taken"), requeue_failed=True))
         assert again.delivery.state == crm_pb2.DELIVERY_STATE_DELIVERED and not again.HasField("record")
         await asyncio.sleep(0.3)
         assert receiver.posts == 1
-    finally:
-        await crm.close()
 
 
 async def test_a_record_set_aside_lets_the_records_behind_it_reach_the_crm(
         tmp_path: Path, receiver: CrmReceiver) -> None:
     receiver.fail_for = {"stuck": 500}  # the CRM fails on this record only, and takes the others
-    crm = await start_crm(tmp_path / "o.db", receiver)
-    try:
+    async with crm_service(tmp_path / "o.db", receiver) as crm:
         await crm.stub.Deliver(crm_pb2.DeliverRequest(record=record("stuck")))
         await crm.stub.Deliver(crm_pb2.DeliverRequest(record=record("behind-1")))
         await crm.stub.Deliver(crm_pb2.DeliverRequest(record=record("behind-2")))
@@ -266,14 +250,11 @@ async def test_a_record_set_aside_lets_the_records_behind_it_reach_the_crm(
         assert aside.delivery.last_error == "set aside: ticket 42" and aside.delivery.attempts >= 3
         await wait_state(crm.stub, "behind-2", crm_pb2.DELIVERY_STATE_DELIVERED)
         assert [r.body["call_id"] for r in receiver.records] == ["behind-1", "behind-2"]
-    finally:
-        await crm.close()
 
 
 async def test_a_record_set_aside_is_delivered_when_queued_again(tmp_path: Path, receiver: CrmReceiver) -> None:
     receiver.fail_for = {"stuck": 503}
-    crm = await start_crm(tmp_path / "o.db", receiver)
-    try:
+    async with crm_service(tmp_path / "o.db", receiver) as crm:
         first = await crm.stub.Deliver(crm_pb2.DeliverRequest(record=record("stuck")))
         await wait_delivery(crm.stub, "stuck", lambda d: d.attempts >= 1, timeout=10)
         await crm.stub.SetAsideDelivery(crm_pb2.SetAsideDeliveryRequest(call_id="stuck", reason="CRM bug"))
@@ -282,13 +263,10 @@ async def test_a_record_set_aside_is_delivered_when_queued_again(tmp_path: Path,
         delivered = await wait_state(crm.stub, "stuck", crm_pb2.DELIVERY_STATE_DELIVERED)
         assert delivered.idempotency_key == first.delivery.idempotency_key
         assert [r.idempotency_key for r in receiver.for_call("stuck")] == [first.delivery.idempotency_key]
-    finally:
-        await crm.close()
 
 
 async def test_only_a_queued_record_can_be_set_aside(tmp_path: Path, receiver: CrmReceiver) -> None:
-    crm = await start_crm(tmp_path / "o.db", receiver)
-    try:
+    async with crm_service(tmp_path / "o.db", receiver) as crm:
         await crm.stub.Deliver(crm_pb2.DeliverRequest(record=record("taken")))
         await wait_state(crm.stub, "taken", crm_pb2.DELIVERY_STATE_DELIVERED)
         for call_id, reason, code in [("taken", "late", grpc.StatusCode.FAILED_PRECONDITION),
@@ -299,8 +277,6 @@ async def test_only_a_queued_record_can_be_set_aside(tmp_path: Path, receiver: C
             assert info.value.code() == code, (call_id, reason)
         assert (await crm.stub.GetDelivery(crm_pb2.GetDeliveryRequest(call_id="taken"))).delivery.state \
             == crm_pb2.DELIVERY_STATE_DELIVERED
-    finally:
-        await crm.close()
 
 
 async def test_a_record_being_posted_is_set_aside_once_the_crm_has_answered(
@@ -343,13 +319,10 @@ async def test_a_record_being_posted_is_not_set_aside(tmp_path: Path) -> None:
 
 
 async def test_unknown_delivery_is_not_found(tmp_path: Path, receiver: CrmReceiver) -> None:
-    crm = await start_crm(tmp_path / "o.db", receiver)
-    try:
+    async with crm_service(tmp_path / "o.db", receiver) as crm:
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await crm.stub.GetDelivery(crm_pb2.GetDeliveryRequest(call_id="never"))
         assert info.value.code() == grpc.StatusCode.NOT_FOUND
-    finally:
-        await crm.close()
 
 
 def test_backoff_grows_exponentially_with_jitter_and_a_cap() -> None:
@@ -375,8 +348,7 @@ def record_with_personal_data(call_id: str) -> crm_pb2.CallRecord:
 
 async def test_personal_data_never_reaches_the_crm_and_the_record_says_where_it_was(
         tmp_path: Path, receiver: CrmReceiver) -> None:
-    crm = await start_crm(tmp_path / "o.db", receiver)
-    try:
+    async with crm_service(tmp_path / "o.db", receiver) as crm:
         answer = await crm.stub.Deliver(crm_pb2.DeliverRequest(record=record_with_personal_data("p1")))
         await wait_state(crm.stub, "p1", crm_pb2.DELIVERY_STATE_DELIVERED)
         raw = json.dumps(receiver.for_call("p1")[0].body)
@@ -395,20 +367,15 @@ async def test_personal_data_never_reaches_the_crm_and_the_record_says_where_it_
         assert not answer.record.segments[1].words  # word timings would spell the number out
         stored = (await crm.outbox.get("p1")).payload  # nor is it kept in the outbox
         assert "4111" not in json.dumps(stored)
-    finally:
-        await crm.close()
 
 
 async def test_redaction_can_be_turned_off(tmp_path: Path, receiver: CrmReceiver) -> None:
-    crm = await start_crm(tmp_path / "o.db", receiver, redact_pii=False)
-    try:
+    async with crm_service(tmp_path / "o.db", receiver, redact_pii=False) as crm:
         await crm.stub.Deliver(crm_pb2.DeliverRequest(record=record_with_personal_data("p2")))
         await wait_state(crm.stub, "p2", crm_pb2.DELIVERY_STATE_DELIVERED)
         body = receiver.for_call("p2")[0].body
         assert "4111 1111 1111 1111" in body["transcript"]
         assert body["pii_redaction_applied"] is False and body["redactions"] == []
-    finally:
-        await crm.close()
 
 
 async def analysed_call(tmp_path: Path, call_id: str) -> None:
@@ -421,8 +388,7 @@ async def analysed_call(tmp_path: Path, call_id: str) -> None:
 async def test_pipeline_sees_a_record_the_crm_took_at_once_without_waiting_a_poll_interval(
         tmp_path: Path, receiver: CrmReceiver) -> None:
     await analysed_call(tmp_path, "c-quick")
-    crm = await start_crm(tmp_path / "o.db", receiver)
-    try:
+    async with crm_service(tmp_path / "o.db", receiver) as crm:
         # The crm service queues the record and answers before it has sent it; the stand-in CRM takes it
         # in milliseconds. With a minute between polls, only an early first look finishes the call in time.
         async with running_ingest(tmp_path, crm_addr=crm.server.address, delivery_poll_seconds=60) as ingest:
@@ -430,8 +396,6 @@ async def test_pipeline_sees_a_record_the_crm_took_at_once_without_waiting_a_pol
         assert status["status"] == "done", status
         assert status["delivery"]["state"] == "delivered"
         assert [r.body["transcript"] for r in receiver.for_call("c-quick")] == ["Hola."]
-    finally:
-        await crm.close()
 
 
 async def test_a_call_the_crm_refused_is_sent_again_when_retried(tmp_path: Path, receiver: CrmReceiver) -> None:
@@ -439,8 +403,7 @@ async def test_a_call_the_crm_refused_is_sent_again_when_retried(tmp_path: Path,
     # retries the failed calls, and each record goes to the CRM again.
     await analysed_call(tmp_path, "c-refused")
     receiver.fail_with = 401
-    crm = await start_crm(tmp_path / "o.db", receiver)
-    try:
+    async with crm_service(tmp_path / "o.db", receiver) as crm:
         async with running_ingest(tmp_path, crm_addr=crm.server.address) as ingest:
             failed = await wait_for_state(ingest.url, "c-refused", {"done", "failed"}, timeout=15)
             assert failed["status"] == "failed" and "HTTP 401" in failed["error"]["message"], failed
@@ -452,8 +415,6 @@ async def test_a_call_the_crm_refused_is_sent_again_when_retried(tmp_path: Path,
         assert status["status"] == "done", status
         assert status["delivery"]["state"] == "delivered"
         assert [r.body["transcript"] for r in receiver.for_call("c-refused")] == ["Hola."]
-    finally:
-        await crm.close()
 
 
 async def set_aside(url: str, call_id: str, body: object) -> tuple[int, dict]:
@@ -468,8 +429,7 @@ async def test_a_call_set_aside_fails_at_delivery_with_the_reason_and_the_calls_
     # moves on, and once the CRM side is fixed a retry sends the record.
     await analysed_call(tmp_path, "c-stuck")
     receiver.fail_for = {"c-stuck": 500}
-    crm = await start_crm(tmp_path / "o.db", receiver)
-    try:
+    async with crm_service(tmp_path / "o.db", receiver) as crm:
         async with running_ingest(tmp_path, crm_addr=crm.server.address) as ingest:
             await wait_for(ingest.url, "c-stuck", lambda s: (s.get("delivery") or {}).get("attempts", 0) >= 2, 15)
             await crm.stub.Deliver(crm_pb2.DeliverRequest(record=record("c-behind")))
@@ -488,8 +448,6 @@ async def test_a_call_set_aside_fails_at_delivery_with_the_reason_and_the_calls_
             done = await wait_for_state(ingest.url, "c-stuck", {"done", "failed"}, timeout=15)
         assert done["status"] == "done", done
         assert [r.body["call_id"] for r in receiver.records] == ["c-behind", "c-stuck"]
-    finally:
-        await crm.close()
 
 
 async def test_setting_a_call_aside_needs_a_reason(tmp_path: Path, receiver: CrmReceiver) -> None:

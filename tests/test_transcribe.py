@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import json
 import subprocess
 import wave
@@ -40,13 +42,30 @@ async def _serve(engine: WhisperEngine, max_running: int, max_queued: int, max_a
     return await start_server("127.0.0.1:0", [binding]), servicer
 
 
+@dataclasses.dataclass
+class Served:
+    server: RunningServer
+    servicer: TranscriptionServicer
+    channel: grpc.aio.Channel
+    stub: transcribe_pb2_grpc.TranscriptionServiceStub
+
+
+@contextlib.asynccontextmanager
+async def served(engine: WhisperEngine, max_running: int, max_queued: int, **options) -> AsyncIterator[Served]:
+    """The transcribe service on port 0 with these limits (``options``: those of :func:`_serve`), and a client."""
+    server, servicer = await _serve(engine, max_running, max_queued, **options)
+    channel = client_channel(server.address)
+    try:
+        yield Served(server, servicer, channel, transcribe_pb2_grpc.TranscriptionServiceStub(channel))
+    finally:
+        await channel.close()
+        await server.stop(1)
+
+
 @pytest_asyncio.fixture(scope="session")
 async def stub(engine: WhisperEngine) -> AsyncIterator[transcribe_pb2_grpc.TranscriptionServiceStub]:
-    server, _ = await _serve(engine, max_running=1, max_queued=4)
-    channel = client_channel(server.address)
-    yield transcribe_pb2_grpc.TranscriptionServiceStub(channel)
-    await channel.close()
-    await server.stop(1)
+    async with served(engine, max_running=1, max_queued=4) as service:
+        yield service.stub
 
 
 async def requests(path: Path, config: transcribe_pb2.TranscriptionConfig | None = None, chunk: int = 32 * 1024):
@@ -174,10 +193,8 @@ async def test_cancelling_the_stream_stops_the_decode(engine, stub, audio_dir: P
 
 
 async def test_over_the_concurrency_limit_is_resource_exhausted(engine, audio_dir: Path) -> None:
-    server, servicer = await _serve(engine, max_running=1, max_queued=0)
-    channel = client_channel(server.address)
-    try:
-        stub = transcribe_pb2_grpc.TranscriptionServiceStub(channel)
+    async with served(engine, max_running=1, max_queued=0) as service:
+        stub = service.stub
         busy = stub.Transcribe(requests(audio_dir / "long-en.wav"))
         first = await anext(aiter(busy))  # the one slot is now taken
         assert first.HasField("language")
@@ -186,23 +203,18 @@ async def test_over_the_concurrency_limit_is_resource_exhausted(engine, audio_di
         assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         busy.cancel()
         for _ in range(300):
-            if servicer.limiter.admitted == 0:
+            if service.servicer.limiter.admitted == 0:
                 break
             await asyncio.sleep(0.1)
-        assert servicer.limiter.admitted == 0  # cancelling freed the slot
+        assert service.servicer.limiter.admitted == 0  # cancelling freed the slot
         responses = await collect(stub.Transcribe(requests(audio_dir / "es-billing-angry.wav")))
         assert responses[-1].HasField("summary")
-    finally:
-        await channel.close()
-        await server.stop(1)
 
 
 async def test_a_client_that_awaits_admission_learns_the_service_is_busy_before_sending_audio(
         engine, audio_dir: Path) -> None:
-    server, _ = await _serve(engine, max_running=1, max_queued=0)
-    channel = client_channel(server.address)
-    try:
-        stub = transcribe_pb2_grpc.TranscriptionServiceStub(channel)
+    async with served(engine, max_running=1, max_queued=0) as service:
+        stub = service.stub
         busy = stub.Transcribe(requests(audio_dir / "long-en.wav"))
         await anext(aiter(busy))  # the one slot is taken
         call = stub.Transcribe(timeout=10)
@@ -212,9 +224,6 @@ async def test_a_client_that_awaits_admission_learns_the_service_is_busy_before_
         assert "callmesh-admitted" not in [key for key, _ in metadata]
         assert await call.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "busy" in await call.details()
         busy.cancel()
-    finally:
-        await channel.close()
-        await server.stop(1)
 
 
 async def test_an_admitted_stream_is_told_so_before_it_sends_audio(stub, audio_dir: Path) -> None:
@@ -231,14 +240,11 @@ async def test_an_admitted_stream_is_told_so_before_it_sends_audio(stub, audio_d
 
 
 async def test_a_call_that_finds_transcribe_busy_waits_for_it_without_uploading_its_recording_meanwhile(
-        engine, audio_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    server, _ = await _serve(engine, max_running=1, max_queued=0)
-    channel = client_channel(server.address)
-    recorder = await Recorder(audio_dir).start()
-    try:
-        busy = transcribe_pb2_grpc.TranscriptionServiceStub(channel).Transcribe(requests(audio_dir / "long-en.wav"))
+        engine, audio_dir: Path, tmp_path: Path, recorder: Recorder, caplog: pytest.LogCaptureFixture) -> None:
+    async with served(engine, max_running=1, max_queued=0) as service:
+        busy = service.stub.Transcribe(requests(audio_dir / "long-en.wav"))
         await anext(aiter(busy))  # the one slot is taken for a while
-        async with running_ingest(tmp_path, transcribe_addr=server.address) as ingest:  # gives up after 2 attempts
+        async with running_ingest(tmp_path, transcribe_addr=service.server.address) as ingest:  # gives up after 2 attempts
             await post(ingest.url, json.dumps({"call_id": "busy-1", "recording_url": recorder.url_for(
                 "es-billing-angry.wav")}))
             status = await wait_for(ingest.url, "busy-1", lambda s: s["attempts"] >= 4 or s["status"] == "failed")
@@ -249,10 +255,6 @@ async def test_a_call_that_finds_transcribe_busy_waits_for_it_without_uploading_
         refusals = [r.getMessage() for r in caplog.records if r.name == "services.transcribe.servicer"
                     and r.getMessage().startswith("rejected")]
         assert len(refusals) >= 3 and all(m.startswith("rejected before its audio was sent") for m in refusals), refusals
-    finally:
-        await recorder.stop()
-        await channel.close()
-        await server.stop(1)
 
 
 class _ContextWithoutAdmission:
@@ -275,40 +277,27 @@ class _ServicerBeforeAdmissionAnswers(TranscriptionServicer):
 
 
 async def test_ingest_sends_the_recording_to_a_transcribe_service_that_does_not_answer_admission(
-        engine, audio_dir: Path, tmp_path: Path) -> None:
-    server, _ = await _serve(engine, max_running=1, max_queued=4, servicer_class=_ServicerBeforeAdmissionAnswers)
-    recorder = await Recorder(audio_dir).start()
-    try:
-        async with running_ingest(tmp_path, transcribe_addr=server.address, rpc_timeout=0.5,
+        engine, tmp_path: Path, recorder: Recorder) -> None:
+    async with served(engine, max_running=1, max_queued=4, servicer_class=_ServicerBeforeAdmissionAnswers) as service:
+        async with running_ingest(tmp_path, transcribe_addr=service.server.address, rpc_timeout=0.5,
                                   transcribe_timeout=20) as ingest:
             await post(ingest.url, json.dumps({"call_id": "older", "recording_url": recorder.url_for(
                 "es-billing-angry.wav")}))
             status = await wait_for(ingest.url, "older", lambda s: s["status"] not in ("received", "downloading",
                                                                                       "transcribing"))
         assert status["status"] == "analyzing" and status["progress"]["transcript_complete"], status
-    finally:
-        await recorder.stop()
-        await server.stop(1)
 
 
 async def test_a_recording_over_the_size_limit_is_invalid_argument_naming_the_limit(engine, audio_dir: Path) -> None:
-    server, _ = await _serve(engine, 1, 0, max_audio_bytes=100_000)
-    channel = client_channel(server.address)
-    try:
-        stub = transcribe_pb2_grpc.TranscriptionServiceStub(channel)
+    async with served(engine, 1, 0, max_audio_bytes=100_000) as service:
         with pytest.raises(grpc.aio.AioRpcError) as info:  # 566 kB, sent in 32-kB messages
-            await collect(stub.Transcribe(requests(audio_dir / "es-billing-angry.wav")))
+            await collect(service.stub.Transcribe(requests(audio_dir / "es-billing-angry.wav")))
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "over the 100000-byte limit" in info.value.details()
-    finally:
-        await channel.close()
-        await server.stop(1)
 
 
 async def test_a_refused_stream_that_keeps_sending_is_read_no_further_than_the_size_limit(
         engine, audio_dir: Path) -> None:
-    server, _ = await _serve(engine, 1, 0, max_audio_bytes=100_000)
-    channel = client_channel(server.address)
     sent = 0
 
     async def endless():
@@ -318,28 +307,20 @@ async def test_a_refused_stream_that_keeps_sending_is_read_no_further_than_the_s
             sent += 1
             yield transcribe_pb2.TranscribeRequest(audio=b"\0" * 32 * 1024)
 
-    try:
+    async with served(engine, 1, 0, max_audio_bytes=100_000) as service:
         with pytest.raises(grpc.aio.AioRpcError):
-            await collect(transcribe_pb2_grpc.TranscriptionServiceStub(channel).Transcribe(endless(), timeout=60))
+            await collect(service.stub.Transcribe(endless(), timeout=60))
         assert sent < 4_000, sent  # 64 MiB read and dropped by the service, and what the transport buffered
-    finally:
-        await channel.close()
-        await server.stop(1)
 
 
 async def test_a_refused_stream_that_stalls_gets_its_reason_after_the_drain_time(engine, audio_dir: Path) -> None:
-    server, _ = await _serve(engine, 1, 0, drain_seconds=0.5)
-    channel = client_channel(server.address)
-    try:
-        call = transcribe_pb2_grpc.TranscriptionServiceStub(channel).Transcribe(timeout=20)
+    async with served(engine, 1, 0, drain_seconds=0.5) as service:
+        call = service.stub.Transcribe(timeout=20)
         await call.write(transcribe_pb2.TranscribeRequest(audio=b"RIFF"))  # audio before the config
         # ... and the stream is never ended.
         assert await call.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "first message must carry the config" in await call.details()  # not DEADLINE_EXCEEDED, 20 s on
         call.cancel()
-    finally:
-        await channel.close()
-        await server.stop(1)
 
 
 async def test_a_second_config_in_the_stream_is_invalid_argument_with_the_reason(stub, audio_dir: Path) -> None:
@@ -371,17 +352,13 @@ async def test_audio_before_the_config_is_invalid_argument_with_the_reason(stub,
 async def test_health_and_reflection_are_served(stub, engine) -> None:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    server, _ = await _serve(engine, 1, 0)
-    channel = client_channel(server.address)
-    try:
-        health = health_pb2_grpc.HealthStub(channel)
+    async with served(engine, 1, 0) as service:
+        health = health_pb2_grpc.HealthStub(service.channel)
         reply = await health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME))
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
-        await server.stop(1)
+        await service.server.stop(1)
         with pytest.raises(grpc.aio.AioRpcError):
             await health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=2)
-    finally:
-        await channel.close()
 
 
 def test_detected_language_below_the_minimum_probability_is_flagged(whisper_dir: Path, audio_dir: Path) -> None:
