@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import tempfile
 import threading
@@ -94,28 +95,33 @@ class TranscriptionServicer(transcribe_pb2_grpc.TranscriptionServiceServicer):
         config = first.config
         with call_context(config.call_id or "-"), tempfile.SpooledTemporaryFile(_SPOOL_IN_MEMORY) as spool:
             try:
-                # Admission is decided on the config, before the upload: a client that awaits it learns that
-                # the service is busy without sending its recording.
-                async with self.limiter.admit():
-                    await context.send_initial_metadata(((ADMITTED_METADATA, "1"),))
+                async with contextlib.AsyncExitStack() as admitted:
+                    # A client that awaits admission learns on its config alone whether the service takes the
+                    # stream, before it uploads. Any other is answered once it has sent everything (refused
+                    # while it still writes, its call would end as INTERNAL, not as the RESOURCE_EXHAUSTED it
+                    # should retry on), so admission is decided then, as room may have been made meanwhile.
+                    if config.await_admission:
+                        await self._admit(admitted, context)
                     size = await self._receive_audio(request_iterator, spool, context)
                     log.info("received %d bytes of audio", size)
                     spool.seek(0)
+                    if not config.await_admission:
+                        await self._admit(admitted, context)
                     async with self.limiter.run_slot():
                         async for response in self._decode(spool, options_from_config(config), config.call_id):
                             yield response
             except Overloaded as exc:
                 _rejected.add(1, {"reason": "overloaded"})
-                if config.await_admission:
-                    log.warning("rejected before its audio was sent: %s", exc)
-                else:
-                    # Aborted while the client still writes, the call ends on the client as INTERNAL, not as
-                    # the RESOURCE_EXHAUSTED it should retry on: end it once everything is sent.
-                    dropped = await self._drain(request_iterator)
-                    log.warning("rejected once its %d bytes of audio were received: %s", dropped, exc)
+                log.warning("rejected %s: %s", "before its audio was sent" if config.await_admission
+                            else "once its audio was received", exc)
                 await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
             except _InvalidAudio as exc:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+
+    async def _admit(self, admitted: contextlib.AsyncExitStack, context: grpc.aio.ServicerContext) -> None:
+        """Take a place in the limiter for the rest of the stream (or raise Overloaded), and say so to the client."""
+        await admitted.enter_async_context(self.limiter.admit())
+        await context.send_initial_metadata(((ADMITTED_METADATA, "1"),))
 
     async def _receive_audio(self, request_iterator, spool, context: grpc.aio.ServicerContext) -> int:
         size = 0
