@@ -388,6 +388,16 @@ async def read_api(base: str, path: str, as_json: bool) -> dict[str, Any] | None
     return body
 
 
+def crm_progress(call: dict[str, Any]) -> str | None:
+    """A call waiting for the CRM: its delivery's attempts and last error (a record the CRM keeps failing on
+    shows here, and holds up the calls behind it: see `callmesh set-aside`)."""
+    delivery = call.get("delivery") or {}
+    if call.get("status") != "delivering" or not delivery.get("attempts"):
+        return None
+    line = f"{delivery['state']}, {delivery['attempts']} attempt(s)"
+    return f"{line}; last: {delivery['last_error']}" if delivery.get("last_error") else line
+
+
 async def _status(call_id: str | None, base: str, as_json: bool) -> None:
     if call_id is None:
         await _calls(None, base, 20, as_json)
@@ -402,6 +412,10 @@ async def _status(call_id: str | None, base: str, as_json: bool) -> None:
         table.add_row(f"  {stage}", when or "")
     if body.get("error"):
         table.add_row("error", f"{body['error']['stage']}: {body['error']['message']}")
+    if crm := crm_progress(body):
+        table.add_row("CRM", crm)
+    if "recording_kept" in body:
+        table.add_row("recording", "kept for a retry" if body["recording_kept"] else "deleted: a retry downloads it again")
     result = body.get("result") or {}
     for key in ("language", "topic", "sentiment", "emotion"):
         if result.get(key):
@@ -435,7 +449,7 @@ async def _calls(state: str | None, base: str, limit: int, as_json: bool) -> Non
         error = c.get("error") or {}
         table.add_row(c["call_id"], c["status"], result.get("language") or c["progress"].get("language") or "",
                       result.get("topic", ""), result.get("sentiment", ""),
-                      f"{error.get('stage')}: {error.get('message')}" if error else "")
+                      f"{error.get('stage')}: {error.get('message')}" if error else crm_progress(c) or "")
     console.print(table)
 
 

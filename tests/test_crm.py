@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import re
 import socket
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -27,6 +29,7 @@ from services.crm.outbox import FAILED as FAILED_ROW, IN_FLIGHT, QUEUED, SET_ASI
 from services.crm.servicer import CrmSyncServicer
 from services.ingest.pipeline import PipelineWorker, delivery_poll_delay
 from services.ingest.store import DELIVERING, FAILED
+from tests.cli_mesh import CALLMESH, ROOT
 from tests.ingest_harness import running_ingest, stored_call, wait_for, wait_for_state
 
 
@@ -448,6 +451,22 @@ async def test_a_call_set_aside_fails_at_delivery_with_the_reason_and_the_calls_
             done = await wait_for_state(ingest.url, "c-stuck", {"done", "failed"}, timeout=15)
         assert done["status"] == "done", done
         assert [r.body["call_id"] for r in receiver.records] == ["c-behind", "c-stuck"]
+
+
+async def test_the_command_line_shows_the_crm_error_of_a_call_waiting_for_the_crm(
+        tmp_path: Path, receiver: CrmReceiver) -> None:
+    await analysed_call(tmp_path, "c-stuck")
+    receiver.fail_for = {"c-stuck": 500}
+    async with crm_service(tmp_path / "o.db", receiver) as crm:
+        async with running_ingest(tmp_path, crm_addr=crm.server.address) as ingest:
+            await wait_for(ingest.url, "c-stuck", lambda s: (s.get("delivery") or {}).get("attempts", 0) >= 2, 15)
+            for command in (["status", "c-stuck"], ["calls", "--status", "delivering"]):
+                cli = await asyncio.create_subprocess_exec(
+                    *CALLMESH, *command, "--url", ingest.url, cwd=ROOT, stdout=asyncio.subprocess.PIPE,
+                    stderr=asyncio.subprocess.PIPE, env={**os.environ, "COLUMNS": "300", "NO_COLOR": "1"})
+                out, err = await asyncio.wait_for(cli.communicate(), 60)
+                assert cli.returncode == 0, err.decode()
+                assert re.search(r"queued, \d+ attempt\(s\); last: CRM answered HTTP 500", out.decode()), out.decode()
 
 
 async def test_setting_a_call_aside_needs_a_reason(tmp_path: Path, receiver: CrmReceiver) -> None:
