@@ -115,6 +115,18 @@ async def test_call_page_says_whether_a_worker_is_on_the_call(page: Page, ingest
     await expect(page.locator("#error")).to_contain_text("recorder answered 503")
 
 
+async def test_call_page_says_what_the_crm_answers_a_call_waiting_for_it(page: Page, ingest: Ingest) -> None:
+    await ingest.worker.stop(1)  # the test stores the delivery's state as the pipeline does
+    status, _ = await post(ingest.url, '{"call_id": "crm-1", "recording_url": "http://127.0.0.1:9/a.wav"}')
+    assert status == 202
+    await ingest.store.update("crm-1", None, state="delivering", next_attempt_at=time.time() + 600, result={
+        "queued": True, "delivery": {"state": "queued", "attempts": 7, "last_error": "CRM answered HTTP 500: boom",
+                                     "idempotency_key": "k"}})
+    await page.goto(f"{ingest.url}/calls/crm-1")
+    await expect(page.locator("#activity")).to_have_text(
+        "waiting for the CRM: 7 attempt(s), last: CRM answered HTTP 500: boom")
+
+
 async def test_call_list_follows_a_worker_taking_up_a_call(page: Page, ingest: Ingest) -> None:
     await ingest.worker.stop(1)
     for call_id in ("queue-1", "queue-2"):

@@ -21,7 +21,7 @@ from urllib.parse import quote
 from aiohttp import web
 
 from services.common.config import env_str
-from services.ingest.store import ACTIVE_STATES, FAILED, STATES, Job, JobStore
+from services.ingest.store import ACTIVE_STATES, DELIVERING, FAILED, STATES, Job, JobStore
 
 TOKEN_COOKIE = "callmesh_token"
 POLL_MS = 2000
@@ -86,6 +86,9 @@ def activity(job: Job, now: float) -> str:
         return ""
     if job.in_progress(now):
         return "in progress"
+    delivery = (job.result or {}).get("delivery") or {}
+    if job.state == DELIVERING and delivery.get("last_error"):  # the CRM keeps failing on it: see `set-aside`
+        return f"waiting for the CRM: {delivery.get('attempts', 0)} attempt(s), last: {delivery['last_error']}"
     if job.error and job.next_attempt_at > now:
         return f"next attempt at {_when(job.next_attempt_at)} UTC"
     return "waiting for a free worker"
