@@ -477,6 +477,18 @@ async def test_setting_a_call_aside_needs_a_reason(tmp_path: Path, receiver: Crm
             assert status == 422 and "reason" in problem["detail"], (body, problem)
 
 
+async def test_setting_a_call_aside_takes_only_json(tmp_path: Path, receiver: CrmReceiver) -> None:
+    # What a form on another site could post from an operator's browser is refused.
+    await stored_call(tmp_path, "c-waiting", FAILED, error_stage=DELIVERING)
+    async with running_ingest(tmp_path) as ingest:
+        async with aiohttp.ClientSession() as session:
+            for data, content_type in [("reason=x", "application/x-www-form-urlencoded"),
+                                       ('{"reason": "x"}', "text/plain")]:
+                async with session.post(f"{ingest.url}/v1/calls/c-waiting:setAside", data=data,
+                                        headers={"Content-Type": content_type}) as resp:
+                    assert resp.status == 415, content_type
+
+
 async def test_only_a_call_waiting_for_the_crm_can_be_set_aside(tmp_path: Path, receiver: CrmReceiver) -> None:
     await stored_call(tmp_path, "c-failed", FAILED, error_stage=DELIVERING)
     async with running_ingest(tmp_path) as ingest:

@@ -234,6 +234,8 @@ async def _retry(request: web.Request, job: Job) -> web.Response:
 async def _set_aside(request: web.Request, job: Job) -> web.Response:
     """Take the call's record out of the CRM queue (it fails at delivery with the reason; ``:retry`` sends it
     again): for a record the CRM fails on while it takes others, which would hold up every call behind it."""
+    if request.content_type != "application/json":  # a cross-site form cannot send it without a CORS preflight
+        return problem(415, "Unsupported Media Type", 'send {"reason": "..."} as application/json')
     try:
         body = await request.json() if request.can_read_body else {}
     except ValueError:  # not JSON, or not UTF-8

@@ -209,7 +209,7 @@ def openapi_document() -> dict[str, Any]:
                                   "404": _problem("No such call or action"),
                                   "409": _problem("The call is not waiting for the CRM, its record is not queued "
                                                   "yet, or a POST of it is in flight"),
-                                  "422": _problem("No reason given"),
+                                  "415": _problem("Not application/json"), "422": _problem("No reason given"),
                                   "503": _problem("The crm service did not answer")},
                 },
             },
