@@ -472,7 +472,7 @@ async def test_the_command_line_shows_the_crm_error_of_a_call_waiting_for_the_cr
 async def test_setting_a_call_aside_needs_a_reason(tmp_path: Path, receiver: CrmReceiver) -> None:
     await stored_call(tmp_path, "c-waiting", FAILED, error_stage=DELIVERING)
     async with running_ingest(tmp_path) as ingest:
-        for body in [{}, {"reason": "  "}, {"reason": 42}, ["reason"]]:
+        for body in [{}, {"reason": "  "}, {"reason": 42}, ["reason"], {"reason": "ok\n2026-11-27 ERROR forged"}]:
             status, problem = await set_aside(ingest.url, "c-waiting", body)
             assert status == 422 and "reason" in problem["detail"], (body, problem)
 

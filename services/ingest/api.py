@@ -241,9 +241,10 @@ async def _set_aside(request: web.Request, job: Job) -> web.Response:
     except ValueError:  # not JSON, or not UTF-8
         return problem(400, "Bad Request", "the body is not JSON")
     reason = body.get("reason") if isinstance(body, dict) else None
-    if not isinstance(reason, str) or not reason.strip() or len(reason) > 500:
+    if (not isinstance(reason, str) or not reason.strip() or len(reason) > 500
+            or any(c < " " or c == "\x7f" for c in reason)):  # one line in the logs, whatever it says
         return problem(422, "Unprocessable Content", 'the body must be {"reason": "..."}: why the record is set '
-                       "aside, 1 to 500 characters")
+                       "aside, 1 to 500 characters on one line")
     if job.state != DELIVERING:
         return problem(409, "Conflict", f"call {job.call_id} is {job.state}: only a call waiting for the CRM "
                        "(delivering) can be set aside")

@@ -45,7 +45,8 @@ SCHEMAS: dict[str, Any] = {
         "description": "Why a call's record is taken out of the CRM queue.",
         "required": ["reason"],
         "examples": [{"reason": "the CRM answers 500 to this record only; ticket CRM-1234"}],
-        "properties": {"reason": {"type": "string", "minLength": 1, "maxLength": 500, "pattern": r"\S",
+        "properties": {"reason": {"type": "string", "minLength": 1, "maxLength": 500,
+                                  "pattern": r"^[^\x00-\x1f\x7f]*\S[^\x00-\x1f\x7f]*$",
                                   "description": "Kept as the call's error, after \"set aside: \""}},
     },
     "Webhook": {
