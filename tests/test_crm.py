@@ -274,7 +274,8 @@ async def test_only_a_queued_record_can_be_set_aside(tmp_path: Path, receiver: C
         await wait_state(crm.stub, "taken", crm_pb2.DELIVERY_STATE_DELIVERED)
         for call_id, reason, code in [("taken", "late", grpc.StatusCode.FAILED_PRECONDITION),
                                       ("never", "no such call", grpc.StatusCode.NOT_FOUND),
-                                      ("taken", " ", grpc.StatusCode.INVALID_ARGUMENT)]:
+                                      ("taken", " ", grpc.StatusCode.INVALID_ARGUMENT),
+                                      ("taken", "a\nb", grpc.StatusCode.INVALID_ARGUMENT)]:
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 await crm.stub.SetAsideDelivery(crm_pb2.SetAsideDeliveryRequest(call_id=call_id, reason=reason))
             assert info.value.code() == code, (call_id, reason)

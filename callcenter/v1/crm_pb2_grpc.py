@@ -83,7 +83,8 @@ class CrmSyncServiceServicer:
         delivery failed with the given reason, so that the records behind it go
         to the CRM: for a record that the CRM fails on (a 5xx) while it takes
         others. Deliver with requeue_failed queues it again.
-        Errors: INVALID_ARGUMENT when call_id or reason is empty; NOT_FOUND when
+        Errors: INVALID_ARGUMENT when call_id or reason is empty, or the reason
+        holds control characters (it is logged as it is); NOT_FOUND when
         the call was never delivered; FAILED_PRECONDITION when its delivery is
         not queued (delivered or failed), or when a POST of it is still in
         flight at the deadline: a record being posted is set aside only once

@@ -23,6 +23,12 @@ from services.common.config import env_str
 _call_id: contextvars.ContextVar[str] = contextvars.ContextVar("call_id", default="-")
 
 
+def printable_line(text: str) -> bool:
+    """Whether ``text`` has no control characters: free text a client gives that goes into a log line as it is
+    (a newline in it could forge the next line)."""
+    return not any(c < " " or c == "\x7f" for c in text)
+
+
 @contextlib.contextmanager
 def call_context(call_id: str) -> Iterator[None]:
     """Tag every log line written inside the block with ``call_id``."""

@@ -8,7 +8,7 @@ import time
 import grpc
 
 from callcenter.v1 import common_pb2, crm_pb2, crm_pb2_grpc
-from services.common.logs import call_context
+from services.common.logs import call_context, printable_line
 from services.common.protoconv import timestamp
 from services.common.telemetry import current_traceparent
 from services.crm.delivery import DeliveryWorker
@@ -65,8 +65,8 @@ class CrmSyncServicer(crm_pb2_grpc.CrmSyncServiceServicer):
 
     async def SetAsideDelivery(self, request: crm_pb2.SetAsideDeliveryRequest,
                                context: grpc.aio.ServicerContext) -> crm_pb2.SetAsideDeliveryResponse:
-        if not request.call_id or not request.reason.strip():
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "call_id and reason are required")
+        if not request.call_id or not request.reason.strip() or not printable_line(request.reason):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "call_id and a reason on one line are required")
         with call_context(request.call_id):
             # A record being posted is set aside once that POST has ended: the CRM may be taking it right now.
             # This replica's POSTs say when they end; another replica's end within its lease.

@@ -24,7 +24,7 @@ from aiohttp import web
 
 from opentelemetry.metrics import Observation
 
-from services.common.logs import call_context
+from services.common.logs import call_context, printable_line
 from services.common.metrics import add_metrics_route, meter
 from services.common.telemetry import current_traceparent, server_span_middleware, trace_id_hex
 from services.ingest.openapi import openapi_document
@@ -242,7 +242,7 @@ async def _set_aside(request: web.Request, job: Job) -> web.Response:
         return problem(400, "Bad Request", "the body is not JSON")
     reason = body.get("reason") if isinstance(body, dict) else None
     if (not isinstance(reason, str) or not reason.strip() or len(reason) > 500
-            or any(c < " " or c == "\x7f" for c in reason)):  # one line in the logs, whatever it says
+            or not printable_line(reason)):
         return problem(422, "Unprocessable Content", 'the body must be {"reason": "..."}: why the record is set '
                        "aside, 1 to 500 characters on one line")
     if job.state != DELIVERING:
