@@ -15,6 +15,7 @@ from services.common.config import data_dir  # noqa: E402
 from services.common.telemetry import setup_tracing  # noqa: E402
 from tests.audio import make_test_audio  # noqa: E402
 from tests.cli_mesh import stereo_call, up_mesh  # noqa: E402,F401  (fixtures)
+from tests.crm_harness import receiver  # noqa: E402,F401  (fixture)
 from tests.ingest_harness import ingest, recorder  # noqa: E402,F401  (fixtures)
 from tests.postgres_server import PostgresServer, start_postgres  # noqa: E402
 

@@ -8,99 +8,22 @@ import json
 import os
 import re
 import socket
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
 import grpc
 import pytest
-import pytest_asyncio
 
-from callcenter.v1 import common_pb2, crm_pb2, crm_pb2_grpc
+from callcenter.v1 import common_pb2, crm_pb2
 from callmesh.standins import CrmReceiver
-from services.common.config import GrpcServerSettings
-from services.common.grpc_server import RunningServer, ServiceBinding, client_channel, start_server
-from services.common.protoconv import timestamp
-from services.crm.config import CrmSettings
 from services.common.retry import backoff_delay
-from services.crm.delivery import DeliveryWorker
 from services.crm.outbox import FAILED as FAILED_ROW, IN_FLIGHT, QUEUED, SET_ASIDE, Outbox
-from services.crm.servicer import CrmSyncServicer
 from services.ingest.pipeline import PipelineWorker, delivery_poll_delay
 from services.ingest.store import DELIVERING, FAILED
 from tests.cli_mesh import CALLMESH, ROOT
+from tests.crm_harness import Crm, analysed_call, crm_service, record, start_crm, wait_delivery, wait_state
 from tests.ingest_harness import running_ingest, stored_call, wait_for, wait_for_state
-
-
-@dataclass
-class Crm:
-    stub: crm_pb2_grpc.CrmSyncServiceStub
-    receiver: CrmReceiver
-    server: RunningServer
-    worker: DeliveryWorker
-    outbox: Outbox
-    channel: grpc.aio.Channel
-
-    async def close(self) -> None:
-        await self.channel.close()
-        await self.server.stop(1)
-        await self.worker.stop()
-        await self.outbox.close()
-
-
-async def start_crm(db: Path | str, receiver: CrmReceiver, lease_seconds: float = 30.0, redact_pii: bool = True) -> Crm:
-    """A CRM sync service on port 0; ``db`` is a SQLite file or a PostgreSQL URL."""
-    settings = CrmSettings(server=GrpcServerSettings("127.0.0.1:0", 1, None), crm_url=receiver.url, crm_token="",
-                           database=Path("unused.db"), database_url=db if isinstance(db, str) else "",
-                           timeout_seconds=2, backoff_initial=0.05, backoff_max=0.2, batch=4,
-                           lease_seconds=lease_seconds)
-    outbox = Outbox(db)
-    await outbox.open()
-    worker = DeliveryWorker(outbox, settings)
-    await worker.start()
-    servicer = CrmSyncServicer(outbox, worker, redact_pii)
-    server = await start_server("127.0.0.1:0", [ServiceBinding(
-        "callcenter.v1.CrmSyncService", lambda s: crm_pb2_grpc.add_CrmSyncServiceServicer_to_server(servicer, s))])
-    channel = client_channel(server.address)
-    return Crm(crm_pb2_grpc.CrmSyncServiceStub(channel), receiver, server, worker, outbox, channel)
-
-
-@contextlib.asynccontextmanager
-async def crm_service(db: Path | str, receiver: CrmReceiver, **options) -> AsyncIterator[Crm]:
-    """:func:`start_crm` (``options``: its own), closed at the end."""
-    crm = await start_crm(db, receiver, **options)
-    try:
-        yield crm
-    finally:
-        await crm.close()
-
-
-@pytest_asyncio.fixture
-async def receiver() -> AsyncIterator[CrmReceiver]:
-    r = await CrmReceiver().start()
-    yield r
-    await r.stop()
-
-
-def record(call_id: str) -> crm_pb2.CallRecord:
-    return crm_pb2.CallRecord(call_id=call_id, language_code="es", transcript="Hola.", translated_transcript="Hello.",
-                              summary=["a", "b", "c"], topic="Billing", sentiment=common_pb2.SENTIMENT_NEGATIVE,
-                              emotion="angry", create_time=timestamp(1_790_000_000.0))
-
-
-async def wait_delivery(stub, call_id: str, done: Callable[[crm_pb2.Delivery], bool],
-                        timeout: float = 20) -> crm_pb2.Delivery:
-    for _ in range(int(timeout * 20)):
-        d = (await stub.GetDelivery(crm_pb2.GetDeliveryRequest(call_id=call_id))).delivery
-        if done(d):
-            return d
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"{call_id} never got there: {d}")
-
-
-async def wait_state(stub, call_id: str, state: int, timeout: float = 20) -> crm_pb2.Delivery:
-    return await wait_delivery(stub, call_id, lambda d: d.state == state, timeout)
 
 
 async def test_record_reaches_the_crm_in_the_seed_shape(tmp_path: Path, receiver: CrmReceiver) -> None:
@@ -380,13 +303,6 @@ async def test_redaction_can_be_turned_off(tmp_path: Path, receiver: CrmReceiver
         body = receiver.for_call("p2")[0].body
         assert "4111 1111 1111 1111" in body["transcript"]
         assert body["pii_redaction_applied"] is False and body["redactions"] == []
-
-
-async def analysed_call(tmp_path: Path, call_id: str) -> None:
-    """A call transcribed and analysed before ingest starts: it resumes at delivery."""
-    await stored_call(tmp_path, call_id, DELIVERING, transcript={"language": "es", "segments": [
-        {"index": 0, "start": 0.0, "end": 1.0, "text": "Hola.", "speaker": "unknown"}]},
-        analysis={"summary": ["a", "b", "c"], "topic": "Billing", "sentiment": "negative", "emotion": "angry"})
 
 
 async def test_pipeline_sees_a_record_the_crm_took_at_once_without_waiting_a_poll_interval(

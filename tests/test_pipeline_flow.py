@@ -24,7 +24,7 @@ from services.common.limits import AdmissionLimiter
 from services.ingest.pipeline import BACK_STAGE_FACTOR
 from tests.ingest_harness import post, running_ingest, wait_for_state
 from tests.test_analyze import FakeOllama, analyzer, settings
-from tests.test_crm import start_crm
+from tests.crm_harness import start_crm
 from tests.test_transcribe import _serve, engine  # noqa: F401  (the engine fixture)
 
 pytestmark = pytest.mark.models

@@ -17,7 +17,7 @@ from callmesh.standins import CrmReceiver
 from callcenter.v1 import crm_pb2
 from services.crm.outbox import DELIVERED, IN_FLIGHT, SET_ASIDE, Outbox
 from services.ingest.store import DOWNLOADING, RECEIVED, JobOptions, JobStore, LeaseLost
-from tests.test_crm import record, start_crm
+from tests.crm_harness import record, start_crm
 
 
 @pytest_asyncio.fixture

@@ -24,7 +24,7 @@ from services.common.grpc_server import RunningServer, ServiceBinding, start_ser
 from services.common.limits import AdmissionLimiter
 from tests.ingest_harness import post, running_ingest, wait_for_state
 from tests.test_analyze import FakeOllama, settings
-from tests.test_crm import start_crm
+from tests.crm_harness import start_crm
 from tests.test_transcribe import _serve, engine  # noqa: F401  (the engine fixture)
 
 pytestmark = pytest.mark.models
