@@ -20,7 +20,9 @@ import pytest_asyncio
 from playwright.async_api import Browser, Page, async_playwright, expect
 
 from tests.cli_mesh import ROOT, UpMesh
-from tests.ingest_harness import Ingest, post, running_ingest
+from callmesh.standins import CrmReceiver
+from tests.ingest_harness import Ingest, post, running_ingest, wait_for
+from tests.crm_harness import analysed_call, crm_service
 
 ARTIFACTS = Path(os.environ.get("CALLMESH_TEST_ARTIFACTS", ROOT / "test-artifacts"))
 
@@ -125,6 +127,33 @@ async def test_call_page_says_what_the_crm_answers_a_call_waiting_for_it(page: P
     await page.goto(f"{ingest.url}/calls/crm-1")
     await expect(page.locator("#activity")).to_have_text(
         "waiting for the CRM: 7 attempt(s), last: CRM answered HTTP 500: boom")
+
+
+async def test_a_failed_call_is_retried_from_its_page(page: Page, ingest: Ingest) -> None:
+    await ingest.worker.stop(1)  # the call stays where the retry puts it
+    status, _ = await post(ingest.url, '{"call_id": "again-1", "recording_url": "http://127.0.0.1:9/a.wav"}')
+    assert status == 202
+    await ingest.store.update("again-1", None, state="failed", error="recorder answered 404",
+                              error_stage="downloading")
+    await page.goto(f"{ingest.url}/calls/again-1")
+    await page.locator("#retry").click()
+    await expect(page.locator("#status")).to_have_text("downloading", timeout=10_000)
+
+
+async def test_a_call_the_crm_keeps_failing_on_is_set_aside_from_its_page(
+        page: Page, tmp_path: Path, receiver: CrmReceiver) -> None:
+    await analysed_call(tmp_path, "c-stuck")
+    receiver.fail_for = {"c-stuck": 500}
+    async with crm_service(tmp_path / "o.db", receiver) as crm:
+        async with running_ingest(tmp_path, crm_addr=crm.server.address) as ingest:
+            await wait_for(ingest.url, "c-stuck", lambda s: (s.get("delivery") or {}).get("attempts", 0) >= 2, 15)
+            await page.goto(f"{ingest.url}/calls/c-stuck")
+            await page.locator("#set-aside").click()  # no reason given
+            await expect(page.locator("#action-error")).to_contain_text("reason")
+            await page.locator("#reason").fill("CRM answers 500 to it, ticket 9")
+            await page.locator("#set-aside").click()
+            await expect(page.locator("#status")).to_have_text("failed", timeout=10_000)
+            await expect(page.locator("#error")).to_contain_text("set aside: CRM answers 500 to it, ticket 9")
 
 
 async def test_call_list_follows_a_worker_taking_up_a_call(page: Page, ingest: Ingest) -> None:

@@ -5,7 +5,9 @@ the transcript as a conversation, the English translation beside it, summary,
 topic, sentiment, emotion, talk time per speaker, the stage timeline and the
 trace id; beside an unfinished call's status, whether a worker is on it or it
 waits. While a call is in progress the page polls the status API and
-refreshes when something changes. With ``API_TOKEN`` set, ``/login`` takes the
+refreshes when something changes. A failed call's page retries it; a call whose
+record the CRM keeps failing on can be set aside from its page (both through the
+status API's actions). With ``API_TOKEN`` set, ``/login`` takes the
 token once and keeps it in an HttpOnly cookie that the status API also accepts.
 """
 
@@ -174,8 +176,16 @@ class WebPages:
         parts = [f"<h1>Call {escape(job.call_id)} <span class='badge {job.state}' id='status'>{job.state}</span>"
                  f"<span class='activity muted' id='activity'>{escape(activity(job, now))}</span></h1>"]
         if job.error:
+            retry = (f" <button id='retry'>Retry from {escape(job.error_stage or 'the start')}</button>"
+                     if job.state == FAILED else "")
             parts.append(f"<div class='card failed' id='error'><b>{'Failed' if job.state == FAILED else 'Last error'}"
-                         f" at {escape(job.error_stage or '')}:</b> {escape(job.error)}</div>")
+                         f" at {escape(job.error_stage or '')}:</b> {escape(job.error)}{retry}</div>")
+        if job.state == DELIVERING and ((job.result or {}).get("delivery") or {}).get("last_error"):
+            parts.append("<div class='card' id='held-up'>The CRM keeps failing on this record, and the records "
+                         "behind it wait. Set it aside (the call fails at delivery with your reason; retry it once "
+                         "the CRM is fixed): <input id='reason' maxlength='500' size='40' "
+                         "placeholder='why, e.g. a ticket number'> <button id='set-aside'>Set aside</button></div>")
+        parts.append("<p class='negative' id='action-error' role='alert'></p>")
         facts = [("Language", info["language"]), ("Topic", info["topic"]), ("Sentiment", info["sentiment"]),
                  ("Emotion", record.get("emotion", analysis.get("emotion", ""))),
                  ("Duration", f"{info['duration']:.1f} s" if info["duration"] else "")]
@@ -210,9 +220,16 @@ class WebPages:
         trace_html = f"<a href='{escape(self.jaeger)}/trace/{trace}'>{trace}</a>" if self.jaeger else trace
         parts.append(f"<div class='card' id='timeline'><h2>Stages</h2><ol class='timeline'>{timeline}</ol>"
                      f"<p>Trace: <code id='trace'>{trace_html}</code> · attempts {job.attempts}</p></div>")
-        script = ""
+        script = (f"async function act(action,body){{const r=await fetch('/v1/calls/{quote(job.call_id)}:'+action,"
+                  "{method:'POST',headers:body?{'Content-Type':'application/json'}:{},"
+                  "body:body?JSON.stringify(body):undefined});if(r.ok){location.reload();return;}"
+                  "const p=await r.json().catch(()=>({}));"
+                  "document.getElementById('action-error').textContent=p.detail||('HTTP '+r.status);}"
+                  "document.getElementById('retry')?.addEventListener('click',()=>act('retry'));"
+                  "document.getElementById('set-aside')?.addEventListener('click',()=>act('setAside',"
+                  "{reason:document.getElementById('reason').value}));")
         if job.state in ACTIVE_STATES:
-            script = (f"const s='{job.state}',n={len(segments)},b={str(job.in_progress(now)).lower()};"
+            script += (f"const s='{job.state}',n={len(segments)},b={str(job.in_progress(now)).lower()};"
                       f"setInterval(async()=>{{const r=await fetch('/v1/calls/{quote(job.call_id)}');if(!r.ok)return;"
                       "const d=await r.json();"
                       "if(d.status!==s||d.progress.segments!==n||d.progress.in_progress!==b)location.reload();},"
