@@ -22,7 +22,7 @@ from services.crm.delivery import DeliveryWorker
 from services.crm.outbox import Outbox
 from services.crm.servicer import CrmSyncServicer
 from services.ingest.store import DELIVERING
-from tests.ingest_harness import stored_call
+from tests.ingest_harness import Ingest, running_ingest, stored_call, wait_for
 
 
 @dataclass
@@ -100,3 +100,16 @@ async def analysed_call(tmp_path: Path, call_id: str) -> None:
     await stored_call(tmp_path, call_id, DELIVERING, transcript={"language": "es", "segments": [
         {"index": 0, "start": 0.0, "end": 1.0, "text": "Hola.", "speaker": "unknown"}]},
         analysis={"summary": ["a", "b", "c"], "topic": "Billing", "sentiment": "negative", "emotion": "angry"})
+
+
+@contextlib.asynccontextmanager
+async def call_held_up_at_the_crm(tmp_path: Path, receiver: CrmReceiver,
+                                  call_id: str = "c-stuck") -> AsyncIterator[tuple[Crm, Ingest]]:
+    """Ingest and the crm service, with an analysed call whose record the CRM answers 500 to (and only that
+    one), once the CRM has been tried twice with it."""
+    await analysed_call(tmp_path, call_id)
+    receiver.fail_for = {call_id: 500}
+    async with crm_service(tmp_path / "o.db", receiver) as crm:
+        async with running_ingest(tmp_path, crm_addr=crm.server.address) as ingest:
+            await wait_for(ingest.url, call_id, lambda s: (s.get("delivery") or {}).get("attempts", 0) >= 2, 15)
+            yield crm, ingest

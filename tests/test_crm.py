@@ -22,8 +22,9 @@ from services.crm.outbox import FAILED as FAILED_ROW, IN_FLIGHT, QUEUED, SET_ASI
 from services.ingest.pipeline import PipelineWorker, delivery_poll_delay
 from services.ingest.store import DELIVERING, FAILED
 from tests.cli_mesh import CALLMESH, ROOT
-from tests.crm_harness import Crm, analysed_call, crm_service, record, start_crm, wait_delivery, wait_state
-from tests.ingest_harness import running_ingest, stored_call, wait_for, wait_for_state
+from tests.crm_harness import (
+    Crm, analysed_call, call_held_up_at_the_crm, crm_service, record, start_crm, wait_delivery, wait_state)
+from tests.ingest_harness import running_ingest, stored_call, wait_for_state
 
 
 async def test_record_reaches_the_crm_in_the_seed_shape(tmp_path: Path, receiver: CrmReceiver) -> None:
@@ -347,43 +348,35 @@ async def test_a_call_set_aside_fails_at_delivery_with_the_reason_and_the_calls_
         tmp_path: Path, receiver: CrmReceiver) -> None:
     # The CRM answers 500 to one record and takes every other: the operator sets that call aside, the queue
     # moves on, and once the CRM side is fixed a retry sends the record.
-    await analysed_call(tmp_path, "c-stuck")
-    receiver.fail_for = {"c-stuck": 500}
-    async with crm_service(tmp_path / "o.db", receiver) as crm:
-        async with running_ingest(tmp_path, crm_addr=crm.server.address) as ingest:
-            await wait_for(ingest.url, "c-stuck", lambda s: (s.get("delivery") or {}).get("attempts", 0) >= 2, 15)
-            await crm.stub.Deliver(crm_pb2.DeliverRequest(record=record("c-behind")))
-            await asyncio.sleep(0.3)
-            assert receiver.for_call("c-behind") == []
-            status, body = await set_aside(ingest.url, "c-stuck", {"reason": "CRM answers 500 to it, ticket 42"})
-            assert status == 202, body
-            failed = await wait_for_state(ingest.url, "c-stuck", {"done", "failed"}, timeout=15)
-            assert failed["status"] == "failed" and failed["error"]["stage"] == "delivering", failed
-            assert "set aside: CRM answers 500 to it, ticket 42" in failed["error"]["message"]
-            await wait_state(crm.stub, "c-behind", crm_pb2.DELIVERY_STATE_DELIVERED)
-            receiver.fail_for = {}
-            async with aiohttp.ClientSession() as session:
-                async with session.post(f"{ingest.url}/v1/calls/c-stuck:retry") as resp:
-                    assert resp.status == 202
-            done = await wait_for_state(ingest.url, "c-stuck", {"done", "failed"}, timeout=15)
-        assert done["status"] == "done", done
-        assert [r.body["call_id"] for r in receiver.records] == ["c-behind", "c-stuck"]
+    async with call_held_up_at_the_crm(tmp_path, receiver) as (crm, ingest):
+        await crm.stub.Deliver(crm_pb2.DeliverRequest(record=record("c-behind")))
+        await asyncio.sleep(0.3)
+        assert receiver.for_call("c-behind") == []
+        status, body = await set_aside(ingest.url, "c-stuck", {"reason": "CRM answers 500 to it, ticket 42"})
+        assert status == 202, body
+        failed = await wait_for_state(ingest.url, "c-stuck", {"done", "failed"}, timeout=15)
+        assert failed["status"] == "failed" and failed["error"]["stage"] == "delivering", failed
+        assert "set aside: CRM answers 500 to it, ticket 42" in failed["error"]["message"]
+        await wait_state(crm.stub, "c-behind", crm_pb2.DELIVERY_STATE_DELIVERED)
+        receiver.fail_for = {}
+        async with aiohttp.ClientSession() as session:
+            async with session.post(f"{ingest.url}/v1/calls/c-stuck:retry") as resp:
+                assert resp.status == 202
+        done = await wait_for_state(ingest.url, "c-stuck", {"done", "failed"}, timeout=15)
+    assert done["status"] == "done", done
+    assert [r.body["call_id"] for r in receiver.records] == ["c-behind", "c-stuck"]
 
 
 async def test_the_command_line_shows_the_crm_error_of_a_call_waiting_for_the_crm(
         tmp_path: Path, receiver: CrmReceiver) -> None:
-    await analysed_call(tmp_path, "c-stuck")
-    receiver.fail_for = {"c-stuck": 500}
-    async with crm_service(tmp_path / "o.db", receiver) as crm:
-        async with running_ingest(tmp_path, crm_addr=crm.server.address) as ingest:
-            await wait_for(ingest.url, "c-stuck", lambda s: (s.get("delivery") or {}).get("attempts", 0) >= 2, 15)
-            for command in (["status", "c-stuck"], ["calls", "--status", "delivering"]):
-                cli = await asyncio.create_subprocess_exec(
-                    *CALLMESH, *command, "--url", ingest.url, cwd=ROOT, stdout=asyncio.subprocess.PIPE,
-                    stderr=asyncio.subprocess.PIPE, env={**os.environ, "COLUMNS": "300", "NO_COLOR": "1"})
-                out, err = await asyncio.wait_for(cli.communicate(), 60)
-                assert cli.returncode == 0, err.decode()
-                assert re.search(r"queued, \d+ attempt\(s\); last: CRM answered HTTP 500", out.decode()), out.decode()
+    async with call_held_up_at_the_crm(tmp_path, receiver) as (_, ingest):
+        for command in (["status", "c-stuck"], ["calls", "--status", "delivering"]):
+            cli = await asyncio.create_subprocess_exec(
+                *CALLMESH, *command, "--url", ingest.url, cwd=ROOT, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE, env={**os.environ, "COLUMNS": "300", "NO_COLOR": "1"})
+            out, err = await asyncio.wait_for(cli.communicate(), 60)
+            assert cli.returncode == 0, err.decode()
+            assert re.search(r"queued, \d+ attempt\(s\); last: CRM answered HTTP 500", out.decode()), out.decode()
 
 
 async def test_setting_a_call_aside_needs_a_reason(tmp_path: Path, receiver: CrmReceiver) -> None:

@@ -21,8 +21,8 @@ from playwright.async_api import Browser, Page, async_playwright, expect
 
 from tests.cli_mesh import ROOT, UpMesh
 from callmesh.standins import CrmReceiver
-from tests.ingest_harness import Ingest, post, running_ingest, wait_for
-from tests.crm_harness import analysed_call, crm_service
+from tests.ingest_harness import Ingest, post, running_ingest
+from tests.crm_harness import call_held_up_at_the_crm
 
 ARTIFACTS = Path(os.environ.get("CALLMESH_TEST_ARTIFACTS", ROOT / "test-artifacts"))
 
@@ -142,18 +142,14 @@ async def test_a_failed_call_is_retried_from_its_page(page: Page, ingest: Ingest
 
 async def test_a_call_the_crm_keeps_failing_on_is_set_aside_from_its_page(
         page: Page, tmp_path: Path, receiver: CrmReceiver) -> None:
-    await analysed_call(tmp_path, "c-stuck")
-    receiver.fail_for = {"c-stuck": 500}
-    async with crm_service(tmp_path / "o.db", receiver) as crm:
-        async with running_ingest(tmp_path, crm_addr=crm.server.address) as ingest:
-            await wait_for(ingest.url, "c-stuck", lambda s: (s.get("delivery") or {}).get("attempts", 0) >= 2, 15)
-            await page.goto(f"{ingest.url}/calls/c-stuck")
-            await page.locator("#set-aside").click()  # no reason given
-            await expect(page.locator("#action-error")).to_contain_text("reason")
-            await page.locator("#reason").fill("CRM answers 500 to it, ticket 9")
-            await page.locator("#set-aside").click()
-            await expect(page.locator("#status")).to_have_text("failed", timeout=10_000)
-            await expect(page.locator("#error")).to_contain_text("set aside: CRM answers 500 to it, ticket 9")
+    async with call_held_up_at_the_crm(tmp_path, receiver) as (_, ingest):
+        await page.goto(f"{ingest.url}/calls/c-stuck")
+        await page.locator("#set-aside").click()  # no reason given
+        await expect(page.locator("#action-error")).to_contain_text("reason")
+        await page.locator("#reason").fill("CRM answers 500 to it, ticket 9")
+        await page.locator("#set-aside").click()
+        await expect(page.locator("#status")).to_have_text("failed", timeout=10_000)
+        await expect(page.locator("#error")).to_contain_text("set aside: CRM answers 500 to it, ticket 9")
 
 
 async def test_call_list_follows_a_worker_taking_up_a_call(page: Page, ingest: Ingest) -> None:
