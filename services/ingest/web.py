@@ -82,14 +82,19 @@ def call_summary(job: Job) -> dict[str, Any]:
     }
 
 
+def held_up_at_the_crm(job: Job) -> dict[str, Any] | None:
+    """The delivery of a call waiting for the CRM after the CRM failed on its record (see `callmesh set-aside`)."""
+    delivery = (job.result or {}).get("delivery") or {}
+    return delivery if job.state == DELIVERING and delivery.get("last_error") else None
+
+
 def activity(job: Job, now: float) -> str:
     """What is happening to a call that is not finished: worked on, waiting for a slot, or waiting to retry."""
     if job.state not in ACTIVE_STATES:
         return ""
     if job.in_progress(now):
         return "in progress"
-    delivery = (job.result or {}).get("delivery") or {}
-    if job.state == DELIVERING and delivery.get("last_error"):  # the CRM keeps failing on it: see `set-aside`
+    if delivery := held_up_at_the_crm(job):
         return f"waiting for the CRM: {delivery.get('attempts', 0)} attempt(s), last: {delivery['last_error']}"
     if job.error and job.next_attempt_at > now:
         return f"next attempt at {_when(job.next_attempt_at)} UTC"
@@ -180,7 +185,7 @@ class WebPages:
                      if job.state == FAILED else "")
             parts.append(f"<div class='card failed' id='error'><b>{'Failed' if job.state == FAILED else 'Last error'}"
                          f" at {escape(job.error_stage or '')}:</b> {escape(job.error)}{retry}</div>")
-        if job.state == DELIVERING and ((job.result or {}).get("delivery") or {}).get("last_error"):
+        if held_up_at_the_crm(job):
             parts.append("<div class='card' id='held-up'>The CRM keeps failing on this record, and the records "
                          "behind it wait. Set it aside (the call fails at delivery with your reason; retry it once "
                          "the CRM is fixed): <input id='reason' maxlength='500' size='40' "
