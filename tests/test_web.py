@@ -16,9 +16,11 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from aiohttp import web
 import pytest_asyncio
 from playwright.async_api import Browser, Page, async_playwright, expect
 
+from services.common.lifecycle import start_site
 from tests.cli_mesh import ROOT, UpMesh
 from callmesh.standins import CrmReceiver
 from tests.ingest_harness import Ingest, post, running_ingest
@@ -138,6 +140,30 @@ async def test_a_failed_call_is_retried_from_its_page(page: Page, ingest: Ingest
     await page.goto(f"{ingest.url}/calls/again-1")
     await page.locator("#retry").click()
     await expect(page.locator("#status")).to_have_text("downloading", timeout=10_000)
+
+
+async def test_a_form_on_another_site_cannot_retry_a_call(page: Page, ingest: Ingest) -> None:
+    await ingest.worker.stop(1)  # the call would stay where a retry puts it
+    status, _ = await post(ingest.url, '{"call_id": "xsite-1", "recording_url": "http://127.0.0.1:9/a.wav"}')
+    assert status == 202
+    await ingest.store.update("xsite-1", None, state="failed", error="recorder answered 404",
+                              error_stage="downloading")
+
+    async def elsewhere(request: web.Request) -> web.Response:  # a page of some other web site the operator opens
+        return web.Response(content_type="text/html", text=f"<form method='post' action='{ingest.url}/v1/calls/"
+                            "xsite-1:retry'><button id='go' type='submit'>Win a prize</button></form>")
+
+    app = web.Application()
+    app.router.add_get("/", elsewhere)
+    runner, port = await start_site(app, "127.0.0.1", 0)
+    try:
+        await page.goto(f"http://localhost:{port}/")  # localhost and 127.0.0.1 are two sites to the browser
+        async with page.expect_response(lambda r: r.url.endswith(":retry")) as answer:
+            await page.locator("#go").click()
+        assert (await answer.value).status == 403
+    finally:
+        await runner.cleanup()
+    assert (await ingest.store.get("xsite-1")).state == "failed"
 
 
 async def test_a_call_the_crm_keeps_failing_on_is_set_aside_from_its_page(

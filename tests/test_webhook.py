@@ -169,6 +169,42 @@ async def test_failed_calls_are_listed_and_can_be_retried(ingest: Ingest, record
     assert list(status["stages"])[-2:] == ["downloading", "failed"]
 
 
+async def failed_call(ingest: Ingest, call_id: str) -> None:
+    await ingest.worker.stop(1)  # the call stays where a retry puts it
+    status, _ = await post(ingest.url, json.dumps({"call_id": call_id, "recording_url": "http://127.0.0.1:9/a.wav"}))
+    assert status == 202
+    await ingest.store.update(call_id, None, state="failed", error="recorder answered 404", error_stage="downloading")
+
+
+async def retry_with(url: str, call_id: str, headers: dict[str, str]) -> int:
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{url}/v1/calls/{call_id}:retry", headers=headers) as resp:
+            return resp.status
+
+
+@pytest.mark.parametrize("site", ["cross-site", "same-site"])
+async def test_a_browser_request_from_another_site_cannot_retry_a_call(ingest: Ingest, site: str) -> None:
+    await failed_call(ingest, "csrf-1")
+    assert await retry_with(ingest.url, "csrf-1", {"Sec-Fetch-Site": site, "Origin": "http://localhost:1"}) == 403
+    assert (await ingest.store.get("csrf-1")).state == "failed"
+
+
+@pytest.mark.parametrize("origin", ["http://localhost:1", "null"])
+async def test_a_request_from_another_origin_cannot_retry_a_call(ingest: Ingest, origin: str) -> None:
+    await failed_call(ingest, "csrf-2")  # a browser that sends Origin but not Sec-Fetch-Site
+    assert await retry_with(ingest.url, "csrf-2", {"Origin": origin}) == 403
+    assert (await ingest.store.get("csrf-2")).state == "failed"
+
+
+@pytest.mark.parametrize("headers", [{"Sec-Fetch-Site": "same-origin"}, {"Origin": "<own>"}, {}],
+                         ids=["fetch-metadata", "origin", "no-browser"])
+async def test_the_own_page_and_scripts_can_retry_a_call(ingest: Ingest, headers: dict[str, str]) -> None:
+    await failed_call(ingest, "own-1")
+    sent = {k: ingest.url if v == "<own>" else v for k, v in headers.items()}
+    assert await retry_with(ingest.url, "own-1", sent) == 202
+    assert (await ingest.store.get("own-1")).state == "downloading"
+
+
 async def test_unknown_call_is_404(ingest: Ingest) -> None:
     async with aiohttp.ClientSession() as session:
         async with session.get(f"{ingest.url}/v1/calls/nope") as resp:

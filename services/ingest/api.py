@@ -21,6 +21,7 @@ from typing import Any
 
 import grpc
 from aiohttp import web
+from yarl import URL
 
 from opentelemetry.metrics import Observation
 
@@ -317,9 +318,40 @@ def _gauges(store: JobStore) -> Callable[[], Awaitable[None]]:
     return refresh
 
 
+UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+def from_another_site(request: web.Request) -> bool:
+    """Whether a browser sends this request from a page of another origin (a form or script on some web site
+    an operator has open). Browsers say so in ``Sec-Fetch-Site`` (older ones only in ``Origin``); recorders,
+    scripts and the CLI send neither and are not affected."""
+    site = request.headers.get("Sec-Fetch-Site")
+    if site is not None:
+        return site not in ("same-origin", "none")  # "none": typed or bookmarked by the user, not sent by a page
+    origin = request.headers.get("Origin")
+    if origin is None:
+        return False
+    public = request.app[SETTINGS].get("public_url")
+    expected = str(URL(public).origin()) if public else f"{request.scheme}://{request.host}"
+    return origin != expected  # "null" (a sandboxed or file page) is another site too
+
+
+@web.middleware
+async def same_origin_changes(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Refuse a request that would change something when a page of another site sends it. Without API_TOKEN a
+    bare ``POST /v1/calls/{id}:retry`` from a form on any web site would replay a failed call through the
+    operator's browser; with it, the SameSite=Strict login cookie keeps such requests out already."""
+    if request.method in UNSAFE_METHODS and from_another_site(request):
+        log.warning("refused %s %s sent by a page of another site (Origin %r, Sec-Fetch-Site %r)", request.method,
+                    request.path, request.headers.get("Origin"), request.headers.get("Sec-Fetch-Site"))
+        return problem(403, "Forbidden", "a page of another site cannot change calls here; send the request from "
+                       "this service's own page, or without a browser")
+    return await handler(request)
+
+
 def create_app(store: JobStore, worker: PipelineWorker, policy: UrlPolicy, verifier: WebhookVerifier, *,
                api_token: str = "", public_url: str = "") -> web.Application:
-    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[server_span_middleware()])
+    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[server_span_middleware(), same_origin_changes])
     app[STORE] = store
     app[WORKER] = worker
     app[POLICY] = policy

@@ -28,6 +28,7 @@ def _json(description: str, ref: str, headers: dict[str, Any] | None = None) -> 
 
 
 _UNAUTHORIZED = _problem("API_TOKEN is set and the bearer token is missing or wrong")
+_FROM_ANOTHER_SITE = _problem("Sent by a browser from a page of another site (Sec-Fetch-Site or Origin)")
 _CALL_ID_PARAM = {"name": "call_id", "in": "path", "required": True, "description": "The recorder's call id",
                   "schema": {"type": "string"}}
 _SIGNATURE_HEADERS = [
@@ -153,6 +154,7 @@ def openapi_document() -> dict[str, Any]:
                                           "parameters": {"call_id": "$response.body#/call_id"}}}},
                         "400": _problem("The body is not JSON"),
                         "401": _problem("Missing, wrong or stale webhook signature"),
+                        "403": _FROM_ANOTHER_SITE,
                         "409": _problem("This call_id was received with another recording_url"),
                         "413": _problem("The body is over 64 KiB"),
                         "415": _problem("Not application/json"),
@@ -192,6 +194,7 @@ def openapi_document() -> dict[str, Any]:
                     "security": [{"bearer": []}, {}],
                     "parameters": [_CALL_ID_PARAM],
                     "responses": {"202": _json("Queued again", "Call"), "401": _UNAUTHORIZED,
+                                  "403": _FROM_ANOTHER_SITE,
                                   "404": _problem("No such call or action"),
                                   "409": _problem("The call has not failed")},
                 },
@@ -207,7 +210,7 @@ def openapi_document() -> dict[str, Any]:
                         "schema": {"$ref": "#/components/schemas/SetAside"}}}},
                     "responses": {"202": _json("Set aside; the call fails at delivery in a moment", "Call"),
                                   "400": _problem("The body is not JSON"), "401": _UNAUTHORIZED,
-                                  "404": _problem("No such call or action"),
+                                  "403": _FROM_ANOTHER_SITE, "404": _problem("No such call or action"),
                                   "409": _problem("The call is not waiting for the CRM, its record is not queued "
                                                   "yet, or a POST of it is in flight"),
                                   "415": _problem("Not application/json"), "422": _problem("No reason given"),
