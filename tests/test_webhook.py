@@ -205,6 +205,18 @@ async def test_the_own_page_and_scripts_can_retry_a_call(ingest: Ingest, headers
     assert (await ingest.store.get("own-1")).state == "downloading"
 
 
+async def test_behind_a_proxy_the_public_url_is_the_origin_actions_must_come_from(ingest: Ingest) -> None:
+    await failed_call(ingest, "proxied-1")
+    runner, port = await start_site(create_app(ingest.store, ingest.worker, ingest.worker.downloader.policy, VERIFIER,
+                                               public_url="https://calls.example.com/callmesh"), "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{port}"
+    try:  # a browser that sends Origin only: the page is on the proxy's https origin, not on ingest's address
+        assert await retry_with(url, "proxied-1", {"Origin": url}) == 403
+        assert await retry_with(url, "proxied-1", {"Origin": "https://calls.example.com"}) == 202
+    finally:
+        await runner.cleanup()
+
+
 async def test_unknown_call_is_404(ingest: Ingest) -> None:
     async with aiohttp.ClientSession() as session:
         async with session.get(f"{ingest.url}/v1/calls/nope") as resp:
