@@ -75,3 +75,19 @@ async def test_only_calls_failed_before_the_cutoff_let_go_of_their_recordings(st
     assert await store.release_failed_recordings(cutoff) == [("failed-early", "/data/recordings/failed-early.audio")]
     assert await store.recordings_in_use() == {"working.audio", "failed-late.audio"}
     assert await store.release_failed_recordings(cutoff) == []
+
+
+async def test_only_calls_done_before_the_cutoff_are_deleted_oldest_first(store: JobStore) -> None:
+    for call_id, state in (("done-1", DONE), ("done-2", DONE), ("done-3", DONE), ("failed", FAILED),
+                           ("working", ANALYZING)):
+        await store.create(call_id, "http://127.0.0.1:9/a.wav", JobOptions(), {}, "")
+        await store.update(call_id, None, state=state)
+    cutoff = time.time()
+    await store.create("done-late", "http://127.0.0.1:9/a.wav", JobOptions(), {}, "")
+    await store.update("done-late", None, state=DONE)
+    assert await store.delete_done(cutoff, limit=2) == 2
+    assert await store.get("done-1") is None and await store.get("done-2") is None
+    assert await store.delete_done(cutoff, limit=2) == 1
+    assert await store.delete_done(cutoff, limit=2) == 0
+    assert {call_id for call_id in ("failed", "working", "done-late") if await store.get(call_id)} == {
+        "failed", "working", "done-late"}

@@ -80,6 +80,12 @@ def database_url() -> str:
     return url
 
 
+def call_retention() -> float:
+    """``CALL_RETENTION_DAYS`` (default 90; 0 keeps them for good), in seconds: how long a finished call stays with
+    us once the CRM has its record, in ingest's job store (a done call) and in crm's outbox (a delivered record)."""
+    return env_float("CALL_RETENTION_DAYS", 90.0, minimum=0.0) * 86400
+
+
 def data_dir() -> Path:
     """``CALLMESH_DATA_DIR`` (default ``.data``): models, databases and recordings."""
     return Path(env_str("CALLMESH_DATA_DIR", ".data")).expanduser().resolve()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Union
 
@@ -25,3 +27,15 @@ def connect(location: str | Path, schema: str, sequences: tuple[str, ...] = ()) 
     if is_postgres_url(location):
         return AsyncPostgres(str(location), schema, sequences)
     return AsyncSqlite(Path(location), schema)
+
+
+async def delete_in_batches(delete: Callable[[int], Awaitable[int]], batch: int = 1000) -> int:
+    """Call ``delete(batch)`` (which deletes at most that many rows and says how many) until it deletes fewer:
+    a backlog of expired rows goes in short transactions, with the store free for other work in between."""
+    total = 0
+    while True:
+        deleted = await delete(batch)
+        total += deleted
+        if deleted < batch:
+            return total
+        await asyncio.sleep(0)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.common.config import (
-    ConfigError, GrpcServerSettings, data_dir, database_url, env_bool, env_float, env_int, env_str,
+    ConfigError, GrpcServerSettings, call_retention, data_dir, database_url, env_bool, env_float, env_int, env_str,
 )
 
 
@@ -23,6 +23,7 @@ class CrmSettings:
     batch: int  # records claimed per round; posted one after another, oldest first
     lease_seconds: float  # how long a claimed record is held before another replica may take it
     redact_pii: bool = True  # mask personal data in the record before it is stored and sent
+    delivered_retention: float = 90 * 86400.0  # seconds a delivered record stays in the outbox; 0: for good
 
     @classmethod
     def from_env(cls) -> "CrmSettings":
@@ -38,6 +39,7 @@ class CrmSettings:
             batch=env_int("CRM_DELIVERY_BATCH", 16, minimum=1),
             lease_seconds=env_float("CRM_LEASE_SECONDS", 60.0, minimum=1.0),
             redact_pii=env_bool("PII_REDACTION", True),
+            delivered_retention=call_retention(),
         )
         if settings.lease_seconds <= settings.timeout_seconds:
             raise ConfigError(f"CRM_LEASE_SECONDS ({settings.lease_seconds:g}) must be longer than "

@@ -10,6 +10,7 @@ the delivery is marked failed with the CRM's answer.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 
@@ -17,6 +18,7 @@ import aiohttp
 from opentelemetry import trace
 from opentelemetry.instrumentation.aiohttp_client import create_trace_config
 
+from services.common.database import delete_in_batches
 from services.common.logs import call_context
 from services.common.metrics import meter
 from services.common.retry import backoff_delay, sleep_or_wake
@@ -28,6 +30,7 @@ log = logging.getLogger(__name__)
 _tracer = tracer(__name__)
 
 RETRYABLE_STATUS = {408, 425, 429}
+RETENTION_CHECK_SECONDS = 3600.0  # how often delivered records past their retention are looked for
 _meter = meter(__name__)
 _attempts = _meter.create_counter("callmesh.crm.delivery_attempts",
                                   description="POSTs to the CRM (outcome: delivered, retry, failed)")
@@ -40,6 +43,7 @@ class DeliveryWorker:
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self._task: asyncio.Task | None = None
+        self._expiry: asyncio.Task | None = None
         self._session: aiohttp.ClientSession | None = None
         self._posted = asyncio.Condition()  # notified each time a POST's outcome is stored
 
@@ -62,6 +66,8 @@ class DeliveryWorker:
             trace_configs=[create_trace_config()],
         )
         self._task = asyncio.create_task(self._loop(), name="crm-delivery")
+        if self.settings.delivered_retention > 0:
+            self._expiry = asyncio.create_task(self._expire_delivered(), name="crm-retention")
 
     async def stop(self) -> None:
         """Stop claiming; let the POSTs in flight finish; unfinished ones stay queued."""
@@ -69,6 +75,8 @@ class DeliveryWorker:
         self._wake.set()
         if self._task is not None:
             await self._task
+        if self._expiry is not None:
+            await self._expiry
         if self._session is not None:
             await self._session.close()
 
@@ -86,6 +94,22 @@ class DeliveryWorker:
                 log.exception("delivery loop error")
                 wait = 1.0
             await sleep_or_wake(self._wake, wait)
+
+    async def _expire_delivered(self) -> None:
+        """At start and then every hour (or every retention, when shorter), delete the records the CRM took
+        longer ago than ``CALL_RETENTION_DAYS``."""
+        retention = self.settings.delivered_retention
+        while not self._stopping.is_set():
+            try:
+                cutoff = time.time() - retention
+                deleted = await delete_in_batches(lambda batch: self.outbox.delete_delivered(cutoff, batch))
+                if deleted:
+                    log.info("deleted %d record(s) delivered more than %.1f days ago (CALL_RETENTION_DAYS)",
+                             deleted, retention / 86400)
+            except Exception:
+                log.exception("deleting delivered records past their retention failed; trying again later")
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), min(RETENTION_CHECK_SECONDS, retention))
 
     async def _deliver_in_order(self, rows: list[DeliveryRow]) -> None:
         """Post oldest first; at the first transient failure the rest go back to wait behind it."""

@@ -40,6 +40,7 @@ CREATE TABLE IF NOT EXISTS deliveries (
 CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (state, next_attempt_at);
 CREATE INDEX IF NOT EXISTS deliveries_fifo ON deliveries (state, seq);
 CREATE INDEX IF NOT EXISTS deliveries_seq ON deliveries (seq);
+CREATE INDEX IF NOT EXISTS deliveries_delivered ON deliveries (state, delivered_at);  -- past their retention
 """
 
 
@@ -189,6 +190,13 @@ class Outbox:
             "UPDATE deliveries SET state = ?, attempts = attempts + 1, delivered_at = ?, last_error = '', "
             "next_attempt_at = NULL, lease_until = 0 WHERE call_id = ? AND state = ?",
             (DELIVERED, time.time(), call_id, QUEUED)))
+
+    async def delete_delivered(self, delivered_before: float, limit: int = 1000) -> int:
+        """Delete up to ``limit`` records the CRM took before ``delivered_before`` (their retention is over), the
+        oldest first; return how many. Queued and failed records stay."""
+        return await self.db.transaction(lambda c: c.execute(
+            "DELETE FROM deliveries WHERE call_id IN (SELECT call_id FROM deliveries WHERE state = ? AND "
+            "delivered_at < ? ORDER BY delivered_at LIMIT ?)", (DELIVERED, delivered_before, limit)).rowcount)
 
     async def mark_retry(self, call_id: str, error: str, next_attempt_at: float) -> None:
         await self.db.transaction(lambda c: c.execute(

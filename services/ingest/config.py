@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.common.config import (
-    PLAINTEXT, ConfigError, TlsSettings, data_dir, database_url, env_float, env_int, env_list, env_str, ready_file,
+    PLAINTEXT, ConfigError, TlsSettings, call_retention, data_dir, database_url, env_float, env_int, env_list, env_str, ready_file,
 )
 
 
@@ -74,6 +74,7 @@ class PipelineSettings:
     lease_seconds: float  # a job is held this long without a heartbeat before another worker may take it
     translation_source: str = "llm"  # "llm": the analysis model translates; "whisper": the speech model does
     tls: TlsSettings = PLAINTEXT
+    done_retention: float = 90 * 86400.0  # seconds a done call stays in the job store; 0: for good
 
     @classmethod
     def from_env(cls) -> "PipelineSettings":
@@ -94,6 +95,7 @@ class PipelineSettings:
             lease_seconds=env_float("PIPELINE_LEASE_SECONDS", 120.0, minimum=1.0),
             translation_source=_choice("TRANSLATION_SOURCE", "llm", ("llm", "whisper")),
             tls=TlsSettings.from_env(),
+            done_retention=call_retention(),
         )
 
 

@@ -25,6 +25,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 from callcenter.v1 import analyze_pb2, analyze_pb2_grpc, common_pb2, crm_pb2, crm_pb2_grpc, transcribe_pb2, transcribe_pb2_grpc
+from services.common.database import delete_in_batches
 from services.common.grpc_server import client_channel
 from services.common.limits import ADMITTED_METADATA
 from services.common.logs import call_context
@@ -201,9 +202,10 @@ class PipelineWorker:
 
     async def _sweep_recordings(self) -> None:
         """At start and then every :meth:`orphan_age`, delete the recordings of calls failed longer ago than
-        their retention, and the recordings that no call holds."""
+        their retention, the recordings that no call holds, and the calls done longer ago than theirs."""
         while not self._stopping.is_set():
             try:
+                await self._expire_done_calls()
                 await self._expire_failed_recordings()
                 in_use = await self.store.recordings_in_use()
                 removed = await asyncio.to_thread(self.downloader.remove_orphans, in_use, self.orphan_age())
@@ -214,6 +216,16 @@ class PipelineWorker:
                 log.exception("sweeping the recording directory failed; trying again later")
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), self.orphan_age())
+
+    async def _expire_done_calls(self) -> None:
+        retention = self.settings.done_retention
+        if retention <= 0:
+            return
+        cutoff = time.time() - retention
+        deleted = await delete_in_batches(lambda batch: self.store.delete_done(cutoff, batch))
+        if deleted:
+            log.info("deleted %d call(s) done more than %.1f days ago (CALL_RETENTION_DAYS); the CRM has their "
+                     "records", deleted, retention / 86400)
 
     async def _expire_failed_recordings(self) -> None:
         retention = self.downloader.settings.failed_retention

@@ -48,6 +48,7 @@ CREATE TABLE IF NOT EXISTS jobs (
 CREATE INDEX IF NOT EXISTS jobs_due ON jobs (state, next_attempt_at);
 CREATE INDEX IF NOT EXISTS jobs_seq ON jobs (seq);  -- MAX(seq) on every insert, newest-first lists
 CREATE INDEX IF NOT EXISTS jobs_state_seq ON jobs (state, seq);  -- ?status=failed, newest first
+CREATE INDEX IF NOT EXISTS jobs_state_updated ON jobs (state, updated_at);  -- done calls past their retention
 CREATE TABLE IF NOT EXISTS webhook_ids (
     webhook_id TEXT PRIMARY KEY,
     call_id TEXT NOT NULL,
@@ -212,6 +213,13 @@ class JobStore:
             return [(r[0], r[1]) for r in rows]
 
         return await self.db.transaction(tx)
+
+    async def delete_done(self, done_before: float, limit: int = 1000) -> int:
+        """Delete up to ``limit`` calls that were done before ``done_before`` (their retention is over), the
+        oldest first; return how many. Their records are in the CRM; their status answers 404 from now on."""
+        return await self.db.transaction(lambda c: c.execute(
+            "DELETE FROM jobs WHERE call_id IN (SELECT call_id FROM jobs WHERE state = ? AND updated_at < ? "
+            "ORDER BY updated_at LIMIT ?)", (DONE, done_before, limit)).rowcount)
 
     async def oldest_active_created_at(self) -> float | None:
         """When the oldest call still in the pipeline arrived (None when none is)."""
