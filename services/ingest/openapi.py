@@ -184,7 +184,8 @@ def openapi_document() -> dict[str, Any]:
                     "security": [{"bearer": []}, {}],
                     "parameters": [_CALL_ID_PARAM],
                     "responses": {"200": _json("The call", "Call"), "401": _UNAUTHORIZED,
-                                  "404": _problem("No such call")},
+                                  "404": _problem("No such call, or it was done longer ago than "
+                                                  "CALL_RETENTION_DAYS")},
                 },
             },
             "/v1/calls/{call_id}:retry": {
