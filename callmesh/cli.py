@@ -534,6 +534,28 @@ async def _set_aside(call_id: str, reason: str, base: str) -> None:
                   f"`callmesh retry {call_id}` sends it again.")
 
 
+@app.command()
+def erase(
+    call_id: Annotated[str, typer.Argument(help="A done or failed call")],
+    yes: Annotated[bool, typer.Option("--yes", help="Do not ask first")] = False,
+    url: Annotated[str | None, typer.Option(help="Ingest URL (default: the local mesh)")] = None,
+) -> None:
+    """Erase a finished call, for a caller who asks that their data be erased: its transcript, analysis and
+    record here and in the CRM outbox, and a failed call's recording. The CRM's own copy is not touched."""
+    if not yes:
+        typer.confirm(f"Erase call {call_id} and everything Callmesh keeps of it?", abort=True)
+    run(_erase(call_id, ingest_url(url)))
+
+
+async def _erase(call_id: str, base: str) -> None:
+    async with ingest_session(base) as session:
+        async with session.delete(f"{base}/v1/calls/{call_id}") as resp:
+            if resp.status != 204:
+                body = await resp.json(content_type=None)
+                raise Exit(REFUSED, body.get("detail", f"HTTP {resp.status}"))
+    console.print(f"Call {call_id} is erased from Callmesh (the CRM keeps its own copy)")
+
+
 # -- callmesh transcribe -----------------------------------------------------------------------
 
 @app.command()

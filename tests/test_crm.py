@@ -246,25 +246,6 @@ async def test_a_record_being_posted_is_not_set_aside(tmp_path: Path) -> None:
         await outbox.close()
 
 
-async def test_a_delivered_record_is_deleted_once_its_retention_is_over(tmp_path: Path, receiver: CrmReceiver) -> None:
-    async with crm_service(tmp_path / "o.db", receiver) as crm:  # the default retention: 90 days
-        await crm.stub.Deliver(crm_pb2.DeliverRequest(record=record("delivered-early")))
-        await wait_state(crm.stub, "delivered-early", crm_pb2.DELIVERY_STATE_DELIVERED)
-        await asyncio.sleep(3.5)
-        for call_id, answer in (("delivered-late", None), ("refused", 422), ("stuck", 500)):
-            receiver.fail_for = {call_id: answer} if answer else {}
-            await crm.stub.Deliver(crm_pb2.DeliverRequest(record=record(call_id)))
-            await wait_delivery(crm.stub, call_id, lambda d: d.state != crm_pb2.DELIVERY_STATE_QUEUED or d.attempts)
-    async with crm_service(tmp_path / "o.db", receiver, delivered_retention=3.0) as crm:
-        for _ in range(40):
-            if await crm.outbox.get("delivered-early") is None:
-                break
-            await asyncio.sleep(0.05)
-        assert await crm.outbox.get("delivered-early") is None
-        states = {call_id: (await crm.outbox.get(call_id)).state for call_id in ("delivered-late", "refused", "stuck")}
-        assert states == {"delivered-late": "delivered", "refused": "failed", "stuck": "queued"}
-
-
 async def test_unknown_delivery_is_not_found(tmp_path: Path, receiver: CrmReceiver) -> None:
     async with crm_service(tmp_path / "o.db", receiver) as crm:
         with pytest.raises(grpc.aio.AioRpcError) as info:

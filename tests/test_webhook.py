@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from pathlib import Path
 
 import aiohttp
 import pytest
@@ -18,8 +17,7 @@ from callmesh.standins import Recorder, signed_headers
 from services.common.lifecycle import start_site
 from services.common.telemetry import setup_tracing
 from services.ingest.api import create_app
-from services.ingest.store import DONE, DOWNLOADING, FAILED
-from tests.ingest_harness import SECRET, VERIFIER, Ingest, post, running_ingest, stored_call, wait_for_state
+from tests.ingest_harness import SECRET, VERIFIER, Ingest, post, wait_for_state
 
 _spans = InMemorySpanExporter()
 setup_tracing("callmesh-tests").add_span_processor(SimpleSpanProcessor(_spans))
@@ -217,27 +215,6 @@ async def test_behind_a_proxy_the_public_url_is_the_origin_actions_must_come_fro
         assert await retry_with(url, "proxied-1", {"Origin": "https://calls.example.com"}) == 202
     finally:
         await runner.cleanup()
-
-
-async def status_code(url: str, call_id: str) -> int:
-    async with aiohttp.ClientSession() as session:
-        async with session.get(f"{url}/v1/calls/{call_id}") as resp:
-            return resp.status
-
-
-async def test_a_call_done_longer_ago_than_its_retention_is_deleted(tmp_path: Path) -> None:
-    await stored_call(tmp_path, "done-long-ago", DONE)
-    await stored_call(tmp_path, "failed-long-ago", FAILED, error="recorder answered 404", error_stage=DOWNLOADING)
-    await asyncio.sleep(1.0)
-    await stored_call(tmp_path, "done-just-now", DONE)
-    async with running_ingest(tmp_path, done_retention=0.8) as ingest:  # looked at when ingest starts
-        for _ in range(100):
-            if await status_code(ingest.url, "done-long-ago") == 404:
-                break
-            await asyncio.sleep(0.05)
-        assert await status_code(ingest.url, "done-long-ago") == 404
-        assert await status_code(ingest.url, "done-just-now") == 200
-        assert await status_code(ingest.url, "failed-long-ago") == 200  # a dead letter waits for its operator
 
 
 async def test_unknown_call_is_404(ingest: Ingest) -> None:

@@ -51,6 +51,11 @@ class CrmSyncServiceStub:
                 request_serializer=callcenter_dot_v1_dot_crm__pb2.SetAsideDeliveryRequest.SerializeToString,
                 response_deserializer=callcenter_dot_v1_dot_crm__pb2.SetAsideDeliveryResponse.FromString,
                 _registered_method=True)
+        self.DeleteDelivery = channel.unary_unary(
+                '/callcenter.v1.CrmSyncService/DeleteDelivery',
+                request_serializer=callcenter_dot_v1_dot_crm__pb2.DeleteDeliveryRequest.SerializeToString,
+                response_deserializer=callcenter_dot_v1_dot_crm__pb2.DeleteDeliveryResponse.FromString,
+                _registered_method=True)
 
 
 class CrmSyncServiceServicer:
@@ -94,6 +99,18 @@ class CrmSyncServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeleteDelivery(self, request, context):
+        """DeleteDelivery erases a call's record from the outbox, for a caller who
+        asks that their data be erased. A queued record is erased too, and then
+        never reaches the CRM; a record the CRM has is erased only here.
+        Errors: INVALID_ARGUMENT when call_id is empty; NOT_FOUND when the
+        outbox does not hold the call; FAILED_PRECONDITION when a POST of it is
+        still in flight at the deadline (the CRM may be taking it).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CrmSyncServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -111,6 +128,11 @@ def add_CrmSyncServiceServicer_to_server(servicer, server):
                     servicer.SetAsideDelivery,
                     request_deserializer=callcenter_dot_v1_dot_crm__pb2.SetAsideDeliveryRequest.FromString,
                     response_serializer=callcenter_dot_v1_dot_crm__pb2.SetAsideDeliveryResponse.SerializeToString,
+            ),
+            'DeleteDelivery': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteDelivery,
+                    request_deserializer=callcenter_dot_v1_dot_crm__pb2.DeleteDeliveryRequest.FromString,
+                    response_serializer=callcenter_dot_v1_dot_crm__pb2.DeleteDeliveryResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -196,6 +218,33 @@ class CrmSyncService:
             '/callcenter.v1.CrmSyncService/SetAsideDelivery',
             callcenter_dot_v1_dot_crm__pb2.SetAsideDeliveryRequest.SerializeToString,
             callcenter_dot_v1_dot_crm__pb2.SetAsideDeliveryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteDelivery(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/callcenter.v1.CrmSyncService/DeleteDelivery',
+            callcenter_dot_v1_dot_crm__pb2.DeleteDeliveryRequest.SerializeToString,
+            callcenter_dot_v1_dot_crm__pb2.DeleteDeliveryResponse.FromString,
             options,
             channel_credentials,
             insecure,

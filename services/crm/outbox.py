@@ -20,6 +20,7 @@ from services.common.database import connect
 
 QUEUED, DELIVERED, FAILED = "queued", "delivered", "failed"
 SET_ASIDE, NOT_QUEUED, IN_FLIGHT = "set aside", "not queued", "in flight"  # what set_aside did
+ERASED = "erased"  # what erase did (or IN_FLIGHT)
 _KEY_NAMESPACE = uuid.UUID("6f1c4f3e-8a55-4e0b-9c1e-3d7f2b8a9c10")
 
 SCHEMA = """
@@ -182,6 +183,23 @@ class Outbox:
                       "WHERE call_id = ?", (FAILED, f"set aside: {reason}"[:1000], call_id))
             return DeliveryRow.from_row(c.execute("SELECT * FROM deliveries WHERE call_id = ?",
                                                   (call_id,)).fetchone()), SET_ASIDE
+
+        return await self.db.transaction(tx)
+
+    async def erase(self, call_id: str) -> tuple[DeliveryRow | None, str]:
+        """Delete the call's record, whatever its state, unless a POST of it holds its lease (the CRM may be
+        taking it right now). Returns the row as it was (None when the call is unknown) and ``ERASED`` or
+        ``IN_FLIGHT``."""
+        now = time.time()
+
+        def tx(c: Any) -> tuple[DeliveryRow | None, str]:
+            row = c.execute(f"SELECT * FROM deliveries WHERE call_id = ?{self.db.for_update}", (call_id,)).fetchone()
+            if row is None:
+                return None, ERASED
+            if row["state"] == QUEUED and row["lease_until"] >= now:
+                return DeliveryRow.from_row(row), IN_FLIGHT
+            c.execute("DELETE FROM deliveries WHERE call_id = ?", (call_id,))
+            return DeliveryRow.from_row(row), ERASED
 
         return await self.db.transaction(tx)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Awaitable, Callable
 
 import grpc
 
@@ -68,16 +69,8 @@ class CrmSyncServicer(crm_pb2_grpc.CrmSyncServiceServicer):
         if not request.call_id or not request.reason.strip() or not printable_line(request.reason):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "call_id and a reason on one line are required")
         with call_context(request.call_id):
-            # A record being posted is set aside once that POST has ended: the CRM may be taking it right now.
-            # This replica's POSTs say when they end; another replica's end within its lease.
-            remaining = context.time_remaining()
-            deadline = time.monotonic() + min(self.worker.settings.lease_seconds,
-                                              remaining - 0.5 if remaining is not None else float("inf"))
-            while True:
-                row, outcome = await self.outbox.set_aside(request.call_id, request.reason.strip())
-                if outcome != IN_FLIGHT or time.monotonic() >= deadline:
-                    break
-                await self.worker.wait_for_a_post(timeout=min(0.1, max(0.0, deadline - time.monotonic())))
+            row, outcome = await self._outside_a_post(context, lambda: self.outbox.set_aside(
+                request.call_id, request.reason.strip()))
             if row is None:
                 await context.abort(grpc.StatusCode.NOT_FOUND, f"no delivery for call {request.call_id!r}")
             if outcome == IN_FLIGHT:
@@ -90,3 +83,34 @@ class CrmSyncServicer(crm_pb2_grpc.CrmSyncServiceServicer):
                         request.reason.strip())
             self.worker.wake()
             return crm_pb2.SetAsideDeliveryResponse(delivery=to_delivery(row))
+
+    async def DeleteDelivery(self, request: crm_pb2.DeleteDeliveryRequest,
+                             context: grpc.aio.ServicerContext) -> crm_pb2.DeleteDeliveryResponse:
+        if not request.call_id:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "call_id is required")
+        with call_context(request.call_id):
+            row, outcome = await self._outside_a_post(context, lambda: self.outbox.erase(request.call_id))
+            if row is None:
+                await context.abort(grpc.StatusCode.NOT_FOUND, f"no delivery for call {request.call_id!r}")
+            if outcome == IN_FLIGHT:
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                    "a POST of this record to the CRM did not end in time: ask again once it has")
+            log.warning("record erased from the outbox on request (it was %s)", row.state)
+            if row.state == QUEUED:
+                self.worker.wake()  # the records behind it go on
+            return crm_pb2.DeleteDeliveryResponse(delivery=to_delivery(row))
+
+    async def _outside_a_post(self, context: grpc.aio.ServicerContext,
+                              change: Callable[[], Awaitable[tuple[DeliveryRow | None, str]]]
+                              ) -> tuple[DeliveryRow | None, str]:
+        """``change()`` the outbox once no POST of the record is in flight (the CRM may be taking it right now):
+        this replica's POSTs say when they end, another replica's end within its lease. Gives up at the
+        lease or the call's deadline, with ``IN_FLIGHT``."""
+        remaining = context.time_remaining()
+        deadline = time.monotonic() + min(self.worker.settings.lease_seconds,
+                                          remaining - 0.5 if remaining is not None else float("inf"))
+        while True:
+            row, outcome = await change()
+            if outcome != IN_FLIGHT or time.monotonic() >= deadline:
+                return row, outcome
+            await self.worker.wait_for_a_post(timeout=min(0.1, max(0.0, deadline - time.monotonic())))

@@ -16,6 +16,7 @@ import logging
 import re
 import time
 from datetime import datetime, timezone
+from pathlib import Path
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -209,6 +210,35 @@ async def get_call(request: web.Request) -> web.Response:
 
 
 @requires_token
+async def delete_call(request: web.Request) -> web.Response:
+    """Erase a finished call, for a caller who asks that their data be erased: its record in crm's outbox, its
+    row here (transcript, analysis, record) and a failed call's recording. The CRM's copy is the CRM's to erase."""
+    call_id = request.match_info["call_id"]
+    job = await request.app[STORE].get(call_id)
+    if job is None:
+        return problem(404, "Not Found", f"no call {call_id!r}")
+    if job.state not in (DONE, FAILED):
+        return problem(409, "Conflict", f"call {call_id} is {job.state}: only a done or failed call can be erased "
+                       "(a call waiting for the CRM can be set aside first)")
+    with call_context(call_id):
+        try:
+            if job.state == DONE or job.error_stage == DELIVERING:  # a call failed before then has no record there
+                await request.app[WORKER].erase_delivery(call_id)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                return problem(409, "Conflict", f"call {call_id} cannot be erased now: {exc.details()}")
+            return problem(503, "Service Unavailable", f"the crm service did not answer: {exc.code().name}",
+                           {"Retry-After": "5"})
+        erased = await request.app[STORE].erase_finished(call_id)
+        if erased is None:
+            return problem(409, "Conflict", f"call {call_id} was retried meanwhile: erase it once it is done")
+        if erased.recording_path:
+            await asyncio.to_thread(Path(erased.recording_path).unlink, missing_ok=True)
+        log.warning("call erased on request (it was %s), with its record in the outbox", erased.state)
+    return web.Response(status=204)
+
+
+@requires_token
 async def post_call_action(request: web.Request) -> web.Response:
     name = request.match_info["call_id"]
     call_id, _, action = name.rpartition(":")
@@ -361,6 +391,7 @@ def create_app(store: JobStore, worker: PipelineWorker, policy: UrlPolicy, verif
     app.router.add_get("/v1/calls", list_calls)
     app.router.add_get("/v1/calls/{call_id}", get_call)
     app.router.add_post("/v1/calls/{call_id}", post_call_action)
+    app.router.add_delete("/v1/calls/{call_id}", delete_call)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/openapi.json", openapi)
     WebPages(store, api_token).register(app)

@@ -151,6 +151,8 @@ def openapi_document() -> dict[str, Any]:
                             "GetCall": {"operationId": "getCall",
                                         "parameters": {"call_id": "$response.body#/call_id"}},
                             "RetryCall": {"operationId": "retryCall",
+                                          "parameters": {"call_id": "$response.body#/call_id"}},
+                            "EraseCall": {"operationId": "eraseCall",
                                           "parameters": {"call_id": "$response.body#/call_id"}}}},
                         "400": _problem("The body is not JSON"),
                         "401": _problem("Missing, wrong or stale webhook signature"),
@@ -186,6 +188,19 @@ def openapi_document() -> dict[str, Any]:
                     "responses": {"200": _json("The call", "Call"), "401": _UNAUTHORIZED,
                                   "404": _problem("No such call, or it was done longer ago than "
                                                   "CALL_RETENTION_DAYS")},
+                },
+                "delete": {
+                    "operationId": "eraseCall",
+                    "summary": "Erase a done or failed call, for a caller who asks that their data be erased: "
+                               "its row here, its record in the CRM outbox and a failed call's recording "
+                               "(the CRM's own copy is not touched)",
+                    "security": [{"bearer": []}, {}],
+                    "parameters": [_CALL_ID_PARAM],
+                    "responses": {"204": {"description": "Erased"}, "401": _UNAUTHORIZED,
+                                  "403": _FROM_ANOTHER_SITE, "404": _problem("No such call"),
+                                  "409": _problem("The call is still in the pipeline, or a POST of its record "
+                                                  "to the CRM is in flight"),
+                                  "503": _problem("The crm service did not answer")},
                 },
             },
             "/v1/calls/{call_id}:retry": {

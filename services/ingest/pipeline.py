@@ -526,6 +526,16 @@ class PipelineWorker:
         self.wake()
         return response.delivery
 
+    async def erase_delivery(self, call_id: str) -> None:
+        """Have the crm service erase the call's record from its outbox (``DeleteDelivery``); an outbox that
+        never held it is fine."""
+        try:
+            await self.crm.DeleteDelivery(crm_pb2.DeleteDeliveryRequest(call_id=call_id),
+                                          timeout=self.settings.rpc_timeout)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.NOT_FOUND:
+                raise
+
     @staticmethod
     def retry_fields(job: Job) -> dict[str, Any]:
         """What a retry of the failed ``job`` resets besides its state: a call the CRM refused is queued again

@@ -214,6 +214,19 @@ class JobStore:
 
         return await self.db.transaction(tx)
 
+    async def erase_finished(self, call_id: str) -> Job | None:
+        """Delete the call if it is done or failed (no worker will touch it again unless it is retried); return it
+        as it was, or None when it is unknown or still in the pipeline."""
+
+        def tx(c: Any) -> Job | None:
+            row = c.execute(f"SELECT * FROM jobs WHERE call_id = ?{self.db.for_update}", (call_id,)).fetchone()
+            if row is None or row["state"] not in (DONE, FAILED):
+                return None
+            c.execute("DELETE FROM jobs WHERE call_id = ?", (call_id,))
+            return Job.from_row(row)
+
+        return await self.db.transaction(tx)
+
     async def delete_done(self, done_before: float, limit: int = 1000) -> int:
         """Delete up to ``limit`` calls that were done before ``done_before`` (their retention is over), the
         oldest first; return how many. Their records are in the CRM; their status answers 404 from now on."""
