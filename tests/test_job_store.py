@@ -91,3 +91,12 @@ async def test_only_calls_done_before_the_cutoff_are_deleted_oldest_first(store:
     assert await store.delete_done(cutoff, limit=2) == 0
     assert {call_id for call_id in ("failed", "working", "done-late") if await store.get(call_id)} == {
         "failed", "working", "done-late"}
+
+
+async def test_only_a_done_or_failed_call_is_erased(store: JobStore) -> None:
+    for call_id, state in (("done", DONE), ("failed", FAILED), ("working", DELIVERING)):
+        await store.create(call_id, "http://127.0.0.1:9/a.wav", JobOptions(), {}, "")
+        await store.update(call_id, None, state=state)
+    erased = [await store.erase_finished(call_id) for call_id in ("done", "failed", "working", "unknown")]
+    assert [job.state if job else None for job in erased] == [DONE, FAILED, None, None]
+    assert [await store.get(c) is None for c in ("done", "failed", "working")] == [True, True, False]

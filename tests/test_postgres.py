@@ -15,7 +15,7 @@ import pytest_asyncio
 
 from callmesh.standins import CrmReceiver
 from callcenter.v1 import crm_pb2
-from services.crm.outbox import DELIVERED, IN_FLIGHT, SET_ASIDE, Outbox
+from services.crm.outbox import DELIVERED, ERASED, IN_FLIGHT, SET_ASIDE, Outbox
 from services.ingest.store import DOWNLOADING, RECEIVED, JobOptions, JobStore, LeaseLost
 from tests.crm_harness import record, start_crm
 
@@ -121,6 +121,20 @@ async def test_a_record_another_replica_is_posting_is_set_aside_only_after_that_
     row, outcome = await b.set_aside("call-0", "CRM bug")
     assert outcome == SET_ASIDE and row is not None and row.last_error == "set aside: CRM bug"
     assert [r.call_id for r in await a.claim_due(1, 60)] == ["call-1"]  # the queue moves on
+
+
+async def test_a_record_another_replica_is_posting_is_erased_only_after_that_post(
+        two_outboxes: tuple[Outbox, Outbox]) -> None:
+    a, b = two_outboxes
+    for i in range(2):
+        await a.enqueue(f"call-{i}", {"call_id": f"call-{i}"}, {})
+    assert [r.call_id for r in await a.claim_due(1, 60)] == ["call-0"]
+    assert (await b.erase("call-0"))[1] == IN_FLIGHT
+    await a.mark_delivered("call-0")
+    row, outcome = await b.erase("call-0")
+    assert outcome == ERASED and row is not None and row.state == DELIVERED
+    assert await a.get("call-0") is None
+    assert [r.call_id for r in await a.claim_due(1, 60)] == ["call-1"]
 
 
 async def test_two_crm_replicas_deliver_every_record_once_in_order(pg_url: str) -> None:
