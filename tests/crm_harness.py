@@ -76,6 +76,24 @@ async def receiver() -> AsyncIterator[CrmReceiver]:
     await r.stop()
 
 
+@contextlib.asynccontextmanager
+async def crm_posting(tmp_path: Path, receiver: CrmReceiver, call_id: str) -> AsyncIterator[Crm]:
+    """A crm service whose record of ``call_id`` is being POSTed: the CRM holds its answer until
+    ``receiver.hold`` is set (at the latest when the block ends)."""
+    receiver.hold = asyncio.Event()
+    crm = await start_crm(tmp_path / "o.db", receiver)
+    try:
+        await crm.stub.Deliver(crm_pb2.DeliverRequest(record=record(call_id)))
+        for _ in range(100):
+            if receiver.posts:
+                break
+            await asyncio.sleep(0.02)
+        yield crm
+    finally:
+        receiver.hold.set()
+        await crm.close()
+
+
 def record(call_id: str) -> crm_pb2.CallRecord:
     return crm_pb2.CallRecord(call_id=call_id, language_code="es", transcript="Hola.", translated_transcript="Hello.",
                               summary=["a", "b", "c"], topic="Billing", sentiment=common_pb2.SENTIMENT_NEGATIVE,

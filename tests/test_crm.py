@@ -23,7 +23,8 @@ from services.ingest.pipeline import PipelineWorker, delivery_poll_delay
 from services.ingest.store import DELIVERING, FAILED
 from tests.cli_mesh import CALLMESH, ROOT
 from tests.crm_harness import (
-    Crm, analysed_call, call_held_up_at_the_crm, crm_service, record, start_crm, wait_delivery, wait_state)
+    Crm, analysed_call, call_held_up_at_the_crm, crm_posting, crm_service, record, start_crm, wait_delivery,
+    wait_state)
 from tests.ingest_harness import running_ingest, stored_call, wait_for_state
 
 
@@ -209,14 +210,8 @@ async def test_only_a_queued_record_can_be_set_aside(tmp_path: Path, receiver: C
 
 async def test_a_record_being_posted_is_set_aside_once_the_crm_has_answered(
         tmp_path: Path, receiver: CrmReceiver) -> None:
-    receiver.fail_for, receiver.hold = {"slow": 500}, asyncio.Event()
-    crm = await start_crm(tmp_path / "o.db", receiver)
-    try:
-        await crm.stub.Deliver(crm_pb2.DeliverRequest(record=record("slow")))
-        for _ in range(100):
-            if receiver.posts:
-                break
-            await asyncio.sleep(0.02)
+    receiver.fail_for = {"slow": 500}
+    async with crm_posting(tmp_path, receiver, "slow") as crm:
         aside = asyncio.ensure_future(crm.stub.SetAsideDelivery(
             crm_pb2.SetAsideDeliveryRequest(call_id="slow", reason="ticket 7"), timeout=10))
         await asyncio.sleep(0.3)
@@ -225,9 +220,6 @@ async def test_a_record_being_posted_is_set_aside_once_the_crm_has_answered(
         delivery = (await aside).delivery
         assert delivery.state == crm_pb2.DELIVERY_STATE_FAILED and delivery.attempts == 1
         assert delivery.last_error == "set aside: ticket 7"
-    finally:
-        receiver.hold.set()
-        await crm.close()
 
 
 async def test_a_record_being_posted_is_not_set_aside(tmp_path: Path) -> None:

@@ -21,7 +21,8 @@ from callcenter.v1 import crm_pb2
 from callmesh.standins import CrmReceiver
 from services.ingest.store import DONE, DOWNLOADING, FAILED, TRANSCRIBING
 from tests.cli_mesh import CALLMESH, ROOT
-from tests.crm_harness import analysed_call, call_held_up_at_the_crm, crm_service, record, start_crm, wait_delivery, wait_state
+from tests.crm_harness import (
+    analysed_call, call_held_up_at_the_crm, crm_posting, crm_service, record, wait_delivery, wait_state)
 from tests.ingest_harness import running_ingest, stored_call, wait_for_state
 
 
@@ -101,14 +102,7 @@ async def test_an_erased_queued_record_never_reaches_the_crm_and_the_queue_moves
 
 async def test_a_record_being_posted_is_erased_once_the_crm_has_answered(
         tmp_path: Path, receiver: CrmReceiver) -> None:
-    receiver.hold = asyncio.Event()
-    crm = await start_crm(tmp_path / "o.db", receiver)
-    try:
-        await crm.stub.Deliver(crm_pb2.DeliverRequest(record=record("slow")))
-        for _ in range(100):
-            if receiver.posts:
-                break
-            await asyncio.sleep(0.02)
+    async with crm_posting(tmp_path, receiver, "slow") as crm:
         erasing = asyncio.ensure_future(crm.stub.DeleteDelivery(crm_pb2.DeleteDeliveryRequest(call_id="slow"),
                                                                 timeout=10))
         await asyncio.sleep(0.3)
@@ -116,9 +110,6 @@ async def test_a_record_being_posted_is_erased_once_the_crm_has_answered(
         receiver.hold.set()
         assert (await erasing).delivery.state == crm_pb2.DELIVERY_STATE_DELIVERED
         assert await crm.outbox.get("slow") is None
-    finally:
-        receiver.hold.set()
-        await crm.close()
 
 
 async def test_an_erased_call_is_gone_from_ingest_and_the_outbox(tmp_path: Path, receiver: CrmReceiver) -> None:
