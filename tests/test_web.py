@@ -191,6 +191,12 @@ async def test_call_list_follows_a_worker_taking_up_a_call(page: Page, ingest: I
     await expect(page.locator("tr[data-call='queue-2'] .activity")).to_have_text("waiting for a free worker")
 
 
+async def test_the_page_of_a_call_that_is_not_there_says_so_with_a_404(page: Page, ingest: Ingest) -> None:
+    response = await page.goto(f"{ingest.url}/calls/erased-1")
+    assert response is not None and response.status == 404
+    await expect(page.locator("h1")).to_have_text("No call erased-1")
+
+
 async def test_pages_need_the_api_token_when_one_is_set(page: Page, tmp_path: Path) -> None:
     async with running_ingest(tmp_path, api_token="s3cret") as ingest:
         await page.goto(ingest.url + "/")

@@ -53,12 +53,12 @@ ol.timeline{padding-left:1.2rem}
 """
 
 
-def _page(title: str, body: str, script: str = "") -> web.Response:
+def _page(title: str, body: str, script: str = "", status: int = 200) -> web.Response:
     html = (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{escape(title)} · Callmesh</title>"
             f"<meta name='viewport' content='width=device-width'><style>{STYLE}</style></head><body>"
             "<header><a href='/'>Callmesh</a><span>calls</span></header>"
             f"<main>{body}</main>{f'<script>{script}</script>' if script else ''}</body></html>")
-    return web.Response(text=html, content_type="text/html", headers={
+    return web.Response(text=html, status=status, content_type="text/html", headers={
         "Content-Security-Policy": "default-src 'self'; style-src 'unsafe-inline'; script-src 'unsafe-inline'",
         "X-Content-Type-Options": "nosniff", "Referrer-Policy": "same-origin"})
 
@@ -173,7 +173,8 @@ class WebPages:
         call_id = request.match_info["call_id"]
         job = await self.store.get(call_id)
         if job is None:
-            return _page("Not found", f"<h1>No call {escape(call_id)}</h1><p><a href='/'>All calls</a></p>")
+            return _page("Not found", f"<h1>No call {escape(call_id)}</h1><p>It never came, or it was erased or "
+                         "done longer ago than CALL_RETENTION_DAYS.</p><p><a href='/'>All calls</a></p>", status=404)
         record, transcript, analysis = _record(job), job.transcript or {}, job.analysis or {}
         segments = record.get("segments") or transcript.get("segments") or []
         info = call_summary(job)
