@@ -152,7 +152,7 @@ class PipelineWorker:
         if resumed:
             log.info("resuming %d job(s) left unfinished by the previous run", resumed)
         self._loop_task = asyncio.create_task(self._loop(), name="pipeline")
-        self._sweep_task = asyncio.create_task(self._sweep_recordings(), name="recording-sweep")
+        self._sweep_task = asyncio.create_task(self._sweep(), name="sweep")
 
     async def stop(self, grace: float) -> None:
         """Stop claiming; give running jobs ``grace`` seconds, then hand them back to the queue."""
@@ -200,7 +200,7 @@ class PipelineWorker:
         (a worker whose lease ran out can have fetched a file it could not record)."""
         return self.downloader.settings.total_timeout + self.settings.lease_seconds
 
-    async def _sweep_recordings(self) -> None:
+    async def _sweep(self) -> None:
         """At start and then every :meth:`orphan_age`, delete the recordings of calls failed longer ago than
         their retention, the recordings that no call holds, and the calls done longer ago than theirs."""
         while not self._stopping.is_set():
@@ -213,7 +213,7 @@ class PipelineWorker:
                     log.info("removed %d recording file(s) that no call holds (left by a stopped download "
                              "or a lost lease)", len(removed))
             except Exception:
-                log.exception("sweeping the recording directory failed; trying again later")
+                log.exception("the sweep (calls and recordings past their retention, orphans) failed; trying again later")
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), self.orphan_age())
 
