@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.common.config import (
-    PLAINTEXT, ConfigError, TlsSettings, call_retention, data_dir, database_url, env_float, env_int, env_list, env_str, ready_file,
+    PLAINTEXT, ConfigError, TlsSettings, call_retention, data_dir, database_url, env_float, env_int, env_list, env_str,
+    ready_file,
 )
 
 

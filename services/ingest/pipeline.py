@@ -213,7 +213,8 @@ class PipelineWorker:
                     log.info("removed %d recording file(s) that no call holds (left by a stopped download "
                              "or a lost lease)", len(removed))
             except Exception:
-                log.exception("the sweep (calls and recordings past their retention, orphans) failed; trying again later")
+                log.exception("the sweep (calls and recordings past their retention, orphan recordings) failed; "
+                              "trying again later")
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), self.orphan_age())
 
