@@ -42,7 +42,7 @@ class Crm:
 
 
 async def start_crm(db: Path | str, receiver: CrmReceiver, lease_seconds: float = 30.0, redact_pii: bool = True,
-                    delivered_retention: float = 90 * 86400.0) -> Crm:
+                    delivered_retention: float = CrmSettings.delivered_retention) -> Crm:
     """A CRM sync service on port 0; ``db`` is a SQLite file or a PostgreSQL URL."""
     settings = CrmSettings(server=GrpcServerSettings("127.0.0.1:0", 1, None), crm_url=receiver.url, crm_token="",
                            database=Path("unused.db"), database_url=db if isinstance(db, str) else "",

@@ -80,10 +80,13 @@ def database_url() -> str:
     return url
 
 
+RETENTION_SECONDS = 90 * 86400.0  # CALL_RETENTION_DAYS's default, 90 days
+
+
 def call_retention() -> float:
     """``CALL_RETENTION_DAYS`` (default 90; 0 keeps them for good), in seconds: how long a finished call stays with
     us once the CRM has its record, in ingest's job store (a done call) and in crm's outbox (a delivered record)."""
-    return env_float("CALL_RETENTION_DAYS", 90.0, minimum=0.0) * 86400
+    return env_float("CALL_RETENTION_DAYS", RETENTION_SECONDS / 86400, minimum=0.0) * 86400
 
 
 def data_dir() -> Path:

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.common.config import (
-    ConfigError, GrpcServerSettings, call_retention, data_dir, database_url, env_bool, env_float, env_int, env_str,
+    RETENTION_SECONDS, ConfigError, GrpcServerSettings, call_retention, data_dir, database_url, env_bool, env_float,
+    env_int, env_str,
 )
 
 
@@ -23,7 +24,7 @@ class CrmSettings:
     batch: int  # records claimed per round; posted one after another, oldest first
     lease_seconds: float  # how long a claimed record is held before another replica may take it
     redact_pii: bool = True  # mask personal data in the record before it is stored and sent
-    delivered_retention: float = 90 * 86400.0  # seconds a delivered record stays in the outbox; 0: for good
+    delivered_retention: float = RETENTION_SECONDS  # a delivered record stays in the outbox this long; 0: for good
 
     @classmethod
     def from_env(cls) -> "CrmSettings":

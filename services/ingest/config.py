@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.common.config import (
-    PLAINTEXT, ConfigError, TlsSettings, call_retention, data_dir, database_url, env_float, env_int, env_list, env_str,
-    ready_file,
+    PLAINTEXT, RETENTION_SECONDS, ConfigError, TlsSettings, call_retention, data_dir, database_url, env_float,
+    env_int, env_list, env_str, ready_file,
 )
 
 
@@ -75,7 +75,7 @@ class PipelineSettings:
     lease_seconds: float  # a job is held this long without a heartbeat before another worker may take it
     translation_source: str = "llm"  # "llm": the analysis model translates; "whisper": the speech model does
     tls: TlsSettings = PLAINTEXT
-    done_retention: float = 90 * 86400.0  # seconds a done call stays in the job store; 0: for good
+    done_retention: float = RETENTION_SECONDS  # a done call stays in the job store this long; 0: for good
 
     @classmethod
     def from_env(cls) -> "PipelineSettings":
