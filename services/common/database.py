@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Union
+
+import psycopg
 
 from services.common.postgres import AsyncPostgres
 from services.common.sqlite import AsyncSqlite
 
 Database = Union[AsyncSqlite, AsyncPostgres]
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+# What a store raises when its database cannot do the work just now, whatever the request: SQLite's full disk
+# ("database or disk is full"), I/O error or lock held too long; a PostgreSQL server that is down or refuses
+# connections (psycopg_pool's PoolTimeout is one too). Not a mistake in the SQL, nor a broken database file.
+UNAVAILABLE_ERRORS: tuple[type[Exception], ...] = (sqlite3.OperationalError, psycopg.OperationalError)
 
 
 def is_postgres_url(location: str | Path) -> bool:

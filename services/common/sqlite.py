@@ -58,13 +58,17 @@ class AsyncSqlite:
 
         def tx() -> T:
             assert self._conn is not None, "store not opened"
-            self._conn.execute("BEGIN IMMEDIATE")
+            conn = self._conn
+            conn.execute("BEGIN IMMEDIATE")
             try:
-                result = fn(self._conn)
+                result = fn(conn)
+                conn.execute("COMMIT")
             except BaseException:
-                self._conn.execute("ROLLBACK")
+                # SQLite may have rolled the transaction back itself (a full disk, an I/O error): a ROLLBACK
+                # then fails, and its "no transaction is active" would hide the cause from the caller.
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
                 raise
-            self._conn.execute("COMMIT")
             return result
 
         return await self._run(tx)
@@ -96,6 +100,8 @@ class AsyncSqlite:
                         try:
                             out.append((True, fn(c)))
                         except Exception as exc:  # this writer's failure stays this writer's
+                            if not c.in_transaction:  # unless it ended the transaction: see tx below
+                                raise
                             c.execute("ROLLBACK TO grouped")
                             out.append((False, exc))
                         c.execute("RELEASE grouped")
@@ -108,6 +114,10 @@ class AsyncSqlite:
                     try:
                         out = together(c)
                     except Exception:
+                        if not c.in_transaction:
+                            # SQLite rolled the whole transaction back (a full disk, an I/O error): every
+                            # writer of the batch gets that error, none is committed.
+                            raise
                         c.execute("ROLLBACK TO batch")
                         out = one_by_one(c)
                     c.execute("RELEASE batch")

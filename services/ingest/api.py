@@ -14,6 +14,7 @@ import functools
 import json
 import logging
 import re
+import sqlite3
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -26,6 +27,7 @@ from yarl import URL
 
 from opentelemetry.metrics import Observation
 
+from services.common.database import UNAVAILABLE_ERRORS
 from services.common.logs import call_context, printable_line
 from services.common.metrics import add_metrics_route, meter
 from services.common.telemetry import current_traceparent, server_span_middleware, trace_id_hex
@@ -46,6 +48,7 @@ _meter.create_observable_counter(
     "refusal)", callbacks=[lambda _: [Observation(n, {"outcome": outcome}) for outcome, n in _webhooks.items()]])
 
 MAX_BODY_BYTES = 64 * 1024
+STORE_RETRY_AFTER_SECONDS = 5  # the Retry-After of a request the job store could not serve
 CALL_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 MAX_PAGE = 500
 MAX_OFFSET = 2**31 - 1
@@ -151,8 +154,32 @@ def requires_token(handler: Handler) -> Handler:
     return checked
 
 
+def store_unavailable(request: web.Request, exc: Exception) -> web.Response:
+    """503 with ``Retry-After`` for a request the job store could not serve (a full disk, a database that is down):
+    the recorder sends the webhook again later, so no call is lost to it. The cause goes to the log; the answer
+    names SQLite's (a local file's) and only the kind of a PostgreSQL server's, which can name hosts."""
+    log.error("the job store could not serve %s %s: %s: %s", request.method, request.path, type(exc).__name__, exc)
+    cause = str(exc) if isinstance(exc, sqlite3.Error) else f"{type(exc).__name__}, see the log"
+    then = "send the webhook again later (a call sent twice is one call)" if request.path == "/v1/calls" \
+        else "send the request again later"
+    return problem(503, "Service Unavailable", f"the job store cannot serve this request now ({cause}); {then}",
+                   {"Retry-After": str(STORE_RETRY_AFTER_SECONDS)})
+
+
+@web.middleware
+async def store_trouble(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Any request the job store fails for a reason of its own answers :func:`store_unavailable`, not a bare 500."""
+    try:
+        return await handler(request)
+    except UNAVAILABLE_ERRORS as exc:
+        return store_unavailable(request, exc)
+
+
 async def post_call(request: web.Request) -> web.Response:
-    response = await _post_call(request)
+    try:
+        response = await _post_call(request)
+    except UNAVAILABLE_ERRORS as exc:
+        response = store_unavailable(request, exc)
     _webhooks[request.get(OUTCOME, "accepted") if response.status == 202 else str(response.status)] += 1
     return response
 
@@ -381,7 +408,7 @@ async def same_origin_changes(request: web.Request, handler: Handler) -> web.Str
 
 def create_app(store: JobStore, worker: PipelineWorker, policy: UrlPolicy, verifier: WebhookVerifier, *,
                api_token: str = "", public_url: str = "") -> web.Application:
-    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[server_span_middleware(), same_origin_changes])
+    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[server_span_middleware(), same_origin_changes, store_trouble])
     app[STORE] = store
     app[WORKER] = worker
     app[POLICY] = policy

@@ -132,7 +132,28 @@ SCHEMAS: dict[str, Any] = {
 }
 
 
+_STORE_UNAVAILABLE = "the job store cannot serve requests now (a full disk, a database that is down)"
+_RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before sending the request again",
+                                "schema": {"type": "string"}}}
+
+
+def _with_store_unavailable(document: dict[str, Any]) -> dict[str, Any]:
+    """Every operation on calls can answer 503 when the job store cannot serve it (beside its own reasons)."""
+    for path, operations in document["paths"].items():
+        if not path.startswith("/v1/"):
+            continue
+        for operation in operations.values():
+            own = operation["responses"].get("503")
+            described = f"{own['description']}, or {_STORE_UNAVAILABLE}" if own else _STORE_UNAVAILABLE.capitalize()
+            operation["responses"]["503"] = {**_problem(described), "headers": _RETRY_AFTER}
+    return document
+
+
 def openapi_document() -> dict[str, Any]:
+    return _with_store_unavailable(_document())
+
+
+def _document() -> dict[str, Any]:
     location = {"Location": {"description": "The status URL", "schema": {"type": "string"}}}
     return {
         "openapi": "3.1.0",
@@ -235,7 +256,8 @@ def openapi_document() -> dict[str, Any]:
             },
             "/healthz": {
                 "get": {"operationId": "health", "summary": "Liveness",
-                        "responses": {"200": _json("Serving", "Health")}},
+                        "responses": {"200": _json("Serving", "Health"),
+                                      "503": _json("The job store does not answer", "Health")}},
             },
             "/metrics": {
                 "get": {"operationId": "metrics", "summary": "Prometheus metrics (OpenTelemetry)",

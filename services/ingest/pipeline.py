@@ -25,7 +25,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 from callcenter.v1 import analyze_pb2, analyze_pb2_grpc, common_pb2, crm_pb2, crm_pb2_grpc, transcribe_pb2, transcribe_pb2_grpc
-from services.common.database import delete_in_batches
+from services.common.database import UNAVAILABLE_ERRORS, delete_in_batches
 from services.common.grpc_server import client_channel
 from services.common.limits import ADMITTED_METADATA
 from services.common.logs import call_context
@@ -248,7 +248,10 @@ class PipelineWorker:
     async def _heartbeat(self, call_id: str) -> None:
         while True:
             await asyncio.sleep(self.settings.lease_seconds / 4)
-            await self.store.renew(call_id, self.owner, self.settings.lease_seconds)
+            try:
+                await self.store.renew(call_id, self.owner, self.settings.lease_seconds)
+            except UNAVAILABLE_ERRORS as exc:  # the next beat may get through; the work goes on meanwhile
+                log.warning("could not renew the call's lease: %s: %s", type(exc).__name__, exc)
 
     async def _run(self, job: Job) -> None:
         # The call's trace is current for the whole run, so every log line about it carries its trace id.
@@ -269,6 +272,11 @@ class PipelineWorker:
                 log.info("shutting down: job handed back at stage %s", job.state)
                 await asyncio.shield(self.store.update(job.call_id, self.owner, release=True))
                 raise
+            except UNAVAILABLE_ERRORS as exc:
+                # Recording a failed attempt would need the store too: the call stays where the store has it,
+                # and is taken up again once its lease runs out.
+                log.error("the job store failed at stage %s (%s: %s); the call is taken up again in %.0f s, once "
+                          "its lease runs out", job.state, type(exc).__name__, exc, self.settings.lease_seconds)
             except Exception:
                 log.exception("unexpected error at stage %s", job.state)
                 await self._failed_attempt(job, StageError(f"{job.state}: internal error", permanent=False))

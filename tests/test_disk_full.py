@@ -1,0 +1,173 @@
+"""A full disk loses no call.
+
+The job store: the webhook answers 503 with Retry-After, and the call is taken when room is back. Its SQLite
+database is given no room to grow with ``PRAGMA max_page_count`` at its current size: SQLite then fails each write
+that needs another page with SQLITE_FULL, "database or disk is full", the error a full disk gives it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+import sqlite3
+import wave
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from callmesh.standins import signed_headers
+from services.common.lifecycle import start_site
+from services.common.sqlite import AsyncSqlite
+from services.ingest.store import JobStore
+from tests.ingest_harness import SECRET, Ingest, post, running_ingest, wait_for_state
+
+CALLS = 200  # webhooks sent, at most, to fill the last pages of a fresh store
+
+
+async def no_room(store: JobStore) -> None:
+    """The store's database may not grow past the pages it has now."""
+    await store.db.transaction(lambda c: c.execute(
+        f"PRAGMA max_page_count = {c.execute('PRAGMA page_count').fetchone()[0]}"))
+
+
+async def room_again(store: JobStore) -> None:
+    await store.db.transaction(lambda c: c.execute("PRAGMA max_page_count = 1073741823"))
+
+
+def webhook(call_id: str) -> str:
+    return json.dumps({"call_id": call_id, "recording_url": f"http://127.0.0.1:9/{call_id}.wav"})
+
+
+async def first_refusal(ingest: Ingest) -> tuple[str, int, dict, list[str]]:
+    """Send webhooks to a store with no room until one is refused; the refused call, its answer, and the calls
+    taken before it (the pages' free space)."""
+    taken = []
+    for n in range(CALLS):
+        call_id = f"full-{n}"
+        status, body = await post(ingest.url, webhook(call_id))
+        if status != 202:
+            return call_id, status, body, taken
+        taken.append(call_id)
+    raise AssertionError(f"{CALLS} webhooks all fitted in the store's pages")
+
+
+async def test_a_webhook_the_full_store_cannot_take_answers_503_with_retry_after(ingest: Ingest) -> None:
+    await no_room(ingest.store)
+    call_id, status, body, _ = await first_refusal(ingest)
+    assert status == 503, body
+    assert body["title"] == "Service Unavailable"
+    assert "database or disk is full" in body["detail"] and "send the webhook again" in body["detail"]
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{ingest.url}/v1/calls", data=webhook(call_id).encode(), headers={
+                "Content-Type": "application/json", **signed_headers(SECRET, webhook(call_id).encode())}) as resp:
+            assert resp.status == 503
+            assert resp.headers["Retry-After"] == "5"
+            assert resp.content_type == "application/problem+json"
+    assert await ingest.store.get(call_id) is None
+
+
+async def test_the_refused_call_is_taken_once_the_store_has_room_again(ingest: Ingest) -> None:
+    await no_room(ingest.store)
+    call_id, status, _, taken = await first_refusal(ingest)
+    assert status == 503
+    await room_again(ingest.store)
+    status, body = await post(ingest.url, webhook(call_id))  # the recorder sends it again
+    assert status == 202 and body["duplicate"] is False
+    assert (await ingest.store.get(call_id)) is not None
+    for earlier in taken:  # and the calls taken before the disk filled are all there
+        assert (await ingest.store.get(earlier)) is not None
+
+
+async def test_the_status_of_known_calls_still_reads_while_the_store_is_full(ingest: Ingest) -> None:
+    status, _ = await post(ingest.url, webhook("before"))
+    assert status == 202
+    await no_room(ingest.store)
+    await first_refusal(ingest)
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{ingest.url}/v1/calls/before") as resp:
+            assert resp.status == 200 and (await resp.json())["call_id"] == "before"
+
+
+async def test_webhooks_committed_together_are_each_refused_with_503(ingest: Ingest) -> None:
+    await no_room(ingest.store)
+    await first_refusal(ingest)
+    answers = await asyncio.gather(*(post(ingest.url, webhook(f"burst-{n}")) for n in range(20)))
+    assert [status for status, _ in answers] == [503] * 20
+    assert all("database or disk is full" in body["detail"] for _, body in answers)
+
+
+async def test_the_store_works_again_after_a_write_that_found_the_disk_full(tmp_path) -> None:
+    db = AsyncSqlite(tmp_path / "t.db", "CREATE TABLE IF NOT EXISTS t (x TEXT);")
+    await db.open()
+    try:
+        await db.transaction(lambda c: c.execute(
+            f"PRAGMA max_page_count = {c.execute('PRAGMA page_count').fetchone()[0]}"))
+        with pytest.raises(sqlite3.OperationalError, match="database or disk is full"):
+            for _ in range(100):
+                await db.transaction(lambda c: c.execute("INSERT INTO t VALUES (?)", ("x" * 3000,)))
+        with pytest.raises(sqlite3.OperationalError, match="database or disk is full"):
+            await asyncio.gather(*(db.grouped(lambda c: c.execute("INSERT INTO t VALUES (?)", ("y" * 3000,)))
+                                   for _ in range(5)))
+        await db.transaction(lambda c: c.execute("PRAGMA max_page_count = 1073741823"))
+        await db.grouped(lambda c: c.execute("INSERT INTO t VALUES ('after')"))
+        assert (await db.fetchone("SELECT COUNT(*) FROM t WHERE x = 'after'"))[0] == 1
+        assert (await db.fetchone("SELECT COUNT(*) FROM t WHERE x LIKE 'y%'"))[0] == 0
+    finally:
+        await db.close()
+
+
+
+@pytest.fixture
+async def held_recording() -> AsyncIterator[tuple[str, asyncio.Event]]:
+    """A recorder whose one recording (a second of silence) is sent once the test sets the event."""
+    gate = asyncio.Event()
+    audio = io.BytesIO()
+    with wave.open(audio, "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(16000), w.writeframes(b"\0\0" * 16000)
+
+    async def recording(request: web.Request) -> web.Response:
+        await gate.wait()
+        return web.Response(body=audio.getvalue(), content_type="audio/wav")
+
+    app = web.Application()
+    app.router.add_get("/held.wav", recording)
+    runner, port = await start_site(app, "127.0.0.1", 0, access_log=None)
+    try:
+        yield f"http://127.0.0.1:{port}/held.wav", gate
+    finally:
+        gate.set()
+        await runner.cleanup()
+
+
+async def writes_refused(store: JobStore, refused: bool) -> None:
+    """Every write to the store's database fails ("attempt to write a readonly database"), as on a disk the
+    system has made read-only, until ``refused`` is False again."""
+    await store.db.fetchall(f"PRAGMA query_only = {int(refused)}")
+
+
+async def test_a_call_whose_progress_the_store_could_not_record_is_taken_up_again(
+        tmp_path: Path, held_recording: tuple[str, asyncio.Event], caplog: pytest.LogCaptureFixture) -> None:
+    url, gate = held_recording
+    caplog.set_level(logging.INFO, "services.ingest.pipeline")
+    async with running_ingest(tmp_path, lease_seconds=1.0) as ingest:
+        status, _ = await post(ingest.url, json.dumps({"call_id": "held", "recording_url": url}))
+        assert status == 202
+        await wait_for_state(ingest.url, "held", {"downloading"})
+        await writes_refused(ingest.store, True)
+        gate.set()  # the download ends; the store cannot record it
+        for _ in range(100):
+            failed = [r.getMessage() for r in caplog.records if "the job store failed at stage" in r.getMessage()]
+            if failed:
+                break
+            await asyncio.sleep(0.1)
+        assert failed and "downloading" in failed[0] and "taken up again" in failed[0]
+        await writes_refused(ingest.store, False)
+        # Its lease runs out, it is downloaded again and goes on (to a transcriber that is not there).
+        status = await wait_for_state(ingest.url, "held", {"transcribing"}, timeout=20)
+        assert status["error"] is None or status["error"]["stage"] == "transcribing"
+
