@@ -3,14 +3,20 @@
 The job store: the webhook answers 503 with Retry-After, and the call is taken when room is back. Its SQLite
 database is given no room to grow with ``PRAGMA max_page_count`` at its current size: SQLite then fails each write
 that needs another page with SQLITE_FULL, "database or disk is full", the error a full disk gives it.
+
+The recordings: a download leaves RECORDING_MIN_FREE_BYTES free on their disk, or the call waits for room
+without using up its attempts. The reserve is set against the real free space of the test's disk.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import io
 import json
 import logging
+import shutil
 import sqlite3
 import wave
 from collections.abc import AsyncIterator
@@ -23,8 +29,9 @@ from aiohttp import web
 from callmesh.standins import signed_headers
 from services.common.lifecycle import start_site
 from services.common.sqlite import AsyncSqlite
+from services.ingest.downloader import DownloadError, write_recording
 from services.ingest.store import JobStore
-from tests.ingest_harness import SECRET, Ingest, post, running_ingest, wait_for_state
+from tests.ingest_harness import SECRET, Ingest, post, running_ingest, wait_for, wait_for_state
 
 CALLS = 200  # webhooks sent, at most, to fill the last pages of a fresh store
 
@@ -171,3 +178,106 @@ async def test_a_call_whose_progress_the_store_could_not_record_is_taken_up_agai
         status = await wait_for_state(ingest.url, "held", {"transcribing"}, timeout=20)
         assert status["error"] is None or status["error"]["stage"] == "transcribing"
 
+
+# -- the recordings' disk: a download leaves RECORDING_MIN_FREE_BYTES free, or waits for room --
+
+BIG = 64 * 1024 * 1024
+
+
+def wav_header(data_bytes: int) -> bytes:
+    """The 44-byte header of a 16-kHz mono WAV with ``data_bytes`` of samples."""
+    audio = io.BytesIO()
+    with wave.open(audio, "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(16000), w.writeframes(b"")
+    header = bytearray(audio.getvalue())
+    header[4:8], header[40:44] = (36 + data_bytes).to_bytes(4, "little"), data_bytes.to_bytes(4, "little")
+    return bytes(header)
+
+
+@pytest.fixture
+async def big_recorder() -> AsyncIterator[str]:
+    """``/small``: a second of silence; ``/sized``: 64 MiB announced in Content-Length; ``/streamed``: 64 MiB
+    sent chunked, its length unknown until the end."""
+    async def small(request: web.Request) -> web.Response:
+        return web.Response(body=wav_header(32000) + bytes(32000), content_type="audio/wav")
+
+    async def big(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "audio/wav"})
+        if request.path == "/sized":
+            response.content_length = BIG
+        else:
+            response.enable_chunked_encoding()
+        await response.prepare(request)
+        await response.write(wav_header(BIG - 44))
+        block = bytes(1024 * 1024)
+        sent = 44
+        with contextlib.suppress(ConnectionError):
+            while sent < BIG:
+                await response.write(block[: BIG - sent])
+                sent += min(len(block), BIG - sent)
+            await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_get("/small", small)
+    app.router.add_get("/sized", big)
+    app.router.add_get("/streamed", big)
+    runner, port = await start_site(app, "127.0.0.1", 0, access_log=None)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+
+
+def recordings(tmp_path: Path) -> list[str]:
+    return sorted(p.name for p in (tmp_path / "recordings").iterdir())
+
+
+async def test_a_download_waits_without_using_up_attempts_while_the_disk_is_under_its_reserve(
+        tmp_path: Path, big_recorder: str) -> None:
+    reserve = shutil.disk_usage(tmp_path).free + 2**40  # a terabyte more than there is
+    async with running_ingest(tmp_path, min_free_bytes=reserve) as ingest:
+        status, _ = await post(ingest.url, json.dumps({"call_id": "roomless", "recording_url": f"{big_recorder}/small"}))
+        assert status == 202
+        waiting = await wait_for(ingest.url, "roomless", lambda s: s["error"] is not None)
+        assert waiting["error"]["stage"] == "downloading"
+        assert "no room for the recording" in waiting["error"]["message"]
+        assert "RECORDING_MIN_FREE_BYTES" in waiting["error"]["message"]
+        await asyncio.sleep(1.0)  # two attempts at most, 0.1 s apart: a failure would have ended the call by now
+        status = await wait_for(ingest.url, "roomless", lambda s: True)
+        assert status["status"] == "downloading" and status["attempts"] > 2
+        # Room is made.
+        ingest.worker.downloader.settings = dataclasses.replace(ingest.worker.downloader.settings, min_free_bytes=0)
+        await wait_for_state(ingest.url, "roomless", {"transcribing"})
+
+
+async def test_a_recording_whose_length_would_cross_the_reserve_is_not_written(
+        tmp_path: Path, big_recorder: str) -> None:
+    reserve = shutil.disk_usage(tmp_path).free - 16 * 1024 * 1024  # 16 MiB to spare, for a recording of 64 MiB
+    async with running_ingest(tmp_path, min_free_bytes=reserve, max_bytes=2 * BIG) as ingest:
+        await post(ingest.url, json.dumps({"call_id": "sized", "recording_url": f"{big_recorder}/sized"}))
+        waiting = await wait_for(ingest.url, "sized", lambda s: s["error"] is not None)
+        assert waiting["status"] == "downloading"
+        assert "the recording's 67 MB would leave" in waiting["error"]["message"]
+        assert recordings(tmp_path) == []
+
+
+async def test_a_streamed_recording_that_crosses_the_reserve_is_stopped_and_deleted(
+        tmp_path: Path, big_recorder: str) -> None:
+    reserve = shutil.disk_usage(tmp_path).free - 8 * 1024 * 1024  # 8 MiB to spare, for a recording of 64 MiB
+    async with running_ingest(tmp_path, min_free_bytes=reserve, max_bytes=2 * BIG) as ingest:
+        await post(ingest.url, json.dumps({"call_id": "streamed", "recording_url": f"{big_recorder}/streamed"}))
+        waiting = await wait_for(ingest.url, "streamed", lambda s: s["error"] is not None)
+        assert waiting["status"] == "downloading"
+        assert "no room for the recording: there are" in waiting["error"]["message"]
+        assert recordings(tmp_path) == []  # the partial file is gone
+
+
+def test_a_disk_that_fills_while_a_recording_is_written_makes_the_call_wait() -> None:
+    if not Path("/dev/full").exists():
+        pytest.skip("no /dev/full here to answer writes with ENOSPC")
+    with open("/dev/full", "wb") as full, pytest.raises(DownloadError) as refused:
+        write_recording(full, b"\0" * 8192)
+        write_recording(full)  # the bytes reach the device at the flush
+    assert refused.value.waiting and not refused.value.permanent
+    assert "the disk of RECORDING_DIR is full" in str(refused.value)

@@ -41,6 +41,7 @@ class DownloadSettings:
     max_redirects: int
     directory: Path
     failed_retention: float = 7 * 24 * 3600.0  # seconds a failed call keeps its recording for a retry; 0: until retried
+    min_free_bytes: int = 0  # bytes a download leaves free on the recordings' disk (it waits for room otherwise)
 
     @classmethod
     def from_env(cls, root: Path) -> "DownloadSettings":
@@ -54,6 +55,7 @@ class DownloadSettings:
             max_redirects=env_int("RECORDING_MAX_REDIRECTS", 3, minimum=0),
             directory=Path(env_str("RECORDING_DIR", str(root / "recordings"))),
             failed_retention=env_float("RECORDING_FAILED_RETENTION_HOURS", 168.0, minimum=0.0) * 3600,
+            min_free_bytes=env_int("RECORDING_MIN_FREE_BYTES", 1024**3, minimum=0),
         )
 
 

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
+import shutil
 import socket
 import time
 import uuid
 from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 from urllib.parse import urljoin
 
 import aiohttp
@@ -29,14 +32,24 @@ _REDIRECTS = {301, 302, 303, 307, 308}
 _PERMANENT_HTTP = {400, 401, 403, 404, 405, 410, 451}
 RECORDING_SUFFIX = ".audio"  # a complete recording, under a name made here
 PARTIAL_SUFFIX = ".partial"  # a recording still being written
+ROOM_CHECK_BYTES = 4 * 1024 * 1024  # the free space is looked at again after each this many bytes written
 
 
 class DownloadError(Exception):
-    """The recording could not be fetched. ``permanent`` says whether trying again can help."""
+    """The recording could not be fetched. ``permanent`` says whether trying again can help; ``waiting``, that
+    the call should wait for it without using up its attempts (the recordings disk has no room)."""
 
-    def __init__(self, message: str, *, permanent: bool) -> None:
+    def __init__(self, message: str, *, permanent: bool, waiting: bool = False) -> None:
         super().__init__(message)
         self.permanent = permanent
+        self.waiting = waiting
+
+
+_NO_ROOM_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:,.0f} MB"
 
 
 @dataclass(frozen=True)
@@ -107,9 +120,25 @@ class Downloader:
             removed.append(path)
         return removed
 
+    def check_room(self, coming: int = 0) -> None:
+        """Raise a waiting :class:`DownloadError` when writing ``coming`` more bytes would leave less than
+        RECORDING_MIN_FREE_BYTES free where the recordings go (that disk often holds the job store too, which
+        must never be the one that finds it full)."""
+        reserve = self.settings.min_free_bytes
+        if reserve <= 0:
+            return
+        free = shutil.disk_usage(self.settings.directory).free
+        if free - coming < reserve:
+            needs = f"the recording's {_mb(coming)} would leave" if coming else "there are"
+            raise DownloadError(
+                f"no room for the recording: {needs} {_mb(max(0, free - coming))} free in RECORDING_DIR, which keeps "
+                f"{_mb(reserve)} free (RECORDING_MIN_FREE_BYTES); the call waits until there is room",
+                permanent=False, waiting=True)
+
     async def fetch(self, url: str) -> Downloaded:
         """Stream ``url`` to a file with a generated name; raise :class:`DownloadError`."""
         s = self.settings
+        self.check_room()
         timeout = aiohttp.ClientTimeout(total=s.total_timeout, connect=s.connect_timeout, sock_read=s.read_timeout)
         connector = aiohttp.TCPConnector(resolver=_VettedResolver(self.policy), use_dns_cache=False, limit=4)
         with _tracer.start_as_current_span("recording.download") as span:
@@ -146,13 +175,15 @@ class Downloader:
                 if length is not None and length > self.settings.max_bytes:
                     raise DownloadError(f"the recording is {length} bytes, over the {self.settings.max_bytes}-byte limit",
                                         permanent=True)
+                if length is not None:
+                    self.check_room(length)
                 return await self._save(resp)
         raise DownloadError(f"more than {self.settings.max_redirects} redirects", permanent=True)
 
     async def _save(self, resp: aiohttp.ClientResponse) -> Downloaded:
         path = self.settings.directory / f"{uuid.uuid4().hex}{RECORDING_SUFFIX}"
         partial = path.with_suffix(PARTIAL_SUFFIX)
-        size = 0
+        size = checked = 0
         head = b""
         try:
             with partial.open("wb") as out:
@@ -166,9 +197,11 @@ class Downloader:
                     size += len(chunk)
                     if size > self.settings.max_bytes:
                         raise DownloadError(f"the recording is over the {self.settings.max_bytes}-byte limit", permanent=True)
-                    out.write(chunk)
-                out.flush()
-                os.fsync(out.fileno())
+                    if size >= checked + ROOM_CHECK_BYTES:  # a recording of unknown length, or a disk others fill
+                        self.check_room()
+                        checked = size
+                    write_recording(out, chunk)
+                write_recording(out)
             if size == 0:
                 raise DownloadError("the recording is empty", permanent=True)
             if not looks_like_audio(head):
@@ -178,3 +211,19 @@ class Downloader:
             partial.unlink(missing_ok=True)
             raise
         return Downloaded(path, size, resp.content_type)
+
+
+def write_recording(out: BinaryIO, chunk: bytes | None = None) -> None:
+    """Write ``chunk`` to the recording, or flush and sync it to disk; a full disk is a waiting
+    :class:`DownloadError`, any other failure to write a transient one."""
+    try:
+        if chunk is not None:
+            out.write(chunk)
+        else:
+            out.flush()
+            os.fsync(out.fileno())
+    except OSError as exc:
+        if exc.errno in _NO_ROOM_ERRNOS:
+            raise DownloadError(f"no room for the recording: the disk of RECORDING_DIR is full ({exc.strerror}); "
+                                "the call waits until there is room", permanent=False, waiting=True) from exc
+        raise DownloadError(f"the recording could not be written to RECORDING_DIR: {exc}", permanent=False) from exc

@@ -352,7 +352,7 @@ class PipelineWorker:
         try:
             downloaded = await self.downloader.fetch(job.recording_url)
         except DownloadError as exc:
-            raise StageError(f"download: {exc}", permanent=exc.permanent) from exc
+            raise StageError(f"download: {exc}", permanent=exc.permanent, waiting=exc.waiting) from exc
         log.info("downloaded %d bytes", downloaded.size)
         return TRANSCRIBING, {"recording_path": str(downloaded.path)}
 
