@@ -23,20 +23,24 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
+import grpc
 import pytest
 from aiohttp import web
 
-from callmesh.standins import signed_headers
+from callcenter.v1 import crm_pb2
+from callmesh.standins import CrmReceiver, signed_headers
 from services.common.lifecycle import start_site
 from services.common.sqlite import AsyncSqlite
+from services.crm.outbox import Outbox
 from services.ingest.downloader import DownloadError, write_recording
 from services.ingest.store import JobStore
+from tests.crm_harness import analysed_call, crm_service, record
 from tests.ingest_harness import SECRET, Ingest, post, running_ingest, wait_for, wait_for_state
 
 CALLS = 200  # webhooks sent, at most, to fill the last pages of a fresh store
 
 
-async def no_room(store: JobStore) -> None:
+async def no_room(store: JobStore | Outbox) -> None:
     """The store's database may not grow past the pages it has now."""
     await store.db.transaction(lambda c: c.execute(
         f"PRAGMA max_page_count = {c.execute('PRAGMA page_count').fetchone()[0]}"))
@@ -281,3 +285,30 @@ def test_a_disk_that_fills_while_a_recording_is_written_makes_the_call_wait() ->
         write_recording(full)  # the bytes reach the device at the flush
     assert refused.value.waiting and not refused.value.permanent
     assert "the disk of RECORDING_DIR is full" in str(refused.value)
+
+
+# -- crm's outbox: an outbox that cannot write answers UNAVAILABLE, which ingest waits out --
+
+async def test_a_record_the_full_outbox_cannot_take_is_refused_with_unavailable(
+        tmp_path: Path, receiver: CrmReceiver) -> None:
+    async with crm_service(tmp_path / "outbox.db", receiver) as crm:
+        await no_room(crm.outbox)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            for n in range(CALLS):
+                await crm.stub.Deliver(crm_pb2.DeliverRequest(record=record(f"r-{n}")))
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "database or disk is full" in refused.value.details()
+
+
+async def test_a_call_waits_for_a_full_outbox_without_using_up_its_attempts(
+        tmp_path: Path, receiver: CrmReceiver) -> None:
+    await analysed_call(tmp_path, "c-outbox")
+    async with crm_service(tmp_path / "outbox.db", receiver) as crm:
+        await crm.outbox.db.fetchall("PRAGMA query_only = 1")  # nothing can be written to the outbox
+        async with running_ingest(tmp_path, crm_addr=crm.server.address) as ingest:
+            waiting = await wait_for(ingest.url, "c-outbox", lambda s: s["attempts"] > 3)  # two would fail it
+            assert waiting["status"] == "delivering"
+            assert waiting["error"]["message"].startswith("crm: UNAVAILABLE: the outbox cannot serve this now")
+            await crm.outbox.db.fetchall("PRAGMA query_only = 0")
+            await wait_for_state(ingest.url, "c-outbox", {"done"})
+    assert [r.body["call_id"] for r in receiver.records] == ["c-outbox"]

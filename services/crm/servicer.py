@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 import logging
+import sqlite3
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import grpc
 
 from callcenter.v1 import common_pb2, crm_pb2, crm_pb2_grpc
+from services.common.database import UNAVAILABLE_ERRORS
 from services.common.logs import call_context, printable_line
 from services.common.protoconv import timestamp
 from services.common.telemetry import current_traceparent
@@ -34,12 +38,35 @@ def to_delivery(row: DeliveryRow) -> crm_pb2.Delivery:
     return d
 
 
+Response = TypeVar("Response")
+
+
+def outbox_unavailable(rpc: Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[Response]]
+                       ) -> Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[Response]]:
+    """An RPC that the outbox cannot serve just then (a full disk, a database that is down) answers UNAVAILABLE
+    with the cause, which ingest waits out without using up the call's attempts; not UNKNOWN, which it would
+    retry a few times and then fail the call for. SQLite's words are given, only the kind of PostgreSQL's."""
+
+    @functools.wraps(rpc)
+    async def guarded(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Response:
+        try:
+            return await rpc(self, request, context)
+        except UNAVAILABLE_ERRORS as exc:
+            log.error("the outbox could not serve %s: %s: %s", rpc.__name__, type(exc).__name__, exc)
+            cause = str(exc) if isinstance(exc, sqlite3.Error) else f"{type(exc).__name__}, see the crm log"
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"the outbox cannot serve this now ({cause})")
+            raise  # not reached: abort raises
+
+    return guarded
+
+
 class CrmSyncServicer(crm_pb2_grpc.CrmSyncServiceServicer):
     def __init__(self, outbox: Outbox, worker: DeliveryWorker, redact_pii: bool = True) -> None:
         self.outbox = outbox
         self.worker = worker
         self.redact_pii = redact_pii
 
+    @outbox_unavailable
     async def Deliver(self, request: crm_pb2.DeliverRequest, context: grpc.aio.ServicerContext) -> crm_pb2.DeliverResponse:
         record = request.record
         if not record.call_id:
@@ -58,12 +85,14 @@ class CrmSyncServicer(crm_pb2_grpc.CrmSyncServiceServicer):
                 log.info("already in the outbox (%s): not queued again", row.state)
             return crm_pb2.DeliverResponse(delivery=to_delivery(row), record=record if new else None)
 
+    @outbox_unavailable
     async def GetDelivery(self, request: crm_pb2.GetDeliveryRequest, context: grpc.aio.ServicerContext) -> crm_pb2.GetDeliveryResponse:
         row = await self.outbox.get(request.call_id)
         if row is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no delivery for call {request.call_id!r}")
         return crm_pb2.GetDeliveryResponse(delivery=to_delivery(row))
 
+    @outbox_unavailable
     async def SetAsideDelivery(self, request: crm_pb2.SetAsideDeliveryRequest,
                                context: grpc.aio.ServicerContext) -> crm_pb2.SetAsideDeliveryResponse:
         if not request.call_id or not request.reason.strip() or not printable_line(request.reason):
@@ -84,6 +113,7 @@ class CrmSyncServicer(crm_pb2_grpc.CrmSyncServiceServicer):
             self.worker.wake()
             return crm_pb2.SetAsideDeliveryResponse(delivery=to_delivery(row))
 
+    @outbox_unavailable
     async def DeleteDelivery(self, request: crm_pb2.DeleteDeliveryRequest,
                              context: grpc.aio.ServicerContext) -> crm_pb2.DeleteDeliveryResponse:
         if not request.call_id:
