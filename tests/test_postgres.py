@@ -185,3 +185,42 @@ async def test_ingest_is_not_ready_while_its_database_is_unreachable(postgres, p
                     break
             await asyncio.sleep(0.2)
         assert resp.status == 200
+
+
+async def test_a_webhook_while_postgresql_refuses_connections_answers_503_and_is_taken_after(
+        postgres, pg_url: str, tmp_path) -> None:
+    import json
+    import time
+
+    import psycopg
+
+    from tests.ingest_harness import post, running_ingest
+
+    name = pg_url.rsplit("/", 1)[1]
+
+    def allow(yes: bool) -> None:
+        with psycopg.connect(postgres.admin_url, autocommit=True) as admin:
+            admin.execute(f"ALTER DATABASE {name} ALLOW_CONNECTIONS {'true' if yes else 'false'}")
+            if not yes:
+                admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
+
+    webhook = json.dumps({"call_id": "pg-down", "recording_url": "http://127.0.0.1:9/a.wav"})
+    async with running_ingest(tmp_path, database=pg_url) as ingest:
+        await asyncio.to_thread(allow, False)
+        try:
+            answers = []
+            for _ in range(3):  # the pool's broken connections first, then none to be had
+                started = time.monotonic()
+                status, body = await post(ingest.url, webhook)
+                answers.append((status, body, time.monotonic() - started))
+        finally:
+            await asyncio.to_thread(allow, True)
+        for status, body, seconds in answers:
+            assert status == 503 and "see the log" in body["detail"], body
+            assert seconds < 15  # a few seconds' wait for a connection (CONNECTION_WAIT_SECONDS), not 30
+        for _ in range(50):  # the pool reconnects; the recorder sends it again
+            status, body = await post(ingest.url, webhook)
+            if status == 202:
+                break
+            await asyncio.sleep(0.2)
+        assert status == 202 and (await ingest.store.get("pg-down")) is not None

@@ -28,6 +28,10 @@ from psycopg_pool import ConnectionPool
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 RETRIES = 5
+# How long a statement waits for a connection when the pool has none that works (the server is down or refuses
+# connections), before the store counts as unavailable: ingest then answers 503 and crm UNAVAILABLE at once,
+# instead of holding a recorder's webhook for longer than it waits for an answer. Opening waits connect_timeout.
+CONNECTION_WAIT_SECONDS = 5.0
 _SCHEMA_LOCK = 0x63616C6C6D657368  # "callmesh": one replica creates the schema at a time
 
 
@@ -91,7 +95,7 @@ class AsyncPostgres:
         self._executor = ThreadPoolExecutor(max_workers=pool_size, thread_name_prefix="postgres")
         self._pool = ConnectionPool(url, min_size=1, max_size=pool_size, open=False, name="callmesh",
                                     kwargs={"autocommit": True, "row_factory": _row_factory},
-                                    timeout=connect_timeout)
+                                    timeout=CONNECTION_WAIT_SECONDS)
 
     def next_seq(self, table: str) -> str:
         """SQL giving the next arrival number of ``table`` (a sequence: safe with several writers)."""
