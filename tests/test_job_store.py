@@ -100,3 +100,12 @@ async def test_only_a_done_or_failed_call_is_erased(store: JobStore) -> None:
     erased = [await store.erase_finished(call_id) for call_id in ("done", "failed", "working", "unknown")]
     assert [job.state if job else None for job in erased] == [DONE, FAILED, None, None]
     assert [await store.get(c) is None for c in ("done", "failed", "working")] == [True, True, False]
+
+
+async def test_erasing_a_call_forgets_the_webhook_ids_that_named_it(store: JobStore) -> None:
+    for call_id, webhook_id in (("erased", "msg_erased"), ("kept", "msg_kept")):
+        await store.create(call_id, "http://127.0.0.1:9/a.wav", JobOptions(), {}, "", webhook_id)
+        await store.update(call_id, None, state=DONE)
+    await store.erase_finished("erased")
+    remembered = await store.db.fetchall("SELECT webhook_id, call_id FROM webhook_ids ORDER BY webhook_id")
+    assert [tuple(row) for row in remembered] == [("msg_kept", "kept")]
