@@ -408,7 +408,8 @@ async def same_origin_changes(request: web.Request, handler: Handler) -> web.Str
 
 def create_app(store: JobStore, worker: PipelineWorker, policy: UrlPolicy, verifier: WebhookVerifier, *,
                api_token: str = "", public_url: str = "") -> web.Application:
-    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[server_span_middleware(), same_origin_changes, store_trouble])
+    app = web.Application(client_max_size=MAX_BODY_BYTES,
+                          middlewares=[server_span_middleware(), same_origin_changes, store_trouble])
     app[STORE] = store
     app[WORKER] = worker
     app[POLICY] = policy
