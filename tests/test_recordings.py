@@ -11,7 +11,9 @@ its retention (RECORDING_FAILED_RETENTION_HOURS) is over.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -19,7 +21,7 @@ import aiohttp
 
 from callmesh.standins import Recorder
 from services.ingest.store import FAILED, TRANSCRIBING
-from tests.ingest_harness import running_ingest, stored_call, wait_for
+from tests.ingest_harness import post, running_ingest, stored_call, wait_for
 
 # Old enough for any setting: the harness downloads for at most 5 s and leases for 30 s.
 LONG_AGO = time.time() - 24 * 3600
@@ -139,3 +141,15 @@ async def test_a_retried_call_whose_recording_was_deleted_downloads_it_again(tmp
         assert job is not None and job.recording_path and Path(job.recording_path).stat().st_size > 0
     finally:
         await recorder.stop()
+
+
+async def test_a_recordings_directory_removed_while_ingest_runs_is_made_again(
+        tmp_path: Path, recorder: Recorder) -> None:
+    async with running_ingest(tmp_path) as ingest:
+        shutil.rmtree(tmp_path / "recordings")  # an operator clears it, or its volume is mounted anew
+        status, _ = await post(ingest.url, json.dumps({"call_id": "after-rmtree",
+                                                       "recording_url": recorder.url_for("es-billing-angry.wav")}))
+        assert status == 202
+        await wait_for(ingest.url, "after-rmtree", lambda s: s["status"] == "transcribing")
+        job = await ingest.store.get("after-rmtree")
+    assert job is not None and job.recording_path and Path(job.recording_path).parent == tmp_path / "recordings"

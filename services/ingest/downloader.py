@@ -138,6 +138,7 @@ class Downloader:
     async def fetch(self, url: str) -> Downloaded:
         """Stream ``url`` to a file with a generated name; raise :class:`DownloadError`."""
         s = self.settings
+        s.directory.mkdir(parents=True, exist_ok=True)  # again: a volume mounted late, or a directory cleared
         self.check_room()
         timeout = aiohttp.ClientTimeout(total=s.total_timeout, connect=s.connect_timeout, sock_read=s.read_timeout)
         connector = aiohttp.TCPConnector(resolver=_VettedResolver(self.policy), use_dns_cache=False, limit=4)
