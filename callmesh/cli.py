@@ -122,9 +122,18 @@ async def ingest_session(url: str) -> AsyncIterator[aiohttp.ClientSession]:
                                     "start the mesh with `callmesh up` or pass --url") from None
 
 
+UNAVAILABLE_FOR_NOW = {502, 503, 504}
+
+
 async def get_json(session: aiohttp.ClientSession, url: str) -> tuple[int, dict[str, Any]]:
+    """The answer's status and JSON body; a body that is not JSON (a proxy's error page) as ``{"detail": …}``."""
     async with session.get(url) as resp:
-        return resp.status, await resp.json(content_type=None)
+        text = await resp.text()
+        try:
+            body = json.loads(text)
+        except ValueError:
+            body = None
+        return resp.status, body if isinstance(body, dict) else {"detail": text[:200] or f"HTTP {resp.status}"}
 
 
 # -- callmesh up -------------------------------------------------------------------------------
@@ -346,9 +355,15 @@ async def follow(session: aiohttp.ClientSession, status_url: str, timeout: float
     status: dict[str, Any] = {}
     with console.status("waiting …") as spinner:
         while time.monotonic() - start < timeout:
-            code, status = await get_json(session, status_url)
+            code, answer = await get_json(session, status_url)
+            if code in UNAVAILABLE_FOR_NOW:  # its job store (or a proxy before it) for a moment: the call goes on
+                spinner.update(f"{status.get('status', 'waiting')} · the status API answered HTTP {code} "
+                               f"({answer.get('detail', 'unavailable')}); still following")
+                await asyncio.sleep(1.0)
+                continue
             if code != 200:
-                raise Exit(REFUSED, f"status API answered HTTP {code}: {status.get('detail', status)}")
+                raise Exit(REFUSED, f"status API answered HTTP {code}: {answer.get('detail', answer)}")
+            status = answer
             for stage, _ in status["stages"].items():
                 if stage not in shown:
                     shown.add(stage)

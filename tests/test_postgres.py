@@ -224,3 +224,38 @@ async def test_a_webhook_while_postgresql_refuses_connections_answers_503_and_is
                 break
             await asyncio.sleep(0.2)
         assert status == 202 and (await ingest.store.get("pg-down")) is not None
+
+
+async def test_callmesh_following_a_call_rides_out_a_status_api_that_answers_503_for_a_while(
+        postgres, pg_url: str, tmp_path) -> None:
+    import aiohttp
+    import psycopg
+
+    from callmesh.cli import follow
+    from services.ingest.store import DONE, JobOptions
+    from tests.ingest_harness import running_ingest
+
+    name = pg_url.rsplit("/", 1)[1]
+
+    def allow(yes: bool) -> None:
+        with psycopg.connect(postgres.admin_url, autocommit=True) as admin:
+            admin.execute(f"ALTER DATABASE {name} ALLOW_CONNECTIONS {'true' if yes else 'false'}")
+            if not yes:
+                admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
+
+    async with running_ingest(tmp_path, database=pg_url) as ingest, aiohttp.ClientSession() as session:
+        await ingest.store.create("followed", "http://127.0.0.1:9/a.wav", JobOptions(), {}, "0" * 32)
+        await ingest.store.update("followed", None, state=DONE)
+        await asyncio.to_thread(allow, False)
+        try:
+            following = asyncio.create_task(follow(session, f"{ingest.url}/v1/calls/followed", timeout=120))
+            for _ in range(100):  # until the status API has answered 503 at least once
+                async with session.get(f"{ingest.url}/v1/calls/followed") as resp:
+                    if resp.status == 503:
+                        break
+            assert resp.status == 503
+            assert not following.done()  # still following
+        finally:
+            await asyncio.to_thread(allow, True)
+        status = await asyncio.wait_for(following, 60)
+    assert status["status"] == "done"
