@@ -235,6 +235,8 @@ async def test_every_service_exposes_prometheus_metrics(world: World, two_calls:
     assert metric(ingest, "callmesh_webhooks_total", outcome="accepted") >= 2
     assert metric(ingest, "callmesh_stage_duration_seconds_count", stage="transcribing", outcome="done") >= 2
     assert metric(ingest, "callmesh_queue_oldest_age_seconds") >= 0
+    assert metric(ingest, "callmesh_recordings_free_bytes") > 0
+    assert metric(ingest, "callmesh_recordings_min_free_bytes") == 1024**3  # RECORDING_MIN_FREE_BYTES' default
     assert metric(transcribe, "callmesh_transcribe_realtime_factor_count") >= 2
     assert metric(transcribe, "callmesh_transcribe_audio_seconds_total") > 10
     assert metric(analyze, "callmesh_llm_tokens_per_second_count", purpose="analysis") >= 2

@@ -14,6 +14,7 @@ import functools
 import json
 import logging
 import re
+import shutil
 import sqlite3
 import time
 from datetime import datetime, timezone
@@ -31,6 +32,7 @@ from services.common.database import UNAVAILABLE_ERRORS
 from services.common.logs import call_context, printable_line
 from services.common.metrics import add_metrics_route, meter
 from services.common.telemetry import current_traceparent, server_span_middleware, trace_id_hex
+from services.ingest.config import DownloadSettings
 from services.ingest.openapi import openapi_document
 from services.ingest.pipeline import PipelineWorker
 from services.ingest.signatures import SignatureRejected, WebhookVerifier
@@ -359,9 +361,22 @@ async def openapi(request: web.Request) -> web.Response:
     return web.json_response(openapi_document())
 
 
-def _gauges(store: JobStore) -> Callable[[], Awaitable[None]]:
-    """Calls per state and the age of the oldest call in the pipeline, read before each scrape."""
+def _gauges(store: JobStore, downloads: DownloadSettings) -> Callable[[], Awaitable[None]]:
+    """Calls per state and the age of the oldest call in the pipeline, read before each scrape; the free space
+    where the recordings go, and the reserve downloads leave there (below it, calls wait at downloading)."""
     snapshot: dict[str, Any] = {"counts": {}, "oldest": None}
+
+    def free(_: Any) -> list[Observation]:
+        try:
+            return [Observation(shutil.disk_usage(downloads.directory).free)]
+        except OSError:  # the directory is gone for now: the next download makes it again
+            return []
+
+    _meter.create_observable_gauge("callmesh.recordings.free_bytes", callbacks=[free],
+                                   description="Free bytes on the disk of RECORDING_DIR")
+    _meter.create_observable_gauge(
+        "callmesh.recordings.min_free_bytes", callbacks=[lambda _: [Observation(downloads.min_free_bytes)]],
+        description="RECORDING_MIN_FREE_BYTES: below it, downloads wait for room")
     _meter.create_observable_gauge("callmesh.calls", description="Calls per state", callbacks=[
         lambda _: [Observation(snapshot["counts"].get(s, 0), {"state": s}) for s in STATES]])
     _meter.create_observable_gauge(
@@ -423,5 +438,5 @@ def create_app(store: JobStore, worker: PipelineWorker, policy: UrlPolicy, verif
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/openapi.json", openapi)
     WebPages(store, api_token).register(app)
-    add_metrics_route(app, _gauges(store))
+    add_metrics_route(app, _gauges(store, worker.downloader.settings))
     return app
