@@ -40,6 +40,65 @@ from tests.ingest_harness import SECRET, Ingest, post, running_ingest, wait_for,
 CALLS = 200  # webhooks sent, at most, to fill the last pages of a fresh store
 
 
+BIG = 64 * 1024 * 1024
+
+
+def wav_header(data_bytes: int) -> bytes:
+    """The 44-byte header of a 16-kHz mono WAV with ``data_bytes`` of samples."""
+    audio = io.BytesIO()
+    with wave.open(audio, "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(16000), w.writeframes(b"")
+    header = bytearray(audio.getvalue())
+    header[4:8], header[40:44] = (36 + data_bytes).to_bytes(4, "little"), data_bytes.to_bytes(4, "little")
+    return bytes(header)
+
+
+@dataclasses.dataclass
+class RecorderStandIn:
+    url: str  # the base URL; the recordings are below
+    gate: asyncio.Event  # /held answers once it is set
+
+
+@pytest.fixture
+async def recorder_stand_in() -> AsyncIterator[RecorderStandIn]:
+    """A recorder over HTTP on loopback. ``/small``: a second of silence; ``/held``: the same, once the test
+    sets the gate; ``/sized``: 64 MiB announced in Content-Length; ``/streamed``: 64 MiB sent chunked, its
+    length unknown until the end."""
+    gate = asyncio.Event()
+
+    async def small(request: web.Request) -> web.Response:
+        if request.path == "/held":
+            await gate.wait()
+        return web.Response(body=wav_header(32000) + bytes(32000), content_type="audio/wav")
+
+    async def big(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "audio/wav"})
+        if request.path == "/sized":
+            response.content_length = BIG
+        else:
+            response.enable_chunked_encoding()
+        await response.prepare(request)
+        await response.write(wav_header(BIG - 44))
+        block = bytes(1024 * 1024)
+        sent = 44
+        with contextlib.suppress(ConnectionError):
+            while sent < BIG:
+                await response.write(block[: BIG - sent])
+                sent += min(len(block), BIG - sent)
+            await response.write_eof()
+        return response
+
+    app = web.Application()
+    for path, handler in (("/small", small), ("/held", small), ("/sized", big), ("/streamed", big)):
+        app.router.add_get(path, handler)
+    runner, port = await start_site(app, "127.0.0.1", 0, access_log=None)
+    try:
+        yield RecorderStandIn(f"http://127.0.0.1:{port}", gate)
+    finally:
+        gate.set()
+        await runner.cleanup()
+
+
 async def no_room(store: JobStore | Outbox) -> None:
     """The store's database may not grow past the pages it has now."""
     await store.db.transaction(lambda c: c.execute(
@@ -132,29 +191,6 @@ async def test_the_store_works_again_after_a_write_that_found_the_disk_full(tmp_
         await db.close()
 
 
-
-@pytest.fixture
-async def held_recording() -> AsyncIterator[tuple[str, asyncio.Event]]:
-    """A recorder whose one recording (a second of silence) is sent once the test sets the event."""
-    gate = asyncio.Event()
-    audio = io.BytesIO()
-    with wave.open(audio, "wb") as w:
-        w.setnchannels(1), w.setsampwidth(2), w.setframerate(16000), w.writeframes(b"\0\0" * 16000)
-
-    async def recording(request: web.Request) -> web.Response:
-        await gate.wait()
-        return web.Response(body=audio.getvalue(), content_type="audio/wav")
-
-    app = web.Application()
-    app.router.add_get("/held.wav", recording)
-    runner, port = await start_site(app, "127.0.0.1", 0, access_log=None)
-    try:
-        yield f"http://127.0.0.1:{port}/held.wav", gate
-    finally:
-        gate.set()
-        await runner.cleanup()
-
-
 async def writes_refused(store: JobStore, refused: bool) -> None:
     """Every write to the store's database fails ("attempt to write a readonly database"), as on a disk the
     system has made read-only, until ``refused`` is False again."""
@@ -162,15 +198,15 @@ async def writes_refused(store: JobStore, refused: bool) -> None:
 
 
 async def test_a_call_whose_progress_the_store_could_not_record_is_taken_up_again(
-        tmp_path: Path, held_recording: tuple[str, asyncio.Event], caplog: pytest.LogCaptureFixture) -> None:
-    url, gate = held_recording
+        tmp_path: Path, recorder_stand_in: RecorderStandIn, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, "services.ingest.pipeline")
     async with running_ingest(tmp_path, lease_seconds=1.0) as ingest:
-        status, _ = await post(ingest.url, json.dumps({"call_id": "held", "recording_url": url}))
+        status, _ = await post(ingest.url, json.dumps({"call_id": "held",
+                                                       "recording_url": f"{recorder_stand_in.url}/held"}))
         assert status == 202
         await wait_for_state(ingest.url, "held", {"downloading"})
         await writes_refused(ingest.store, True)
-        gate.set()  # the download ends; the store cannot record it
+        recorder_stand_in.gate.set()  # the download ends; the store cannot record it
         for _ in range(100):
             failed = [r.getMessage() for r in caplog.records if "the job store failed at stage" in r.getMessage()]
             if failed:
@@ -185,63 +221,16 @@ async def test_a_call_whose_progress_the_store_could_not_record_is_taken_up_agai
 
 # -- the recordings' disk: a download leaves RECORDING_MIN_FREE_BYTES free, or waits for room --
 
-BIG = 64 * 1024 * 1024
-
-
-def wav_header(data_bytes: int) -> bytes:
-    """The 44-byte header of a 16-kHz mono WAV with ``data_bytes`` of samples."""
-    audio = io.BytesIO()
-    with wave.open(audio, "wb") as w:
-        w.setnchannels(1), w.setsampwidth(2), w.setframerate(16000), w.writeframes(b"")
-    header = bytearray(audio.getvalue())
-    header[4:8], header[40:44] = (36 + data_bytes).to_bytes(4, "little"), data_bytes.to_bytes(4, "little")
-    return bytes(header)
-
-
-@pytest.fixture
-async def big_recorder() -> AsyncIterator[str]:
-    """``/small``: a second of silence; ``/sized``: 64 MiB announced in Content-Length; ``/streamed``: 64 MiB
-    sent chunked, its length unknown until the end."""
-    async def small(request: web.Request) -> web.Response:
-        return web.Response(body=wav_header(32000) + bytes(32000), content_type="audio/wav")
-
-    async def big(request: web.Request) -> web.StreamResponse:
-        response = web.StreamResponse(headers={"Content-Type": "audio/wav"})
-        if request.path == "/sized":
-            response.content_length = BIG
-        else:
-            response.enable_chunked_encoding()
-        await response.prepare(request)
-        await response.write(wav_header(BIG - 44))
-        block = bytes(1024 * 1024)
-        sent = 44
-        with contextlib.suppress(ConnectionError):
-            while sent < BIG:
-                await response.write(block[: BIG - sent])
-                sent += min(len(block), BIG - sent)
-            await response.write_eof()
-        return response
-
-    app = web.Application()
-    app.router.add_get("/small", small)
-    app.router.add_get("/sized", big)
-    app.router.add_get("/streamed", big)
-    runner, port = await start_site(app, "127.0.0.1", 0, access_log=None)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        await runner.cleanup()
-
-
 def recordings(tmp_path: Path) -> list[str]:
     return sorted(p.name for p in (tmp_path / "recordings").iterdir())
 
 
 async def test_a_download_waits_without_using_up_attempts_while_the_disk_is_under_its_reserve(
-        tmp_path: Path, big_recorder: str) -> None:
+        tmp_path: Path, recorder_stand_in: RecorderStandIn) -> None:
     reserve = shutil.disk_usage(tmp_path).free + 2**40  # a terabyte more than there is
     async with running_ingest(tmp_path, min_free_bytes=reserve) as ingest:
-        status, _ = await post(ingest.url, json.dumps({"call_id": "roomless", "recording_url": f"{big_recorder}/small"}))
+        status, _ = await post(ingest.url, json.dumps({"call_id": "roomless",
+                                                       "recording_url": f"{recorder_stand_in.url}/small"}))
         assert status == 202
         waiting = await wait_for(ingest.url, "roomless", lambda s: s["error"] is not None)
         assert waiting["error"]["stage"] == "downloading"
@@ -255,26 +244,19 @@ async def test_a_download_waits_without_using_up_attempts_while_the_disk_is_unde
         await wait_for_state(ingest.url, "roomless", {"transcribing"})
 
 
-async def test_a_recording_whose_length_would_cross_the_reserve_is_not_written(
-        tmp_path: Path, big_recorder: str) -> None:
-    reserve = shutil.disk_usage(tmp_path).free - 16 * 1024 * 1024  # 16 MiB to spare, for a recording of 64 MiB
+@pytest.mark.parametrize("path, spare, refusal", [
+    ("sized", 16, "the recording's 67 MB would leave"),  # refused by its Content-Length, before a byte is written
+    ("streamed", 8, "no room for the recording: there are"),  # its length unknown: stopped once it crosses
+], ids=["announced-length", "streamed"])
+async def test_a_recording_that_would_cross_the_reserve_is_not_kept(
+        tmp_path: Path, recorder_stand_in: RecorderStandIn, path: str, spare: int, refusal: str) -> None:
+    reserve = shutil.disk_usage(tmp_path).free - spare * 1024 * 1024  # a few MiB to spare, for 64 MiB
     async with running_ingest(tmp_path, min_free_bytes=reserve, max_bytes=2 * BIG) as ingest:
-        await post(ingest.url, json.dumps({"call_id": "sized", "recording_url": f"{big_recorder}/sized"}))
-        waiting = await wait_for(ingest.url, "sized", lambda s: s["error"] is not None)
+        await post(ingest.url, json.dumps({"call_id": path, "recording_url": f"{recorder_stand_in.url}/{path}"}))
+        waiting = await wait_for(ingest.url, path, lambda s: s["error"] is not None)
         assert waiting["status"] == "downloading"
-        assert "the recording's 67 MB would leave" in waiting["error"]["message"]
-        assert recordings(tmp_path) == []
-
-
-async def test_a_streamed_recording_that_crosses_the_reserve_is_stopped_and_deleted(
-        tmp_path: Path, big_recorder: str) -> None:
-    reserve = shutil.disk_usage(tmp_path).free - 8 * 1024 * 1024  # 8 MiB to spare, for a recording of 64 MiB
-    async with running_ingest(tmp_path, min_free_bytes=reserve, max_bytes=2 * BIG) as ingest:
-        await post(ingest.url, json.dumps({"call_id": "streamed", "recording_url": f"{big_recorder}/streamed"}))
-        waiting = await wait_for(ingest.url, "streamed", lambda s: s["error"] is not None)
-        assert waiting["status"] == "downloading"
-        assert "no room for the recording: there are" in waiting["error"]["message"]
-        assert recordings(tmp_path) == []  # the partial file is gone
+        assert refusal in waiting["error"]["message"]
+        assert recordings(tmp_path) == []  # nothing written, or the partial file deleted
 
 
 def test_a_disk_that_fills_while_a_recording_is_written_makes_the_call_wait() -> None:

@@ -156,29 +156,32 @@ async def test_two_crm_replicas_deliver_every_record_once_in_order(pg_url: str) 
         await receiver.stop()
 
 
-async def test_ingest_is_not_ready_while_its_database_is_unreachable(postgres, pg_url: str, tmp_path) -> None:
-    import aiohttp
+def allow_connections(postgres, pg_url: str, yes: bool) -> None:
+    """Let clients connect to the test's database again, or refuse them and end the connections it has, as a
+    server that goes down does."""
     import psycopg
 
-    from tests.ingest_harness import running_ingest
-
     name = pg_url.rsplit("/", 1)[1]
+    with psycopg.connect(postgres.admin_url, autocommit=True) as admin:
+        admin.execute(f"ALTER DATABASE {name} ALLOW_CONNECTIONS {'true' if yes else 'false'}")
+        if not yes:
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
 
-    def allow(yes: bool) -> None:
-        with psycopg.connect(postgres.admin_url, autocommit=True) as admin:
-            admin.execute(f"ALTER DATABASE {name} ALLOW_CONNECTIONS {'true' if yes else 'false'}")
-            if not yes:
-                admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
+
+async def test_ingest_is_not_ready_while_its_database_is_unreachable(postgres, pg_url: str, tmp_path) -> None:
+    import aiohttp
+
+    from tests.ingest_harness import running_ingest
 
     async with running_ingest(tmp_path, database=pg_url) as ingest, aiohttp.ClientSession() as session:
         async with session.get(f"{ingest.url}/healthz") as resp:
             assert resp.status == 200
-        await asyncio.to_thread(allow, False)
+        await asyncio.to_thread(allow_connections, postgres, pg_url, False)
         try:
             async with session.get(f"{ingest.url}/healthz") as resp:
                 assert resp.status == 503 and (await resp.json())["status"] == "unavailable"
         finally:
-            await asyncio.to_thread(allow, True)
+            await asyncio.to_thread(allow_connections, postgres, pg_url, True)
         for _ in range(50):  # the pool reconnects by itself
             async with session.get(f"{ingest.url}/healthz") as resp:
                 if resp.status == 200:
@@ -192,21 +195,12 @@ async def test_a_webhook_while_postgresql_refuses_connections_answers_503_and_is
     import json
     import time
 
-    import psycopg
 
     from tests.ingest_harness import post, running_ingest
 
-    name = pg_url.rsplit("/", 1)[1]
-
-    def allow(yes: bool) -> None:
-        with psycopg.connect(postgres.admin_url, autocommit=True) as admin:
-            admin.execute(f"ALTER DATABASE {name} ALLOW_CONNECTIONS {'true' if yes else 'false'}")
-            if not yes:
-                admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
-
     webhook = json.dumps({"call_id": "pg-down", "recording_url": "http://127.0.0.1:9/a.wav"})
     async with running_ingest(tmp_path, database=pg_url) as ingest:
-        await asyncio.to_thread(allow, False)
+        await asyncio.to_thread(allow_connections, postgres, pg_url, False)
         try:
             answers = []
             for _ in range(3):  # the pool's broken connections first, then none to be had
@@ -214,7 +208,7 @@ async def test_a_webhook_while_postgresql_refuses_connections_answers_503_and_is
                 status, body = await post(ingest.url, webhook)
                 answers.append((status, body, time.monotonic() - started))
         finally:
-            await asyncio.to_thread(allow, True)
+            await asyncio.to_thread(allow_connections, postgres, pg_url, True)
         for status, body, seconds in answers:
             assert status == 503 and "see the log" in body["detail"], body
             assert seconds < 15  # a few seconds' wait for a connection (CONNECTION_WAIT_SECONDS), not 30
@@ -229,24 +223,15 @@ async def test_a_webhook_while_postgresql_refuses_connections_answers_503_and_is
 async def test_callmesh_following_a_call_rides_out_a_status_api_that_answers_503_for_a_while(
         postgres, pg_url: str, tmp_path) -> None:
     import aiohttp
-    import psycopg
 
     from callmesh.cli import follow
     from services.ingest.store import DONE, JobOptions
     from tests.ingest_harness import running_ingest
 
-    name = pg_url.rsplit("/", 1)[1]
-
-    def allow(yes: bool) -> None:
-        with psycopg.connect(postgres.admin_url, autocommit=True) as admin:
-            admin.execute(f"ALTER DATABASE {name} ALLOW_CONNECTIONS {'true' if yes else 'false'}")
-            if not yes:
-                admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
-
     async with running_ingest(tmp_path, database=pg_url) as ingest, aiohttp.ClientSession() as session:
         await ingest.store.create("followed", "http://127.0.0.1:9/a.wav", JobOptions(), {}, "0" * 32)
         await ingest.store.update("followed", None, state=DONE)
-        await asyncio.to_thread(allow, False)
+        await asyncio.to_thread(allow_connections, postgres, pg_url, False)
         try:
             following = asyncio.create_task(follow(session, f"{ingest.url}/v1/calls/followed", timeout=120))
             for _ in range(100):  # until the status API has answered 503 at least once
@@ -256,6 +241,6 @@ async def test_callmesh_following_a_call_rides_out_a_status_api_that_answers_503
             assert resp.status == 503
             assert not following.done()  # still following
         finally:
-            await asyncio.to_thread(allow, True)
+            await asyncio.to_thread(allow_connections, postgres, pg_url, True)
         status = await asyncio.wait_for(following, 60)
     assert status["status"] == "done"
