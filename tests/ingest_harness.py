@@ -20,7 +20,7 @@ import pytest_asyncio
 
 from callmesh.standins import Recorder, new_webhook_secret, signed_headers
 from services.common.lifecycle import start_site
-from services.ingest.api import create_app
+from services.ingest.api import create_app, site_options
 from services.ingest.config import DownloadSettings, PipelineSettings
 from services.ingest.downloader import Downloader
 from services.ingest.pipeline import PipelineWorker
@@ -44,7 +44,7 @@ async def running_ingest(tmp_path: Path, verifier: WebhookVerifier = VERIFIER, *
                          allowed_networks: tuple[str, ...] = ("127.0.0.0/8",),
                          api_token: str = "", database: str | None = None,
                          failed_retention: float = 7 * 24 * 3600.0, min_free_bytes: int = 0,
-                         **pipeline_settings) -> AsyncIterator[Ingest]:
+                         http_read_timeout: float = 30.0, **pipeline_settings) -> AsyncIterator[Ingest]:
     """Ingest whose downloads may reach ``allowed_networks`` (the demo's loopback by default);
     ``pipeline_settings`` replace fields of its pipeline settings (addresses, timeouts, …);
     ``database``: a PostgreSQL URL instead of a SQLite file."""
@@ -62,7 +62,8 @@ async def running_ingest(tmp_path: Path, verifier: WebhookVerifier = VERIFIER, *
     downloader = Downloader(download)
     worker = PipelineWorker(store, downloader, pipeline)
     await worker.start()
-    runner, port = await start_site(create_app(store, worker, downloader.policy, verifier, api_token=api_token), "127.0.0.1", 0)
+    app = create_app(store, worker, downloader.policy, verifier, api_token=api_token, read_timeout=http_read_timeout)
+    runner, port = await start_site(app, "127.0.0.1", 0, **site_options(http_read_timeout))
     try:
         yield Ingest(f"http://127.0.0.1:{port}", store, worker)
     finally:

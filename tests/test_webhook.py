@@ -17,7 +17,7 @@ from callmesh.standins import Recorder, signed_headers
 from services.common.lifecycle import start_site
 from services.common.telemetry import setup_tracing
 from services.ingest.api import create_app
-from tests.ingest_harness import SECRET, VERIFIER, Ingest, post, wait_for_state
+from tests.ingest_harness import SECRET, VERIFIER, Ingest, post, running_ingest, wait_for_state
 
 _spans = InMemorySpanExporter()
 setup_tracing("callmesh-tests").add_span_processor(SimpleSpanProcessor(_spans))
@@ -242,3 +242,62 @@ async def test_status_api_needs_the_bearer_token_when_one_is_set(ingest: Ingest)
                 assert resp.status == 401
     finally:
         await runner.cleanup()
+
+
+async def raw_webhook(url: str, body: bytes, *, sent: int | None = None) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Open a connection to ingest and send a signed webhook's head and the first ``sent`` bytes of its body
+    (all of it by default), as a client on a slow network would."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    head = {**signed_headers(SECRET, body), "Content-Type": "application/json", "Content-Length": str(len(body)),
+            "Host": f"{host}:{port}"}
+    writer.write(b"POST /v1/calls HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in head.items()).encode()
+                 + b"\r\n" + body[:sent])
+    await writer.drain()
+    return reader, writer
+
+
+async def answer_status(reader: asyncio.StreamReader, timeout: float = 10) -> int:
+    status_line = await asyncio.wait_for(reader.readline(), timeout)
+    return int(status_line.split()[1])
+
+
+async def test_a_webhook_whose_body_arrives_in_pieces_is_read_whole(ingest: Ingest) -> None:
+    body = json.dumps({"call_id": "in-pieces", "recording_url": "http://127.0.0.1:1/a.wav"}).encode()
+    reader, writer = await raw_webhook(ingest.url, body, sent=10)
+    try:
+        await asyncio.sleep(0.2)  # the rest comes in a later segment
+        writer.write(body[10:])
+        await writer.drain()
+        assert await answer_status(reader) == 202
+    finally:
+        writer.close()
+    assert (await ingest.store.get("in-pieces")) is not None
+
+
+async def test_a_webhook_whose_body_stops_coming_is_answered_408(tmp_path) -> None:
+    body = json.dumps({"call_id": "stalled", "recording_url": "http://127.0.0.1:1/a.wav"}).encode()
+    async with running_ingest(tmp_path, http_read_timeout=1.0) as ingest:
+        reader, writer = await raw_webhook(ingest.url, body, sent=10)
+        try:
+            assert await answer_status(reader) == 408
+            head = (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)).decode().lower()
+            assert "connection: close" in head
+            length = int(head.split("content-length:")[1].split("\r\n")[0])
+            assert b"INGEST_READ_TIMEOUT_SECONDS" in await asyncio.wait_for(reader.readexactly(length), 10)
+        finally:
+            writer.close()
+        assert (await ingest.store.get("stalled")) is None
+
+
+@pytest.mark.parametrize("sent", [b"", b"POST /v1/calls HTTP/1.1\r\nHost: 127.0.0.1\r\n"], ids=["nothing", "half a head"])
+async def test_a_connection_that_sends_no_whole_request_is_closed_after_the_read_timeout(tmp_path, sent: bytes) -> None:
+    async with running_ingest(tmp_path, http_read_timeout=1.0) as ingest:
+        host, port = ingest.url.removeprefix("http://").rsplit(":", 1)
+        reader, writer = await asyncio.open_connection(host, int(port))
+        try:
+            writer.write(sent)
+            await writer.drain()
+            assert await asyncio.wait_for(reader.read(), 10) == b""  # closed by ingest, not by this test's wait
+        finally:
+            writer.close()

@@ -8,7 +8,7 @@ import logging
 from services.common.config import env_str
 from services.common.lifecycle import freeze_startup_heap, install_stop_signals, start_site, write_ready_file
 from services.common.telemetry import run_service
-from services.ingest.api import create_app
+from services.ingest.api import create_app, site_options
 from services.ingest.config import IngestSettings
 from services.ingest.downloader import Downloader
 from services.ingest.pipeline import PipelineWorker
@@ -36,9 +36,9 @@ async def amain() -> None:
         log.warning("RECORDING_ALLOWED_HOSTS is empty: recordings are fetched from any host with a public address")
     worker = PipelineWorker(store, downloader, settings.pipeline, settings.pipeline.worker_id)
     app = create_app(store, worker, downloader.policy, verifier, api_token=env_str("API_TOKEN", ""),
-                     public_url=settings.public_url)
+                     public_url=settings.public_url, read_timeout=settings.read_timeout)
     runner, port = await start_site(app, settings.host, settings.port, access_log=None,
-                                    shutdown_timeout=settings.grace_seconds)
+                                    shutdown_timeout=settings.grace_seconds, **site_options(settings.read_timeout))
     address = f"{settings.host}:{port}"
     log.info("ingest listening on http://%s (transcribe %s, analyze %s, crm %s)", address,
              settings.pipeline.transcribe_addr, settings.pipeline.analyze_addr, settings.pipeline.crm_addr)

@@ -177,6 +177,22 @@ async def store_trouble(request: web.Request, handler: Handler) -> web.StreamRes
         return store_unavailable(request, exc)
 
 
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """The request's body, whole, or its first ``limit`` bytes: one ``read()`` gives only what has arrived so
+    far, and a body split across TCP segments would be judged (its signature, its JSON) on its first part."""
+    body = bytearray()
+    while len(body) < limit and (chunk := await request.content.read(limit - len(body))):
+        body += chunk
+    return bytes(body)
+
+
+def site_options(read_timeout: float) -> dict[str, Any]:
+    """aiohttp options for ingest's HTTP server. Its keep-alive timer also runs from the moment a connection
+    opens: a client that sends nothing, or only part of a request's head, is cut off after ``read_timeout``
+    (aiohttp's own default is an hour, so slow or silent clients could hold connections open for good)."""
+    return {"keepalive_timeout": read_timeout}
+
+
 async def post_call(request: web.Request) -> web.Response:
     try:
         response = await _post_call(request)
@@ -191,7 +207,14 @@ async def _post_call(request: web.Request) -> web.Response:
         return problem(413, "Payload Too Large", f"the body is over {MAX_BODY_BYTES} bytes")
     if request.content_type != "application/json":
         return problem(415, "Unsupported Media Type", "send the webhook as application/json")
-    body = await request.content.read(MAX_BODY_BYTES + 1)
+    read_timeout = request.app[SETTINGS]["read_timeout"]
+    try:
+        async with asyncio.timeout(read_timeout):
+            body = await read_body(request, MAX_BODY_BYTES + 1)
+    except TimeoutError:
+        log.warning("webhook refused: its body did not arrive within %.0f s", read_timeout)
+        return problem(408, "Request Timeout", f"the body did not arrive within {read_timeout:.0f} s "
+                       "(INGEST_READ_TIMEOUT_SECONDS)", headers={"Connection": "close"})
     if len(body) > MAX_BODY_BYTES:
         return problem(413, "Payload Too Large", f"the body is over {MAX_BODY_BYTES} bytes")
     try:
@@ -422,14 +445,14 @@ async def same_origin_changes(request: web.Request, handler: Handler) -> web.Str
 
 
 def create_app(store: JobStore, worker: PipelineWorker, policy: UrlPolicy, verifier: WebhookVerifier, *,
-               api_token: str = "", public_url: str = "") -> web.Application:
+               api_token: str = "", public_url: str = "", read_timeout: float = 30.0) -> web.Application:
     app = web.Application(client_max_size=MAX_BODY_BYTES,
                           middlewares=[server_span_middleware(), same_origin_changes, store_trouble])
     app[STORE] = store
     app[WORKER] = worker
     app[POLICY] = policy
     app[VERIFIER] = verifier
-    app[SETTINGS] = {"api_token": api_token, "public_url": public_url}
+    app[SETTINGS] = {"api_token": api_token, "public_url": public_url, "read_timeout": read_timeout}
     app.router.add_post("/v1/calls", post_call)
     app.router.add_get("/v1/calls", list_calls)
     app.router.add_get("/v1/calls/{call_id}", get_call)

@@ -113,6 +113,7 @@ class IngestSettings:
     pipeline: PipelineSettings
     grace_seconds: float
     ready_file: Path | None
+    read_timeout: float = 30.0  # seconds a client has to send a request; an idle connection is closed after it
 
     @classmethod
     def from_env(cls) -> "IngestSettings":
@@ -127,4 +128,5 @@ class IngestSettings:
             pipeline=PipelineSettings.from_env(),
             grace_seconds=env_float("SHUTDOWN_GRACE_SECONDS", 20.0, minimum=0.0),
             ready_file=ready_file(),
+            read_timeout=env_float("INGEST_READ_TIMEOUT_SECONDS", 30.0, minimum=0.1),
         )

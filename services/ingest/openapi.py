@@ -178,6 +178,7 @@ def _document() -> dict[str, Any]:
                         "400": _problem("The body is not JSON"),
                         "401": _problem("Missing, wrong or stale webhook signature"),
                         "403": _FROM_ANOTHER_SITE,
+                        "408": _problem("The body did not all arrive within INGEST_READ_TIMEOUT_SECONDS"),
                         "409": _problem("This call_id was received with another recording_url"),
                         "413": _problem("The body is over 64 KiB"),
                         "415": _problem("Not application/json"),
