@@ -244,14 +244,15 @@ async def test_status_api_needs_the_bearer_token_when_one_is_set(ingest: Ingest)
         await runner.cleanup()
 
 
-async def raw_webhook(url: str, body: bytes, *, sent: int | None = None) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """Open a connection to ingest and send a signed webhook's head and the first ``sent`` bytes of its body
-    (all of it by default), as a client on a slow network would."""
+async def raw_request(url: str, path: str, body: bytes, *, sent: int | None = None) -> tuple[
+        asyncio.StreamReader, asyncio.StreamWriter]:
+    """Open a connection to ingest and send a POST's head (signed as a webhook) and the first ``sent`` bytes of
+    its body (all of it by default), as a client on a slow network would."""
     host, port = url.removeprefix("http://").rsplit(":", 1)
     reader, writer = await asyncio.open_connection(host, int(port))
     head = {**signed_headers(SECRET, body), "Content-Type": "application/json", "Content-Length": str(len(body)),
             "Host": f"{host}:{port}"}
-    writer.write(b"POST /v1/calls HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in head.items()).encode()
+    writer.write(f"POST {path} HTTP/1.1\r\n".encode() + "".join(f"{k}: {v}\r\n" for k, v in head.items()).encode()
                  + b"\r\n" + body[:sent])
     await writer.drain()
     return reader, writer
@@ -264,7 +265,7 @@ async def answer_status(reader: asyncio.StreamReader, timeout: float = 10) -> in
 
 async def test_a_webhook_whose_body_arrives_in_pieces_is_read_whole(ingest: Ingest) -> None:
     body = json.dumps({"call_id": "in-pieces", "recording_url": "http://127.0.0.1:1/a.wav"}).encode()
-    reader, writer = await raw_webhook(ingest.url, body, sent=10)
+    reader, writer = await raw_request(ingest.url, "/v1/calls", body, sent=10)
     try:
         await asyncio.sleep(0.2)  # the rest comes in a later segment
         writer.write(body[10:])
@@ -275,10 +276,13 @@ async def test_a_webhook_whose_body_arrives_in_pieces_is_read_whole(ingest: Inge
     assert (await ingest.store.get("in-pieces")) is not None
 
 
-async def test_a_webhook_whose_body_stops_coming_is_answered_408(tmp_path) -> None:
-    body = json.dumps({"call_id": "stalled", "recording_url": "http://127.0.0.1:1/a.wav"}).encode()
+@pytest.mark.parametrize("path, body", [
+    ("/v1/calls", {"call_id": "stalled", "recording_url": "http://127.0.0.1:1/a.wav"}),
+    ("/v1/calls/stalled:setAside", {"reason": "the CRM refuses it"}),
+], ids=["webhook", "set-aside"])
+async def test_a_request_whose_body_stops_coming_is_answered_408(tmp_path, path: str, body: dict) -> None:
     async with running_ingest(tmp_path, http_read_timeout=1.0) as ingest:
-        reader, writer = await raw_webhook(ingest.url, body, sent=10)
+        reader, writer = await raw_request(ingest.url, path, json.dumps(body).encode(), sent=10)
         try:
             assert await answer_status(reader) == 408
             head = (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)).decode().lower()

@@ -177,15 +177,6 @@ async def store_trouble(request: web.Request, handler: Handler) -> web.StreamRes
         return store_unavailable(request, exc)
 
 
-async def read_body(request: web.Request, limit: int) -> bytes:
-    """The request's body, whole, or its first ``limit`` bytes: one ``read()`` gives only what has arrived so
-    far, and a body split across TCP segments would be judged (its signature, its JSON) on its first part."""
-    body = bytearray()
-    while len(body) < limit and (chunk := await request.content.read(limit - len(body))):
-        body += chunk
-    return bytes(body)
-
-
 def site_options(read_timeout: float) -> dict[str, Any]:
     """aiohttp options for ingest's HTTP server. Its keep-alive timer also runs from the moment a connection
     opens: a client that sends nothing, or only part of a request's head, is cut off after ``read_timeout``
@@ -207,16 +198,7 @@ async def _post_call(request: web.Request) -> web.Response:
         return problem(413, "Payload Too Large", f"the body is over {MAX_BODY_BYTES} bytes")
     if request.content_type != "application/json":
         return problem(415, "Unsupported Media Type", "send the webhook as application/json")
-    read_timeout = request.app[SETTINGS]["read_timeout"]
-    try:
-        async with asyncio.timeout(read_timeout):
-            body = await read_body(request, MAX_BODY_BYTES + 1)
-    except TimeoutError:
-        log.warning("webhook refused: its body did not arrive within %.0f s", read_timeout)
-        return problem(408, "Request Timeout", f"the body did not arrive within {read_timeout:.0f} s "
-                       "(INGEST_READ_TIMEOUT_SECONDS)", headers={"Connection": "close"})
-    if len(body) > MAX_BODY_BYTES:
-        return problem(413, "Payload Too Large", f"the body is over {MAX_BODY_BYTES} bytes")
+    body = await request.read()  # whole, and in time: see body_in_time
     try:
         webhook_id = request.app[VERIFIER].verify(body, request.headers)
     except SignatureRejected as exc:
@@ -320,7 +302,7 @@ async def _set_aside(request: web.Request, job: Job) -> web.Response:
     if request.content_type != "application/json":  # a cross-site form cannot send it without a CORS preflight
         return problem(415, "Unsupported Media Type", 'send {"reason": "..."} as application/json')
     try:
-        body = await request.json() if request.can_read_body else {}
+        body = await request.json() if request.body_exists else {}
     except ValueError:  # not JSON, or not UTF-8
         return problem(400, "Bad Request", "the body is not JSON")
     reason = body.get("reason") if isinstance(body, dict) else None
@@ -444,10 +426,31 @@ async def same_origin_changes(request: web.Request, handler: Handler) -> web.Str
     return await handler(request)
 
 
+@web.middleware
+async def body_in_time(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Read a request's body whole before its handler runs, within INGEST_READ_TIMEOUT_SECONDS (``408``
+    otherwise) and up to 64 KiB (``413``): a client that sends part of a body and stops holds nothing open for
+    long. Whole, because one ``content.read()`` gives only what has arrived so far, and a webhook split across
+    TCP segments would be judged (its signature, its JSON) on its first part."""
+    if request.can_read_body:
+        read_timeout = request.app[SETTINGS]["read_timeout"]
+        try:
+            async with asyncio.timeout(read_timeout):
+                await request.read()  # kept by the request for the handler's read(), json() or post()
+        except TimeoutError:
+            log.warning("refused %s %s: its body did not arrive within %.0f s", request.method, request.path,
+                        read_timeout)
+            return problem(408, "Request Timeout", f"the body did not arrive within {read_timeout:.0f} s "
+                           "(INGEST_READ_TIMEOUT_SECONDS)", headers={"Connection": "close"})
+        except web.HTTPRequestEntityTooLarge:
+            return problem(413, "Payload Too Large", f"the body is over {MAX_BODY_BYTES} bytes")
+    return await handler(request)
+
+
 def create_app(store: JobStore, worker: PipelineWorker, policy: UrlPolicy, verifier: WebhookVerifier, *,
                api_token: str = "", public_url: str = "", read_timeout: float = 30.0) -> web.Application:
     app = web.Application(client_max_size=MAX_BODY_BYTES,
-                          middlewares=[server_span_middleware(), same_origin_changes, store_trouble])
+                          middlewares=[server_span_middleware(), same_origin_changes, body_in_time, store_trouble])
     app[STORE] = store
     app[WORKER] = worker
     app[POLICY] = policy
