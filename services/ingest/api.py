@@ -435,8 +435,11 @@ async def body_in_time(request: web.Request, handler: Handler) -> web.StreamResp
     if request.can_read_body:
         read_timeout = request.app[SETTINGS]["read_timeout"]
         try:
-            async with asyncio.timeout(read_timeout):
+            if request.content.is_eof():  # all of it came with the head (a webhook, most often): no wait
                 await request.read()  # kept by the request for the handler's read(), json() or post()
+            else:
+                async with asyncio.timeout(read_timeout):
+                    await request.read()
         except TimeoutError:
             log.warning("refused %s %s: its body did not arrive within %.0f s", request.method, request.path,
                         read_timeout)
