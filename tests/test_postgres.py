@@ -225,12 +225,17 @@ async def test_callmesh_following_a_call_rides_out_a_status_api_that_answers_503
     import aiohttp
 
     from callmesh.cli import follow
-    from services.ingest.store import DONE, JobOptions
+    from services.ingest.store import DONE, JobOptions, JobStore
     from tests.ingest_harness import running_ingest
 
+    store = JobStore(pg_url)  # a call done before ingest starts: no worker takes it meanwhile
+    await store.open()
+    try:
+        await store.create("followed", "http://127.0.0.1:9/a.wav", JobOptions(), {}, "0" * 32)
+        await store.update("followed", None, state=DONE)
+    finally:
+        await store.close()
     async with running_ingest(tmp_path, database=pg_url) as ingest, aiohttp.ClientSession() as session:
-        await ingest.store.create("followed", "http://127.0.0.1:9/a.wav", JobOptions(), {}, "0" * 32)
-        await ingest.store.update("followed", None, state=DONE)
         await asyncio.to_thread(allow_connections, postgres, pg_url, False)
         try:
             following = asyncio.create_task(follow(session, f"{ingest.url}/v1/calls/followed", timeout=120))
