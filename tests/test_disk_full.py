@@ -34,7 +34,7 @@ from services.common.sqlite import AsyncSqlite
 from services.crm.outbox import Outbox
 from services.ingest.downloader import DownloadError, write_recording
 from services.ingest.store import JobStore
-from tests.crm_harness import analysed_call, crm_service, record
+from tests.crm_harness import analysed_call, crm_service, record, wait_delivery
 from tests.ingest_harness import SECRET, Ingest, post, running_ingest, wait_for, wait_for_state
 
 CALLS = 200  # webhooks sent, at most, to fill the last pages of a fresh store
@@ -294,3 +294,43 @@ async def test_a_call_waits_for_a_full_outbox_without_using_up_its_attempts(
             await crm.outbox.db.fetchall("PRAGMA query_only = 0")
             await wait_for_state(ingest.url, "c-outbox", {"done"})
     assert [r.body["call_id"] for r in receiver.records] == ["c-outbox"]
+
+
+async def test_a_store_that_stops_answering_is_logged_once_and_again_when_it_answers(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, "services.ingest.pipeline")
+    async with running_ingest(tmp_path) as ingest:
+        await writes_refused(ingest.store, True)
+        ingest.worker.wake()
+        await asyncio.sleep(3.0)  # the pipeline's loop asks the store every second meanwhile
+        await writes_refused(ingest.store, False)
+        ingest.worker.wake()
+        for _ in range(50):
+            if any("answers again" in r.getMessage() for r in caplog.records):
+                break
+            await asyncio.sleep(0.1)
+    lines = [r for r in caplog.records if r.name == "services.ingest.pipeline"]
+    down = [r.getMessage() for r in lines if "cannot be reached" in r.getMessage()]
+    assert down == ["the job store cannot be reached (OperationalError: attempt to write a readonly database); "
+                    "waiting for it, nothing is lost meanwhile"]
+    assert any(r.getMessage().startswith("the job store answers again, after ") for r in lines)
+    assert not [r for r in lines if r.exc_info]  # no traceback
+
+
+async def test_an_outbox_that_stops_answering_is_logged_once_and_again_when_it_answers(
+        tmp_path: Path, receiver: CrmReceiver, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, "services.crm.delivery")
+    async with crm_service(tmp_path / "outbox.db", receiver) as crm:
+        await crm.outbox.db.fetchall("PRAGMA query_only = 1")
+        crm.worker.wake()
+        await asyncio.sleep(3.0)  # the delivery loop asks the outbox every second meanwhile
+        await crm.outbox.db.fetchall("PRAGMA query_only = 0")
+        crm.worker.wake()
+        await crm.stub.Deliver(crm_pb2.DeliverRequest(record=record("after")))  # and records go out again
+        await wait_delivery(crm.stub, "after", lambda d: d.state == crm_pb2.DELIVERY_STATE_DELIVERED)
+    lines = [r for r in caplog.records if r.name == "services.crm.delivery"]
+    assert [r.getMessage() for r in lines if "cannot be reached" in r.getMessage()] == [
+        "the outbox cannot be reached (OperationalError: attempt to write a readonly database); "
+        "waiting for it, nothing is lost meanwhile"]
+    assert any(r.getMessage().startswith("the outbox answers again, after ") for r in lines)
+    assert not [r for r in lines if r.exc_info]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -46,3 +47,25 @@ async def delete_in_batches(delete: Callable[[int], Awaitable[int]], batch: int 
         if deleted < batch:
             return total
         await asyncio.sleep(0)
+
+
+class OutageLog:
+    """What a loop that keeps asking a store logs while the store cannot answer: one error when it stops
+    answering, with the cause, and one line when it answers again, not a traceback on every turn."""
+
+    def __init__(self, log: logging.Logger, what: str) -> None:
+        self.log = log
+        self.what = what
+        self.since: float | None = None  # when the outage began (loop time), None while the store answers
+
+    def failed(self, exc: Exception) -> None:
+        if self.since is None:
+            self.since = asyncio.get_running_loop().time()
+            self.log.error("%s cannot be reached (%s: %s); waiting for it, nothing is lost meanwhile", self.what,
+                           type(exc).__name__, exc)
+
+    def answered(self) -> None:
+        if self.since is not None:
+            self.log.warning("%s answers again, after %.0f s", self.what,
+                             asyncio.get_running_loop().time() - self.since)
+            self.since = None

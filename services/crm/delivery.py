@@ -18,7 +18,7 @@ import aiohttp
 from opentelemetry import trace
 from opentelemetry.instrumentation.aiohttp_client import create_trace_config
 
-from services.common.database import delete_in_batches
+from services.common.database import UNAVAILABLE_ERRORS, OutageLog, delete_in_batches
 from services.common.logs import call_context
 from services.common.metrics import meter
 from services.common.retry import backoff_delay, sleep_or_wake
@@ -81,15 +81,20 @@ class DeliveryWorker:
             await self._session.close()
 
     async def _loop(self) -> None:
+        outage = OutageLog(log, "the outbox")
         while not self._stopping.is_set():
             try:
                 rows = (await self.outbox.claim_due(self.settings.batch, self.settings.lease_seconds)
                         if self.settings.crm_url else [])
+                outage.answered()
                 if rows:
                     await self._deliver_in_order(rows)
                     continue
                 due = await self.outbox.next_due_at()
                 wait = 5.0 if due is None else max(0.05, min(5.0, due - time.time()))
+            except UNAVAILABLE_ERRORS as exc:
+                outage.failed(exc)
+                wait = 1.0
             except Exception:  # keep delivering whatever one bad row does
                 log.exception("delivery loop error")
                 wait = 1.0

@@ -25,7 +25,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 from callcenter.v1 import analyze_pb2, analyze_pb2_grpc, common_pb2, crm_pb2, crm_pb2_grpc, transcribe_pb2, transcribe_pb2_grpc
-from services.common.database import UNAVAILABLE_ERRORS, delete_in_batches
+from services.common.database import UNAVAILABLE_ERRORS, OutageLog, delete_in_batches
 from services.common.grpc_server import client_channel
 from services.common.limits import ADMITTED_METADATA
 from services.common.logs import call_context
@@ -173,6 +173,7 @@ class PipelineWorker:
             await channel.close()
 
     async def _loop(self) -> None:
+        outage = OutageLog(log, "the job store")
         while not self._stopping.is_set():
             wait = 1.0
             try:
@@ -191,6 +192,9 @@ class PipelineWorker:
                 if watched:
                     due = await self.store.next_due_at(watched)
                     wait = 5.0 if due is None else max(0.05, min(5.0, due - time.time()))
+                outage.answered()
+            except UNAVAILABLE_ERRORS as exc:
+                outage.failed(exc)
             except Exception:
                 log.exception("pipeline loop error")
             await sleep_or_wake(self._wake, wait)
@@ -212,6 +216,9 @@ class PipelineWorker:
                 if removed:
                     log.info("removed %d recording file(s) that no call holds (left by a stopped download "
                              "or a lost lease)", len(removed))
+            except UNAVAILABLE_ERRORS as exc:
+                log.error("the sweep (calls and recordings past their retention, orphan recordings) could not reach "
+                          "the job store (%s: %s); trying again in %.0f s", type(exc).__name__, exc, self.orphan_age())
             except Exception:
                 log.exception("the sweep (calls and recordings past their retention, orphan recordings) failed; "
                               "trying again later")
