@@ -259,6 +259,39 @@ async def test_a_recording_that_would_cross_the_reserve_is_not_kept(
         assert recordings(tmp_path) == []  # nothing written, or the partial file deleted
 
 
+async def test_a_download_waits_while_the_recordings_take_what_recording_dir_max_bytes_allows(
+        tmp_path: Path, recorder_stand_in: RecorderStandIn) -> None:
+    kept = tmp_path / "recordings" / "kept.audio"  # another call's recording, 20 KB
+    kept.parent.mkdir(parents=True)
+    kept.write_bytes(wav_header(20_000) + bytes(20_000))
+    async with running_ingest(tmp_path, max_dir_bytes=50_000) as ingest:  # 20 KB + 32 KB would be over
+        await post(ingest.url, json.dumps({"call_id": "capped", "recording_url": f"{recorder_stand_in.url}/small"}))
+        waiting = await wait_for(ingest.url, "capped", lambda s: s["error"] is not None)
+        assert waiting["status"] == "downloading"
+        assert "would take more than the 50 KB RECORDING_DIR_MAX_BYTES allows (20 KB now)" in waiting["error"]["message"]
+        kept.unlink()  # that call is done, its recording deleted
+        await wait_for_state(ingest.url, "capped", {"transcribing"})
+
+
+async def test_a_recording_larger_than_recording_dir_max_bytes_fails_at_once(
+        tmp_path: Path, recorder_stand_in: RecorderStandIn) -> None:
+    async with running_ingest(tmp_path, max_dir_bytes=16_000) as ingest:
+        await post(ingest.url, json.dumps({"call_id": "too-big", "recording_url": f"{recorder_stand_in.url}/small"}))
+        failed = await wait_for_state(ingest.url, "too-big", {"failed"})
+    assert "more than all recordings may take together" in failed["error"]["message"]
+    assert failed["attempts"] == 1
+
+
+async def test_a_streamed_recording_that_goes_past_recording_dir_max_bytes_is_stopped_and_deleted(
+        tmp_path: Path, recorder_stand_in: RecorderStandIn) -> None:
+    async with running_ingest(tmp_path, max_dir_bytes=8 * 1024 * 1024, max_bytes=2 * BIG) as ingest:
+        await post(ingest.url, json.dumps({"call_id": "past-cap", "recording_url": f"{recorder_stand_in.url}/streamed"}))
+        waiting = await wait_for(ingest.url, "past-cap", lambda s: s["error"] is not None)
+        assert waiting["status"] == "downloading"
+        assert "the recordings in RECORDING_DIR would take more than" in waiting["error"]["message"]
+        assert recordings(tmp_path) == []
+
+
 def test_a_disk_that_fills_while_a_recording_is_written_makes_the_call_wait() -> None:
     if not Path("/dev/full").exists():
         pytest.skip("no /dev/full here to answer writes with ENOSPC")

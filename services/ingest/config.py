@@ -42,6 +42,7 @@ class DownloadSettings:
     directory: Path
     failed_retention: float = 7 * 24 * 3600.0  # seconds a failed call keeps its recording for a retry; 0: until retried
     min_free_bytes: int = 0  # bytes a download leaves free on the recordings' disk (it waits for room otherwise)
+    max_dir_bytes: int = 0  # bytes all recordings in the directory may take together; 0: no cap
 
     @classmethod
     def from_env(cls, root: Path) -> "DownloadSettings":
@@ -56,6 +57,7 @@ class DownloadSettings:
             directory=Path(env_str("RECORDING_DIR", str(root / "recordings"))),
             failed_retention=env_float("RECORDING_FAILED_RETENTION_HOURS", 168.0, minimum=0.0) * 3600,
             min_free_bytes=env_int("RECORDING_MIN_FREE_BYTES", 1024**3, minimum=0),
+            max_dir_bytes=env_int("RECORDING_DIR_MAX_BYTES", 0, minimum=0),
         )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import os
@@ -48,8 +49,12 @@ class DownloadError(Exception):
 _NO_ROOM_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
 
 
-def _mb(n: int) -> str:
-    return f"{n / 1e6:,.0f} MB"
+def _size(n: int) -> str:
+    """A size for a person: 1.1 GB, 67 MB, 50 KB."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:,.1f} {unit}" if unit == "GB" else f"{n / scale:,.0f} {unit}"
+    return f"{n} bytes"
 
 
 @dataclass(frozen=True)
@@ -120,19 +125,42 @@ class Downloader:
             removed.append(path)
         return removed
 
+    def recordings_bytes(self) -> int:
+        """What the recordings in RECORDING_DIR (finished and partial, this replica's and any other's) take."""
+        total = 0
+        with os.scandir(self.settings.directory) as entries:
+            for entry in entries:
+                if entry.name.endswith((RECORDING_SUFFIX, PARTIAL_SUFFIX)):
+                    with contextlib.suppress(FileNotFoundError):  # deleted meanwhile
+                        total += entry.stat().st_size
+        return total
+
     def check_room(self, coming: int = 0) -> None:
         """Raise a waiting :class:`DownloadError` when writing ``coming`` more bytes would leave less than
         RECORDING_MIN_FREE_BYTES free where the recordings go (that disk often holds the job store too, which
-        must never be the one that finds it full)."""
+        must never be the one that finds it full), or take the recordings past RECORDING_DIR_MAX_BYTES (a
+        volume with a size limit of its own, such as a Kubernetes emptyDir, whose pod is evicted past it)."""
+        cap = self.settings.max_dir_bytes
+        if cap > 0:
+            if coming > cap:
+                raise DownloadError(f"the recording is {_size(coming)}, more than all recordings may take together "
+                                    f"({_size(cap)}, RECORDING_DIR_MAX_BYTES)", permanent=True)
+            used = self.recordings_bytes()
+            if used + coming > cap:
+                needs = f"with the recording's {_size(coming)}, " if coming else ""
+                raise DownloadError(
+                    f"no room for the recording: {needs}the recordings in RECORDING_DIR would take more than the "
+                    f"{_size(cap)} RECORDING_DIR_MAX_BYTES allows ({_size(used)} now); the call waits until there is "
+                    "room", permanent=False, waiting=True)
         reserve = self.settings.min_free_bytes
         if reserve <= 0:
             return
         free = shutil.disk_usage(self.settings.directory).free
         if free - coming < reserve:
-            needs = f"the recording's {_mb(coming)} would leave" if coming else "there are"
+            needs = f"the recording's {_size(coming)} would leave" if coming else "there are"
             raise DownloadError(
-                f"no room for the recording: {needs} {_mb(max(0, free - coming))} free in RECORDING_DIR, which keeps "
-                f"{_mb(reserve)} free (RECORDING_MIN_FREE_BYTES); the call waits until there is room",
+                f"no room for the recording: {needs} {_size(max(0, free - coming))} free in RECORDING_DIR, which keeps "
+                f"{_size(reserve)} free (RECORDING_MIN_FREE_BYTES); the call waits until there is room",
                 permanent=False, waiting=True)
 
     async def fetch(self, url: str) -> Downloaded:
