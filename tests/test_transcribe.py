@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import os
 import subprocess
 import wave
 from collections.abc import AsyncIterator
@@ -876,3 +877,42 @@ def test_detection_picks_among_the_languages_a_contact_center_takes(whisper_dir:
     rest = tuple(language for language in six if language not in (anywhere.language, "pt"))
     _, elsewhere = events(among(rest), portuguese)
     assert elsewhere.language in rest
+
+
+async def test_a_service_with_no_room_for_the_audio_pushes_back_with_resource_exhausted(
+        whisper_dir: Path, tmp_path: Path) -> None:
+    """Audio past 8 MiB is kept in a file of the temporary directory until it is decoded. Here the service may
+    write no file past 4 MiB (RLIMIT_FSIZE, as a full disk or a quota would stop it): a 12-MiB stream is
+    answered RESOURCE_EXHAUSTED with the cause, which ingest waits out, not an UNKNOWN error."""
+    import resource
+    import sys
+
+    limit = 4 * 1024 * 1024
+    ready = tmp_path / "transcribe.ready"
+    env = {**os.environ, "TRANSCRIBE_LISTEN": "127.0.0.1:0", "TRANSCRIBE_METRICS_LISTEN": "off",
+           "WHISPER_MODEL": str(whisper_dir), "CALLMESH_READY_FILE": str(ready), "TMPDIR": str(tmp_path)}
+    service = subprocess.Popen([sys.executable, "-m", "services.transcribe"], env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, cwd=Path(__file__).resolve().parents[1],
+                               preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+    try:
+        for _ in range(1200):
+            if ready.exists() or service.poll() is not None:
+                break
+            await asyncio.sleep(0.1)
+        assert ready.exists(), service.stderr.read().decode()[-2000:] if service.poll() is not None else "not ready"
+        channel = client_channel(json.loads(ready.read_text())["address"])
+        stub = transcribe_pb2_grpc.TranscriptionServiceStub(channel)
+
+        async def stream():
+            yield transcribe_pb2.TranscribeRequest(config=transcribe_pb2.TranscriptionConfig(call_id="roomless"))
+            for _ in range(12):
+                yield transcribe_pb2.TranscribeRequest(audio=bytes(1024 * 1024))
+
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await collect(stub.Transcribe(stream(), timeout=60))
+        await channel.close()
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert refused.value.details().startswith("no room to hold the audio until it is decoded (File too large")
+    finally:
+        service.terminate()
+        service.wait(30)

@@ -8,7 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 from collections.abc import AsyncIterator
+
+# A write that fails with one of these found no room on its disk (full, over a quota, or past the file size the
+# process may write): the work waits for room rather than fail for good.
+NO_ROOM_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
 # Initial metadata a service sends once it has admitted a stream (callcenter.v1.TranscriptionConfig.await_admission).
 ADMITTED_METADATA = "callmesh-admitted"

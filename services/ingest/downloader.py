@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import logging
 import os
 import shutil
@@ -22,6 +21,7 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import ThreadedResolver
 from opentelemetry.instrumentation.aiohttp_client import create_trace_config
 
+from services.common.limits import NO_ROOM_ERRNOS
 from services.common.telemetry import tracer
 from services.ingest.config import DownloadSettings
 from services.ingest.urlpolicy import UrlPolicy, UrlRejected, parse_ip_literal
@@ -44,9 +44,6 @@ class DownloadError(Exception):
         super().__init__(message)
         self.permanent = permanent
         self.waiting = waiting
-
-
-_NO_ROOM_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
 
 
 def _size(n: int) -> str:
@@ -252,7 +249,7 @@ def write_recording(out: BinaryIO, chunk: bytes | None = None) -> None:
             out.flush()
             os.fsync(out.fileno())
     except OSError as exc:
-        if exc.errno in _NO_ROOM_ERRNOS:
+        if exc.errno in NO_ROOM_ERRNOS:
             raise DownloadError(f"no room for the recording: the disk of RECORDING_DIR is full ({exc.strerror}); "
                                 "the call waits until there is room", permanent=False, waiting=True) from exc
         raise DownloadError(f"the recording could not be written to RECORDING_DIR: {exc}", permanent=False) from exc

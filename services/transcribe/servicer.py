@@ -12,7 +12,7 @@ from typing import NoReturn
 
 import grpc
 from callcenter.v1 import common_pb2, transcribe_pb2, transcribe_pb2_grpc
-from services.common.limits import ADMITTED_METADATA, AdmissionLimiter, Overloaded
+from services.common.limits import ADMITTED_METADATA, NO_ROOM_ERRNOS, AdmissionLimiter, Overloaded
 from services.common.logs import call_context
 from services.common.metrics import DURATION_BUCKETS, meter
 from services.common.protoconv import duration
@@ -132,7 +132,17 @@ class TranscriptionServicer(transcribe_pb2_grpc.TranscriptionServiceServicer):
             if size > self.max_audio_bytes:
                 await self._refuse(request_iterator, context, f"the recording is over the {self.max_audio_bytes}"
                                    "-byte limit (TRANSCRIBE_MAX_AUDIO_BYTES)")
-            spool.write(message.audio)
+            try:
+                spool.write(message.audio)  # past 8 MiB, to a file in the temporary directory
+            except OSError as exc:
+                if exc.errno not in NO_ROOM_ERRNOS:
+                    raise
+                _rejected.add(1, {"reason": "no_room"})
+                log.warning("refused a stream: no room for its audio in %s (%s)", tempfile.gettempdir(), exc.strerror)
+                await self._drain(request_iterator)
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                    f"no room to hold the audio until it is decoded ({exc.strerror}, in "
+                                    f"{tempfile.gettempdir()}); send it again later")
         if size == 0:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "no audio was sent after the config")
         return size
