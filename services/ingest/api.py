@@ -194,8 +194,6 @@ async def post_call(request: web.Request) -> web.Response:
 
 
 async def _post_call(request: web.Request) -> web.Response:
-    if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
-        return problem(413, "Payload Too Large", f"the body is over {MAX_BODY_BYTES} bytes")
     if request.content_type != "application/json":
         return problem(415, "Unsupported Media Type", "send the webhook as application/json")
     body = await request.read()  # whole, and in time: see body_in_time
@@ -432,22 +430,29 @@ async def body_in_time(request: web.Request, handler: Handler) -> web.StreamResp
     otherwise) and up to 64 KiB (``413``): a client that sends part of a body and stops holds nothing open for
     long. Whole, because one ``content.read()`` gives only what has arrived so far, and a webhook split across
     TCP segments would be judged (its signature, its JSON) on its first part."""
-    if request.can_read_body:
-        read_timeout = request.app[SETTINGS]["read_timeout"]
-        try:
-            if request.content.is_eof():  # all of it came with the head (a webhook, most often): no wait
-                await request.read()  # kept by the request for the handler's read(), json() or post()
-            else:
-                async with asyncio.timeout(read_timeout):
-                    await request.read()
-        except TimeoutError:
-            log.warning("refused %s %s: its body did not arrive within %.0f s", request.method, request.path,
-                        read_timeout)
-            return problem(408, "Request Timeout", f"the body did not arrive within {read_timeout:.0f} s "
-                           "(INGEST_READ_TIMEOUT_SECONDS)", headers={"Connection": "close"})
-        except web.HTTPRequestEntityTooLarge:
-            return problem(413, "Payload Too Large", f"the body is over {MAX_BODY_BYTES} bytes")
-    return await handler(request)
+    if not request.can_read_body:
+        return await handler(request)
+    read_timeout = request.app[SETTINGS]["read_timeout"]
+    try:
+        if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
+            raise web.HTTPRequestEntityTooLarge(MAX_BODY_BYTES, request.content_length)  # not read at all
+        if request.content.is_eof():  # all of it came with the head (a webhook, most often): no wait
+            await request.read()  # kept by the request for the handler's read(), json() or post()
+        else:
+            async with asyncio.timeout(read_timeout):
+                await request.read()
+    except TimeoutError:
+        log.warning("refused %s %s: its body did not arrive within %.0f s", request.method, request.path,
+                    read_timeout)
+        refusal = problem(408, "Request Timeout", f"the body did not arrive within {read_timeout:.0f} s "
+                          "(INGEST_READ_TIMEOUT_SECONDS)", headers={"Connection": "close"})
+    except web.HTTPRequestEntityTooLarge:
+        refusal = problem(413, "Payload Too Large", f"the body is over {MAX_BODY_BYTES} bytes")
+    else:
+        return await handler(request)
+    if request.match_info.handler is post_call:  # a refused webhook is counted as post_call counts them
+        _webhooks[str(refusal.status)] += 1
+    return refusal
 
 
 def create_app(store: JobStore, worker: PipelineWorker, policy: UrlPolicy, verifier: WebhookVerifier, *,
