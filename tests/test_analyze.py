@@ -423,3 +423,19 @@ async def test_the_analysis_deadline_grows_with_each_ten_minutes_of_the_call(
 def test_each_started_ten_minutes_of_a_call_adds_one_analysis_timeout() -> None:
     assert [analysis_deadline(s, 900.0) for s in (None, 0.0, 600.0, 600.5, 1800.0, 3600.0)] == [
         900.0, 900.0, 900.0, 1800.0, 2700.0, 5400.0]
+
+
+def test_an_llm_model_that_is_not_gguf_stops_the_embedded_backend_with_the_reason(tmp_path: Path) -> None:
+    model = tmp_path / "model.gguf"
+    model.write_bytes(b"<html>Not Found</html>" * 100)  # what a proxy may hand out instead of the model
+    with pytest.raises(ValueError, match=r"model.gguf is not a GGUF model .*set LLM_MODEL"):
+        EmbeddedLlamaBackend(settings("", str(model)))
+
+
+@pytest.mark.models
+def test_a_damaged_gguf_model_stops_the_embedded_backend_with_the_reason(tmp_path: Path, llm_small: Path) -> None:
+    model = tmp_path / "model.gguf"
+    with llm_small.open("rb") as f:
+        model.write_bytes(f.read(64 * 1024))  # a download cut short: the header, and little else
+    with pytest.raises(RuntimeError, match=r"llama.cpp could not load .*model.gguf .*cut short or damaged"):
+        EmbeddedLlamaBackend(settings("", str(model)))

@@ -83,6 +83,9 @@ class OllamaBackend:
         return None
 
 
+GGUF_MAGIC = b"GGUF"  # the first four bytes of every GGUF file
+
+
 class EmbeddedLlamaBackend:
     """llama.cpp in process (PyPI ``xllamacpp``), loaded once at start."""
 
@@ -98,6 +101,10 @@ class EmbeddedLlamaBackend:
                 f"no GGUF model at {path}: run `python -m callmesh.models` or set LLM_MODEL to a GGUF file "
                 "(or OLLAMA_HOST to use an Ollama server)"
             )
+        with path.open("rb") as f:
+            if f.read(4) != GGUF_MAGIC:
+                raise ValueError(f"{path} is not a GGUF model (it does not start with 'GGUF'): set LLM_MODEL to the "
+                                 "model's .gguf file, or install the model again with `python -m callmesh.models`")
         self.settings = settings
         self.name = path.parent.name if path.name == "model.gguf" else path.stem
         params = xllamacpp.CommonParams()
@@ -109,7 +116,12 @@ class EmbeddedLlamaBackend:
         params.cpuparams_batch.n_threads = settings.threads
         params.warmup = False
         started = time.perf_counter()
-        self._server = xllamacpp.Server(params)
+        try:
+            self._server = xllamacpp.Server(params)
+        except RuntimeError as exc:  # llama.cpp's own word is "please check the input params"
+            raise RuntimeError(f"llama.cpp could not load {path} ({exc}): the file may be cut short or damaged "
+                               "(install the model again with `python -m callmesh.models`), or need more memory "
+                               f"than there is for LLM_CONTEXT_TOKENS={settings.context_tokens}") from exc
         self._lock = asyncio.Lock()
         log.info("loaded %s embedded (llama.cpp, n_ctx=%d, threads=%d) in %.1f s", self.name,
                  settings.context_tokens, settings.threads, time.perf_counter() - started)
