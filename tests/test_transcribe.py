@@ -916,3 +916,17 @@ async def test_a_service_with_no_room_for_the_audio_pushes_back_with_resource_ex
     finally:
         service.terminate()
         service.wait(30)
+
+
+def test_a_damaged_whisper_model_stops_the_engine_naming_the_model_and_what_to_do(
+        whisper_dir: Path, tmp_path: Path) -> None:
+    damaged = tmp_path / "whisper-base"
+    damaged.mkdir()
+    for f in whisper_dir.iterdir():
+        if f.is_file() and f.name != "model.bin":
+            (damaged / f.name).write_bytes(f.read_bytes())
+    with (whisper_dir / "model.bin").open("rb") as f:
+        (damaged / "model.bin").write_bytes(f.read(100_000))  # a copy cut short
+    with pytest.raises(RuntimeError, match=r"could not load the Whisper model in .*whisper-base on device=cpu \(.*\); "
+                                           r"files cut short or damaged are installed again"):
+        WhisperEngine(EngineSettings(model_path=damaged, cpu_threads=2))

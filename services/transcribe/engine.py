@@ -257,15 +257,20 @@ class WhisperEngine:
         self.diarizer = diarizer
         self.model_name = settings.model_path.name
         started = time.perf_counter()
-        self.model = SharedEncoderWhisperModel(
-            str(settings.model_path),
-            device=settings.device,
-            compute_type=settings.compute_type,
-            cpu_threads=settings.cpu_threads,
-            num_workers=settings.num_workers,
-            local_files_only=True,
-            fit_context=settings.decode.fit_context,
-        )
+        try:
+            self.model = SharedEncoderWhisperModel(
+                str(settings.model_path),
+                device=settings.device,
+                compute_type=settings.compute_type,
+                cpu_threads=settings.cpu_threads,
+                num_workers=settings.num_workers,
+                local_files_only=True,
+                fit_context=settings.decode.fit_context,
+            )
+        except RuntimeError as exc:  # CTranslate2's words name a tensor, not the file or what to do
+            raise RuntimeError(
+                f"CTranslate2 could not load the Whisper model in {settings.model_path} on device={settings.device} "
+                f"({exc}); files cut short or damaged are installed again with `python -m callmesh.models`") from exc
         # Batched decoding shares the loaded model: one copy of the weights either way.
         self.pipeline = BatchedInferencePipeline(self.model) if settings.decode.batch_size else None
         self.stats = EngineStats()
