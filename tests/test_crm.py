@@ -412,3 +412,35 @@ def test_delivery_polls_start_soon_and_slow_down_to_the_configured_interval() ->
     assert delivery_poll_delay(0.0, 2.0) == 0.05  # just queued
     assert delivery_poll_delay(0.3, 2.0) == 0.3  # after as long again as the record has waited
     assert delivery_poll_delay(3600.0, 2.0) == 2.0  # a CRM that is down: never more often than DELIVERY_POLL_SECONDS
+
+
+async def test_a_crm_url_that_redirects_keeps_the_record_queued_and_says_where_it_points(tmp_path: Path) -> None:
+    """The CRM moved its endpoint and answers the old one 301. Following it would send a GET in the POST's place,
+    and the new address's page answering that GET with 200 would count as the CRM taking a record it never got."""
+    from types import SimpleNamespace
+
+    from aiohttp import web
+
+    from services.common.lifecycle import start_site
+
+    seen: list[str] = []
+
+    async def moved(request: web.Request) -> web.Response:
+        seen.append(f"{request.method} {request.path}")
+        if request.path == "/v1/records":
+            raise web.HTTPMovedPermanently("/v2/records")
+        return web.Response(text="<html>Records</html>", content_type="text/html")
+
+    app = web.Application()
+    app.router.add_route("*", "/{path:.*}", moved)
+    runner, port = await start_site(app, "127.0.0.1", 0, access_log=None)
+    try:
+        crm_end = SimpleNamespace(url=f"http://127.0.0.1:{port}/v1/records")
+        async with crm_service(tmp_path / "o.db", crm_end) as crm:  # type: ignore[arg-type]
+            await crm.stub.Deliver(crm_pb2.DeliverRequest(record=record("c-moved")))
+            d = await wait_delivery(crm.stub, "c-moved", lambda d: d.attempts >= 2)
+        assert d.state == crm_pb2.DELIVERY_STATE_QUEUED
+        assert "HTTP 301, a redirect to /v2/records" in d.last_error and "set CRM_URL" in d.last_error
+        assert set(seen) == {"POST /v1/records"}  # never followed
+    finally:
+        await runner.cleanup()

@@ -143,9 +143,14 @@ class DeliveryWorker:
             attributes={"callmesh.call_id": row.call_id, "crm.attempt": row.attempts + 1},
         ) as span:
             try:
-                async with self._session.post(self.settings.crm_url, json=row.payload, headers=headers) as resp:
+                # Never followed: a client that follows a 301 or 302 sends a GET in the POST's place, and the
+                # page it lands on answering 200 would count as the CRM taking a record it never got (and the
+                # token would go wherever the redirect points).
+                async with self._session.post(self.settings.crm_url, json=row.payload, headers=headers,
+                                              allow_redirects=False) as resp:
                     body = (await resp.text())[:300]
                     status = resp.status
+                    location = resp.headers.get("Location", "")
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
                 await self._retry(row, f"CRM unreachable: {type(exc).__name__}: {exc}".strip())
                 span.set_attribute("crm.outcome", "retry")
@@ -157,6 +162,12 @@ class DeliveryWorker:
                 span.set_attribute("crm.outcome", "delivered")
                 _attempts.add(1, {"outcome": "delivered"})
                 log.info("delivered to the CRM (HTTP %d) after %d attempt(s)", status, row.attempts + 1)
+            elif 300 <= status < 400:  # CRM_URL is out of date: the record waits, as for a CRM that is down
+                await self._retry(row, f"CRM answered HTTP {status}, a redirect to {location or 'nowhere'}: the "
+                                  "record was not delivered; set CRM_URL to the address the CRM takes records at")
+                span.set_attribute("crm.outcome", "retry")
+                _attempts.add(1, {"outcome": "retry"})
+                return False
             elif status >= 500 or status in RETRYABLE_STATUS:
                 await self._retry(row, f"CRM answered HTTP {status}: {body}")
                 span.set_attribute("crm.outcome", "retry")
