@@ -22,6 +22,12 @@ POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 UNAVAILABLE_ERRORS: tuple[type[Exception], ...] = (sqlite3.OperationalError, psycopg.OperationalError)
 
 
+def outage_cause(exc: Exception) -> str:
+    """What a client may be told of why a store could not serve it: SQLite's own words (about a local file),
+    and only the kind of a PostgreSQL error, whose message can name hosts and ports (the log has it whole)."""
+    return str(exc) if isinstance(exc, sqlite3.Error) else f"{type(exc).__name__}, see the log"
+
+
 def is_postgres_url(location: str | Path) -> bool:
     return isinstance(location, str) and location.startswith(POSTGRES_SCHEMES)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import sqlite3
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -12,7 +11,7 @@ from typing import Any, TypeVar
 import grpc
 
 from callcenter.v1 import common_pb2, crm_pb2, crm_pb2_grpc
-from services.common.database import UNAVAILABLE_ERRORS
+from services.common.database import UNAVAILABLE_ERRORS, outage_cause
 from services.common.logs import call_context, printable_line
 from services.common.protoconv import timestamp
 from services.common.telemetry import current_traceparent
@@ -45,7 +44,7 @@ def outbox_unavailable(rpc: Callable[[Any, Any, grpc.aio.ServicerContext], Await
                        ) -> Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[Response]]:
     """An RPC that the outbox cannot serve just then (a full disk, a database that is down) answers UNAVAILABLE
     with the cause, which ingest waits out without using up the call's attempts; not UNKNOWN, which it would
-    retry a few times and then fail the call for. SQLite's words are given, only the kind of PostgreSQL's."""
+    retry a few times and then fail the call for. The cause is what :func:`outage_cause` allows."""
 
     @functools.wraps(rpc)
     async def guarded(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Response:
@@ -53,8 +52,8 @@ def outbox_unavailable(rpc: Callable[[Any, Any, grpc.aio.ServicerContext], Await
             return await rpc(self, request, context)
         except UNAVAILABLE_ERRORS as exc:
             log.error("the outbox could not serve %s: %s: %s", rpc.__name__, type(exc).__name__, exc)
-            cause = str(exc) if isinstance(exc, sqlite3.Error) else f"{type(exc).__name__}, see the crm log"
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"the outbox cannot serve this now ({cause})")
+            await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                f"the outbox cannot serve this now ({outage_cause(exc)})")
             raise  # not reached: abort raises
 
     return guarded

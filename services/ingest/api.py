@@ -15,7 +15,6 @@ import json
 import logging
 import re
 import shutil
-import sqlite3
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -28,7 +27,7 @@ from yarl import URL
 
 from opentelemetry.metrics import Observation
 
-from services.common.database import UNAVAILABLE_ERRORS
+from services.common.database import UNAVAILABLE_ERRORS, outage_cause
 from services.common.logs import call_context, printable_line
 from services.common.metrics import add_metrics_route, meter
 from services.common.telemetry import current_traceparent, server_span_middleware, trace_id_hex
@@ -159,9 +158,9 @@ def requires_token(handler: Handler) -> Handler:
 def store_unavailable(request: web.Request, exc: Exception) -> web.Response:
     """503 with ``Retry-After`` for a request the job store could not serve (a full disk, a database that is down):
     the recorder sends the webhook again later, so no call is lost to it. The cause goes to the log; the answer
-    names SQLite's (a local file's) and only the kind of a PostgreSQL server's, which can name hosts."""
+    gives what :func:`outage_cause` allows."""
     log.error("the job store could not serve %s %s: %s: %s", request.method, request.path, type(exc).__name__, exc)
-    cause = str(exc) if isinstance(exc, sqlite3.Error) else f"{type(exc).__name__}, see the log"
+    cause = outage_cause(exc)
     then = "send the webhook again later (a call sent twice is one call)" if request.path == "/v1/calls" \
         else "send the request again later"
     return problem(503, "Service Unavailable", f"the job store cannot serve this request now ({cause}); {then}",
