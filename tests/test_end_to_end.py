@@ -225,6 +225,10 @@ def metric(text: str, name: str, **labels: str) -> float:
 
 async def test_every_service_exposes_prometheus_metrics(world: World, two_calls: dict[str, dict]) -> None:
     async with aiohttp.ClientSession() as session:
+        # A refusal the body middleware answers before the webhook's handler is counted too.
+        async with session.post(f"{world.mesh.ingest_url}/v1/calls", data=b"{" * (64 * 1024 + 1),
+                                headers={"Content-Type": "application/json"}) as resp:
+            assert resp.status == 413
         scrapes = {}
         for name, svc in world.mesh.services.items():
             async with session.get(svc.metrics_url) as resp:
@@ -233,6 +237,7 @@ async def test_every_service_exposes_prometheus_metrics(world: World, two_calls:
     ingest, transcribe, analyze, crm = (scrapes[n] for n in ("ingest", "transcribe", "analyze", "crm"))
     assert metric(ingest, "callmesh_calls", state="done") >= 2
     assert metric(ingest, "callmesh_webhooks_total", outcome="accepted") >= 2
+    assert metric(ingest, "callmesh_webhooks_total", outcome="413") >= 1
     assert metric(ingest, "callmesh_stage_duration_seconds_count", stage="transcribing", outcome="done") >= 2
     assert metric(ingest, "callmesh_queue_oldest_age_seconds") >= 0
     assert metric(ingest, "callmesh_recordings_free_bytes") > 0
