@@ -110,12 +110,18 @@ async def test_a_late_failure_does_not_undo_a_delivery(two_outboxes: tuple[Outbo
     assert row is not None and row.state == DELIVERED
 
 
-async def test_a_record_another_replica_is_posting_is_set_aside_only_after_that_post(
-        two_outboxes: tuple[Outbox, Outbox]) -> None:
+async def first_of_two_being_posted(two_outboxes: tuple[Outbox, Outbox]) -> tuple[Outbox, Outbox]:
+    """Two records queued; replica ``a`` is posting the first, ``call-0``, to the CRM."""
     a, b = two_outboxes
     for i in range(2):
         await a.enqueue(f"call-{i}", {"call_id": f"call-{i}"}, {})
     assert [r.call_id for r in await a.claim_due(1, 60)] == ["call-0"]
+    return a, b
+
+
+async def test_a_record_another_replica_is_posting_is_set_aside_only_after_that_post(
+        two_outboxes: tuple[Outbox, Outbox]) -> None:
+    a, b = await first_of_two_being_posted(two_outboxes)
     assert (await b.set_aside("call-0", "CRM bug"))[1] == IN_FLIGHT
     await a.mark_retry("call-0", "CRM answered HTTP 500", time.time() + 60)
     row, outcome = await b.set_aside("call-0", "CRM bug")
@@ -125,10 +131,7 @@ async def test_a_record_another_replica_is_posting_is_set_aside_only_after_that_
 
 async def test_a_record_another_replica_is_posting_is_erased_only_after_that_post(
         two_outboxes: tuple[Outbox, Outbox]) -> None:
-    a, b = two_outboxes
-    for i in range(2):
-        await a.enqueue(f"call-{i}", {"call_id": f"call-{i}"}, {})
-    assert [r.call_id for r in await a.claim_due(1, 60)] == ["call-0"]
+    a, b = await first_of_two_being_posted(two_outboxes)
     assert (await b.erase("call-0"))[1] == IN_FLIGHT
     await a.mark_delivered("call-0")
     row, outcome = await b.erase("call-0")

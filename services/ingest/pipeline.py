@@ -55,6 +55,7 @@ BACK_STAGE_FACTOR = 3  # calls analysed or delivered at once: at most this many 
 FIRST_DELIVERY_POLL_SECONDS = 0.05  # the CRM's answer is first looked for this soon after the record is queued
 TRANSIENT_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED,
                    grpc.StatusCode.ABORTED, grpc.StatusCode.UNKNOWN, grpc.StatusCode.CANCELLED}
+_SWEEP = "the sweep (calls and recordings past their retention, orphan recordings)"  # in its log lines
 WAIT_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED}  # transient, and never give up
 
 
@@ -217,11 +218,10 @@ class PipelineWorker:
                     log.info("removed %d recording file(s) that no call holds (left by a stopped download "
                              "or a lost lease)", len(removed))
             except UNAVAILABLE_ERRORS as exc:
-                log.error("the sweep (calls and recordings past their retention, orphan recordings) could not reach "
-                          "the job store (%s: %s); trying again in %.0f s", type(exc).__name__, exc, self.orphan_age())
+                log.error("%s could not reach the job store (%s: %s); trying again in %.0f s", _SWEEP,
+                          type(exc).__name__, exc, self.orphan_age())
             except Exception:
-                log.exception("the sweep (calls and recordings past their retention, orphan recordings) failed; "
-                              "trying again later")
+                log.exception("%s failed; trying again later", _SWEEP)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), self.orphan_age())
 
