@@ -60,8 +60,15 @@ def install_stop_signals(stop: asyncio.Event) -> None:
         loop.add_signal_handler(sig, stop.set)
 
 
+IDLE_CONNECTION_SECONDS = 75.0  # how long a site keeps a connection that has no request in progress
+
+
 async def start_site(app: web.Application, host: str, port: int, **runner_options: object) -> tuple[web.AppRunner, int]:
-    """Serve ``app`` on ``host:port``; return the runner and the bound port (port 0 picks a free one)."""
+    """Serve ``app`` on ``host:port``; return the runner and the bound port (port 0 picks a free one).
+    A connection with no request in progress, or one that never sends a whole request head, is closed after
+    ``keepalive_timeout`` (:data:`IDLE_CONNECTION_SECONDS` unless given: aiohttp's own default is an hour, so
+    silent clients could otherwise hold connections for good); a request being answered is never cut off."""
+    runner_options.setdefault("keepalive_timeout", IDLE_CONNECTION_SECONDS)
     runner = web.AppRunner(app, **runner_options)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
