@@ -19,6 +19,12 @@ LONG_TEXT = (
     "I have been a customer for many years and I always paid on time. "
 )
 
+TELEPHONY_RECORDINGS = {  # file name: FFmpeg encoder
+    "es-billing-angry-mulaw.wav": "pcm_mulaw", "es-billing-angry-alaw.wav": "pcm_alaw",
+    "es-billing-angry-gsm.wav": "libgsm_ms", "es-billing-angry-g726.wav": "g726",
+    "es-billing-angry-opus.ogg": "libopus",
+}
+
 
 def make_test_audio(d: Path) -> Path:
     """Write every test recording into ``d`` and return it."""
@@ -29,6 +35,11 @@ def make_test_audio(d: Path) -> Path:
     # The Spanish call as 8 kHz telephone-band mp3.
     subprocess.run(["ffmpeg", "-loglevel", "error", "-y", "-i", str(d / "es-billing-angry.wav"), "-ar", "8000",
                     "-ac", "1", str(d / "es-billing-angry-8k.mp3")], check=True)
+    # The Spanish call in the codecs telephone systems record in: G.711 (µ-law, A-law), GSM 6.10 and
+    # G.726 in WAV at 8 kHz, and Opus in Ogg (WebRTC softphones).
+    for name, codec in TELEPHONY_RECORDINGS.items():
+        subprocess.run(["ffmpeg", "-loglevel", "error", "-y", "-i", str(d / "es-billing-angry.wav"), "-ar",
+                        "48000" if codec == "libopus" else "8000", "-ac", "1", "-c:a", codec, str(d / name)], check=True)
     # Stereo: the agent (left) speaks first, the customer (right) answers after.
     synthesize("Thank you for calling, how can I help you today?", "en-us", d / "agent.wav")
     synthesize("My parcel never arrived and I want a refund.", "en-us", d / "customer.wav")

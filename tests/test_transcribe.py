@@ -24,6 +24,8 @@ from services.common.limits import AdmissionLimiter
 from services.transcribe.config import EngineSettings
 from services.transcribe.engine import WhisperEngine
 from services.transcribe.servicer import TranscriptionServicer
+from services.ingest.downloader import looks_like_audio
+from tests.audio import TELEPHONY_RECORDINGS
 from tests.ingest_harness import post, running_ingest, wait_for
 
 SERVICE_NAME = transcribe_pb2.DESCRIPTOR.services_by_name["TranscriptionService"].full_name
@@ -135,6 +137,22 @@ async def test_telephone_band_mp3_decodes(stub, audio_dir: Path) -> None:
     responses = await collect(stub.Transcribe(requests(audio_dir / "es-billing-angry-8k.mp3")))
     assert responses[0].language.language_code == "es"
     assert responses[-1].summary.segment_count >= 1
+
+
+@pytest.mark.parametrize("name", TELEPHONY_RECORDINGS)
+async def test_a_recording_in_a_telephony_codec_is_transcribed(stub, audio_dir: Path, name: str) -> None:
+    responses = await collect(stub.Transcribe(requests(audio_dir / name)))
+    assert responses[0].language.language_code == "es"
+    with wave.open(str(audio_dir / "es-billing-angry.wav")) as original:
+        length = original.getnframes() / original.getframerate()
+    assert abs(responses[-1].summary.audio_duration.ToTimedelta().total_seconds() - length) < 0.1
+    text = " ".join(r.segment.text for r in responses if r.HasField("segment")).lower()
+    assert "buenos días" in text and "dinero" in text
+
+
+@pytest.mark.parametrize("name", TELEPHONY_RECORDINGS)
+def test_ingest_takes_a_download_in_a_telephony_codec_for_audio(audio_dir: Path, name: str) -> None:
+    assert looks_like_audio((audio_dir / name).read_bytes()[:16])
 
 
 async def test_language_hint_wins_over_detection(stub, audio_dir: Path) -> None:
