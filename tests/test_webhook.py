@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan
@@ -132,6 +134,37 @@ async def test_recording_that_is_not_audio_fails_with_the_reason(ingest: Ingest,
     assert status["error"]["stage"] == "downloading"
     assert "not audio" in status["error"]["message"]
     assert list(status["stages"]) == ["received", "downloading", "failed"]
+
+
+SIGNED_LINK = "X-Amz-Credential=AKIAEXAMPLE%2F20261127&X-Amz-Signature=0f1e2d3c4b5a69788796a5b4c3d2e1f0"
+
+
+async def test_a_signed_recording_link_stays_out_of_logs_and_traces(ingest: Ingest, caplog: pytest.LogCaptureFixture) -> None:
+    """The recorder's link carries a token and redirects to a presigned URL, as recording stores do."""
+    async def link(request: web.Request) -> web.Response:
+        raise web.HTTPFound(f"/store/call.wav?{SIGNED_LINK}")
+
+    async def stored(request: web.Request) -> web.Response:
+        return web.Response(body=b"RIFF\x24\x08\x00\x00WAVEfmt " + bytes(2000), content_type="audio/wav")
+
+    app = web.Application()
+    app.router.add_get("/link", link)
+    app.router.add_get("/store/call.wav", stored)
+    runner, port = await start_site(app, "127.0.0.1", 0, access_log=None)  # the recorder's own log is not ours
+    caplog.set_level(logging.DEBUG)
+    _spans.clear()
+    try:
+        await post(ingest.url, json.dumps({"call_id": "signed-1",
+                                           "recording_url": f"http://127.0.0.1:{port}/link?token=opaque-token-123"}))
+        await wait_for_state(ingest.url, "signed-1", {"transcribing"})
+    finally:
+        await runner.cleanup()
+    told = caplog.text + " ".join(str(value) for span in _spans.get_finished_spans()
+                                  for value in (span.attributes or {}).values())
+    assert "/store/call.wav?X-Amz-Credential=REDACTED&X-Amz-Signature=REDACTED" in caplog.text
+    assert "/link?token=REDACTED" in told  # the download's span, with the URL's shape
+    for secret in ("AKIAEXAMPLE", "0f1e2d3c4b5a", "opaque-token-123"):
+        assert secret not in told
 
 
 async def test_missing_recording_fails_at_once(ingest: Ingest, recorder: Recorder) -> None:

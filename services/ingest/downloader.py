@@ -17,6 +17,7 @@ from typing import BinaryIO
 from urllib.parse import urljoin
 
 import aiohttp
+import yarl
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import ThreadedResolver
 from opentelemetry.instrumentation.aiohttp_client import create_trace_config
@@ -24,7 +25,7 @@ from opentelemetry.instrumentation.aiohttp_client import create_trace_config
 from services.common.limits import NO_ROOM_ERRNOS
 from services.common.telemetry import tracer
 from services.ingest.config import DownloadSettings
-from services.ingest.urlpolicy import UrlPolicy, UrlRejected, parse_ip_literal
+from services.ingest.urlpolicy import UrlPolicy, UrlRejected, parse_ip_literal, shown_url
 
 log = logging.getLogger(__name__)
 _tracer = tracer(__name__)
@@ -73,6 +74,11 @@ def looks_like_audio(head: bytes) -> bool:
         return True
     # MPEG audio frame sync (mp3 without ID3) or ADTS AAC
     return head[0] == 0xFF and (head[1] & 0xE0) == 0xE0
+
+
+def _shown(url: yarl.URL) -> str:
+    """The recording's URL as its download span records it (:func:`shown_url`)."""
+    return shown_url(str(url))
 
 
 class _VettedResolver(AbstractResolver):
@@ -169,7 +175,7 @@ class Downloader:
         connector = aiohttp.TCPConnector(resolver=_VettedResolver(self.policy), use_dns_cache=False, limit=4)
         with _tracer.start_as_current_span("recording.download") as span:
             async with aiohttp.ClientSession(timeout=timeout, connector=connector, trust_env=False,
-                                             trace_configs=[create_trace_config()]) as session:
+                                             trace_configs=[create_trace_config(url_filter=_shown)]) as session:
                 try:
                     result = await self._follow(session, url)
                 except UrlRejected as exc:
@@ -191,7 +197,7 @@ class Downloader:
                     if not location:
                         raise DownloadError(f"HTTP {resp.status} without a Location", permanent=True)
                     url = urljoin(url, location)
-                    log.info("redirect %d to %s", hop + 1, url)
+                    log.info("redirect %d to %s", hop + 1, shown_url(url))
                     continue
                 if resp.status in _PERMANENT_HTTP:
                     raise DownloadError(f"the recorder answered HTTP {resp.status} for the recording", permanent=True)
