@@ -7,20 +7,26 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from callmesh.models import MODELS, is_installed  # noqa: E402
 from services.common.config import data_dir  # noqa: E402
-from services.common.telemetry import setup_tracing  # noqa: E402
 from tests.audio import make_test_audio  # noqa: E402
 from tests.cli_mesh import stereo_call, up_mesh  # noqa: E402,F401  (fixtures)
 from tests.crm_harness import receiver  # noqa: E402,F401  (fixture)
 from tests.ingest_harness import ingest, recorder  # noqa: E402,F401  (fixtures)
 from tests.postgres_server import PostgresServer, start_postgres  # noqa: E402
+from tests.spans import SPANS  # noqa: E402
 
-# As in every service: spans are made (and carry trace ids) even with no exporter.
-setup_tracing("callmesh-tests")
+
+@pytest.fixture
+def finished_spans() -> InMemorySpanExporter:
+    """The spans this process finishes from the start of the test on (servers run in-process)."""
+    SPANS.clear()
+    return SPANS
+
 
 def require_model(key: str) -> Path:
     model = MODELS[key]

@@ -14,6 +14,7 @@ from pathlib import Path
 import aiohttp
 import grpc
 import pytest
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from callcenter.v1 import common_pb2, crm_pb2
 from callmesh.standins import CrmReceiver
@@ -444,3 +445,32 @@ async def test_a_crm_url_that_redirects_keeps_the_record_queued_and_says_where_i
         assert set(seen) == {"POST /v1/records"}  # never followed
     finally:
         await runner.cleanup()
+
+
+async def test_an_api_key_in_the_crm_url_stays_out_of_traces_and_delivery_errors(
+        tmp_path: Path, finished_spans: InMemorySpanExporter) -> None:
+    """Some CRMs take their API key in the query; the redirect's Location here carries one too."""
+    from types import SimpleNamespace
+
+    from aiohttp import web
+
+    from services.common.lifecycle import start_site
+
+    async def moved(request: web.Request) -> web.Response:
+        raise web.HTTPFound("/v2/records?hapikey=moved-key-5678")
+
+    app = web.Application()
+    app.router.add_post("/v1/records", moved)
+    runner, port = await start_site(app, "127.0.0.1", 0, access_log=None)
+    try:
+        crm_end = SimpleNamespace(url=f"http://127.0.0.1:{port}/v1/records?hapikey=crm-key-1234")
+        async with crm_service(tmp_path / "o.db", crm_end) as crm:  # type: ignore[arg-type]
+            await crm.stub.Deliver(crm_pb2.DeliverRequest(record=record("c-keyed")))
+            d = await wait_delivery(crm.stub, "c-keyed", lambda d: d.attempts >= 1)
+    finally:
+        await runner.cleanup()
+    assert "a redirect to /v2/records?hapikey=REDACTED" in d.last_error
+    told = d.last_error + " ".join(str(value) for span in finished_spans.get_finished_spans()
+                                   for value in (span.attributes or {}).values())
+    assert "/v1/records?hapikey=REDACTED" in told  # the POST's span, with the URL's shape
+    assert "crm-key-1234" not in told and "moved-key-5678" not in told

@@ -12,21 +12,18 @@ from aiohttp import web
 
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from callmesh.standins import Recorder, signed_headers
 from services.common.lifecycle import start_site
-from services.common.telemetry import setup_tracing
 from services.ingest.api import create_app
 from tests.ingest_harness import SECRET, VERIFIER, Ingest, post, running_ingest, wait_for_state
+from tests.spans import SPANS
 
-_spans = InMemorySpanExporter()
-setup_tracing("callmesh-tests").add_span_processor(SimpleSpanProcessor(_spans))
 
 
 def server_spans(path: str) -> list[ReadableSpan]:
-    return [s for s in _spans.get_finished_spans()
+    return [s for s in SPANS.get_finished_spans()
             if s.kind == trace.SpanKind.SERVER and (s.attributes or {}).get("url.path") == path]
 
 async def test_valid_webhook_is_acknowledged_with_the_status_url(ingest: Ingest) -> None:
@@ -42,7 +39,7 @@ async def test_webhook_span_continues_the_recorders_trace(ingest: Ingest) -> Non
     trace_id, parent_id = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
     body = json.dumps({"call_id": "traced-1", "recording_url": "http://127.0.0.1:1/a.wav"})
     headers = {**signed_headers(SECRET, body.encode()), "traceparent": f"00-{trace_id}-{parent_id}-01"}
-    _spans.clear()
+    SPANS.clear()
     status, answer = await post(ingest.url, body, headers=headers)
     assert status == 202 and answer["trace_id"] == trace_id
     [span] = server_spans("/v1/calls")
@@ -55,7 +52,7 @@ async def test_webhook_span_continues_the_recorders_trace(ingest: Ingest) -> Non
 
 
 async def test_refused_webhook_span_carries_its_status(ingest: Ingest) -> None:
-    _spans.clear()
+    SPANS.clear()
     status, _ = await post(ingest.url, "{}", headers={})
     assert status == 401
     [span] = server_spans("/v1/calls")
@@ -73,7 +70,7 @@ async def test_a_request_that_crashes_leaves_an_error_span() -> None:
     app = web.Application(middlewares=[server_span_middleware()])
     app.router.add_get("/broken", broken)
     runner, port = await start_site(app, "127.0.0.1", 0)
-    _spans.clear()
+    SPANS.clear()
     try:
         async with aiohttp.ClientSession() as session:
             async with session.get(f"http://127.0.0.1:{port}/broken") as resp:
@@ -86,7 +83,7 @@ async def test_a_request_that_crashes_leaves_an_error_span() -> None:
 
 
 async def test_health_probes_make_no_spans(ingest: Ingest) -> None:
-    _spans.clear()
+    SPANS.clear()
     async with aiohttp.ClientSession() as session:
         async with session.get(f"{ingest.url}/healthz") as resp:
             assert resp.status == 200
@@ -139,7 +136,8 @@ async def test_recording_that_is_not_audio_fails_with_the_reason(ingest: Ingest,
 SIGNED_LINK = "X-Amz-Credential=AKIAEXAMPLE%2F20261127&X-Amz-Signature=0f1e2d3c4b5a69788796a5b4c3d2e1f0"
 
 
-async def test_a_signed_recording_link_stays_out_of_logs_and_traces(ingest: Ingest, caplog: pytest.LogCaptureFixture) -> None:
+async def test_a_signed_recording_link_stays_out_of_logs_and_traces(ingest: Ingest, caplog: pytest.LogCaptureFixture,
+                                                                    finished_spans: InMemorySpanExporter) -> None:
     """The recorder's link carries a token and redirects to a presigned URL, as recording stores do."""
     async def link(request: web.Request) -> web.Response:
         raise web.HTTPFound(f"/store/call.wav?{SIGNED_LINK}")
@@ -152,14 +150,13 @@ async def test_a_signed_recording_link_stays_out_of_logs_and_traces(ingest: Inge
     app.router.add_get("/store/call.wav", stored)
     runner, port = await start_site(app, "127.0.0.1", 0, access_log=None)  # the recorder's own log is not ours
     caplog.set_level(logging.DEBUG)
-    _spans.clear()
     try:
         await post(ingest.url, json.dumps({"call_id": "signed-1",
                                            "recording_url": f"http://127.0.0.1:{port}/link?token=opaque-token-123"}))
         await wait_for_state(ingest.url, "signed-1", {"transcribing"})
     finally:
         await runner.cleanup()
-    told = caplog.text + " ".join(str(value) for span in _spans.get_finished_spans()
+    told = caplog.text + " ".join(str(value) for span in finished_spans.get_finished_spans()
                                   for value in (span.attributes or {}).values())
     assert "/store/call.wav?X-Amz-Credential=REDACTED&X-Amz-Signature=REDACTED" in caplog.text
     assert "/link?token=REDACTED" in told  # the download's span, with the URL's shape

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 from opentelemetry import propagate, trace
 from opentelemetry.sdk.resources import Resource
@@ -19,6 +20,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 from services.common.config import ConfigError, env_str
 
 if TYPE_CHECKING:
+    import aiohttp
     from aiohttp import web
 
     Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -51,6 +53,30 @@ def shutdown_tracing() -> None:
     """Flush and stop the exporter; call last, after the servers stopped."""
     if _provider is not None:
         _provider.shutdown()
+
+
+def shown_url(url: str) -> str:
+    """``url`` as logs and traces show it: no user or password, and the values of its query hidden. Recorders
+    hand out signed links (an S3 presigned URL carries X-Amz-Credential and X-Amz-Signature, others a token)
+    that let whoever reads one fetch the recording, and some CRMs take their API key in the query."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        port = parts.port
+    except ValueError:
+        return "(not a valid URL)"
+    netloc = f"[{host}]" if ":" in host else host
+    if port is not None:
+        netloc += f":{port}"
+    query = "&".join(f"{name}=REDACTED" for name, _ in parse_qsl(parts.query, keep_blank_values=True))
+    return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+
+
+def client_trace_config() -> "aiohttp.TraceConfig":
+    """Client spans for an aiohttp session, whose URLs are recorded as :func:`shown_url` shows them."""
+    from opentelemetry.instrumentation.aiohttp_client import create_trace_config
+
+    return create_trace_config(url_filter=lambda url: shown_url(str(url)))
 
 
 def tracer(name: str) -> trace.Tracer:

@@ -16,13 +16,12 @@ import time
 
 import aiohttp
 from opentelemetry import trace
-from opentelemetry.instrumentation.aiohttp_client import create_trace_config
 
 from services.common.database import UNAVAILABLE_ERRORS, OutageLog, delete_in_batches
 from services.common.logs import call_context
 from services.common.metrics import meter
 from services.common.retry import backoff_delay, sleep_or_wake
-from services.common.telemetry import context_from, tracer
+from services.common.telemetry import client_trace_config, context_from, shown_url, tracer
 from services.crm.config import CrmSettings
 from services.crm.outbox import DeliveryRow, Outbox
 
@@ -63,7 +62,7 @@ class DeliveryWorker:
             log.warning("CRM_URL is not set: records are kept in the outbox until it is")
         self._session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=self.settings.timeout_seconds),
-            trace_configs=[create_trace_config()],
+            trace_configs=[client_trace_config()],
         )
         self._task = asyncio.create_task(self._loop(), name="crm-delivery")
         if self.settings.delivered_retention > 0:
@@ -163,8 +162,9 @@ class DeliveryWorker:
                 _attempts.add(1, {"outcome": "delivered"})
                 log.info("delivered to the CRM (HTTP %d) after %d attempt(s)", status, row.attempts + 1)
             elif 300 <= status < 400:  # CRM_URL is out of date: the record waits, as for a CRM that is down
-                await self._retry(row, f"CRM answered HTTP {status}, a redirect to {location or 'nowhere'}: the "
-                                  "record was not delivered; set CRM_URL to the address the CRM takes records at")
+                where = shown_url(location) if location else "nowhere"
+                await self._retry(row, f"CRM answered HTTP {status}, a redirect to {where}: the record was not "
+                                  "delivered; set CRM_URL to the address the CRM takes records at")
                 span.set_attribute("crm.outcome", "retry")
                 _attempts.add(1, {"outcome": "retry"})
                 return False

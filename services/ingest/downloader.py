@@ -17,15 +17,13 @@ from typing import BinaryIO
 from urllib.parse import urljoin
 
 import aiohttp
-import yarl
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import ThreadedResolver
-from opentelemetry.instrumentation.aiohttp_client import create_trace_config
 
 from services.common.limits import NO_ROOM_ERRNOS
-from services.common.telemetry import tracer
+from services.common.telemetry import client_trace_config, shown_url, tracer
 from services.ingest.config import DownloadSettings
-from services.ingest.urlpolicy import UrlPolicy, UrlRejected, parse_ip_literal, shown_url
+from services.ingest.urlpolicy import UrlPolicy, UrlRejected, parse_ip_literal
 
 log = logging.getLogger(__name__)
 _tracer = tracer(__name__)
@@ -74,11 +72,6 @@ def looks_like_audio(head: bytes) -> bool:
         return True
     # MPEG audio frame sync (mp3 without ID3) or ADTS AAC
     return head[0] == 0xFF and (head[1] & 0xE0) == 0xE0
-
-
-def _shown(url: yarl.URL) -> str:
-    """The recording's URL as its download span records it (:func:`shown_url`)."""
-    return shown_url(str(url))
 
 
 class _VettedResolver(AbstractResolver):
@@ -175,7 +168,7 @@ class Downloader:
         connector = aiohttp.TCPConnector(resolver=_VettedResolver(self.policy), use_dns_cache=False, limit=4)
         with _tracer.start_as_current_span("recording.download") as span:
             async with aiohttp.ClientSession(timeout=timeout, connector=connector, trust_env=False,
-                                             trace_configs=[create_trace_config(url_filter=_shown)]) as session:
+                                             trace_configs=[client_trace_config()]) as session:
                 try:
                     result = await self._follow(session, url)
                 except UrlRejected as exc:
