@@ -102,7 +102,7 @@ def numbers_in(text: str) -> set[str]:
 
 @dataclass(frozen=True)
 class AnalysisResult:
-    summary: tuple[str, ...]  # three bullets, fewer when one named a number the call never mentions
+    summary: tuple[str, ...]  # three bullets, fewer when one named a number or name the call never mentions
     topic: str
     sentiment: str
     emotion: str
@@ -118,7 +118,7 @@ class AnalysisResult:
     follow_up_actions: tuple[str, ...] = ()
     translated_lines: tuple[str, ...] = ()  # one per utterance analysed, in order; empty for English calls
     parts: int = 1  # how many parts a long transcript was read in
-    dropped_bullets: int = 0  # summary bullets dropped for naming numbers the call never mentioned
+    dropped_bullets: int = 0  # summary bullets dropped for naming numbers or names the call never mentioned
 
 
 # How a line of the transcript the model reads names its speaker; anyone else is "Speaker".
@@ -384,7 +384,7 @@ class Analyzer:
         used += first.completion_tokens
         dropped = {i for i, _ in ungrounded(answer)}  # still there after the retry: not kept
         if dropped:
-            log.warning("dropped %d summary bullet(s) naming numbers the call never mentions", len(dropped))
+            log.warning("dropped %d summary bullet(s) naming numbers or names the call never mentions", len(dropped))
         summary = tuple(b.strip().lstrip("-• ").strip() for i, b in enumerate(answer["summary"]) if i not in dropped)
         english_lines = translation if translation and language != "en" else [
             replace(u, text=t) for u, t in zip(utterances, translated_lines)]
