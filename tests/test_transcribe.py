@@ -6,8 +6,10 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import subprocess
+import time
 import wave
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -209,6 +211,32 @@ async def test_cancelling_the_stream_stops_the_decode(engine, stub, audio_dir: P
     assert engine.stats.active == 0
     assert engine.stats.cancelled == cancelled_before + 1
     assert engine.stats.segments - before < total_segments
+
+
+class SlowToReturn:
+    """The real engine, whose thread takes a moment to return after its last event (as when it frees a long
+    call's buffers)."""
+
+    def __init__(self, engine: WhisperEngine) -> None:
+        self._engine = engine
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._engine, name)
+
+    def run(self, source, options, cancel):
+        yield from self._engine.run(source, options, cancel)
+        time.sleep(0.5)
+
+
+async def test_a_decode_that_runs_to_its_end_is_not_logged_as_stopped_early(
+        engine: WhisperEngine, audio_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="services.transcribe.servicer")
+    async with served(SlowToReturn(engine), max_running=1, max_queued=0) as service:  # type: ignore[arg-type]
+        responses = await collect(service.stub.Transcribe(requests(audio_dir / "es-billing-angry.wav")))
+    assert responses[-1].HasField("summary")
+    said = [r.getMessage() for r in caplog.records if r.name == "services.transcribe.servicer"]
+    assert any(m.startswith("decoded ") for m in said)
+    assert not any("ended early" in m for m in said)
 
 
 async def test_over_the_concurrency_limit_is_resource_exhausted(engine, audio_dir: Path) -> None:

@@ -192,9 +192,11 @@ class TranscriptionServicer(transcribe_pb2_grpc.TranscriptionServiceServicer):
         }) as span:
             thread = threading.Thread(target=work, name=f"decode-{call_id}", daemon=True)
             thread.start()
+            ended = False  # the engine's thread ended on its own: done, or failed
             try:
                 while True:
                     event = await queue.get()
+                    ended = event is _DONE or isinstance(event, BaseException)
                     if event is _DONE:
                         break
                     if isinstance(event, AudioDecodeError):
@@ -219,9 +221,10 @@ class TranscriptionServicer(transcribe_pb2_grpc.TranscriptionServiceServicer):
                             _rtf.record(event.processing_time / event.audio_duration)
                     yield to_response(event)
             finally:
-                if thread.is_alive():
+                if not ended:  # the client went away mid-decode: stop the engine
                     cancel.set()
                     log.info("stream ended early: stopping the decode")
+                if thread.is_alive():  # a thread that ended on its own may not have returned quite yet
                     await asyncio.to_thread(thread.join)
 
 
