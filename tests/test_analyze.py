@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ from aiohttp import web
 
 from callcenter.v1 import analyze_pb2, analyze_pb2_grpc, common_pb2
 from services.analyze.analyzer import (EMOTION_MEANINGS, AnalysisError, Analyzer, TranscriptTooLong, Utterance,
-                                       analysis_schema)
+                                       analysis_schema, notes_schema)
 from services.analyze.backends import BackendUnavailable, EmbeddedLlamaBackend, OllamaBackend
 from services.analyze.config import DEFAULT_EMOTIONS, DEFAULT_TOPICS, LlmSettings
 from services.analyze.servicer import AnalysisServicer
@@ -433,9 +434,36 @@ def test_an_llm_model_that_is_not_gguf_stops_the_embedded_backend_with_the_reaso
 
 
 @pytest.mark.models
-def test_a_damaged_gguf_model_stops_the_embedded_backend_with_the_reason(tmp_path: Path, llm_small: Path) -> None:
+def test_a_damaged_gguf_model_stops_the_embedded_backend_with_the_reason(tmp_path: Path, llm_small: Path,
+                                                                        capfd: pytest.CaptureFixture[str]) -> None:
     model = tmp_path / "model.gguf"
     with llm_small.open("rb") as f:
         model.write_bytes(f.read(64 * 1024))  # a download cut short: the header, and little else
     with pytest.raises(RuntimeError, match=r"llama.cpp could not load .*model.gguf .*cut short or damaged"):
         EmbeddedLlamaBackend(settings("", str(model)))
+    assert "error loading model" in capfd.readouterr().err  # llama.cpp's own reason, in the service's log
+
+
+async def one_embedded_answer(llm_small: Path) -> None:
+    backend = EmbeddedLlamaBackend(settings("", str(llm_small)))
+    try:
+        await backend.complete_json([{"role": "user", "content": "Say hello in JSON."}], notes_schema(), 16)
+    finally:
+        await backend.close()
+
+
+@pytest.mark.models
+async def test_at_log_level_info_llama_cpp_writes_no_lines_of_its_own(llm_small: Path, caplog: pytest.LogCaptureFixture,
+                                                                      capfd: pytest.CaptureFixture[str]) -> None:
+    caplog.set_level(logging.INFO, logger="services.analyze.backends")
+    await one_embedded_answer(llm_small)
+    err = capfd.readouterr().err
+    assert "slot" not in err and "print_timing" not in err
+
+
+@pytest.mark.models
+async def test_at_log_level_debug_llama_cpp_logs_each_request(llm_small: Path, caplog: pytest.LogCaptureFixture,
+                                                              capfd: pytest.CaptureFixture[str]) -> None:
+    caplog.set_level(logging.DEBUG, logger="services.analyze.backends")
+    await one_embedded_answer(llm_small)
+    assert "print_timing" in capfd.readouterr().err

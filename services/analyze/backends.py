@@ -8,6 +8,7 @@ validating it is the analyzer's job.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -19,6 +20,7 @@ from typing import Protocol
 from services.analyze.config import LlmSettings
 
 log = logging.getLogger(__name__)
+LLAMA_VERBOSITY = 3  # llama.cpp's default threshold: its information, warnings and errors
 
 
 class BackendUnavailable(Exception):
@@ -115,10 +117,18 @@ class EmbeddedLlamaBackend:
         params.cpuparams.n_threads = settings.threads
         params.cpuparams_batch.n_threads = settings.threads
         params.warmup = False
+        # llama.cpp's own log (several lines per request, to stderr, with neither trace nor call id) only at
+        # LOG_LEVEL=DEBUG: at INFO the service logs each analysis itself, and llama.cpp's errors come back in
+        # its answers.
+        params.verbosity = LLAMA_VERBOSITY if log.isEnabledFor(logging.DEBUG) else 0
         started = time.perf_counter()
         try:
             self._server = xllamacpp.Server(params)
         except RuntimeError as exc:  # llama.cpp's own word is "please check the input params"
+            if params.verbosity == 0:  # once more with its log on, so that its reason reaches the service's log
+                params.verbosity = LLAMA_VERBOSITY
+                with contextlib.suppress(RuntimeError):
+                    xllamacpp.Server(params)
             raise RuntimeError(f"llama.cpp could not load {path} ({exc}): the file may be cut short or damaged "
                                "(install the model again with `python -m callmesh.models`), or need more memory "
                                f"than there is for LLM_CONTEXT_TOKENS={settings.context_tokens}") from exc
