@@ -8,16 +8,19 @@ import json
 import os
 import re
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import aiohttp
 import grpc
 import pytest
+from aiohttp import web
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from callcenter.v1 import common_pb2, crm_pb2
 from callmesh.standins import CrmReceiver
+from services.common.lifecycle import start_site
 from services.common.retry import backoff_delay
 from services.crm.outbox import FAILED as FAILED_ROW, IN_FLIGHT, QUEUED, SET_ASIDE, Outbox
 from services.ingest.pipeline import PipelineWorker, delivery_poll_delay
@@ -415,15 +418,25 @@ def test_delivery_polls_start_soon_and_slow_down_to_the_configured_interval() ->
     assert delivery_poll_delay(3600.0, 2.0) == 2.0  # a CRM that is down: never more often than DELIVERY_POLL_SECONDS
 
 
+async def delivery_to(tmp_path: Path, crm_endpoint: Callable[[web.Request], Awaitable[web.Response]], crm_url: str,
+                      call_id: str, attempts: int) -> crm_pb2.Delivery:
+    """A record delivered to a CRM that answers every request with ``crm_endpoint``, with CRM_URL set to
+    ``crm_url`` on it (a path and a query); its delivery once it has had ``attempts`` attempts."""
+    app = web.Application()
+    app.router.add_route("*", "/{path:.*}", crm_endpoint)
+    runner, port = await start_site(app, "127.0.0.1", 0, access_log=None)
+    try:
+        crm_end = SimpleNamespace(url=f"http://127.0.0.1:{port}{crm_url}")
+        async with crm_service(tmp_path / "o.db", crm_end) as crm:  # type: ignore[arg-type]
+            await crm.stub.Deliver(crm_pb2.DeliverRequest(record=record(call_id)))
+            return await wait_delivery(crm.stub, call_id, lambda d: d.attempts >= attempts)
+    finally:
+        await runner.cleanup()
+
+
 async def test_a_crm_url_that_redirects_keeps_the_record_queued_and_says_where_it_points(tmp_path: Path) -> None:
     """The CRM moved its endpoint and answers the old one 301. Following it would send a GET in the POST's place,
     and the new address's page answering that GET with 200 would count as the CRM taking a record it never got."""
-    from types import SimpleNamespace
-
-    from aiohttp import web
-
-    from services.common.lifecycle import start_site
-
     seen: list[str] = []
 
     async def moved(request: web.Request) -> web.Response:
@@ -432,43 +445,19 @@ async def test_a_crm_url_that_redirects_keeps_the_record_queued_and_says_where_i
             raise web.HTTPMovedPermanently("/v2/records")
         return web.Response(text="<html>Records</html>", content_type="text/html")
 
-    app = web.Application()
-    app.router.add_route("*", "/{path:.*}", moved)
-    runner, port = await start_site(app, "127.0.0.1", 0, access_log=None)
-    try:
-        crm_end = SimpleNamespace(url=f"http://127.0.0.1:{port}/v1/records")
-        async with crm_service(tmp_path / "o.db", crm_end) as crm:  # type: ignore[arg-type]
-            await crm.stub.Deliver(crm_pb2.DeliverRequest(record=record("c-moved")))
-            d = await wait_delivery(crm.stub, "c-moved", lambda d: d.attempts >= 2)
-        assert d.state == crm_pb2.DELIVERY_STATE_QUEUED
-        assert "HTTP 301, a redirect to /v2/records" in d.last_error and "set CRM_URL" in d.last_error
-        assert set(seen) == {"POST /v1/records"}  # never followed
-    finally:
-        await runner.cleanup()
+    d = await delivery_to(tmp_path, moved, "/v1/records", "c-moved", attempts=2)
+    assert d.state == crm_pb2.DELIVERY_STATE_QUEUED
+    assert "HTTP 301, a redirect to /v2/records" in d.last_error and "set CRM_URL" in d.last_error
+    assert set(seen) == {"POST /v1/records"}  # never followed
 
 
 async def test_an_api_key_in_the_crm_url_stays_out_of_traces_and_delivery_errors(
         tmp_path: Path, finished_spans: InMemorySpanExporter) -> None:
     """Some CRMs take their API key in the query; the redirect's Location here carries one too."""
-    from types import SimpleNamespace
-
-    from aiohttp import web
-
-    from services.common.lifecycle import start_site
-
     async def moved(request: web.Request) -> web.Response:
         raise web.HTTPFound("/v2/records?hapikey=moved-key-5678")
 
-    app = web.Application()
-    app.router.add_post("/v1/records", moved)
-    runner, port = await start_site(app, "127.0.0.1", 0, access_log=None)
-    try:
-        crm_end = SimpleNamespace(url=f"http://127.0.0.1:{port}/v1/records?hapikey=crm-key-1234")
-        async with crm_service(tmp_path / "o.db", crm_end) as crm:  # type: ignore[arg-type]
-            await crm.stub.Deliver(crm_pb2.DeliverRequest(record=record("c-keyed")))
-            d = await wait_delivery(crm.stub, "c-keyed", lambda d: d.attempts >= 1)
-    finally:
-        await runner.cleanup()
+    d = await delivery_to(tmp_path, moved, "/v1/records?hapikey=crm-key-1234", "c-keyed", attempts=1)
     assert "a redirect to /v2/records?hapikey=REDACTED" in d.last_error
     told = d.last_error + " ".join(str(value) for span in finished_spans.get_finished_spans()
                                    for value in (span.attributes or {}).values())
