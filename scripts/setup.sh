@@ -3,7 +3,7 @@
 # and the models in the data directory ($CALLMESH_DATA_DIR, default .data/).
 # Idempotent: a second run checks and does nothing.
 #   scripts/setup.sh          what the demo needs
-#   scripts/setup.sh --dev    plus test tools (pytest, buf) and the small test LLM
+#   scripts/setup.sh --dev    plus test tools (pytest, buf, promtool) and the small test LLM
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,6 +22,7 @@ if (( dev )); then
   command -v text2wave >/dev/null || missing+=(festival festvox-kallpc16k)   # a second voice for the evaluation sets
   command -v kubectl >/dev/null || missing+=(kubernetes-client)   # renders deploy/k8s with kubectl kustomize
   command -v wrk >/dev/null || missing+=(wrk)   # the webhook benchmark's second client (bench/webhook_load.py)
+  command -v promtool >/dev/null || missing+=(prometheus)   # promtool checks and unit-tests deploy/prometheus
 fi
 python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
 if (( ${#missing[@]} )); then

@@ -1,9 +1,10 @@
-"""docker-compose.yml and deploy/k8s/, validated offline and checked against what the code reads.
+"""docker-compose.yml, deploy/k8s/ and deploy/prometheus/, validated offline and checked against what the code reads.
 
 No container engine or cluster runs here: the compose file is checked against the
 Compose Specification schema (check-jsonschema) and by Debian's docker-compose
-(`config -q`), the manifests by kubernetes-validate; the rest of the tests hold the
-files to the code (variables, ports, health checks).
+(`config -q`), the manifests by kubernetes-validate, the Prometheus config and alerting
+rules by promtool (Debian's prometheus package), which also runs the rules' unit tests;
+the rest of the tests hold the files to the code (variables, ports, health checks, metrics).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 COMPOSE = ROOT / "docker-compose.yml"
 K8S = ROOT / "deploy" / "k8s"
+PROMETHEUS = ROOT / "deploy" / "prometheus"
 OUR_SERVICES = ("transcribe", "analyze", "crm", "ingest")
 GRPC = {"transcribe": ("TRANSCRIBE", "callcenter.v1.TranscriptionService"),
         "analyze": ("ANALYZE", "callcenter.v1.AnalysisService"),
@@ -30,12 +32,13 @@ REQUIRED = {"WEBHOOK_SECRETS": "x", "CRM_URL": "http://crm.example/records", "PO
 
 
 def variables_the_code_reads() -> set[str]:
-    """Every upper-case name the services pass to the env helpers, plus the *_LISTEN names."""
+    """Every upper-case name the services pass to the env helpers, plus the *_LISTEN and *_METRICS_LISTEN names."""
     names: set[str] = set()
     for path in (ROOT / "services").rglob("*.py"):
         text = path.read_text()
         names |= set(re.findall(r'"([A-Z][A-Z0-9_]{2,})"', text))
-        names |= {f"{prefix}_LISTEN" for prefix in re.findall(r'GrpcServerSettings\.from_env\("([A-Z_]+)"', text)}
+        names |= {f"{prefix}{suffix}" for prefix in re.findall(r'GrpcServerSettings\.from_env\("([A-Z_]+)"', text)
+                  for suffix in ("_LISTEN", "_METRICS_LISTEN")}
     return names
 
 
@@ -246,3 +249,57 @@ def test_the_gpu_image_brings_the_cublas_that_ctranslate2_loads() -> None:
     assert gpu["build"]["args"]["WHISPER_GPU"] == "1"
     assert gpu["image"] != compose_services()["transcribe"]["image"]
     assert containers()["transcribe"]["image"] == gpu["image"]  # the Kubernetes transcribe runs on a GPU node
+
+
+def promtool(*args: str) -> subprocess.CompletedProcess:
+    exe = shutil.which("promtool")
+    if exe is None:
+        pytest.fail("promtool is not installed (Debian: apt-get install prometheus; scripts/setup.sh --dev does)",
+                    pytrace=False)
+    return subprocess.run([exe, *args], cwd=PROMETHEUS, capture_output=True, text=True)
+
+
+def alerting_rules() -> list[dict]:
+    groups = yaml.safe_load((PROMETHEUS / "callmesh-alerts.yml").read_text())["groups"]
+    return [rule for group in groups for rule in group["rules"]]
+
+
+def test_the_prometheus_config_and_its_alerting_rules_are_valid() -> None:
+    result = promtool("check", "config", "prometheus.yml")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "10 rules found" in result.stdout
+
+
+def test_each_alert_fires_as_its_unit_tests_say() -> None:
+    result = promtool("test", "rules", "callmesh-alerts.test.yml")
+    assert result.returncode == 0, result.stdout + result.stderr
+    tests = yaml.safe_load((PROMETHEUS / "callmesh-alerts.test.yml").read_text())["tests"]
+    fired = {check["alertname"] for test in tests for check in test["alert_rule_test"] if check["exp_alerts"]}
+    assert fired == {rule["alert"] for rule in alerting_rules()}  # none untested
+
+
+def test_alerts_only_use_metrics_the_services_export() -> None:
+    used = {m.removesuffix("_bucket").removesuffix("_count") for rule in alerting_rules()
+            for m in re.findall(r"\b(callmesh_[a-z_]+)", rule["expr"])}
+    defined = metric_families_the_code_defines()
+    assert used and used <= defined, used - defined
+
+
+def test_every_alert_names_a_row_of_the_readme_runbook() -> None:
+    readme = (ROOT / "README.md").read_text()
+    runbook = readme.split("### Runbook", 1)[1].split("\n#", 1)[0]
+    symptoms = [line.split("|")[1].strip() for line in runbook.splitlines() if line.startswith("| ")]
+    for rule in alerting_rules():
+        assert any(symptom.startswith(rule["annotations"]["runbook"]) for symptom in symptoms), rule["alert"]
+        assert rule["alert"] in runbook  # the row names the alert that sends people there
+
+
+def test_prometheus_scrapes_each_service_where_compose_serves_its_metrics() -> None:
+    config = yaml.safe_load((PROMETHEUS / "prometheus.yml").read_text())
+    targets = {job["job_name"].removeprefix("callmesh-"): job["static_configs"][0]["targets"][0]
+               for job in config["scrape_configs"]}
+    services = compose_services()
+    assert targets["ingest"] == f"ingest:{services['ingest']['environment']['INGEST_PORT']}"
+    for name, (prefix, _) in GRPC.items():
+        assert targets[name] == f"{name}:{services[name]['environment'][f'{prefix}_METRICS_LISTEN'].rsplit(':', 1)[1]}"
+    assert "./deploy/prometheus:/etc/prometheus:ro" in services["prometheus"]["volumes"]
