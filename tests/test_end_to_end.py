@@ -12,6 +12,8 @@ import asyncio
 import json
 import os
 import re
+import shutil
+import subprocess
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -221,6 +223,20 @@ def metric(text: str, name: str, **labels: str) -> float:
             total, found = total + float(value), True
     assert found, f"no {name} {labels} in the scrape"
     return total
+
+
+async def test_every_services_metrics_pass_promtools_checks(world: World, two_calls: dict[str, dict]) -> None:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.fail("promtool is not installed (Debian: apt-get install prometheus; scripts/setup.sh --dev does)",
+                    pytrace=False)
+    async with aiohttp.ClientSession() as session:
+        for name, svc in world.mesh.services.items():
+            async with session.get(svc.metrics_url) as resp:
+                scrape = await resp.text()
+            checked = subprocess.run([promtool, "check", "metrics"], input=scrape, capture_output=True, text=True)
+            assert checked.returncode == 0, f"{name}: {checked.stdout}{checked.stderr}"
+            assert "callmesh_" in scrape
 
 
 async def test_every_service_exposes_prometheus_metrics(world: World, two_calls: dict[str, dict]) -> None:

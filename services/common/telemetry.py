@@ -73,10 +73,13 @@ def shown_url(url: str) -> str:
 
 
 def client_trace_config() -> "aiohttp.TraceConfig":
-    """Client spans for an aiohttp session, whose URLs are recorded as :func:`shown_url` shows them."""
+    """Client spans and metrics for an aiohttp session, whose URLs are recorded as :func:`shown_url` shows them.
+    In the stable HTTP conventions, as the server spans are (``url.full``, durations in seconds): the older ones
+    time requests in milliseconds, against Prometheus' base unit."""
+    from opentelemetry.instrumentation._semconv import _StabilityMode
     from opentelemetry.instrumentation.aiohttp_client import create_trace_config
 
-    return create_trace_config(url_filter=lambda url: shown_url(str(url)))
+    return create_trace_config(url_filter=lambda url: shown_url(str(url)), sem_conv_opt_in_mode=_StabilityMode.HTTP)
 
 
 def tracer(name: str) -> trace.Tracer:
