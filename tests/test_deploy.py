@@ -9,6 +9,7 @@ the rest of the tests hold the files to the code (variables, ports, health check
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
@@ -303,3 +304,111 @@ def test_prometheus_scrapes_each_service_where_compose_serves_its_metrics() -> N
     for name, (prefix, _) in GRPC.items():
         assert targets[name] == f"{name}:{services[name]['environment'][f'{prefix}_METRICS_LISTEN'].rsplit(':', 1)[1]}"
     assert "./deploy/prometheus:/etc/prometheus:ro" in services["prometheus"]["volumes"]
+
+
+OUTSIDE = None  # a pod in another namespace of the cluster (Prometheus, another internal system)
+
+
+@functools.cache
+def workloads() -> dict[str, dict]:
+    """Pod templates of the Deployments and StatefulSets, by workload name."""
+    return {d["metadata"]["name"]: d["spec"]["template"] for d in k8s_documents()
+            if d["kind"] in ("Deployment", "StatefulSet")}
+
+
+def network_policies() -> list[dict]:
+    return [d for d in k8s_documents() if d["kind"] == "NetworkPolicy"]
+
+
+def selects(selector: dict, labels: dict[str, str]) -> bool:
+    return all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())
+
+
+def port_numbers(workload: str) -> dict[str, int]:
+    return {p["name"]: p["containerPort"] for c in workloads()[workload]["spec"]["containers"] for p in c.get("ports", [])}
+
+
+def peer_matches(peer: dict, source: str | None) -> bool:
+    """Whether a NetworkPolicy peer is a pod of workload ``source`` in this namespace (None: another namespace)."""
+    if "ipBlock" in peer:
+        return False
+    if "namespaceSelector" in peer:
+        if peer["namespaceSelector"]:  # a namespace chosen by its labels: not this one in these manifests
+            return False
+        return "podSelector" not in peer or (source is not OUTSIDE and selects(peer["podSelector"],
+                                                                                workloads()[source]["metadata"]["labels"]))
+    return source is not OUTSIDE and selects(peer["podSelector"], workloads()[source]["metadata"]["labels"])
+
+
+def ingress_allowed(source: str | None, target: str, port: int) -> bool:
+    """Whether the policies let ``source``'s pods reach ``target``'s pods on ``port``."""
+    labels = workloads()[target]["metadata"]["labels"]
+    numbers = port_numbers(target)
+    governing = [p for p in network_policies()
+                 if "Ingress" in p["spec"]["policyTypes"] and selects(p["spec"]["podSelector"], labels)]
+    assert governing, f"no policy governs {target}"
+    for policy in governing:
+        for rule in policy["spec"].get("ingress", []):
+            ports = [numbers.get(p["port"], p["port"]) for p in rule.get("ports", [])]
+            if ports and port not in ports:
+                continue
+            if "from" not in rule or any(peer_matches(peer, source) for peer in rule["from"]):
+                return True
+    return False
+
+
+def env_of(workload: str) -> dict[str, str]:
+    return {e["name"]: e.get("value", "") for c in workloads()[workload]["spec"]["containers"] for e in c.get("env", [])}
+
+
+def test_every_network_policy_selects_pods_and_names_ports_they_have() -> None:
+    for policy in network_policies():
+        spec = policy["spec"]
+        chosen = [w for w, pod in workloads().items() if selects(spec["podSelector"], pod["metadata"]["labels"])]
+        assert chosen, policy["metadata"]["name"]
+        for rule in spec.get("ingress", []):
+            for port in rule.get("ports", []):
+                assert all(isinstance(port["port"], int) or port["port"] in port_numbers(w) for w in chosen), port
+            for peer in rule.get("from", []):
+                if "podSelector" in peer and "namespaceSelector" not in peer:
+                    assert any(selects(peer["podSelector"], pod["metadata"]["labels"]) for pod in workloads().values())
+
+
+def test_the_network_policies_let_each_service_reach_what_it_calls() -> None:
+    ingest = env_of("ingest")
+    for name, (prefix, _) in GRPC.items():
+        assert ingress_allowed("ingest", name, int(ingest[f"{prefix}_ADDR"].rsplit(":", 1)[1])), name
+    assert ingress_allowed("ingest", "postgres", 5432) and ingress_allowed("crm", "postgres", 5432)
+    assert ingress_allowed("analyze", "ollama", int(env_of("analyze")["OLLAMA_HOST"].rsplit(":", 1)[1]))
+    assert ingress_allowed(OUTSIDE, "ingest", port_numbers("ingest")["http"])  # recorders, operators
+    assert ingress_allowed(OUTSIDE, "transcribe", port_numbers("transcribe")["grpc"])  # other internal systems
+    for name in ("ingest", "transcribe", "analyze", "crm"):  # Prometheus, from its own namespace
+        port = int(workloads()[name]["metadata"]["annotations"]["prometheus.io/port"])
+        assert ingress_allowed(OUTSIDE, name, port), name
+
+
+def test_only_ingest_reaches_analyze_and_crm_and_only_ingest_and_crm_the_database() -> None:
+    for target in ("analyze", "crm"):
+        grpc_port = port_numbers(target)["grpc"]
+        assert not ingress_allowed(OUTSIDE, target, grpc_port)
+        assert not ingress_allowed("transcribe", target, grpc_port)
+    for source in (OUTSIDE, "transcribe", "analyze"):
+        assert not ingress_allowed(source, "postgres", 5432)
+    assert not ingress_allowed(OUTSIDE, "ollama", 11434) and not ingress_allowed("ingest", "ollama", 11434)
+
+
+def test_analyze_reaches_only_ollama_dns_and_the_trace_collector() -> None:
+    analyze = workloads()["analyze"]["metadata"]["labels"]
+    [policy] = [p for p in network_policies()
+                if selects(p["spec"]["podSelector"], analyze) and "Egress" in p["spec"]["policyTypes"]]
+    rules = policy["spec"]["egress"]
+    assert all("ipBlock" not in peer for rule in rules for peer in rule["to"])  # nothing outside the cluster
+    ollama = next(r for r in rules if any(selects(peer.get("podSelector", {"matchLabels": {"x": "y"}}),
+                                                  workloads()["ollama"]["metadata"]["labels"]) for peer in r["to"]))
+    assert [p["port"] for p in ollama["ports"]] == [int(env_of("analyze")["OLLAMA_HOST"].rsplit(":", 1)[1])]
+    config = next(d for d in k8s_documents() if d["kind"] == "ConfigMap")["data"]
+    collector = config["OTEL_EXPORTER_OTLP_ENDPOINT"].split("//", 1)[1]  # host.namespace:port
+    host, port = collector.rsplit(":", 1)
+    otlp = next(r for r in rules if any(peer.get("namespaceSelector") for peer in r["to"]))
+    assert otlp["to"][0]["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"] == host.split(".")[1]
+    assert [p["port"] for p in otlp["ports"]] == [int(port)]
