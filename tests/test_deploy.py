@@ -412,3 +412,43 @@ def test_analyze_reaches_only_ollama_dns_and_the_trace_collector() -> None:
     otlp = next(r for r in rules if any(peer.get("namespaceSelector") for peer in r["to"]))
     assert otlp["to"][0]["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"] == host.split(".")[1]
     assert [p["port"] for p in otlp["ports"]] == [int(port)]
+
+
+def compose_networks(service: str) -> set[str]:
+    return set(compose_services()[service].get("networks", ["default"]))
+
+
+def internal_networks() -> set[str]:
+    return {name for name, net in yaml.safe_load(COMPOSE.read_text())["networks"].items() if (net or {}).get("internal")}
+
+
+def host_of(address: str) -> str:
+    """``transcribe:50051``, ``http://ollama:11434``, ``postgresql://u:p@postgres:5432/db`` → the host."""
+    return re.sub(r"^[a-z]+://", "", address).rsplit("@", 1)[-1].split("/", 1)[0].rsplit(":", 1)[0]
+
+
+def test_compose_keeps_transcribe_and_analyze_on_a_network_with_no_way_out() -> None:
+    assert internal_networks()
+    for name in ("transcribe", "analyze"):
+        assert compose_networks(name) <= internal_networks(), name
+
+
+def test_compose_puts_each_service_on_a_network_with_what_it_calls() -> None:
+    services = compose_services()
+    env = {name: svc.get("environment", {}) for name, svc in services.items()}
+    calls = [("ingest", host_of(env["ingest"][f"{prefix}_ADDR"])) for prefix, _ in GRPC.values()]
+    calls += [(name, host_of(env[name]["DATABASE_URL"])) for name in ("ingest", "crm")]
+    calls += [(name, host_of(env[name]["OLLAMA_HOST"])) for name in ("analyze", "ollama-pull")]
+    calls += [(name, host_of(env[name]["OTEL_EXPORTER_OTLP_ENDPOINT"])) for name in OUR_SERVICES]
+    scrape = yaml.safe_load((PROMETHEUS / "prometheus.yml").read_text())["scrape_configs"]
+    calls += [("prometheus", host_of(job["static_configs"][0]["targets"][0])) for job in scrape]
+    assert len(calls) == 15
+    for caller, callee in calls:
+        assert compose_networks(caller) & compose_networks(callee), f"{caller} cannot reach {callee}"
+
+
+def test_compose_gives_a_way_out_to_what_downloads_posts_or_publishes_a_port() -> None:
+    services = compose_services()
+    needs_out = {"ingest", "crm", "models", "ollama"} | {name for name, svc in services.items() if svc.get("ports")}
+    for name in needs_out:
+        assert compose_networks(name) - internal_networks(), name
