@@ -22,6 +22,7 @@ from callcenter.v1 import common_pb2, crm_pb2
 from callmesh.standins import CrmReceiver
 from services.common.lifecycle import start_site
 from services.common.retry import backoff_delay
+from services.crm.delivery import plaintext_warning
 from services.crm.outbox import FAILED as FAILED_ROW, IN_FLIGHT, QUEUED, SET_ASIDE, Outbox
 from services.ingest.pipeline import PipelineWorker, delivery_poll_delay
 from services.ingest.store import DELIVERING, FAILED
@@ -463,3 +464,17 @@ async def test_an_api_key_in_the_crm_url_stays_out_of_traces_and_delivery_errors
                                    for value in (span.attributes or {}).values())
     assert "/v1/records?hapikey=REDACTED" in told  # the POST's span, with the URL's shape
     assert "crm-key-1234" not in told and "moved-key-5678" not in told
+
+
+@pytest.mark.parametrize("url", ["http://crm.example.internal/records", "http://10.1.2.3:8080/records"])
+def test_a_crm_url_over_plain_http_to_another_host_is_warned_about(url: str) -> None:
+    warning = plaintext_warning(url, token="secret")
+    assert warning is not None and "unencrypted" in warning and "CRM_TOKEN" in warning and "use https" in warning
+    without_token = plaintext_warning(url, token="")
+    assert without_token is not None and "CRM_TOKEN" not in without_token
+
+
+@pytest.mark.parametrize("url", ["https://crm.example.internal/records", "http://127.0.0.1:9000/records",
+                                 "http://localhost/records", "http://[::1]:9000/records"])
+def test_a_crm_url_over_https_or_on_this_machine_is_not_warned_about(url: str) -> None:
+    assert plaintext_warning(url, token="secret") is None

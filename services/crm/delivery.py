@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import time
+from urllib.parse import urlsplit
 
 import aiohttp
 from opentelemetry import trace
@@ -33,6 +35,23 @@ RETENTION_CHECK_SECONDS = 3600.0  # how often delivered records past their reten
 _meter = meter(__name__)
 _attempts = _meter.create_counter("callmesh.crm.delivery_attempts",
                                   description="POSTs to the CRM (outcome: delivered, retry, failed)")
+
+
+def plaintext_warning(crm_url: str, token: str) -> str | None:
+    """What to warn about when records (transcripts, personal data) and the token would cross the network
+    unencrypted: ``CRM_URL`` over plain http to a host that is not this machine."""
+    parts = urlsplit(crm_url)
+    if parts.scheme != "http":
+        return None
+    host = (parts.hostname or "").lower()
+    if host == "localhost":
+        return None
+    with contextlib.suppress(ValueError):
+        if ipaddress.ip_address(host).is_loopback:
+            return None
+    what = "every record (transcripts, personal data) and CRM_TOKEN go" if token else "every record (transcripts, " \
+        "personal data) goes"
+    return f"CRM_URL is plain http to {host}: {what} over the network unencrypted; use https"
 
 
 class DeliveryWorker:
@@ -60,6 +79,8 @@ class DeliveryWorker:
     async def start(self) -> None:
         if not self.settings.crm_url:
             log.warning("CRM_URL is not set: records are kept in the outbox until it is")
+        elif warning := plaintext_warning(self.settings.crm_url, self.settings.crm_token):
+            log.warning("%s", warning)
         self._session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=self.settings.timeout_seconds),
             trace_configs=[client_trace_config()],
