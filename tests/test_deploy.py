@@ -25,6 +25,7 @@ BIN = Path(sys.executable).parent
 COMPOSE = ROOT / "docker-compose.yml"
 K8S = ROOT / "deploy" / "k8s"
 PROMETHEUS = ROOT / "deploy" / "prometheus"
+GRAFANA = ROOT / "deploy" / "grafana"
 OUR_SERVICES = ("transcribe", "analyze", "crm", "ingest")
 GRPC = {"transcribe": ("TRANSCRIBE", "callcenter.v1.TranscriptionService"),
         "analyze": ("ANALYZE", "callcenter.v1.AnalysisService"),
@@ -442,7 +443,9 @@ def test_compose_puts_each_service_on_a_network_with_what_it_calls() -> None:
     calls += [(name, host_of(env[name]["OTEL_EXPORTER_OTLP_ENDPOINT"])) for name in OUR_SERVICES]
     scrape = yaml.safe_load((PROMETHEUS / "prometheus.yml").read_text())["scrape_configs"]
     calls += [("prometheus", host_of(job["static_configs"][0]["targets"][0])) for job in scrape]
-    assert len(calls) == 15
+    [datasource] = yaml.safe_load((GRAFANA / "provisioning" / "datasources" / "callmesh.yml").read_text())["datasources"]
+    calls.append(("grafana", host_of(datasource["url"])))
+    assert len(calls) == 16
     for caller, callee in calls:
         assert compose_networks(caller) & compose_networks(callee), f"{caller} cannot reach {callee}"
 
@@ -452,3 +455,17 @@ def test_compose_gives_a_way_out_to_what_downloads_posts_or_publishes_a_port() -
     needs_out = {"ingest", "crm", "models", "ollama"} | {name for name, svc in services.items() if svc.get("ports")}
     for name in needs_out:
         assert compose_networks(name) - internal_networks(), name
+
+
+def test_compose_grafana_shows_the_dashboard_from_the_prometheus_that_scrapes_callmesh() -> None:
+    grafana = compose_services()["grafana"]
+    mounts = dict(volume.removesuffix(":ro").split(":", 1) for volume in grafana["volumes"])
+    assert all((ROOT / source).exists() for source in mounts)
+    provisioning = ROOT / next(source for source, target in mounts.items() if target == "/etc/grafana/provisioning")
+    [provider] = yaml.safe_load((provisioning / "dashboards" / "callmesh.yml").read_text())["providers"]
+    dashboard = next(source for source in mounts if source.endswith("callmesh-dashboard.json"))
+    assert Path(mounts[dashboard]).parent == Path(provider["options"]["path"])
+    [datasource] = yaml.safe_load((provisioning / "datasources" / "callmesh.yml").read_text())["datasources"]
+    assert datasource["type"] == "prometheus" and datasource["isDefault"]  # the dashboard's ${datasource} default
+    prometheus_port = compose_services()["prometheus"]["ports"][0].split(":")[-1]
+    assert datasource["url"] == f"http://prometheus:{prometheus_port}"
