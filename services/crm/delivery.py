@@ -49,9 +49,8 @@ def plaintext_warning(crm_url: str, token: str) -> str | None:
     with contextlib.suppress(ValueError):
         if ipaddress.ip_address(host).is_loopback:
             return None
-    what = "every record (transcripts, personal data) and CRM_TOKEN go" if token else "every record (transcripts, " \
-        "personal data) goes"
-    return f"CRM_URL is plain http to {host}: {what} over the network unencrypted; use https"
+    sent = "every record (transcripts, personal data)" + (" and CRM_TOKEN go" if token else " goes")
+    return f"CRM_URL is plain http to {host}: {sent} over the network unencrypted; use https"
 
 
 class DeliveryWorker:
