@@ -74,6 +74,10 @@ def containers() -> dict[str, dict]:
     return out
 
 
+def env_of(container: str) -> dict[str, str]:
+    return {e["name"]: e.get("value", "") for e in containers()[container].get("env", [])}
+
+
 def test_compose_file_follows_the_compose_specification() -> None:
     for path in (COMPOSE, ROOT / "docker-compose.gpu.yml"):
         result = subprocess.run([str(BIN / "check-jsonschema"), "--builtin-schema", "vendor.compose-spec", str(path)],
@@ -172,7 +176,7 @@ def test_kubernetes_probes_use_grpc_health_on_the_listen_port() -> None:
     found = containers()
     for name, (prefix, grpc_service) in GRPC.items():
         c = found[name]
-        env = {e["name"]: e.get("value") for e in c.get("env", [])}
+        env = env_of(name)
         port = int(env[f"{prefix}_LISTEN"].rsplit(":", 1)[1])
         assert c["ports"][0]["containerPort"] == port
         assert c["readinessProbe"]["grpc"] == {"port": port, "service": grpc_service}
@@ -185,7 +189,7 @@ def test_kubernetes_services_for_grpc_are_headless_and_ingest_balances_over_dns(
     grpc_services = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] in GRPC}
     assert set(grpc_services) == set(GRPC)
     assert all(d["spec"]["clusterIP"] == "None" for d in grpc_services.values())
-    env = {e["name"]: e.get("value") for e in containers()["ingest"]["env"]}
+    env = env_of("ingest")
     for name, (prefix, _) in GRPC.items():
         assert env[f"{prefix}_ADDR"].startswith(f"dns:///{name}.")
     known = variables_the_code_reads()
@@ -356,10 +360,6 @@ def ingress_allowed(source: str | None, target: str, port: int) -> bool:
             if "from" not in rule or any(peer_matches(peer, source) for peer in rule["from"]):
                 return True
     return False
-
-
-def env_of(workload: str) -> dict[str, str]:
-    return {e["name"]: e.get("value", "") for c in workloads()[workload]["spec"]["containers"] for e in c.get("env", [])}
 
 
 def test_every_network_policy_selects_pods_and_names_ports_they_have() -> None:
