@@ -23,10 +23,10 @@ from callcenter.v1 import common_pb2, transcribe_pb2, transcribe_pb2_grpc
 from callmesh.standins import Recorder
 from services.common.grpc_server import RunningServer, ServiceBinding, client_channel, start_server
 from services.common.limits import AdmissionLimiter
+from services.ingest.downloader import looks_like_audio
 from services.transcribe.config import EngineSettings
 from services.transcribe.engine import WhisperEngine
 from services.transcribe.servicer import TranscriptionServicer
-from services.ingest.downloader import looks_like_audio
 from tests.audio import TELEPHONY_RECORDINGS
 from tests.ingest_harness import post, running_ingest, wait_for
 

@@ -21,7 +21,6 @@ from tests.ingest_harness import SECRET, VERIFIER, Ingest, post, running_ingest,
 from tests.spans import SPANS
 
 
-
 def server_spans(path: str) -> list[ReadableSpan]:
     return [s for s in SPANS.get_finished_spans()
             if s.kind == trace.SpanKind.SERVER and (s.attributes or {}).get("url.path") == path]
