@@ -305,8 +305,7 @@ def test_prometheus_scrapes_each_service_where_compose_serves_its_metrics() -> N
     targets = {job["job_name"].removeprefix("callmesh-"): job["static_configs"][0]["targets"][0]
                for job in config["scrape_configs"]}
     services = compose_services()
-    assert targets["ingest"] == f"ingest:{services['ingest']['environment']['INGEST_PORT']}"
-    for name, (prefix, _) in GRPC.items():
+    for name, prefix in (("ingest", "INGEST"), *((name, prefix) for name, (prefix, _) in GRPC.items())):
         assert targets[name] == f"{name}:{services[name]['environment'][f'{prefix}_METRICS_LISTEN'].rsplit(':', 1)[1]}"
     assert "./deploy/prometheus:/etc/prometheus:ro" in services["prometheus"]["volumes"]
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import urllib.error
+import urllib.request
 
 import aiohttp
 import pytest
@@ -14,10 +16,11 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from callmesh.mesh import new_mesh
 from callmesh.standins import Recorder, signed_headers
 from services.common.lifecycle import start_site
 from services.ingest.api import create_app
-from tests.ingest_harness import SECRET, VERIFIER, Ingest, post, running_ingest, wait_for_state
+from tests.ingest_harness import SECRET, UNUSED, VERIFIER, Ingest, post, running_ingest, wait_for_state
 from tests.spans import SPANS
 
 
@@ -334,3 +337,20 @@ async def test_a_connection_that_sends_no_whole_request_is_closed_after_the_read
             assert await asyncio.wait_for(reader.read(), 10) == b""  # closed by ingest, not by this test's wait
         finally:
             writer.close()
+
+
+def test_ingest_serves_its_metrics_apart_from_the_api_when_told_where(tmp_path) -> None:
+    """INGEST_METRICS_LISTEN: the counts stay off the port recorders reach."""
+    mesh = new_mesh({"INGEST_PORT": "0", "INGEST_METRICS_LISTEN": "127.0.0.1:0", "CALLMESH_DATA_DIR": str(tmp_path),
+                     "TRANSCRIBE_ADDR": UNUSED, "ANALYZE_ADDR": UNUSED, "CRM_SYNC_ADDR": UNUSED}, tmp_path / "mesh")
+    try:
+        mesh.start_service("ingest", timeout=60)
+        metrics_url = mesh.services["ingest"].metrics_url
+        assert not metrics_url.startswith(mesh.ingest_url)
+        with urllib.request.urlopen(metrics_url, timeout=10) as resp:
+            assert b"callmesh_calls{" in resp.read()
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"{mesh.ingest_url}/metrics", timeout=10)
+        assert refused.value.code == 404
+    finally:
+        mesh.stop()

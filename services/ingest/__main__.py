@@ -7,8 +7,9 @@ import logging
 
 from services.common.config import env_str
 from services.common.lifecycle import freeze_startup_heap, install_stop_signals, start_site, write_ready_file
+from services.common.metrics import start_metrics_site
 from services.common.telemetry import run_service
-from services.ingest.api import create_app, site_options
+from services.ingest.api import METRICS_REFRESH, create_app, site_options
 from services.ingest.config import IngestSettings
 from services.ingest.downloader import Downloader
 from services.ingest.pipeline import PipelineWorker
@@ -36,20 +37,29 @@ async def amain() -> None:
         log.warning("RECORDING_ALLOWED_HOSTS is empty: recordings are fetched from any host with a public address")
     worker = PipelineWorker(store, downloader, settings.pipeline, settings.pipeline.worker_id)
     app = create_app(store, worker, downloader.policy, verifier, api_token=env_str("API_TOKEN", ""),
-                     public_url=settings.public_url, read_timeout=settings.read_timeout)
+                     public_url=settings.public_url, read_timeout=settings.read_timeout,
+                     metrics_on_api=not settings.metrics_listen)
     runner, port = await start_site(app, settings.host, settings.port, access_log=None,
                                     shutdown_timeout=settings.grace_seconds, **site_options(settings.read_timeout))
     address = f"{settings.host}:{port}"
     log.info("ingest listening on http://%s (transcribe %s, analyze %s, crm %s)", address,
              settings.pipeline.transcribe_addr, settings.pipeline.analyze_addr, settings.pipeline.crm_addr)
+    metrics = f"http://{address}/metrics"
+    metrics_runner = None
+    if settings.metrics_listen:  # apart from the API, whose port recorders reach
+        metrics_runner, metrics_address = await start_metrics_site(settings.metrics_listen, app[METRICS_REFRESH])
+        metrics = f"http://{metrics_address}/metrics"
+        log.info("ingest metrics on %s", metrics)
     await worker.start()
     freeze_startup_heap()
-    write_ready_file(settings.ready_file, address, metrics=f"http://{address}/metrics")
+    write_ready_file(settings.ready_file, address, metrics=metrics)
     stop = asyncio.Event()
     install_stop_signals(stop)
     await stop.wait()
     log.info("ingest stopping: no new webhooks, draining jobs for up to %.0f s", settings.grace_seconds)
     await runner.cleanup()
+    if metrics_runner is not None:
+        await metrics_runner.cleanup()
     await worker.stop(settings.grace_seconds)
     await store.close()
     log.info("ingest stopped")

@@ -60,6 +60,7 @@ POLICY = web.AppKey("policy", UrlPolicy)
 VERIFIER = web.AppKey("verifier", WebhookVerifier)
 OUTCOME = web.RequestKey("callmesh.webhook_outcome", str)  # "duplicate" when the call was known
 SETTINGS = web.AppKey("settings", dict)
+METRICS_REFRESH = web.AppKey("metrics_refresh_hook", Callable[[], Awaitable[None]])  # before each scrape
 
 
 def problem(status: int, title: str, detail: str, headers: dict[str, str] | None = None,
@@ -455,7 +456,10 @@ async def body_in_time(request: web.Request, handler: Handler) -> web.StreamResp
 
 
 def create_app(store: JobStore, worker: PipelineWorker, policy: UrlPolicy, verifier: WebhookVerifier, *,
-               api_token: str = "", public_url: str = "", read_timeout: float = 30.0) -> web.Application:
+               api_token: str = "", public_url: str = "", read_timeout: float = 30.0,
+               metrics_on_api: bool = True) -> web.Application:
+    """Ingest's HTTP API. ``metrics_on_api``: ``/metrics`` on this port too; otherwise serve it elsewhere with
+    :data:`METRICS_REFRESH` (``INGEST_METRICS_LISTEN``)."""
     app = web.Application(client_max_size=MAX_BODY_BYTES,
                           middlewares=[server_span_middleware(), same_origin_changes, body_in_time, store_trouble])
     app[STORE] = store
@@ -471,5 +475,7 @@ def create_app(store: JobStore, worker: PipelineWorker, policy: UrlPolicy, verif
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/openapi.json", openapi)
     WebPages(store, api_token).register(app)
-    add_metrics_route(app, _gauges(store, worker.downloader.settings))
+    app[METRICS_REFRESH] = _gauges(store, worker.downloader.settings)
+    if metrics_on_api:
+        add_metrics_route(app, app[METRICS_REFRESH])
     return app

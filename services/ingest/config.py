@@ -116,6 +116,7 @@ class IngestSettings:
     grace_seconds: float
     ready_file: Path | None
     read_timeout: float = 30.0  # seconds a client has to send a request; an idle connection is closed after it
+    metrics_listen: str = ""  # where /metrics is served apart from the API; empty: on the API's port
 
     @classmethod
     def from_env(cls) -> "IngestSettings":
@@ -131,4 +132,5 @@ class IngestSettings:
             grace_seconds=env_float("SHUTDOWN_GRACE_SECONDS", 20.0, minimum=0.0),
             ready_file=ready_file(),
             read_timeout=env_float("INGEST_READ_TIMEOUT_SECONDS", 30.0, minimum=0.1),
+            metrics_listen=env_str("INGEST_METRICS_LISTEN", ""),
         )
