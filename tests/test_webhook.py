@@ -352,5 +352,8 @@ def test_ingest_serves_its_metrics_apart_from_the_api_when_told_where(tmp_path) 
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(f"{mesh.ingest_url}/metrics", timeout=10)
         assert refused.value.code == 404
+        with urllib.request.urlopen(f"{mesh.ingest_url}/openapi.json", timeout=10) as resp:
+            paths = json.load(resp)["paths"]
+        assert "/metrics" not in paths and "/v1/calls" in paths
     finally:
         mesh.stop()

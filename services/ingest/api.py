@@ -361,7 +361,7 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def openapi(request: web.Request) -> web.Response:
-    return web.json_response(openapi_document())
+    return web.json_response(openapi_document(metrics=request.app[SETTINGS]["metrics_on_api"]))
 
 
 def _gauges(store: JobStore, downloads: DownloadSettings) -> Callable[[], Awaitable[None]]:
@@ -466,7 +466,8 @@ def create_app(store: JobStore, worker: PipelineWorker, policy: UrlPolicy, verif
     app[WORKER] = worker
     app[POLICY] = policy
     app[VERIFIER] = verifier
-    app[SETTINGS] = {"api_token": api_token, "public_url": public_url, "read_timeout": read_timeout}
+    app[SETTINGS] = {"api_token": api_token, "public_url": public_url, "read_timeout": read_timeout,
+                     "metrics_on_api": metrics_on_api}
     app.router.add_post("/v1/calls", post_call)
     app.router.add_get("/v1/calls", list_calls)
     app.router.add_get("/v1/calls/{call_id}", get_call)

@@ -149,8 +149,12 @@ def _with_store_unavailable(document: dict[str, Any]) -> dict[str, Any]:
     return document
 
 
-def openapi_document() -> dict[str, Any]:
-    return _with_store_unavailable(_document())
+def openapi_document(metrics: bool = True) -> dict[str, Any]:
+    """The API's OpenAPI document; ``metrics``: whether ``/metrics`` is on the API's port."""
+    document = _with_store_unavailable(_document())
+    if not metrics:  # served apart (INGEST_METRICS_LISTEN)
+        del document["paths"]["/metrics"]
+    return document
 
 
 def _document() -> dict[str, Any]:
