@@ -12,13 +12,14 @@ from __future__ import annotations
 import functools
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+
+from tests.tools import system_tool
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -45,9 +46,7 @@ def variables_the_code_reads() -> set[str]:
 
 
 def compose(*files: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    exe = shutil.which("docker-compose")
-    if exe is None:
-        pytest.fail("docker-compose is not installed (Debian: apt-get install docker-compose)", pytrace=False)
+    exe = system_tool("docker-compose", "docker-compose")
     args = [exe, *(a for f in files for a in ("-f", str(f))), "config", "-q"]
     clean = {k: v for k, v in os.environ.items() if k not in REQUIRED}
     return subprocess.run(args, cwd=ROOT, env={**clean, **(env or {})}, capture_output=True, text=True)
@@ -149,9 +148,7 @@ def test_kubernetes_manifests_validate_strictly() -> None:
 
 
 def test_kustomize_renders_every_manifest_and_the_result_validates(tmp_path: Path) -> None:
-    kubectl = shutil.which("kubectl")
-    if kubectl is None:
-        pytest.fail("kubectl is not installed (Debian: apt-get install kubernetes-client)", pytrace=False)
+    kubectl = system_tool("kubectl", "kubernetes-client")
     rendered = subprocess.run([kubectl, "kustomize", str(K8S)], capture_output=True, text=True)
     assert rendered.returncode == 0, rendered.stderr
     docs = [d for d in yaml.safe_load_all(rendered.stdout) if d]
@@ -258,11 +255,7 @@ def test_the_gpu_image_brings_the_cublas_that_ctranslate2_loads() -> None:
 
 
 def promtool(*args: str) -> subprocess.CompletedProcess:
-    exe = shutil.which("promtool")
-    if exe is None:
-        pytest.fail("promtool is not installed (Debian: apt-get install prometheus; scripts/setup.sh --dev does)",
-                    pytrace=False)
-    return subprocess.run([exe, *args], cwd=PROMETHEUS, capture_output=True, text=True)
+    return subprocess.run([system_tool("promtool", "prometheus"), *args], cwd=PROMETHEUS, capture_output=True, text=True)
 
 
 def alerting_rules() -> list[dict]:
@@ -334,13 +327,10 @@ def port_numbers(workload: str) -> dict[str, int]:
 
 def peer_matches(peer: dict, source: str | None) -> bool:
     """Whether a NetworkPolicy peer is a pod of workload ``source`` in this namespace (None: another namespace)."""
-    if "ipBlock" in peer:
-        return False
-    if "namespaceSelector" in peer:
-        if peer["namespaceSelector"]:  # a namespace chosen by its labels: not this one in these manifests
-            return False
-        return "podSelector" not in peer or (source is not OUTSIDE and selects(peer["podSelector"],
-                                                                                workloads()[source]["metadata"]["labels"]))
+    if "ipBlock" in peer or peer.get("namespaceSelector"):
+        return False  # addresses, or namespaces chosen by their labels: none of these manifests' pods
+    if "podSelector" not in peer:
+        return True  # namespaceSelector {} alone: any pod of the cluster
     return source is not OUTSIDE and selects(peer["podSelector"], workloads()[source]["metadata"]["labels"])
 
 
@@ -403,8 +393,8 @@ def test_analyze_reaches_only_ollama_dns_and_the_trace_collector() -> None:
                 if selects(p["spec"]["podSelector"], analyze) and "Egress" in p["spec"]["policyTypes"]]
     rules = policy["spec"]["egress"]
     assert all("ipBlock" not in peer for rule in rules for peer in rule["to"])  # nothing outside the cluster
-    ollama = next(r for r in rules if any(selects(peer.get("podSelector", {"matchLabels": {"x": "y"}}),
-                                                  workloads()["ollama"]["metadata"]["labels"]) for peer in r["to"]))
+    ollama = next(r for r in rules if any("podSelector" in peer and selects(
+        peer["podSelector"], workloads()["ollama"]["metadata"]["labels"]) for peer in r["to"]))
     assert [p["port"] for p in ollama["ports"]] == [int(env_of("analyze")["OLLAMA_HOST"].rsplit(":", 1)[1])]
     config = next(d for d in k8s_documents() if d["kind"] == "ConfigMap")["data"]
     collector = config["OTEL_EXPORTER_OTLP_ENDPOINT"].split("//", 1)[1]  # host.namespace:port

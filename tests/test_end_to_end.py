@@ -12,7 +12,6 @@ import asyncio
 import json
 import os
 import re
-import shutil
 import subprocess
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from services.common.config import PLAINTEXT, TlsSettings
 from services.common.grpc_server import client_channel
 from tests.otlp_receiver import OtlpReceiver
 from tests.tls import Authority, mtls_env
+from tests.tools import system_tool
 
 pytestmark = pytest.mark.models
 SERVICES = {"ingest", "transcribe", "analyze", "crm"}
@@ -226,10 +226,7 @@ def metric(text: str, name: str, **labels: str) -> float:
 
 
 async def test_every_services_metrics_pass_promtools_checks(world: World, two_calls: dict[str, dict]) -> None:
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        pytest.fail("promtool is not installed (Debian: apt-get install prometheus; scripts/setup.sh --dev does)",
-                    pytrace=False)
+    promtool = system_tool("promtool", "prometheus")
     async with aiohttp.ClientSession() as session:
         for name, svc in world.mesh.services.items():
             async with session.get(svc.metrics_url) as resp:
