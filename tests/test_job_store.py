@@ -109,3 +109,41 @@ async def test_erasing_a_call_forgets_the_webhook_ids_that_named_it(store: JobSt
     await store.erase_finished("erased")
     remembered = await store.db.fetchall("SELECT webhook_id, call_id FROM webhook_ids ORDER BY webhook_id")
     assert [tuple(row) for row in remembered] == [("msg_kept", "kept")]
+
+
+NEW_LINK = "http://127.0.0.1:9/a.wav?X-Amz-Signature=fresh"
+
+
+async def test_a_new_link_is_taken_only_while_the_call_has_no_recording(store: JobStore) -> None:
+    cases = {  # call: (state, error_stage, recording_path)
+        "queued": (RECEIVED, None, None), "retrying": (DOWNLOADING, None, None),
+        "failed-download": (FAILED, DOWNLOADING, None), "downloaded": (TRANSCRIBING, None, "/r/downloaded.audio"),
+        "failed-later": (FAILED, TRANSCRIBING, None), "done": (DONE, None, None)}
+    for call_id, (state, error_stage, path) in cases.items():
+        await store.create(call_id, "http://127.0.0.1:9/a.wav", JobOptions(), {}, "")
+        await store.update(call_id, None, state=state, error_stage=error_stage, recording_path=path)
+    relinked = {call_id: await store.relink(call_id, NEW_LINK, JobOptions()) for call_id in [*cases, "unknown"]}
+    assert {c for c, job in relinked.items() if job is not None} == {"queued", "retrying", "failed-download"}
+    assert (await store.get("downloaded")).recording_url == "http://127.0.0.1:9/a.wav"
+    assert (await store.get("queued")).recording_url == NEW_LINK
+
+
+async def test_a_call_that_failed_at_its_download_goes_back_to_it_with_a_new_link(store: JobStore) -> None:
+    await store.create("call-1", "http://127.0.0.1:9/a.wav", JobOptions(), {}, "")
+    await store.update("call-1", None, state=FAILED, error="download: HTTP 403", error_stage=DOWNLOADING, attempts=1)
+    job = await store.relink("call-1", NEW_LINK, JobOptions(language="es"))
+    assert job is not None
+    assert (job.state, job.error, job.error_stage, job.attempts) == (DOWNLOADING, None, None, 0)
+    assert job.options.language == "es"
+    assert [j.call_id for j in await store.claim("w", 4, 60)] == ["call-1"]
+
+
+async def test_a_new_link_for_a_call_being_downloaded_leaves_the_download_its_lease(store: JobStore) -> None:
+    await store.create("call-1", "http://127.0.0.1:9/a.wav", JobOptions(), {}, "")
+    [claimed] = await store.claim("w", 1, 60)
+    await store.update("call-1", "w", state=DOWNLOADING)
+    job = await store.relink("call-1", NEW_LINK, JobOptions(), "msg_2")
+    assert job is not None and job.recording_url == NEW_LINK
+    assert job.lease_owner == "w" and await store.claim("other", 1, 60) == []
+    again, new = await store.create("call-1", "http://127.0.0.1:9/old.wav", JobOptions(), {}, "", "msg_2")
+    assert not new and again.recording_url == NEW_LINK  # the relinking webhook, sent again, is known

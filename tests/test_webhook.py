@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import logging
 import urllib.error
 import urllib.request
+from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
@@ -19,9 +21,15 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from callmesh.mesh import new_mesh
 from callmesh.standins import Recorder, signed_headers
 from services.common.lifecycle import start_site
+from services.ingest.api import _webhooks as webhook_outcomes_counter
 from services.ingest.api import create_app
-from tests.ingest_harness import SECRET, UNUSED, VERIFIER, Ingest, post, running_ingest, wait_for_state
+from tests.ingest_harness import SECRET, UNUSED, VERIFIER, Ingest, post, running_ingest, wait_for, wait_for_state
 from tests.spans import SPANS
+
+
+def webhook_outcomes() -> collections.Counter[str]:
+    """What ingest counts for ``callmesh_webhooks_total``, by outcome."""
+    return collections.Counter(webhook_outcomes_counter)
 
 
 def server_spans(path: str) -> list[ReadableSpan]:
@@ -171,6 +179,65 @@ async def test_missing_recording_fails_at_once(ingest: Ingest, recorder: Recorde
     status = await wait_for_state(ingest.url, "gone-1", {"failed"})
     assert "HTTP 404" in status["error"]["message"]
     assert status["attempts"] == 1
+
+
+@pytest.fixture
+async def expiring_store() -> AsyncIterator[tuple[str, asyncio.Event]]:
+    """A recording store whose links have all expired (403, as S3 answers): ``/expired`` answers at once,
+    ``/held`` once the event is set."""
+    release = asyncio.Event()
+
+    async def expired(request: web.Request) -> web.Response:
+        if request.path == "/held":
+            await release.wait()
+        return web.Response(status=403, text="Request has expired")
+
+    app = web.Application()
+    app.router.add_get("/expired", expired)
+    app.router.add_get("/held", expired)
+    runner, port = await start_site(app, "127.0.0.1", 0, access_log=None)
+    yield f"http://127.0.0.1:{port}", release
+    release.set()
+    await runner.cleanup()
+
+
+async def test_a_call_whose_link_expired_is_downloaded_from_the_new_link_sent_again(
+        ingest: Ingest, recorder: Recorder, expiring_store: tuple[str, asyncio.Event]) -> None:
+    store_url, _ = expiring_store
+    await post(ingest.url, json.dumps({"call_id": "expired-1", "recording_url": f"{store_url}/expired"}))
+    failed = await wait_for_state(ingest.url, "expired-1", {"failed"})
+    assert "HTTP 403" in failed["error"]["message"] and "send the webhook again with a new link" in failed["error"]["message"]
+    relinked_before = webhook_outcomes()["relinked"]
+    fresh = recorder.url_for("es-billing-angry.wav")
+    status, body = await post(ingest.url, json.dumps({"call_id": "expired-1", "recording_url": fresh}))
+    assert (status, body["duplicate"]) == (202, True)
+    assert webhook_outcomes()["relinked"] == relinked_before + 1
+    status = await wait_for(ingest.url, "expired-1", lambda s: "transcribing" in s["stages"])
+    assert status["recording_url"] == fresh and "es-billing-angry.wav" in recorder.requests
+
+
+async def test_a_download_that_fails_after_a_new_link_came_tries_the_new_link_at_once(
+        ingest: Ingest, recorder: Recorder, expiring_store: tuple[str, asyncio.Event]) -> None:
+    store_url, release = expiring_store
+    await post(ingest.url, json.dumps({"call_id": "expired-2", "recording_url": f"{store_url}/held"}))
+    await wait_for_state(ingest.url, "expired-2", {"downloading"})
+    status, _ = await post(ingest.url, json.dumps({"call_id": "expired-2",
+                                                   "recording_url": recorder.url_for("es-billing-angry.wav")}))
+    assert status == 202
+    release.set()  # the download in flight, on the old link, is answered 403
+    status = await wait_for(ingest.url, "expired-2", lambda s: "transcribing" in s["stages"])
+    assert "failed" not in status["stages"]
+
+
+async def test_a_new_link_for_a_call_already_downloaded_is_refused_with_the_reason(
+        ingest: Ingest, recorder: Recorder) -> None:
+    await post(ingest.url, json.dumps({"call_id": "kept-1", "recording_url": recorder.url_for("es-billing-angry.wav")}))
+    await wait_for(ingest.url, "kept-1", lambda s: "transcribing" in s["stages"])
+    status, problem = await post(ingest.url, json.dumps({"call_id": "kept-1",
+                                                         "recording_url": recorder.url_for("en-internet-angry.wav")}))
+    assert status == 409
+    assert "its recording is downloaded" in problem["detail"] and problem["status_url"].endswith("/v1/calls/kept-1")
+    assert (await ingest.store.get("kept-1")).recording_url == recorder.url_for("es-billing-angry.wav")
 
 
 async def test_unreachable_transcribe_is_retried_not_failed(ingest: Ingest, recorder: Recorder) -> None:

@@ -45,8 +45,9 @@ _meter = meter(__name__)
 # of a webhook's CPU, this costs nothing measurable.
 _webhooks: collections.Counter[str] = collections.Counter()
 _meter.create_observable_counter(
-    "callmesh.webhooks", description="Webhooks answered (outcome: accepted, duplicate, or the HTTP status of a "
-    "refusal)", callbacks=[lambda _: [Observation(n, {"outcome": outcome}) for outcome, n in _webhooks.items()]])
+    "callmesh.webhooks", description="Webhooks answered (outcome: accepted, duplicate, relinked (a new recording "
+    "link for a known call), or the HTTP status of a refusal)",
+    callbacks=[lambda _: [Observation(n, {"outcome": outcome}) for outcome, n in _webhooks.items()]])
 
 MAX_BODY_BYTES = 64 * 1024
 STORE_RETRY_AFTER_SECONDS = 5  # the Retry-After of a request the job store could not serve
@@ -58,7 +59,7 @@ STORE = web.AppKey("store", JobStore)
 WORKER = web.AppKey("worker", PipelineWorker)
 POLICY = web.AppKey("policy", UrlPolicy)
 VERIFIER = web.AppKey("verifier", WebhookVerifier)
-OUTCOME = web.RequestKey("callmesh.webhook_outcome", str)  # "duplicate" when the call was known
+OUTCOME = web.RequestKey("callmesh.webhook_outcome", str)  # "duplicate" or "relinked" when the call was known
 SETTINGS = web.AppKey("settings", dict)
 METRICS_REFRESH = web.AppKey("metrics_refresh_hook", Callable[[], Awaitable[None]])  # before each scrape
 
@@ -217,19 +218,35 @@ async def _post_call(request: web.Request) -> web.Response:
         if not new and job.call_id != call_id:
             log.info("webhook-id %s seen before (call %s): acknowledged, not processed again", webhook_id, job.call_id)
         elif not new and job.recording_url != url:
-            return problem(409, "Conflict", f"call {call_id} was already received with another recording_url",
-                           status_url=status_url(_base_url(request), call_id))
+            relinked = await request.app[STORE].relink(call_id, url, options, webhook_id)
+            if relinked is None:
+                return problem(409, "Conflict", f"call {call_id} was already received with another recording_url, "
+                               f"and {_has_recording(job)}: a new link is taken only until the recording is "
+                               "downloaded", status_url=status_url(_base_url(request), call_id))
+            job = relinked
+            request[OUTCOME] = "relinked"
+            log.info("call received again with a new recording link, taken in place of the earlier one "
+                     "(its recording was not downloaded yet)")
+            request.app[WORKER].wake()
         elif new:
             log.info("call received")
             request.app[WORKER].wake()
         else:
             log.info("call received again: same job, not processed twice")
-    if not new:
+    if not new and OUTCOME not in request:
         request[OUTCOME] = "duplicate"
     url_of_status = status_url(_base_url(request), job.call_id)
     body = {"call_id": job.call_id, "status": job.state, "status_url": url_of_status, "trace_id": job.trace_id,
             "duplicate": not new}
     return web.json_response(body, status=202, headers={"Location": url_of_status})
+
+
+def _has_recording(job: Job) -> str:
+    if job.state == DONE:
+        return "it is done"
+    if job.state == FAILED and job.recording_path is None:
+        return f"it failed at {job.error_stage}, past its download"
+    return "its recording is downloaded"
 
 
 @requires_token

@@ -30,6 +30,9 @@ _tracer = tracer(__name__)
 
 _REDIRECTS = {301, 302, 303, 307, 308}
 _PERMANENT_HTTP = {400, 401, 403, 404, 405, 410, 451}
+# What recording stores answer for a signed link past its expiry (S3 and Azure 403, Google Cloud Storage 400).
+_EXPIRED_LINK_HTTP = {400, 401, 403, 410}
+_EXPIRED_LINK_HINT = " (a signed link that has expired is answered so: send the webhook again with a new link)"
 RECORDING_SUFFIX = ".audio"  # a complete recording, under a name made here
 PARTIAL_SUFFIX = ".partial"  # a recording still being written
 ROOM_CHECK_BYTES = 4 * 1024 * 1024  # the free space is looked at again after each this many bytes written
@@ -193,7 +196,9 @@ class Downloader:
                     log.info("redirect %d to %s", hop + 1, shown_url(url))
                     continue
                 if resp.status in _PERMANENT_HTTP:
-                    raise DownloadError(f"the recorder answered HTTP {resp.status} for the recording", permanent=True)
+                    hint = _EXPIRED_LINK_HINT if resp.status in _EXPIRED_LINK_HTTP else ""
+                    raise DownloadError(f"the recorder answered HTTP {resp.status} for the recording{hint}",
+                                        permanent=True)
                 if resp.status != 200:
                     raise DownloadError(f"the recorder answered HTTP {resp.status}", permanent=resp.status < 500 and resp.status != 429)
                 length = resp.content_length

@@ -172,7 +172,8 @@ def _document() -> dict[str, Any]:
                     "requestBody": {"required": True, "content": {"application/json": {
                         "schema": {"$ref": "#/components/schemas/Webhook"}}}},
                     "responses": {
-                        "202": {**_json("Stored durably (or received before)", "Ack", location), "links": {
+                        "202": {**_json("Stored durably (or received before; a new recording_url for a call whose recording is "
+                                       "not downloaded yet replaces the earlier link)", "Ack", location), "links": {
                             "GetCall": {"operationId": "getCall",
                                         "parameters": {"call_id": "$response.body#/call_id"}},
                             "RetryCall": {"operationId": "retryCall",
@@ -183,7 +184,8 @@ def _document() -> dict[str, Any]:
                         "401": _problem("Missing, wrong or stale webhook signature"),
                         "403": _FROM_ANOTHER_SITE,
                         "408": _problem("The body did not all arrive within INGEST_READ_TIMEOUT_SECONDS"),
-                        "409": _problem("This call_id was received with another recording_url"),
+                        "409": _problem("This call_id was received with another recording_url, and its recording is "
+                                        "downloaded already"),
                         "413": _problem("The body is over 64 KiB"),
                         "415": _problem("Not application/json"),
                         "422": _problem("A field is missing or invalid, or the URL is not allowed"),

@@ -359,6 +359,10 @@ class PipelineWorker:
         try:
             downloaded = await self.downloader.fetch(job.recording_url)
         except DownloadError as exc:
+            latest = await self.store.get(job.call_id)
+            if latest is not None and latest.recording_url != job.recording_url:  # see JobStore.relink
+                log.info("download: %s; the recorder has sent a new link meanwhile: trying that one now", exc)
+                raise _Reschedule(0) from exc
             raise StageError(f"download: {exc}", permanent=exc.permanent, waiting=exc.waiting) from exc
         log.info("downloaded %d bytes", downloaded.size)
         return TRANSCRIBING, {"recording_path": str(downloaded.path)}

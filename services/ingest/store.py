@@ -114,6 +114,19 @@ class Job:
         )
 
 
+def awaits_recording(job: Job) -> bool:
+    """Whether the call has not got its recording yet: it is at or before the download, or failed there."""
+    stage = job.error_stage if job.state == FAILED else job.state
+    return job.recording_path is None and stage in (RECEIVED, DOWNLOADING)
+
+
+def _remember_webhook(c: Any, webhook_id: str, call_id: str, now: float) -> None:
+    """Keep the webhook id a day, so the same webhook sent again is known (see WEBHOOK_ID_RETENTION_SECONDS)."""
+    c.execute("INSERT INTO webhook_ids (webhook_id, call_id, received_at) VALUES (?,?,?) "
+              "ON CONFLICT (webhook_id) DO UPDATE SET call_id = excluded.call_id, "
+              "received_at = excluded.received_at", (webhook_id, call_id, now))
+
+
 class JobStore:
     def __init__(self, location: Path | str) -> None:
         """``location``: a SQLite file, or a ``postgresql://`` URL."""
@@ -163,12 +176,43 @@ class JobStore:
             if webhook_id is not None and job.recording_url == recording_url:
                 if purge:
                     c.execute("DELETE FROM webhook_ids WHERE received_at < ?", (now - WEBHOOK_ID_RETENTION_SECONDS,))
-                c.execute("INSERT INTO webhook_ids (webhook_id, call_id, received_at) VALUES (?,?,?) "
-                          "ON CONFLICT (webhook_id) DO UPDATE SET call_id = excluded.call_id, "
-                          "received_at = excluded.received_at", (webhook_id, call_id, now))
+                _remember_webhook(c, webhook_id, call_id, now)
             return job, new
 
         return await self.db.grouped(tx)
+
+    async def relink(self, call_id: str, recording_url: str, options: JobOptions,
+                     webhook_id: str | None = None) -> Job | None:
+        """Take a new link to the call's recording (with the new webhook's options), if the call has not got its
+        recording yet: return the job as it is now, or None when its recording is already downloaded (or it failed
+        past the download), where another link no longer counts.
+
+        Recording stores hand out signed links that expire, and a recorder re-signs the link when it sends a call
+        again: a call whose download failed on an expired link goes back to the download with the new one, and a
+        call waiting for its next download attempt tries the new link at once. A download in flight goes on with
+        the link it has (the worker tries the new one if that download fails)."""
+        now = time.time()
+        opts = json.dumps({k: v for k, v in options.__dict__.items() if v is not None})
+
+        def tx(c: Any) -> Job | None:
+            row = c.execute(f"SELECT * FROM jobs WHERE call_id = ?{self.db.for_update}", (call_id,)).fetchone()
+            if row is None or not awaits_recording(Job.from_row(row)):
+                return None
+            sets: dict[str, Any] = {"recording_url": recording_url, "options": opts, "attempts": 0,
+                                    "updated_at": now}
+            if row["lease_until"] < now:  # nobody is downloading it: the new link is tried now
+                sets["next_attempt_at"] = now
+            if row["state"] == FAILED:
+                times = json.loads(row["stage_times"])
+                times[DOWNLOADING] = now
+                sets.update(state=DOWNLOADING, stage_times=json.dumps(times), error=None, error_stage=None)
+            assignments = ", ".join(f"{k} = ?" for k in sets)
+            c.execute(f"UPDATE jobs SET {assignments} WHERE call_id = ?", (*sets.values(), call_id))
+            if webhook_id is not None:
+                _remember_webhook(c, webhook_id, call_id, now)
+            return Job.from_row(c.execute("SELECT * FROM jobs WHERE call_id = ?", (call_id,)).fetchone())
+
+        return await self.db.transaction(tx)
 
     async def release_leases(self, owner: str) -> int:
         """Hand back the jobs an earlier run of this same worker held when it died."""
