@@ -146,7 +146,7 @@ async def test_recording_that_is_not_audio_fails_with_the_reason(ingest: Ingest,
 SIGNED_LINK = "X-Amz-Credential=AKIAEXAMPLE%2F20261127&X-Amz-Signature=0f1e2d3c4b5a69788796a5b4c3d2e1f0"
 
 
-async def test_a_signed_recording_link_stays_out_of_logs_and_traces(ingest: Ingest, caplog: pytest.LogCaptureFixture,
+async def test_a_signed_recording_link_stays_out_of_logs_traces_and_the_status_api(ingest: Ingest, caplog: pytest.LogCaptureFixture,
                                                                     finished_spans: InMemorySpanExporter) -> None:
     """The recorder's link carries a token and redirects to a presigned URL, as recording stores do."""
     async def link(request: web.Request) -> web.Response:
@@ -163,11 +163,12 @@ async def test_a_signed_recording_link_stays_out_of_logs_and_traces(ingest: Inge
     try:
         await post(ingest.url, json.dumps({"call_id": "signed-1",
                                            "recording_url": f"http://127.0.0.1:{port}/link?token=opaque-token-123"}))
-        await wait_for_state(ingest.url, "signed-1", {"transcribing"})
+        status = await wait_for_state(ingest.url, "signed-1", {"transcribing"})
     finally:
         await runner.cleanup()
-    told = caplog.text + " ".join(str(value) for span in finished_spans.get_finished_spans()
-                                  for value in (span.attributes or {}).values())
+    told = caplog.text + json.dumps(status) + " ".join(str(value) for span in finished_spans.get_finished_spans()
+                                                       for value in (span.attributes or {}).values())
+    assert status["recording_url"] == f"http://127.0.0.1:{port}/link?token=REDACTED"  # the status API
     assert "/store/call.wav?X-Amz-Credential=REDACTED&X-Amz-Signature=REDACTED" in caplog.text
     assert "/link?token=REDACTED" in told  # the download's span, with the URL's shape
     for secret in ("AKIAEXAMPLE", "0f1e2d3c4b5a", "opaque-token-123"):

@@ -30,7 +30,7 @@ from opentelemetry.metrics import Observation
 from services.common.database import UNAVAILABLE_ERRORS, outage_cause
 from services.common.logs import call_context, printable_line
 from services.common.metrics import add_metrics_route, meter
-from services.common.telemetry import current_traceparent, server_span_middleware, trace_id_hex
+from services.common.telemetry import current_traceparent, server_span_middleware, shown_url, trace_id_hex
 from services.ingest.config import DownloadSettings
 from services.ingest.openapi import openapi_document
 from services.ingest.pipeline import PipelineWorker
@@ -85,7 +85,7 @@ def job_view(job: Job, base_url: str = "") -> dict[str, Any]:
         "call_id": job.call_id,
         "status": job.state,
         "status_url": status_url(base_url, job.call_id),
-        "recording_url": job.recording_url,
+        "recording_url": shown_url(job.recording_url),  # a signed link's query is a key to the recording
         "options": {k: v for k, v in job.options.__dict__.items() if v is not None},
         "created_at": _iso(job.created_at),
         "updated_at": _iso(job.updated_at),

@@ -86,7 +86,8 @@ SCHEMAS: dict[str, Any] = {
             "call_id": {"type": "string"},
             "status": {"type": "string", "enum": list(STATES)},
             "status_url": {"type": "string"},
-            "recording_url": {"type": "string"},
+            "recording_url": {"type": "string", "description": "The recording's link, the values of its query "
+                              "hidden (a signed link's query lets whoever reads it fetch the recording)"},
             "options": {"type": "object"},
             "created_at": _TS,
             "updated_at": _TS,
