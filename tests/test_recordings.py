@@ -14,10 +14,12 @@ import asyncio
 import json
 import os
 import shutil
+import threading
 import time
 from pathlib import Path
 
 import aiohttp
+import pytest
 
 from callmesh.standins import Recorder
 from services.ingest.store import FAILED, TRANSCRIBING
@@ -153,3 +155,27 @@ async def test_a_recordings_directory_removed_while_ingest_runs_is_made_again(
         await wait_for(ingest.url, "after-rmtree", lambda s: s["status"] == "transcribing")
         job = await ingest.store.get("after-rmtree")
     assert job is not None and job.recording_path and Path(job.recording_path).parent == tmp_path / "recordings"
+
+
+async def test_webhooks_are_answered_while_a_recording_is_synced_to_disk(
+        tmp_path: Path, recorder: Recorder, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A recording is synced to disk before its call moves on, which takes seconds for a long one on a busy disk:
+    the webhooks that come meanwhile do not wait for it."""
+    syncing, answered = threading.Event(), threading.Event()
+    held: list[bool] = []
+    sync = os.fsync
+
+    def slow_fsync(fd: int) -> None:
+        syncing.set()
+        held.append(answered.wait(10))  # True: a webhook was answered while this sync was under way
+        sync(fd)
+
+    monkeypatch.setattr(os, "fsync", slow_fsync)
+    async with running_ingest(tmp_path) as ingest:
+        await post(ingest.url, json.dumps({"call_id": "long-1", "recording_url": recorder.url_for("es-billing-angry.wav")}))
+        assert await asyncio.to_thread(syncing.wait, 10)
+        status, _ = await post(ingest.url, json.dumps({"call_id": "next-1", "recording_url": recorder.url_for("x.wav")}))
+        answered.set()
+        assert status == 202
+        await wait_for(ingest.url, "long-1", lambda s: "transcribing" in s["stages"])
+    assert held == [True]

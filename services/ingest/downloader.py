@@ -138,7 +138,8 @@ class Downloader:
         """Raise a waiting :class:`DownloadError` when writing ``coming`` more bytes would leave less than
         RECORDING_MIN_FREE_BYTES free where the recordings go (that disk often holds the job store too, which
         must never be the one that finds it full), or take the recordings past RECORDING_DIR_MAX_BYTES (a
-        volume with a size limit of its own, such as a Kubernetes emptyDir, whose pod is evicted past it)."""
+        volume with a size limit of its own, such as a Kubernetes emptyDir, whose pod is evicted past it). It reads
+        the directory and the disk: the downloads call it in a thread."""
         cap = self.settings.max_dir_bytes
         if cap > 0:
             if coming > cap:
@@ -166,7 +167,7 @@ class Downloader:
         """Stream ``url`` to a file with a generated name; raise :class:`DownloadError`."""
         s = self.settings
         s.directory.mkdir(parents=True, exist_ok=True)  # again: a volume mounted late, or a directory cleared
-        self.check_room()
+        await asyncio.to_thread(self.check_room)
         timeout = aiohttp.ClientTimeout(total=s.total_timeout, connect=s.connect_timeout, sock_read=s.read_timeout)
         connector = aiohttp.TCPConnector(resolver=_VettedResolver(self.policy), use_dns_cache=False, limit=4)
         with _tracer.start_as_current_span("recording.download") as span:
@@ -206,7 +207,7 @@ class Downloader:
                     raise DownloadError(f"the recording is {length} bytes, over the {self.settings.max_bytes}-byte limit",
                                         permanent=True)
                 if length is not None:
-                    self.check_room(length)
+                    await asyncio.to_thread(self.check_room, length)
                 return await self._save(resp)
         raise DownloadError(f"more than {self.settings.max_redirects} redirects", permanent=True)
 
@@ -228,10 +229,10 @@ class Downloader:
                     if size > self.settings.max_bytes:
                         raise DownloadError(f"the recording is over the {self.settings.max_bytes}-byte limit", permanent=True)
                     if size >= checked + ROOM_CHECK_BYTES:  # a recording of unknown length, or a disk others fill
-                        self.check_room()
+                        await asyncio.to_thread(self.check_room)
                         checked = size
                     write_recording(out, chunk)
-                write_recording(out)
+                await asyncio.to_thread(write_recording, out)  # the sync to disk can take seconds: not on the loop
             if size == 0:
                 raise DownloadError("the recording is empty", permanent=True)
             if not looks_like_audio(head):
