@@ -6,9 +6,11 @@ import asyncio
 import collections
 import json
 import logging
+import shutil
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -239,6 +241,32 @@ async def test_a_new_link_for_a_call_already_downloaded_is_refused_with_the_reas
     assert status == 409
     assert "its recording is downloaded" in problem["detail"] and problem["status_url"].endswith("/v1/calls/kept-1")
     assert (await ingest.store.get("kept-1")).recording_url == recorder.url_for("es-billing-angry.wav")
+
+
+async def test_a_recording_not_uploaded_yet_is_waited_for_within_recording_not_ready_seconds(
+        tmp_path: Path, audio_dir: Path) -> None:
+    uploads = tmp_path / "uploads"
+    uploads.mkdir()
+    recorder = await Recorder(uploads).start()
+    try:
+        async with running_ingest(tmp_path, not_ready_seconds=60) as ingest:
+            await post(ingest.url, json.dumps({"call_id": "late-1", "recording_url": recorder.url_for("late.wav")}))
+            waiting = await wait_for(ingest.url, "late-1", lambda s: s["error"] is not None)
+            assert waiting["status"] == "downloading" and "not there yet" in waiting["error"]["message"]
+            shutil.copy(audio_dir / "es-billing-angry.wav", uploads / "late.wav")  # the upload lands
+            status = await wait_for(ingest.url, "late-1", lambda s: "transcribing" in s["stages"])
+    finally:
+        await recorder.stop()
+    assert "failed" not in status["stages"] and recorder.requests.count("late.wav") >= 2
+
+
+async def test_a_recording_still_missing_after_recording_not_ready_seconds_fails_saying_so(
+        tmp_path: Path, recorder: Recorder) -> None:
+    async with running_ingest(tmp_path, not_ready_seconds=0.5) as ingest:
+        await post(ingest.url, json.dumps({"call_id": "never-1", "recording_url": recorder.url_for("never.wav")}))
+        status = await wait_for_state(ingest.url, "never-1", {"failed"})
+    assert "HTTP 404" in status["error"]["message"] and "RECORDING_NOT_READY_SECONDS" in status["error"]["message"]
+    assert recorder.requests.count("never.wav") >= 2
 
 
 async def test_unreachable_transcribe_is_retried_not_failed(ingest: Ingest, recorder: Recorder) -> None:

@@ -43,6 +43,7 @@ class DownloadSettings:
     failed_retention: float = 7 * 24 * 3600.0  # seconds a failed call keeps its recording for a retry; 0: until retried
     min_free_bytes: int = 0  # bytes a download leaves free on the recordings' disk (it waits for room otherwise)
     max_dir_bytes: int = 0  # bytes all recordings in the directory may take together; 0: no cap
+    not_ready_seconds: float = 0.0  # a recording the recorder answers 404 for is waited for this long after the webhook
 
     @classmethod
     def from_env(cls, root: Path) -> "DownloadSettings":
@@ -58,6 +59,7 @@ class DownloadSettings:
             failed_retention=env_float("RECORDING_FAILED_RETENTION_HOURS", 168.0, minimum=0.0) * 3600,
             min_free_bytes=env_int("RECORDING_MIN_FREE_BYTES", 1024**3, minimum=0),
             max_dir_bytes=env_int("RECORDING_DIR_MAX_BYTES", 0, minimum=0),
+            not_ready_seconds=env_float("RECORDING_NOT_READY_SECONDS", 0.0, minimum=0.0),
         )
 
 

@@ -42,10 +42,11 @@ class DownloadError(Exception):
     """The recording could not be fetched. ``permanent`` says whether trying again can help; ``waiting``, that
     the call should wait for it without using up its attempts (the recordings disk has no room)."""
 
-    def __init__(self, message: str, *, permanent: bool, waiting: bool = False) -> None:
+    def __init__(self, message: str, *, permanent: bool, waiting: bool = False, http_status: int | None = None) -> None:
         super().__init__(message)
         self.permanent = permanent
         self.waiting = waiting
+        self.http_status = http_status  # the recorder's answer, when it answered with an error
 
 
 def _size(n: int) -> str:
@@ -199,9 +200,10 @@ class Downloader:
                 if resp.status in _PERMANENT_HTTP:
                     hint = _EXPIRED_LINK_HINT if resp.status in _EXPIRED_LINK_HTTP else ""
                     raise DownloadError(f"the recorder answered HTTP {resp.status} for the recording{hint}",
-                                        permanent=True)
+                                        permanent=True, http_status=resp.status)
                 if resp.status != 200:
-                    raise DownloadError(f"the recorder answered HTTP {resp.status}", permanent=resp.status < 500 and resp.status != 429)
+                    raise DownloadError(f"the recorder answered HTTP {resp.status}",
+                                        permanent=resp.status < 500 and resp.status != 429, http_status=resp.status)
                 length = resp.content_length
                 if length is not None and length > self.settings.max_bytes:
                     raise DownloadError(f"the recording is {length} bytes, over the {self.settings.max_bytes}-byte limit",

@@ -363,9 +363,26 @@ class PipelineWorker:
             if latest is not None and latest.recording_url != job.recording_url:  # see JobStore.relink
                 log.info("download: %s; the recorder has sent a new link meanwhile: trying that one now", exc)
                 raise _Reschedule(0) from exc
+            if exc.http_status == 404:
+                self._not_there_yet(job, exc)
             raise StageError(f"download: {exc}", permanent=exc.permanent, waiting=exc.waiting) from exc
         log.info("downloaded %d bytes", downloaded.size)
         return TRANSCRIBING, {"recording_path": str(downloaded.path)}
+
+    def _not_there_yet(self, job: Job, exc: DownloadError) -> None:
+        """Recorders often send the webhook when the call ends, before the recording is uploaded where the link
+        points: for RECORDING_NOT_READY_SECONDS after the webhook, a recording answered 404 is tried again (with
+        the usual backoff, without using up attempts); after that it fails the call, saying how long it was missing."""
+        grace = self.downloader.settings.not_ready_seconds
+        if grace <= 0:
+            return
+        age = time.time() - job.created_at
+        if age < grace:
+            raise StageError(f"download: the recording is not there yet ({exc}); the recorder may still be uploading "
+                             f"it: tried again until {grace:.0f} s after the webhook (RECORDING_NOT_READY_SECONDS)",
+                             permanent=False, waiting=True) from exc
+        raise StageError(f"download: {exc}, still {age:.0f} s after the webhook (RECORDING_NOT_READY_SECONDS is "
+                         f"{grace:.0f})", permanent=True) from exc
 
     def _transcription(self, job: Job, path: Path, task: int = transcribe_pb2.TRANSCRIPTION_TASK_TRANSCRIBE,
                        language: str = "") -> grpc.aio.StreamStreamCall:
