@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from services.common.config import ConfigError, env_float
+from services.ingest.config import DownloadSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 # The environment helpers of services/common/config.py (and ingest's choice among fixed values), called with a name.
@@ -43,3 +44,26 @@ def test_a_setting_below_its_minimum_is_refused_with_its_name(monkeypatch: pytes
     monkeypatch.setenv("DELIVERY_POLL_SECONDS", "0.001")
     with pytest.raises(ConfigError, match="DELIVERY_POLL_SECONDS=0.001 is below the minimum 0.05"):
         env_float("DELIVERY_POLL_SECONDS", 2.0, minimum=0.05)
+
+
+@pytest.mark.parametrize(("variables", "refusal"), [
+    ({"RECORDING_AUTHORIZATION": "Bearer abc"}, "without RECORDING_AUTHORIZATION_HOSTS"),
+    ({"RECORDING_AUTHORIZATION_HOSTS": "recorder.example"}, "without RECORDING_AUTHORIZATION"),
+])
+def test_a_recording_credential_must_name_its_hosts(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                    variables: dict[str, str], refusal: str) -> None:
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError, match=refusal):
+        DownloadSettings.from_env(tmp_path)
+
+
+def test_the_recording_credential_goes_only_to_its_hosts_and_stays_out_of_the_settings_repr(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("RECORDING_AUTHORIZATION", "Bearer s3cr3t")
+    monkeypatch.setenv("RECORDING_AUTHORIZATION_HOSTS", "Recorder.Example, api.recorder.example")
+    settings = DownloadSettings.from_env(tmp_path)
+    assert settings.authorization_for("recorder.example") == "Bearer s3cr3t"
+    assert settings.authorization_for("RECORDER.example") == "Bearer s3cr3t"
+    assert settings.authorization_for("other.example") == ""
+    assert "s3cr3t" not in repr(settings)

@@ -177,6 +177,65 @@ async def test_a_signed_recording_link_stays_out_of_logs_traces_and_the_status_a
         assert secret not in told
 
 
+RECORDER_CREDENTIAL = "Basic QUMwMTIzOnNlY3JldC10b2tlbg=="
+
+
+@pytest.fixture
+async def guarded_recorder() -> AsyncIterator[tuple[int, list[tuple[str, str | None]]]]:
+    """A recorder that wants a credential and redirects to a signed link on another host, as Twilio's API does
+    (to S3): ``/recording`` answers 401 without RECORDER_CREDENTIAL, and redirects to ``localhost``'s
+    ``/signed``, which refuses any Authorization header (S3: "only one auth mechanism allowed"). Yields its port
+    and each request's (path, Authorization)."""
+    seen: list[tuple[str, str | None]] = []
+
+    async def recording(request: web.Request) -> web.Response:
+        seen.append((request.path, request.headers.get("Authorization")))
+        if request.headers.get("Authorization") != RECORDER_CREDENTIAL:
+            return web.Response(status=401)
+        raise web.HTTPFound(f"http://localhost:{request.url.port}/signed?X-Amz-Signature=abc")
+
+    async def signed(request: web.Request) -> web.Response:
+        seen.append((request.path, request.headers.get("Authorization")))
+        if "Authorization" in request.headers:
+            return web.Response(status=400, text="Only one auth mechanism allowed")
+        return web.Response(body=b"RIFF\x24\x08\x00\x00WAVEfmt " + bytes(2000), content_type="audio/wav")
+
+    app = web.Application()
+    app.router.add_get("/recording", recording)
+    app.router.add_get("/signed", signed)
+    runner, port = await start_site(app, "127.0.0.1", 0, access_log=None)
+    yield port, seen
+    await runner.cleanup()
+
+
+async def test_the_recording_credential_goes_to_the_recorders_host_and_not_where_it_redirects(
+        tmp_path: Path, guarded_recorder: tuple[int, list[tuple[str, str | None]]]) -> None:
+    port, seen = guarded_recorder
+    async with running_ingest(tmp_path, authorization=RECORDER_CREDENTIAL,
+                              authorization_hosts=("127.0.0.1",)) as ingest:
+        await post(ingest.url, json.dumps({"call_id": "auth-1", "recording_url": f"http://127.0.0.1:{port}/recording"}))
+        await wait_for(ingest.url, "auth-1", lambda s: "transcribing" in s["stages"])
+    assert seen == [("/recording", RECORDER_CREDENTIAL), ("/signed", None)]
+
+
+async def test_the_recording_credential_goes_to_no_host_it_does_not_name(
+        tmp_path: Path, guarded_recorder: tuple[int, list[tuple[str, str | None]]]) -> None:
+    port, seen = guarded_recorder
+    async with running_ingest(tmp_path, authorization=RECORDER_CREDENTIAL,
+                              authorization_hosts=("recorder.example",)) as ingest:
+        await post(ingest.url, json.dumps({"call_id": "auth-2", "recording_url": f"http://127.0.0.1:{port}/recording"}))
+        status = await wait_for_state(ingest.url, "auth-2", {"failed"})
+    assert seen == [("/recording", None)] and "HTTP 401" in status["error"]["message"]
+
+
+async def test_the_recording_credential_is_not_sent_over_plain_http_to_another_machine(tmp_path: Path) -> None:
+    async with running_ingest(tmp_path, authorization=RECORDER_CREDENTIAL, authorization_hosts=("recorder.example",),
+                              allowed_hosts=("recorder.example",)) as ingest:
+        await post(ingest.url, json.dumps({"call_id": "auth-3", "recording_url": "http://recorder.example/r.wav"}))
+        status = await wait_for_state(ingest.url, "auth-3", {"failed"})
+    assert "the credential is sent over https only" in status["error"]["message"]
+
+
 async def test_missing_recording_fails_at_once(ingest: Ingest, recorder: Recorder) -> None:
     await post(ingest.url, json.dumps({"call_id": "gone-1", "recording_url": recorder.url_for("nope.wav")}))
     status = await wait_for_state(ingest.url, "gone-1", {"failed"})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from services.common.config import (
@@ -44,9 +44,22 @@ class DownloadSettings:
     min_free_bytes: int = 0  # bytes a download leaves free on the recordings' disk (it waits for room otherwise)
     max_dir_bytes: int = 0  # bytes all recordings in the directory may take together; 0: no cap
     not_ready_seconds: float = 0.0  # a recording the recorder answers 404 for is waited for this long after the webhook
+    authorization: str = field(default="", repr=False)  # the Authorization header for authorization_hosts' recordings
+    authorization_hosts: tuple[str, ...] = ()  # the host names (lower case) that get it
+
+    def authorization_for(self, host: str) -> str:
+        """The Authorization header a download from ``host`` carries (empty: none)."""
+        return self.authorization if host.lower() in self.authorization_hosts else ""
 
     @classmethod
     def from_env(cls, root: Path) -> "DownloadSettings":
+        authorization = env_str("RECORDING_AUTHORIZATION", "")
+        authorization_hosts = tuple(h.lower() for h in env_list("RECORDING_AUTHORIZATION_HOSTS"))
+        if authorization and not authorization_hosts:
+            raise ConfigError("RECORDING_AUTHORIZATION is set without RECORDING_AUTHORIZATION_HOSTS: name the "
+                              "recorder's host(s), or the credential would go to whatever host a webhook names")
+        if authorization_hosts and not authorization:
+            raise ConfigError("RECORDING_AUTHORIZATION_HOSTS is set without RECORDING_AUTHORIZATION")
         return cls(
             allowed_hosts=tuple(h.lower() for h in env_list("RECORDING_ALLOWED_HOSTS")),
             allowed_networks=_networks("RECORDING_ALLOWED_NETWORKS"),
@@ -60,6 +73,8 @@ class DownloadSettings:
             min_free_bytes=env_int("RECORDING_MIN_FREE_BYTES", 1024**3, minimum=0),
             max_dir_bytes=env_int("RECORDING_DIR_MAX_BYTES", 0, minimum=0),
             not_ready_seconds=env_float("RECORDING_NOT_READY_SECONDS", 0.0, minimum=0.0),
+            authorization=authorization,
+            authorization_hosts=authorization_hosts,
         )
 
 

@@ -188,8 +188,8 @@ class Downloader:
 
     async def _follow(self, session: aiohttp.ClientSession, url: str) -> Downloaded:
         for hop in range(self.settings.max_redirects + 1):
-            self.policy.check_url(url)
-            async with session.get(url, allow_redirects=False) as resp:
+            scheme, host, _ = self.policy.check_url(url)
+            async with session.get(url, allow_redirects=False, headers=self._credential(scheme, host)) as resp:
                 if resp.status in _REDIRECTS:
                     location = resp.headers.get("Location")
                     if not location:
@@ -212,6 +212,19 @@ class Downloader:
                     await asyncio.to_thread(self.check_room, length)
                 return await self._save(resp)
         raise DownloadError(f"more than {self.settings.max_redirects} redirects", permanent=True)
+
+    def _credential(self, scheme: str, host: str) -> dict[str, str] | None:
+        """The Authorization header for a request to ``host``: RECORDING_AUTHORIZATION goes to the hosts of
+        RECORDING_AUTHORIZATION_HOSTS only (not to where they redirect: a recording store's signed link refuses a
+        second credential, and no other host is to see it), and over https only, unless the host is this machine."""
+        credential = self.settings.authorization_for(host)
+        if not credential:
+            return None
+        literal = parse_ip_literal(host)
+        if scheme != "https" and not (host == "localhost" or (literal is not None and literal.is_loopback)):
+            raise DownloadError(f"the recording link is plain http to {host}, which gets RECORDING_AUTHORIZATION: "
+                                "the credential is sent over https only", permanent=True)
+        return {"Authorization": credential}
 
     async def _save(self, resp: aiohttp.ClientResponse) -> Downloaded:
         path = self.settings.directory / f"{uuid.uuid4().hex}{RECORDING_SUFFIX}"
