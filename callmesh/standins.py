@@ -13,6 +13,7 @@ import base64
 import json
 import logging
 import os
+import ssl
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -70,11 +71,13 @@ class Recorder:
             raise web.HTTPNotFound()
         return web.FileResponse(path)
 
-    async def start(self, host: str = "127.0.0.1", port: int = 0) -> "Recorder":
+    async def start(self, host: str = "127.0.0.1", port: int = 0,
+                    ssl_context: ssl.SSLContext | None = None) -> "Recorder":
+        """Serve on ``host:port`` (over https with ``ssl_context``)."""
         app = web.Application()
         app.router.add_get("/recordings/{name}", self._serve)
-        self._runner, bound = await start_site(app, host, port, access_log=None)
-        self.url = f"http://{host}:{bound}"
+        self._runner, bound = await start_site(app, host, port, ssl_context=ssl_context, access_log=None)
+        self.url = f"{'https' if ssl_context else 'http'}://{host}:{bound}"
         return self
 
     def url_for(self, name: str) -> str:
@@ -135,12 +138,14 @@ class CrmReceiver:
             self._arrived.notify_all()
         return web.json_response({"status": "created"}, status=201)
 
-    async def start(self, host: str = "127.0.0.1", port: int = 0) -> "CrmReceiver":
+    async def start(self, host: str = "127.0.0.1", port: int = 0,
+                    ssl_context: ssl.SSLContext | None = None) -> "CrmReceiver":
+        """Serve on ``host:port`` (over https with ``ssl_context``)."""
         self._arrived = asyncio.Condition()
         app = web.Application()
         app.router.add_post("/records", self._post)
-        self._runner, bound = await start_site(app, host, port, access_log=None)
-        self.url = f"http://{host}:{bound}/records"
+        self._runner, bound = await start_site(app, host, port, ssl_context=ssl_context, access_log=None)
+        self.url = f"{'https' if ssl_context else 'http'}://{host}:{bound}/records"
         return self
 
     def for_call(self, call_id: str) -> list[ReceivedRecord]:

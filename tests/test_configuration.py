@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from services.common.config import ConfigError, env_float
+from services.common.https import https_context
 from services.ingest.config import DownloadSettings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,3 +68,10 @@ def test_the_recording_credential_goes_only_to_its_hosts_and_stays_out_of_the_se
     assert settings.authorization_for("RECORDER.example") == "Bearer s3cr3t"
     assert settings.authorization_for("other.example") == ""
     assert "s3cr3t" not in repr(settings)
+
+
+def test_an_outbound_ca_bundle_that_cannot_be_read_is_refused_with_its_name(tmp_path: Path) -> None:
+    (tmp_path / "not-a-ca.pem").write_text("hello")
+    for path in (tmp_path / "missing.pem", tmp_path / "not-a-ca.pem"):
+        with pytest.raises(ConfigError, match="OUTBOUND_TLS_CA=.*not a readable PEM CA bundle"):
+            https_context(str(path))

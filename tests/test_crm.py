@@ -31,6 +31,7 @@ from tests.crm_harness import (
     Crm, analysed_call, call_held_up_at_the_crm, crm_posting, crm_service, record, start_crm, wait_delivery,
     wait_state)
 from tests.ingest_harness import running_ingest, stored_call, wait_for_state
+from tests.tls import company_ca
 
 
 async def test_record_reaches_the_crm_in_the_seed_shape(tmp_path: Path, receiver: CrmReceiver) -> None:
@@ -63,6 +64,31 @@ async def test_crm_outage_is_retried_until_delivered(tmp_path: Path, receiver: C
         delivered = await wait_state(crm.stub, "outage", crm_pb2.DELIVERY_STATE_DELIVERED)
         assert delivered.attempts >= 4 and delivered.last_error == ""
         assert len(receiver.for_call("outage")) == 1
+
+
+async def test_an_https_crm_whose_certificate_the_companys_ca_issued_gets_the_record_through_outbound_tls_ca(
+        tmp_path: Path) -> None:
+    ca = company_ca(tmp_path / "ca")
+    receiver = await CrmReceiver().start(ssl_context=ca.server)
+    try:
+        async with crm_service(tmp_path / "o.db", receiver, tls_ca=str(ca.authority.cert)) as crm:
+            await crm.stub.Deliver(crm_pb2.DeliverRequest(record=record("tls-1")))
+            await wait_state(crm.stub, "tls-1", crm_pb2.DELIVERY_STATE_DELIVERED)
+    finally:
+        await receiver.stop()
+    assert receiver.url.startswith("https://") and len(receiver.for_call("tls-1")) == 1
+
+
+async def test_a_crm_certificate_nobody_trusts_keeps_the_record_queued_naming_outbound_tls_ca(tmp_path: Path) -> None:
+    receiver = await CrmReceiver().start(ssl_context=company_ca(tmp_path / "ca").server)
+    try:
+        async with crm_service(tmp_path / "o.db", receiver) as crm:
+            await crm.stub.Deliver(crm_pb2.DeliverRequest(record=record("tls-2")))
+            waiting = await wait_delivery(crm.stub, "tls-2", lambda d: d.attempts >= 2, timeout=10)
+    finally:
+        await receiver.stop()
+    assert waiting.state == crm_pb2.DELIVERY_STATE_QUEUED and receiver.records == []
+    assert "the CRM's TLS certificate is not trusted" in waiting.last_error and "OUTBOUND_TLS_CA" in waiting.last_error
 
 
 async def test_crm_outage_then_recovery_delivers_every_record_once_in_order_of_arrival(

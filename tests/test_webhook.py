@@ -27,6 +27,7 @@ from services.ingest.api import _webhooks as webhook_outcomes_counter
 from services.ingest.api import create_app
 from tests.ingest_harness import SECRET, UNUSED, VERIFIER, Ingest, post, running_ingest, wait_for, wait_for_state
 from tests.spans import SPANS
+from tests.tls import company_ca
 
 
 def webhook_outcomes() -> collections.Counter[str]:
@@ -234,6 +235,31 @@ async def test_the_recording_credential_is_not_sent_over_plain_http_to_another_m
         await post(ingest.url, json.dumps({"call_id": "auth-3", "recording_url": "http://recorder.example/r.wav"}))
         status = await wait_for_state(ingest.url, "auth-3", {"failed"})
     assert "the credential is sent over https only" in status["error"]["message"]
+
+
+async def test_an_https_recorder_whose_certificate_the_companys_ca_issued_is_trusted_through_outbound_tls_ca(
+        tmp_path: Path, audio_dir: Path) -> None:
+    ca = company_ca(tmp_path / "ca")
+    recorder = await Recorder(audio_dir).start(ssl_context=ca.server)
+    try:
+        async with running_ingest(tmp_path, tls_ca=str(ca.authority.cert)) as ingest:
+            await post(ingest.url, json.dumps({"call_id": "tls-1", "recording_url": recorder.url_for("es-billing-angry.wav")}))
+            await wait_for(ingest.url, "tls-1", lambda s: "transcribing" in s["stages"])
+    finally:
+        await recorder.stop()
+
+
+async def test_a_recorder_certificate_nobody_trusts_fails_the_call_naming_outbound_tls_ca(
+        tmp_path: Path, audio_dir: Path) -> None:
+    recorder = await Recorder(audio_dir).start(ssl_context=company_ca(tmp_path / "ca").server)
+    try:
+        async with running_ingest(tmp_path) as ingest:
+            await post(ingest.url, json.dumps({"call_id": "tls-2", "recording_url": recorder.url_for("es-billing-angry.wav")}))
+            status = await wait_for_state(ingest.url, "tls-2", {"failed"})
+    finally:
+        await recorder.stop()
+    assert "the recorder's TLS certificate is not trusted" in status["error"]["message"]
+    assert "OUTBOUND_TLS_CA" in status["error"]["message"] and status["attempts"] == 1
 
 
 async def test_missing_recording_fails_at_once(ingest: Ingest, recorder: Recorder) -> None:

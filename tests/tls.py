@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,3 +75,23 @@ def mtls_env(ca: Authority, issued: Issued) -> dict[str, str]:
     """The GRPC_TLS_* variables for a service with this certificate, requiring client certificates."""
     return {"GRPC_TLS_CERT": str(issued.cert), "GRPC_TLS_KEY": str(issued.key), "GRPC_TLS_CA": str(ca.cert),
             "GRPC_TLS_CLIENT_AUTH": "1"}
+
+
+def server_context(issued: Issued) -> ssl.SSLContext:
+    """What an https server (a recorder, a CRM) on loopback serves ``issued`` with."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(issued.cert, issued.key)
+    return context
+
+
+@dataclass(frozen=True)
+class CompanyCa:
+    """A company's own CA (not among the system's), and a server context with a certificate it issued."""
+
+    authority: Authority
+    server: ssl.SSLContext
+
+
+def company_ca(directory: Path) -> CompanyCa:
+    authority = Authority.create(directory, "company-ca")
+    return CompanyCa(authority, server_context(authority.issue(directory, "server.company.internal")))

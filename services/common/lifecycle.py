@@ -7,6 +7,7 @@ import gc
 import json
 import logging
 import signal
+import ssl
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
@@ -63,7 +64,8 @@ def install_stop_signals(stop: asyncio.Event) -> None:
 IDLE_CONNECTION_SECONDS = 75.0  # how long a site keeps a connection that has no request in progress
 
 
-async def start_site(app: web.Application, host: str, port: int, **runner_options: object) -> tuple[web.AppRunner, int]:
+async def start_site(app: web.Application, host: str, port: int, *, ssl_context: ssl.SSLContext | None = None,
+                     **runner_options: object) -> tuple[web.AppRunner, int]:
     """Serve ``app`` on ``host:port``; return the runner and the bound port (port 0 picks a free one).
     A connection with no request in progress, or one that never sends a whole request head, is closed after
     ``keepalive_timeout`` (:data:`IDLE_CONNECTION_SECONDS` unless given: aiohttp's own default is an hour, so
@@ -71,6 +73,6 @@ async def start_site(app: web.Application, host: str, port: int, **runner_option
     runner_options.setdefault("keepalive_timeout", IDLE_CONNECTION_SECONDS)
     runner = web.AppRunner(app, **runner_options)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
+    site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
     await site.start()
     return runner, site._server.sockets[0].getsockname()[1]

@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from services.common.config import (
     RETENTION_SECONDS, ConfigError, GrpcServerSettings, call_retention, data_dir, database_url, env_bool, env_float,
     env_int, env_str,
 )
+from services.common.https import outbound_tls_ca
 
 
 @dataclass(frozen=True)
 class CrmSettings:
     server: GrpcServerSettings
     crm_url: str  # where records are POSTed as JSON; empty keeps them queued
-    crm_token: str  # sent as a bearer token when set
+    crm_token: str = field(repr=False)  # sent as a bearer token when set
     database: Path  # the SQLite outbox, when database_url is empty
     database_url: str  # PostgreSQL shared by all CRM replicas; empty: SQLite
     timeout_seconds: float
@@ -25,6 +26,7 @@ class CrmSettings:
     lease_seconds: float  # how long a claimed record is held before another replica may take it
     redact_pii: bool = True  # mask personal data in the record before it is stored and sent
     delivered_retention: float = RETENTION_SECONDS  # a delivered record stays in the outbox this long; 0: for good
+    tls_ca: str = ""  # a PEM CA bundle trusted besides the system's for an https CRM_URL (OUTBOUND_TLS_CA)
 
     @classmethod
     def from_env(cls) -> "CrmSettings":
@@ -41,6 +43,7 @@ class CrmSettings:
             lease_seconds=env_float("CRM_LEASE_SECONDS", 60.0, minimum=1.0),
             redact_pii=env_bool("PII_REDACTION", True),
             delivered_retention=call_retention(),
+            tls_ca=outbound_tls_ca(),
         )
         if settings.lease_seconds <= settings.timeout_seconds:
             raise ConfigError(f"CRM_LEASE_SECONDS ({settings.lease_seconds:g}) must be longer than "

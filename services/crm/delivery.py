@@ -20,6 +20,7 @@ import aiohttp
 from opentelemetry import trace
 
 from services.common.database import UNAVAILABLE_ERRORS, OutageLog, delete_in_batches
+from services.common.https import https_context, untrusted_certificate
 from services.common.logs import call_context
 from services.common.metrics import meter
 from services.common.retry import backoff_delay, sleep_or_wake
@@ -81,6 +82,7 @@ class DeliveryWorker:
         elif warning := plaintext_warning(self.settings.crm_url, self.settings.crm_token):
             log.warning("%s", warning)
         self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(ssl=https_context(self.settings.tls_ca)),
             timeout=aiohttp.ClientTimeout(total=self.settings.timeout_seconds),
             trace_configs=[client_trace_config()],
         )
@@ -171,7 +173,8 @@ class DeliveryWorker:
                     status = resp.status
                     location = resp.headers.get("Location", "")
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-                await self._retry(row, f"CRM unreachable: {type(exc).__name__}: {exc}".strip())
+                await self._retry(row, untrusted_certificate(exc, "the CRM")
+                                  or f"CRM unreachable: {type(exc).__name__}: {exc}".strip())
                 span.set_attribute("crm.outcome", "retry")
                 _attempts.add(1, {"outcome": "retry"})
                 return False

@@ -11,6 +11,7 @@ from services.common.config import (
     PLAINTEXT, RETENTION_SECONDS, ConfigError, TlsSettings, call_retention, data_dir, database_url, env_float,
     env_int, env_list, env_str, ready_file,
 )
+from services.common.https import outbound_tls_ca
 
 
 def _networks(name: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
@@ -46,6 +47,7 @@ class DownloadSettings:
     not_ready_seconds: float = 0.0  # a recording the recorder answers 404 for is waited for this long after the webhook
     authorization: str = field(default="", repr=False)  # the Authorization header for authorization_hosts' recordings
     authorization_hosts: tuple[str, ...] = ()  # the host names (lower case) that get it
+    tls_ca: str = ""  # a PEM CA bundle trusted besides the system's for https recordings (OUTBOUND_TLS_CA)
 
     def authorization_for(self, host: str) -> str:
         """The Authorization header a download from ``host`` carries (empty: none)."""
@@ -75,6 +77,7 @@ class DownloadSettings:
             not_ready_seconds=env_float("RECORDING_NOT_READY_SECONDS", 0.0, minimum=0.0),
             authorization=authorization,
             authorization_hosts=authorization_hosts,
+            tls_ca=outbound_tls_ca(),
         )
 
 

@@ -20,6 +20,7 @@ import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import ThreadedResolver
 
+from services.common.https import https_context, untrusted_certificate
 from services.common.limits import NO_ROOM_ERRNOS
 from services.common.telemetry import client_trace_config, shown_url, tracer
 from services.ingest.config import DownloadSettings
@@ -102,6 +103,7 @@ class Downloader:
     def __init__(self, settings: DownloadSettings) -> None:
         self.settings = settings
         self.policy = UrlPolicy(settings.allowed_hosts, settings.allowed_networks)
+        self._https = https_context(settings.tls_ca)
         settings.directory.mkdir(parents=True, exist_ok=True)
 
     def remove_orphans(self, in_use: Collection[str], older_than: float) -> list[Path]:
@@ -170,7 +172,8 @@ class Downloader:
         s.directory.mkdir(parents=True, exist_ok=True)  # again: a volume mounted late, or a directory cleared
         await asyncio.to_thread(self.check_room)
         timeout = aiohttp.ClientTimeout(total=s.total_timeout, connect=s.connect_timeout, sock_read=s.read_timeout)
-        connector = aiohttp.TCPConnector(resolver=_VettedResolver(self.policy), use_dns_cache=False, limit=4)
+        connector = aiohttp.TCPConnector(resolver=_VettedResolver(self.policy), use_dns_cache=False, limit=4,
+                                         ssl=self._https)
         with _tracer.start_as_current_span("recording.download") as span:
             async with aiohttp.ClientSession(timeout=timeout, connector=connector, trust_env=False,
                                              trace_configs=[client_trace_config()]) as session:
@@ -181,6 +184,8 @@ class Downloader:
                 except asyncio.TimeoutError as exc:
                     raise DownloadError("the recorder timed out", permanent=False) from exc
                 except aiohttp.ClientError as exc:
+                    if untrusted := untrusted_certificate(exc, "the recorder"):
+                        raise DownloadError(untrusted, permanent=True) from exc
                     raise DownloadError(f"the recorder could not be reached: {type(exc).__name__}: {exc}",
                                         permanent=False) from exc
             span.set_attribute("recording.bytes", result.size)
