@@ -6,6 +6,7 @@ bundle trusted besides the system's CAs; a certificate still not trusted is said
 
 from __future__ import annotations
 
+import ipaddress
 import ssl
 
 import aiohttp
@@ -35,3 +36,13 @@ def untrusted_certificate(exc: BaseException, who: str) -> str | None:
         return None
     return (f"{who}'s TLS certificate is not trusted ({exc.certificate_error}); if your own CA issued it, set "
             "OUTBOUND_TLS_CA to that CA's PEM bundle")
+
+
+def is_this_machine(host: str) -> bool:
+    """Whether ``host`` (a URL's host name, lower case) is this machine: what goes there crosses no network."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False

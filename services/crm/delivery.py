@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import time
 from urllib.parse import urlsplit
@@ -20,7 +19,7 @@ import aiohttp
 from opentelemetry import trace
 
 from services.common.database import UNAVAILABLE_ERRORS, OutageLog, delete_in_batches
-from services.common.https import https_context, untrusted_certificate
+from services.common.https import https_context, is_this_machine, untrusted_certificate
 from services.common.logs import call_context
 from services.common.metrics import meter
 from services.common.retry import backoff_delay, sleep_or_wake
@@ -45,11 +44,8 @@ def plaintext_warning(crm_url: str, token: str) -> str | None:
     if parts.scheme != "http":
         return None
     host = (parts.hostname or "").lower()
-    if host == "localhost":
+    if is_this_machine(host):
         return None
-    with contextlib.suppress(ValueError):
-        if ipaddress.ip_address(host).is_loopback:
-            return None
     sent = "every record (transcripts, personal data)" + (" and CRM_TOKEN go" if token else " goes")
     return f"CRM_URL is plain http to {host}: {sent} over the network unencrypted; use https"
 

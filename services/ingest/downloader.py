@@ -20,7 +20,7 @@ import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import ThreadedResolver
 
-from services.common.https import https_context, untrusted_certificate
+from services.common.https import https_context, is_this_machine, untrusted_certificate
 from services.common.limits import NO_ROOM_ERRNOS
 from services.common.telemetry import client_trace_config, shown_url, tracer
 from services.ingest.config import DownloadSettings
@@ -225,8 +225,7 @@ class Downloader:
         credential = self.settings.authorization_for(host)
         if not credential:
             return None
-        literal = parse_ip_literal(host)
-        if scheme != "https" and not (host == "localhost" or (literal is not None and literal.is_loopback)):
+        if scheme != "https" and not is_this_machine(host):
             raise DownloadError(f"the recording link is plain http to {host}, which gets RECORDING_AUTHORIZATION: "
                                 "the credential is sent over https only", permanent=True)
         return {"Authorization": credential}
