@@ -260,6 +260,17 @@ async def _demo(audio: Path | None, agent: str | None, language: str | None, cal
 
 # -- callmesh submit ---------------------------------------------------------------------------
 
+def parse_metadata(values: list[str] | None) -> dict[str, str]:
+    """``--meta KEY=VALUE`` options as the webhook's ``metadata`` (ingest checks the names and sizes)."""
+    metadata: dict[str, str] = {}
+    for value in values or ():
+        key, equals, text = value.partition("=")
+        if not key or not equals:
+            raise typer.BadParameter(f"{value!r}: use --meta KEY=VALUE, e.g. --meta agent_id=A-117")
+        metadata[key] = text
+    return metadata
+
+
 def parse_stereo(value: str | None) -> str | None:
     if value is None:
         return None
@@ -297,21 +308,26 @@ def submit(
     url: Annotated[str | None, typer.Option(help="Ingest URL (default: the local mesh)")] = None,
     timeout: Annotated[float, typer.Option(help="Seconds to follow the call")] = 1800.0,
     out: Annotated[Path | None, typer.Option(help="Write the final record (or status) as JSON")] = None,
+    meta: Annotated[list[str] | None, typer.Option(
+        "--meta", help="A field for the CRM record's metadata, KEY=VALUE (repeatable), as a recorder sends")] = None,
 ) -> None:
     """Send a call through the mesh, follow it stage by stage and print the CRM record."""
     agent = parse_stereo(stereo)
-    code = run(_submit(source, call_id, language, agent, ingest_url(url), timeout, out))
+    metadata = parse_metadata(meta)
+    code = run(_submit(source, call_id, language, agent, ingest_url(url), timeout, out, metadata))
     raise typer.Exit(code)
 
 
 async def _submit(source: str, call_id: str | None, language: str | None, agent: str | None, base: str,
-                  timeout: float, out: Path | None) -> int:
+                  timeout: float, out: Path | None, metadata: dict[str, str] | None = None) -> int:
     call_id = call_id or f"cli-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
     payload: dict[str, Any] = {"call_id": call_id}
     if language:
         payload["language"] = language
     if agent:
         payload["agent_channel"] = agent
+    if metadata:
+        payload["metadata"] = metadata
     local = Path(source)
     if "://" not in source and not local.is_file():
         raise Exit(REFUSED, f"{source} is neither a file nor a URL")

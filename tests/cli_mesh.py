@@ -67,5 +67,6 @@ def stereo_call(up_mesh: UpMesh, audio_dir: Path) -> tuple[subprocess.CompletedP
     """The stereo sample submitted with `callmesh submit`: (the command's result, the record it wrote)."""
     out = up_mesh.data / "cli-stereo.json"
     result = up_mesh.run("submit", str(audio_dir / "stereo-agent-left.wav"), "--stereo", "agent=left",
-                         "--call-id", "cli-stereo", "--out", str(out))
+                         "--call-id", "cli-stereo", "--meta", "agent_id=A-42", "--meta", "queue=sales=EU",
+                         "--out", str(out))
     return result, json.loads(out.read_text()) if out.exists() else {}

@@ -32,6 +32,7 @@ def test_submit_serves_a_local_file_and_prints_the_record(stereo_call) -> None:
     assert record["speakers"] == ["agent", "customer"]
     assert set(record["sentiment_by_speaker"]) == {"agent", "customer"}  # speakers known: a sentiment each
     assert '"topic"' in result.stdout  # the record is printed too
+    assert record["metadata"] == {"agent_id": "A-42", "queue": "sales=EU"}  # from --meta
 
 
 def test_the_local_crm_stand_in_received_the_record(up_mesh: UpMesh, stereo_call) -> None:
@@ -59,6 +60,11 @@ def test_submit_of_a_missing_file_exits_4(up_mesh: UpMesh) -> None:
 def test_bad_stereo_option_is_a_usage_error(up_mesh: UpMesh, audio_dir: Path) -> None:
     result = up_mesh.run("submit", str(audio_dir / "stereo-agent-left.wav"), "--stereo", "left")
     assert result.returncode == 2 and "agent=left" in result.stderr
+
+
+def test_bad_meta_option_is_a_usage_error(up_mesh: UpMesh, audio_dir: Path) -> None:
+    result = up_mesh.run("submit", str(audio_dir / "stereo-agent-left.wav"), "--meta", "agent_id")
+    assert result.returncode == 2 and "KEY=VALUE" in result.stderr
 
 
 def test_status_of_a_call_shows_its_stages_and_result(up_mesh: UpMesh, stereo_call) -> None:

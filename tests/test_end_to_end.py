@@ -16,6 +16,7 @@ import subprocess
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from unittest import mock
 
 import aiohttp
@@ -49,7 +50,7 @@ class World:
         with mock.patch.dict(os.environ, {k: v for k, v in self.mesh.env.items() if k.startswith("GRPC_TLS_")}):
             return TlsSettings.from_env()
 
-    async def post(self, call_id: str, recording: str, **extra: str) -> dict:
+    async def post(self, call_id: str, recording: str, **extra: Any) -> dict:
         body = {"call_id": call_id, "recording_url": self.recorder.url_for(recording), **extra}
         async with aiohttp.ClientSession() as session:
             status, ack = await post_webhook(session, self.mesh.ingest_url, body, self.mesh.webhook_secret)
@@ -112,13 +113,24 @@ async def world(audio_dir: Path, whisper_dir: Path, llm_main: Path, tmp_path_fac
         await otlp.stop()
 
 
+RECORDER_METADATA = {"agent_id": "A-117", "queue": "billing", "direction": "inbound", "ani": "+34 600 123 456"}
+
+
 @pytest_asyncio.fixture(scope="module")
 async def two_calls(world: World) -> dict[str, dict]:
     """The English and the Spanish call, posted together, followed to the end."""
     await world.post("e2e-en-1", "en-internet-angry.wav")
-    await world.post("e2e-es-1", "es-billing-angry.wav")
+    await world.post("e2e-es-1", "es-billing-angry.wav", metadata=RECORDER_METADATA)
     statuses = await asyncio.gather(world.wait("e2e-en-1"), world.wait("e2e-es-1"))
     return {"en": statuses[0], "es": statuses[1]}
+
+
+async def test_the_recorders_metadata_reaches_the_crm_record_as_sent(world: World, two_calls: dict[str, dict]) -> None:
+    spanish = world.crm.for_call(two_calls["es"]["call_id"])[0].body
+    english = world.crm.for_call(two_calls["en"]["call_id"])[0].body
+    assert spanish["metadata"] == RECORDER_METADATA  # the customer's number too: it is how the CRM files the call
+    assert english["metadata"] == {}
+    assert two_calls["es"]["options"]["metadata"] == RECORDER_METADATA
 
 
 async def test_each_call_reaches_the_crm_once(world: World, two_calls: dict[str, dict]) -> None:

@@ -84,6 +84,7 @@ async def test_call_page_shows_both_speakers_summary_and_talk_time(page: Page, u
         await expect(page.locator("#summary")).to_contain_text(line)
     await expect(page.locator("#talk-time .bar")).to_have_count(2)
     await expect(page.locator("#topic")).to_have_text(record["topic"])
+    await expect(page.locator("#metadata")).to_have_text("agent_id: A-42 · queue: sales=EU")  # the recorder's fields
     await expect(page.locator("#timeline li")).to_have_count(6)
     await expect(page.locator("#trace")).not_to_be_empty()
     ARTIFACTS.mkdir(parents=True, exist_ok=True)

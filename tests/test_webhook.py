@@ -107,6 +107,16 @@ async def test_health_probes_make_no_spans(ingest: Ingest) -> None:
     assert span.name == "GET /v1/calls/{call_id}" and span.attributes["http.response.status_code"] == 404
 
 
+async def test_the_recorders_metadata_is_kept_with_the_call(ingest: Ingest) -> None:
+    metadata = {"agent_id": "A-117", "queue": "billing", "ani": "+34 600 123 456"}
+    status, _ = await post(ingest.url, json.dumps({"call_id": "meta-1", "recording_url": "http://127.0.0.1:1/a.wav",
+                                                   "metadata": metadata}))
+    assert status == 202
+    assert (await ingest.store.get("meta-1")).options.metadata == metadata
+    shown = await wait_for(ingest.url, "meta-1", lambda s: True)
+    assert shown["options"]["metadata"] == metadata
+
+
 async def test_same_call_posted_again_is_the_same_job(ingest: Ingest) -> None:
     payload = json.dumps({"call_id": "dup-1", "recording_url": "http://127.0.0.1:1/a.wav"})
     results = await asyncio.gather(*(post(ingest.url, payload) for _ in range(3)))
@@ -127,6 +137,10 @@ async def test_same_call_posted_again_is_the_same_job(ingest: Ingest) -> None:
     (json.dumps({"call_id": "ok", "recording_url": "http://169.254.169.254/latest"}), "application/json", 422),
     (json.dumps({"call_id": "ok", "recording_url": "http://user:pw@127.0.0.1/a.wav"}), "application/json", 422),
     (json.dumps({"call_id": "x" * 64 * 1024, "recording_url": "http://127.0.0.1/a.wav"}), "application/json", 413),
+    *((json.dumps({"call_id": "ok", "recording_url": "http://127.0.0.1:1/a.wav", "metadata": metadata}),
+       "application/json", 422)
+      for metadata in (["agent", "A-1"], {"agent": 117}, {"agent id": "A-1"}, {"": "x"}, {"note": "x" * 1025},
+                       {f"k{i}": "v" for i in range(33)})),
 ])
 async def test_malformed_webhook_gets_a_clear_4xx_and_stores_nothing(ingest: Ingest, body: str, content_type: str,
                                                                      expected: int) -> None:

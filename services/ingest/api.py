@@ -55,6 +55,9 @@ CALL_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 MAX_PAGE = 500
 MAX_OFFSET = 2**31 - 1
 LANGUAGE_RE = re.compile(r"[a-z]{2,3}")
+METADATA_KEY_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+MAX_METADATA_ENTRIES = 32
+MAX_METADATA_VALUE = 1024
 STORE = web.AppKey("store", JobStore)
 WORKER = web.AppKey("worker", PipelineWorker)
 POLICY = web.AppKey("policy", UrlPolicy)
@@ -132,7 +135,18 @@ def validate_webhook(payload: Any, policy: UrlPolicy) -> tuple[str, str, JobOpti
     agent = payload.get("agent_channel")
     if agent is not None and agent not in ("left", "right"):
         raise ValueError("agent_channel must be 'left' or 'right' (stereo recordings), or absent for mono")
-    return call_id, url, JobOptions(language=language.lower() if language else None, agent_channel=agent)
+    metadata = payload.get("metadata")
+    if metadata is not None and not _valid_metadata(metadata):
+        raise ValueError(f"metadata must be an object of at most {MAX_METADATA_ENTRIES} string values of up to "
+                         f"{MAX_METADATA_VALUE} characters, named by 1 to 64 characters of A-Z a-z 0-9 _ . -")
+    return call_id, url, JobOptions(language=language.lower() if language else None, agent_channel=agent,
+                                    metadata=metadata or None)
+
+
+def _valid_metadata(metadata: Any) -> bool:
+    return isinstance(metadata, dict) and len(metadata) <= MAX_METADATA_ENTRIES and all(
+        METADATA_KEY_RE.fullmatch(key) and isinstance(value, str) and len(value) <= MAX_METADATA_VALUE
+        for key, value in metadata.items())
 
 
 def _base_url(request: web.Request) -> str:

@@ -56,7 +56,8 @@ SCHEMAS: dict[str, Any] = {
         "required": ["call_id", "recording_url"],
         "examples": [{"call_id": "call-0001", "recording_url": "http://127.0.0.1:8000/recordings/call-0001.wav"},
                      {"call_id": "call-0002", "recording_url": "http://127.0.0.1:8000/recordings/call-0002.mp3",
-                      "language": "es", "agent_channel": "left"}],
+                      "language": "es", "agent_channel": "left",
+                      "metadata": {"agent_id": "A-117", "queue": "billing", "direction": "inbound"}}],
         "properties": {
             "call_id": {"type": "string", "pattern": CALL_ID_PATTERN, "description": "Not made of dots only"},
             "recording_url": {"type": "string", "maxLength": 2048, "format": "uri",
@@ -65,6 +66,11 @@ SCHEMAS: dict[str, Any] = {
                          "description": "ISO 639-1 hint; absent: detected"},
             "agent_channel": {"type": "string", "enum": ["left", "right"],
                               "description": "Stereo recordings: the agent's channel"},
+            "metadata": {"type": "object", "maxProperties": 32,
+                         "propertyNames": {"pattern": "^[A-Za-z0-9_.-]{1,64}$"},
+                         "additionalProperties": {"type": "string", "maxLength": 1024},
+                         "description": "The recorder's own fields about the call (agent, queue, direction, the "
+                                        "customer's number…): passed to the CRM record's metadata as sent"},
         },
     },
     "Ack": {

@@ -517,6 +517,7 @@ class PipelineWorker:
             translation_source=a.get("translation_source", ""),
             agent_sentiment=SENTIMENT_VALUES.get(a.get("sentiment_by_speaker", {}).get("agent", ""), 0),
             customer_sentiment=SENTIMENT_VALUES.get(a.get("sentiment_by_speaker", {}).get("customer", ""), 0),
+            metadata=job.options.metadata or {},
         )
 
     async def _stage_delivering(self, job: Job) -> tuple[str, dict]:

@@ -68,6 +68,7 @@ class JobOptions:
 
     language: str | None = None
     agent_channel: str | None = None  # "left"/"right" for stereo recordings; None for mono
+    metadata: dict[str, str] | None = None  # the recorder's own fields about the call, passed to the CRM record
 
 
 @dataclass

@@ -2,8 +2,8 @@
 
 ``/`` lists the calls (filter by status); ``/calls/{call_id}`` shows one call:
 the transcript as a conversation, the English translation beside it, summary,
-topic, sentiment, emotion, talk time per speaker, the stage timeline and the
-trace id; beside an unfinished call's status, whether a worker is on it or it
+topic, sentiment, emotion, the recorder's metadata, talk time per speaker, the
+stage timeline and the trace id; beside an unfinished call's status, whether a worker is on it or it
 waits. While a call is in progress the page polls the status API and
 refreshes when something changes. A failed call's page retries it; a call whose
 record the CRM keeps failing on can be set aside from its page (both through the
@@ -197,6 +197,10 @@ class WebPages:
                  ("Duration", f"{info['duration']:.1f} s" if info["duration"] else "")]
         parts.append("<div class='card' id='facts'>" + " · ".join(
             f"<b>{k}:</b> <span id='{k.lower()}'>{escape(str(v or '—'))}</span>" for k, v in facts) + "</div>")
+        if job.options.metadata:  # what the recorder said about the call: agent, queue, …
+            parts.append("<div class='card' id='metadata'>" + " · ".join(
+                f"<b>{escape(key)}:</b> {escape(value)}" for key, value in sorted(job.options.metadata.items()))
+                + "</div>")
         summary = record.get("summary") or analysis.get("summary") or []
         if summary:
             parts.append("<div class='card' id='summary'><h2>Summary</h2><ul>"
