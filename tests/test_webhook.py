@@ -368,6 +368,17 @@ async def test_a_recording_still_missing_after_recording_not_ready_seconds_fails
     assert recorder.requests.count("never.wav") >= 2
 
 
+async def test_a_403_is_waited_out_too_within_recording_not_ready_seconds(
+        tmp_path: Path, expiring_store: tuple[str, asyncio.Event]) -> None:
+    """S3 answers 403, not 404, for an object not uploaded yet when the link's signer may not list the bucket."""
+    store_url, _ = expiring_store
+    async with running_ingest(tmp_path, not_ready_seconds=0.5) as ingest:
+        await post(ingest.url, json.dumps({"call_id": "late-403", "recording_url": f"{store_url}/expired"}))
+        status = await wait_for_state(ingest.url, "late-403", {"failed"})
+    assert "HTTP 403" in status["error"]["message"] and "RECORDING_NOT_READY_SECONDS" in status["error"]["message"]
+    assert status["attempts"] >= 2
+
+
 async def test_unreachable_transcribe_is_retried_not_failed(ingest: Ingest, recorder: Recorder) -> None:
     await post(ingest.url, json.dumps({"call_id": "wait-1", "recording_url": recorder.url_for("es-billing-angry.wav")}))
     status = await wait_for_state(ingest.url, "wait-1", {"transcribing"})
