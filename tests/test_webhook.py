@@ -223,23 +223,26 @@ async def guarded_recorder() -> AsyncIterator[tuple[int, list[tuple[str, str | N
     await runner.cleanup()
 
 
+async def download_with_credential_for(tmp_path: Path, hosts: tuple[str, ...], port: int) -> dict:
+    """A call whose link is the guarded recorder's ``/recording``, through an ingest that has RECORDER_CREDENTIAL
+    for ``hosts``: its status once it got past the download or failed."""
+    async with running_ingest(tmp_path, authorization=RECORDER_CREDENTIAL, authorization_hosts=hosts) as ingest:
+        await post(ingest.url, json.dumps({"call_id": "auth-1", "recording_url": f"http://127.0.0.1:{port}/recording"}))
+        return await wait_for(ingest.url, "auth-1", lambda s: "transcribing" in s["stages"] or s["status"] == "failed")
+
+
 async def test_the_recording_credential_goes_to_the_recorders_host_and_not_where_it_redirects(
         tmp_path: Path, guarded_recorder: tuple[int, list[tuple[str, str | None]]]) -> None:
     port, seen = guarded_recorder
-    async with running_ingest(tmp_path, authorization=RECORDER_CREDENTIAL,
-                              authorization_hosts=("127.0.0.1",)) as ingest:
-        await post(ingest.url, json.dumps({"call_id": "auth-1", "recording_url": f"http://127.0.0.1:{port}/recording"}))
-        await wait_for(ingest.url, "auth-1", lambda s: "transcribing" in s["stages"])
+    status = await download_with_credential_for(tmp_path, ("127.0.0.1",), port)
+    assert "transcribing" in status["stages"]
     assert seen == [("/recording", RECORDER_CREDENTIAL), ("/signed", None)]
 
 
 async def test_the_recording_credential_goes_to_no_host_it_does_not_name(
         tmp_path: Path, guarded_recorder: tuple[int, list[tuple[str, str | None]]]) -> None:
     port, seen = guarded_recorder
-    async with running_ingest(tmp_path, authorization=RECORDER_CREDENTIAL,
-                              authorization_hosts=("recorder.example",)) as ingest:
-        await post(ingest.url, json.dumps({"call_id": "auth-2", "recording_url": f"http://127.0.0.1:{port}/recording"}))
-        status = await wait_for_state(ingest.url, "auth-2", {"failed"})
+    status = await download_with_credential_for(tmp_path, ("recorder.example",), port)
     assert seen == [("/recording", None)] and "HTTP 401" in status["error"]["message"]
 
 
