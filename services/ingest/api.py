@@ -89,7 +89,7 @@ def job_view(job: Job, base_url: str = "") -> dict[str, Any]:
         "status": job.state,
         "status_url": status_url(base_url, job.call_id),
         "recording_url": shown_url(job.recording_url),  # a signed link's query is a key to the recording
-        "options": {k: v for k, v in job.options.__dict__.items() if v is not None},
+        "options": job.options.given(),
         "created_at": _iso(job.created_at),
         "updated_at": _iso(job.updated_at),
         "stages": {state: _iso(ts) for state, ts in sorted(job.stage_times.items(), key=lambda kv: kv[1])},

@@ -44,7 +44,7 @@ class DownloadSettings:
     failed_retention: float = 7 * 24 * 3600.0  # seconds a failed call keeps its recording for a retry; 0: until retried
     min_free_bytes: int = 0  # bytes a download leaves free on the recordings' disk (it waits for room otherwise)
     max_dir_bytes: int = 0  # bytes all recordings in the directory may take together; 0: no cap
-    not_ready_seconds: float = 0.0  # a recording the recorder answers 404 for is waited for this long after the webhook
+    not_ready_seconds: float = 0.0  # a recording answered 404 (or 403) is waited for this long after the webhook
     authorization: str = field(default="", repr=False)  # the Authorization header for authorization_hosts' recordings
     authorization_hosts: tuple[str, ...] = ()  # the host names (lower case) that get it
     tls_ca: str = ""  # a PEM CA bundle trusted besides the system's for https recordings (OUTBOUND_TLS_CA)

@@ -70,6 +70,14 @@ class JobOptions:
     agent_channel: str | None = None  # "left"/"right" for stereo recordings; None for mono
     metadata: dict[str, str] | None = None  # the recorder's own fields about the call, passed to the CRM record
 
+    def given(self) -> dict[str, Any]:
+        """The options the webhook set."""
+        return {k: v for k, v in self.__dict__.items() if v is not None}
+
+    def to_json(self) -> str:
+        """As the job row keeps them."""
+        return json.dumps(self.given())
+
 
 @dataclass
 class Job:
@@ -121,6 +129,13 @@ def awaits_recording(job: Job) -> bool:
     return job.recording_path is None and stage in (RECEIVED, DOWNLOADING)
 
 
+def _entering(state: str, stage_times: str, now: float) -> dict[str, Any]:
+    """The columns that move a job into ``state`` at ``now``: its time stamped, its attempts counted anew."""
+    times = json.loads(stage_times)
+    times[state] = now
+    return {"state": state, "stage_times": json.dumps(times), "attempts": 0}
+
+
 def _remember_webhook(c: Any, webhook_id: str, call_id: str, now: float) -> None:
     """Keep the webhook id a day, so the same webhook sent again is known (see WEBHOOK_ID_RETENTION_SECONDS)."""
     c.execute("INSERT INTO webhook_ids (webhook_id, call_id, received_at) VALUES (?,?,?) "
@@ -146,7 +161,7 @@ class JobStore:
 
         A ``webhook_id`` seen before returns the job that webhook created, whatever this body says."""
         now = time.time()
-        opts = json.dumps({k: v for k, v in options.__dict__.items() if v is not None})
+        opts = options.to_json()
 
         purge = webhook_id is not None and now - self._purged_at >= WEBHOOK_ID_PURGE_SECONDS
         if purge:
@@ -193,20 +208,17 @@ class JobStore:
         call waiting for its next download attempt tries the new link at once. A download in flight goes on with
         the link it has (the worker tries the new one if that download fails)."""
         now = time.time()
-        opts = json.dumps({k: v for k, v in options.__dict__.items() if v is not None})
 
         def tx(c: Any) -> Job | None:
             row = c.execute(f"SELECT * FROM jobs WHERE call_id = ?{self.db.for_update}", (call_id,)).fetchone()
             if row is None or not awaits_recording(Job.from_row(row)):
                 return None
-            sets: dict[str, Any] = {"recording_url": recording_url, "options": opts, "attempts": 0,
+            sets: dict[str, Any] = {"recording_url": recording_url, "options": options.to_json(), "attempts": 0,
                                     "updated_at": now}
             if row["lease_until"] < now:  # nobody is downloading it: the new link is tried now
                 sets["next_attempt_at"] = now
             if row["state"] == FAILED:
-                times = json.loads(row["stage_times"])
-                times[DOWNLOADING] = now
-                sets.update(state=DOWNLOADING, stage_times=json.dumps(times), error=None, error_stage=None)
+                sets.update(_entering(DOWNLOADING, row["stage_times"], now), error=None, error_stage=None)
             assignments = ", ".join(f"{k} = ?" for k in sets)
             c.execute(f"UPDATE jobs SET {assignments} WHERE call_id = ?", (*sets.values(), call_id))
             if webhook_id is not None:
@@ -344,9 +356,7 @@ class JobStore:
                 raise LeaseLost(f"job {call_id} is leased by {row['lease_owner']}, not {owner}")
             sets: dict[str, Any] = {"updated_at": now}
             if state is not None and state != row["state"]:
-                times = json.loads(row["stage_times"])
-                times[state] = now
-                sets.update(state=state, stage_times=json.dumps(times), attempts=0)
+                sets.update(_entering(state, row["stage_times"], now))
             for key, value in fields.items():
                 sets[key] = json.dumps(value, ensure_ascii=False) if isinstance(value, (dict, list)) else value
             if release:
