@@ -75,3 +75,11 @@ def test_an_outbound_ca_bundle_that_cannot_be_read_is_refused_with_its_name(tmp_
     for path in (tmp_path / "missing.pem", tmp_path / "not-a-ca.pem"):
         with pytest.raises(ConfigError, match="OUTBOUND_TLS_CA=.*not a readable PEM CA bundle"):
             https_context(str(path))
+
+
+def test_a_share_for_file_urls_must_be_an_absolute_directory(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("RECORDING_FILE_ROOTS", "/mnt/recordings/, recordings")
+    with pytest.raises(ConfigError, match="RECORDING_FILE_ROOTS: 'recordings' is not an absolute directory"):
+        DownloadSettings.from_env(tmp_path)
+    monkeypatch.setenv("RECORDING_FILE_ROOTS", "/mnt/recordings/,/srv//calls")
+    assert DownloadSettings.from_env(tmp_path).file_roots == ("/mnt/recordings", "/srv/calls")

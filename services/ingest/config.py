@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import posixpath
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,15 @@ def _networks(name: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network,
         except ValueError as exc:
             raise ConfigError(f"{name}: {item!r} is not a network in CIDR notation") from exc
     return tuple(nets)
+
+
+def _file_roots() -> tuple[str, ...]:
+    roots = []
+    for item in env_list("RECORDING_FILE_ROOTS"):
+        if not item.startswith("/"):
+            raise ConfigError(f"RECORDING_FILE_ROOTS: {item!r} is not an absolute directory")
+        roots.append(posixpath.normpath(item))
+    return tuple(roots)
 
 
 def _choice(name: str, default: str, allowed: tuple[str, ...]) -> str:
@@ -48,6 +58,7 @@ class DownloadSettings:
     authorization: str = field(default="", repr=False)  # the Authorization header for authorization_hosts' recordings
     authorization_hosts: tuple[str, ...] = ()  # the host names (lower case) that get it
     tls_ca: str = ""  # a PEM CA bundle trusted besides the system's for https recordings (OUTBOUND_TLS_CA)
+    file_roots: tuple[str, ...] = ()  # directories (absolute, normalised) whose files file: URLs may name
 
     def authorization_for(self, host: str) -> str:
         """The Authorization header a download from ``host`` carries (empty: none)."""
@@ -78,6 +89,7 @@ class DownloadSettings:
             authorization=authorization,
             authorization_hosts=authorization_hosts,
             tls_ca=outbound_tls_ca(),
+            file_roots=_file_roots(),
         )
 
 

@@ -8,13 +8,14 @@ import logging
 import os
 import shutil
 import socket
+import stat
 import time
 import uuid
-from collections.abc import Collection
+from collections.abc import AsyncIterator, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
-from urllib.parse import urljoin
+from urllib.parse import urljoin, urlsplit
 
 import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
@@ -24,7 +25,7 @@ from services.common.https import https_context, is_this_machine, untrusted_cert
 from services.common.limits import NO_ROOM_ERRNOS
 from services.common.telemetry import client_trace_config, shown_url, tracer
 from services.ingest.config import DownloadSettings
-from services.ingest.urlpolicy import UrlPolicy, UrlRejected, parse_ip_literal
+from services.ingest.urlpolicy import UrlPolicy, UrlRejected, parse_ip_literal, under
 
 log = logging.getLogger(__name__)
 _tracer = tracer(__name__)
@@ -34,6 +35,8 @@ _PERMANENT_HTTP = {400, 401, 403, 404, 405, 410, 451}
 # What recording stores answer for a signed link past its expiry (S3 and Azure 403, Google Cloud Storage 400).
 _EXPIRED_LINK_HTTP = {400, 401, 403, 410}
 _EXPIRED_LINK_HINT = " (a signed link that has expired is answered so: send the webhook again with a new link)"
+_NOT_THERE_HTTP = {403, 404}  # what a recording store answers for a recording not uploaded yet (S3: 403 without ListBucket)
+_CHUNK_BYTES = 256 * 1024
 RECORDING_SUFFIX = ".audio"  # a complete recording, under a name made here
 PARTIAL_SUFFIX = ".partial"  # a recording still being written
 ROOM_CHECK_BYTES = 4 * 1024 * 1024  # the free space is looked at again after each this many bytes written
@@ -43,11 +46,13 @@ class DownloadError(Exception):
     """The recording could not be fetched. ``permanent`` says whether trying again can help; ``waiting``, that
     the call should wait for it without using up its attempts (the recordings disk has no room)."""
 
-    def __init__(self, message: str, *, permanent: bool, waiting: bool = False, http_status: int | None = None) -> None:
+    def __init__(self, message: str, *, permanent: bool, waiting: bool = False, not_there: bool = False) -> None:
         super().__init__(message)
         self.permanent = permanent
         self.waiting = waiting
-        self.http_status = http_status  # the recorder's answer, when it answered with an error
+        # The recording is not where the link points (404, S3's 403 for a missing object, no such file): it may
+        # not be uploaded yet (RECORDING_NOT_READY_SECONDS).
+        self.not_there = not_there
 
 
 def _size(n: int) -> str:
@@ -102,7 +107,7 @@ class _VettedResolver(AbstractResolver):
 class Downloader:
     def __init__(self, settings: DownloadSettings) -> None:
         self.settings = settings
-        self.policy = UrlPolicy(settings.allowed_hosts, settings.allowed_networks)
+        self.policy = UrlPolicy(settings.allowed_hosts, settings.allowed_networks, settings.file_roots)
         self._https = https_context(settings.tls_ca)
         settings.directory.mkdir(parents=True, exist_ok=True)
 
@@ -171,6 +176,16 @@ class Downloader:
         s = self.settings
         s.directory.mkdir(parents=True, exist_ok=True)  # again: a volume mounted late, or a directory cleared
         await asyncio.to_thread(self.check_room)
+        if urlsplit(url).scheme.lower() == "file":
+            with _tracer.start_as_current_span("recording.copy") as span:
+                try:
+                    async with asyncio.timeout(s.total_timeout):
+                        result = await self._copy(url)
+                except TimeoutError as exc:
+                    raise DownloadError(f"the copy from the share took longer than {s.total_timeout:.0f} s "
+                                        "(RECORDING_TOTAL_TIMEOUT_SECONDS)", permanent=False) from exc
+                span.set_attribute("recording.bytes", result.size)
+                return result
         timeout = aiohttp.ClientTimeout(total=s.total_timeout, connect=s.connect_timeout, sock_read=s.read_timeout)
         connector = aiohttp.TCPConnector(resolver=_VettedResolver(self.policy), use_dns_cache=False, limit=4,
                                          ssl=self._https)
@@ -205,17 +220,17 @@ class Downloader:
                 if resp.status in _PERMANENT_HTTP:
                     hint = _EXPIRED_LINK_HINT if resp.status in _EXPIRED_LINK_HTTP else ""
                     raise DownloadError(f"the recorder answered HTTP {resp.status} for the recording{hint}",
-                                        permanent=True, http_status=resp.status)
+                                        permanent=True, not_there=resp.status in _NOT_THERE_HTTP)
                 if resp.status != 200:
                     raise DownloadError(f"the recorder answered HTTP {resp.status}",
-                                        permanent=resp.status < 500 and resp.status != 429, http_status=resp.status)
+                                        permanent=resp.status < 500 and resp.status != 429)
                 length = resp.content_length
                 if length is not None and length > self.settings.max_bytes:
                     raise DownloadError(f"the recording is {length} bytes, over the {self.settings.max_bytes}-byte limit",
                                         permanent=True)
                 if length is not None:
                     await asyncio.to_thread(self.check_room, length)
-                return await self._save(resp)
+                return await self._save(resp.content.iter_chunked(_CHUNK_BYTES), resp.content_type)
         raise DownloadError(f"more than {self.settings.max_redirects} redirects", permanent=True)
 
     def _credential(self, scheme: str, host: str) -> dict[str, str] | None:
@@ -230,20 +245,54 @@ class Downloader:
                                 "the credential is sent over https only", permanent=True)
         return {"Authorization": credential}
 
-    async def _save(self, resp: aiohttp.ClientResponse) -> Downloaded:
+    async def _copy(self, url: str) -> Downloaded:
+        """Copy the recording a ``file:`` URL names (on a share under RECORDING_FILE_ROOTS) into RECORDING_DIR, as a
+        download would: the original is never changed or deleted."""
+        try:
+            path = self.policy.file_path(url)
+        except UrlRejected as exc:
+            raise DownloadError(str(exc), permanent=True) from exc
+        real = os.path.realpath(path)
+        if not under(real, tuple(os.path.realpath(root) for root in self.settings.file_roots)):
+            raise DownloadError(f"{path} leads to {real}, outside RECORDING_FILE_ROOTS", permanent=True)
+        try:  # without blocking: a FIFO on the share would otherwise hold the open until someone writes to it
+            source = os.fdopen(await asyncio.to_thread(os.open, real, os.O_RDONLY | os.O_NONBLOCK), "rb")
+        except FileNotFoundError as exc:
+            raise DownloadError(f"there is no file {path}", permanent=True, not_there=True) from exc
+        except IsADirectoryError as exc:
+            raise DownloadError(f"{path} is not a file", permanent=True) from exc
+        except OSError as exc:  # a share that does not answer may again; a file we may not read will not
+            raise DownloadError(f"{path} cannot be read: {exc.strerror}",
+                                permanent=isinstance(exc, PermissionError)) from exc
+        with source:
+            info = os.fstat(source.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                raise DownloadError(f"{path} is not a file", permanent=True)
+            if info.st_size > self.settings.max_bytes:
+                raise DownloadError(f"the recording is {info.st_size} bytes, over the {self.settings.max_bytes}-byte "
+                                    "limit", permanent=True)
+            await asyncio.to_thread(self.check_room, info.st_size)
+
+            async def chunks() -> AsyncIterator[bytes]:
+                while chunk := await asyncio.to_thread(source.read, _CHUNK_BYTES):
+                    yield chunk
+
+            return await self._save(chunks(), "")
+
+    async def _save(self, chunks: AsyncIterator[bytes], content_type: str) -> Downloaded:
         path = self.settings.directory / f"{uuid.uuid4().hex}{RECORDING_SUFFIX}"
         partial = path.with_suffix(PARTIAL_SUFFIX)
         size = checked = 0
         head = b""
         try:
             with partial.open("wb") as out:
-                async for chunk in resp.content.iter_chunked(256 * 1024):
+                async for chunk in chunks:
                     if len(head) < 16:
                         head += chunk[: 16 - len(head)]
                         if len(head) >= 16 and not looks_like_audio(head):
-                            raise DownloadError(
-                                f"the recording is not audio (Content-Type {resp.content_type!r}, starts with {head[:8]!r})",
-                                permanent=True)
+                            served = f"Content-Type {content_type!r}, " if content_type else ""
+                            raise DownloadError(f"the recording is not audio ({served}starts with {head[:8]!r})",
+                                                permanent=True)
                     size += len(chunk)
                     if size > self.settings.max_bytes:
                         raise DownloadError(f"the recording is over the {self.settings.max_bytes}-byte limit", permanent=True)
@@ -260,7 +309,7 @@ class Downloader:
         except BaseException:
             partial.unlink(missing_ok=True)
             raise
-        return Downloaded(path, size, resp.content_type)
+        return Downloaded(path, size, content_type)
 
 
 def write_recording(out: BinaryIO, chunk: bytes | None = None) -> None:

@@ -61,7 +61,8 @@ SCHEMAS: dict[str, Any] = {
         "properties": {
             "call_id": {"type": "string", "pattern": CALL_ID_PATTERN, "description": "Not made of dots only"},
             "recording_url": {"type": "string", "maxLength": 2048, "format": "uri",
-                              "description": "http(s) URL on an allow-listed recorder host"},
+                              "description": "http(s) URL on an allow-listed recorder host, or a file: URL under "
+                                             "RECORDING_FILE_ROOTS"},
             "language": {"type": "string", "pattern": "^[a-z]{2,3}$",
                          "description": "ISO 639-1 hint; absent: detected"},
             "agent_channel": {"type": "string", "enum": ["left", "right"],

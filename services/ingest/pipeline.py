@@ -66,9 +66,6 @@ class StageError(Exception):
         self.waiting = waiting  # a dependency is down or busy: wait without using up attempts
 
 
-NOT_READY_HTTP = {403, 404}  # what a recording store answers for a recording not uploaded yet (see _not_there_yet)
-
-
 class _Reschedule(Exception):
     """Nothing failed; look at this job again after ``delay`` seconds."""
 
@@ -366,7 +363,7 @@ class PipelineWorker:
             if latest is not None and latest.recording_url != job.recording_url:  # see JobStore.relink
                 log.info("download: %s; the recorder has sent a new link meanwhile: trying that one now", exc)
                 raise _Reschedule(0) from exc
-            if exc.http_status in NOT_READY_HTTP:
+            if exc.not_there:
                 self._not_there_yet(job, exc)
             raise StageError(f"download: {exc}", permanent=exc.permanent, waiting=exc.waiting) from exc
         log.info("downloaded %d bytes", downloaded.size)
@@ -374,9 +371,10 @@ class PipelineWorker:
 
     def _not_there_yet(self, job: Job, exc: DownloadError) -> None:
         """Recorders often send the webhook when the call ends, before the recording is uploaded where the link
-        points: for RECORDING_NOT_READY_SECONDS after the webhook, a recording answered 404 (or 403, which S3 answers
-        for an object not there yet when the link's signer may not list the bucket) is tried again (with the usual
-        backoff, without using up attempts); after that it fails the call, saying how long it was missing."""
+        points: for RECORDING_NOT_READY_SECONDS after the webhook, a recording that is not there (404, or 403, which S3
+        answers for an object not there yet when the link's signer may not list the bucket; no such file on a share) is
+        tried again (with the usual backoff, without using up attempts); after that it fails the call, saying how long
+        it was missing."""
         grace = self.downloader.settings.not_ready_seconds
         if grace <= 0:
             return

@@ -4,14 +4,19 @@ At the webhook (no network): scheme, credentials, host against the allow-list,
 and literal IP addresses in any spelling (dotted, decimal, octal, hex, IPv6,
 IPv4-mapped). At download time: every address the name resolves to, and each
 redirect hop again.
+
+``file:`` URLs name recordings on a share mounted on ingest's machine; they are
+taken only under the directories of RECORDING_FILE_ROOTS (none by default), as
+written at the webhook, and with every link resolved at download time.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import posixpath
 import socket
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -45,10 +50,34 @@ def is_public(address: IPAddress) -> bool:
                                       or address.is_link_local or address.is_private or address.is_unspecified)
 
 
+def under(path: str, roots: tuple[str, ...]) -> bool:
+    """Whether the absolute, normalised ``path`` is one of ``roots`` or below one."""
+    return any(path == root or path.startswith(root.rstrip("/") + "/") for root in roots)
+
+
 @dataclass(frozen=True)
 class UrlPolicy:
     allowed_hosts: tuple[str, ...]
     allowed_networks: tuple[IPNetwork, ...]
+    file_roots: tuple[str, ...] = ()  # absolute, normalised directories whose files file: URLs may name
+
+    def file_path(self, url: str) -> str:
+        """The file a ``file:`` URL names, absolute and normalised, if it lies under RECORDING_FILE_ROOTS."""
+        parts = urlsplit(url)
+        if not self.file_roots:
+            raise UrlRejected("recording_url must be http or https, not 'file' (file: URLs are taken only under "
+                              "RECORDING_FILE_ROOTS, which is not set)")
+        if parts.netloc not in ("", "localhost"):
+            raise UrlRejected(f"a file: URL names a file on this machine, not on {parts.netloc!r}")
+        path = unquote(parts.path)
+        if not path.startswith("/") or "\x00" in path:
+            raise UrlRejected("a file: URL needs an absolute path")
+        normal = posixpath.normpath(path)
+        if normal.startswith("//"):  # POSIX keeps a leading double slash
+            normal = "/" + normal.lstrip("/")
+        if not under(normal, self.file_roots):
+            raise UrlRejected(f"{normal} is not under RECORDING_FILE_ROOTS")
+        return normal
 
     def check_address(self, address: IPAddress, host: str) -> None:
         if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
@@ -67,6 +96,9 @@ class UrlPolicy:
         except ValueError as exc:
             raise UrlRejected(f"recording_url is not a valid URL: {exc}") from exc
         scheme = parts.scheme.lower()
+        if scheme == "file":
+            self.file_path(url)
+            return scheme, "", 0
         if scheme not in ("http", "https"):
             raise UrlRejected(f"recording_url must be http or https, not {scheme or 'empty'!r}")
         if parts.username is not None or parts.password is not None:

@@ -1,0 +1,97 @@
+"""Recordings on a share mounted on ingest's machine: ``file:`` URLs, taken only under RECORDING_FILE_ROOTS.
+
+Contact centers often record to network storage; the recorder then names the file, not an HTTP link.
+The file is copied into RECORDING_DIR as a download would be (same size cap, room checks and audio
+check); the original is never changed or deleted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from tests.ingest_harness import Ingest, post, running_ingest, wait_for, wait_for_state
+
+def past_the_copy(status: dict) -> bool:
+    return "transcribing" in status["stages"]
+
+
+@pytest.fixture
+def share(tmp_path: Path) -> Path:
+    root = tmp_path / "share"
+    (root / "2026" / "11").mkdir(parents=True)
+    return root
+
+
+@pytest_asyncio.fixture
+async def ingest_on_share(tmp_path: Path, share: Path) -> AsyncIterator[Ingest]:
+    async with running_ingest(tmp_path, file_roots=(str(share),), not_ready_seconds=60) as running:
+        yield running
+
+
+async def test_a_recording_on_the_share_is_copied_and_the_original_left_alone(
+        ingest_on_share: Ingest, share: Path, audio_dir: Path) -> None:
+    original = share / "2026" / "11" / "call 7.wav"
+    shutil.copy(audio_dir / "es-billing-angry.wav", original)
+    status, _ = await post(ingest_on_share.url, json.dumps({"call_id": "nas-1",
+                                                             "recording_url": original.as_uri()}))
+    assert status == 202
+    await wait_for(ingest_on_share.url, "nas-1", past_the_copy)
+    job = await ingest_on_share.store.get("nas-1")
+    assert job is not None and job.recording_path is not None
+    copy = Path(job.recording_path)
+    assert copy.parent != original.parent and copy.read_bytes() == original.read_bytes()
+    assert original.read_bytes() == (audio_dir / "es-billing-angry.wav").read_bytes()  # left as it was
+
+
+@pytest.mark.parametrize(("url", "reason"), [
+    ("file:///etc/passwd", "/etc/passwd is not under RECORDING_FILE_ROOTS"),
+    ("file://{share}/../secret.wav", "secret.wav is not under RECORDING_FILE_ROOTS"),
+    ("file://{share}/2026/%2e%2e/%2e%2e/../secret.wav", "secret.wav is not under RECORDING_FILE_ROOTS"),
+    ("file://recorder.example{share}/a.wav", "not on 'recorder.example'"),
+    ("file:2026/a.wav", "needs an absolute path"),
+])
+async def test_a_file_url_outside_the_share_is_refused_at_the_webhook(ingest_on_share: Ingest, share: Path,
+                                                                      url: str, reason: str) -> None:
+    status, problem = await post(ingest_on_share.url, json.dumps({"call_id": "nas-2",
+                                                                   "recording_url": url.format(share=share)}))
+    assert status == 422 and reason in problem["detail"]
+    assert await ingest_on_share.store.counts() == {}
+
+
+async def test_a_link_on_the_share_that_leads_outside_it_fails_the_call(
+        ingest_on_share: Ingest, share: Path, tmp_path: Path, audio_dir: Path) -> None:
+    outside = tmp_path / "elsewhere.wav"
+    shutil.copy(audio_dir / "es-billing-angry.wav", outside)
+    (share / "link.wav").symlink_to(outside)
+    await post(ingest_on_share.url, json.dumps({"call_id": "nas-3", "recording_url": (share / "link.wav").as_uri()}))
+    status = await wait_for_state(ingest_on_share.url, "nas-3", {"failed"})
+    assert "outside RECORDING_FILE_ROOTS" in status["error"]["message"]
+
+
+async def test_a_recording_not_on_the_share_yet_is_waited_for(ingest_on_share: Ingest, share: Path,
+                                                             audio_dir: Path) -> None:
+    late = share / "2026" / "11" / "late.wav"
+    await post(ingest_on_share.url, json.dumps({"call_id": "nas-4", "recording_url": late.as_uri()}))
+    waiting = await wait_for(ingest_on_share.url, "nas-4", lambda s: s["error"] is not None)
+    assert waiting["status"] == "downloading" and "there is no file" in waiting["error"]["message"]
+    shutil.copy(audio_dir / "es-billing-angry.wav", late)
+    status = await wait_for(ingest_on_share.url, "nas-4", past_the_copy)
+    assert "failed" not in status["stages"]
+
+
+@pytest.mark.parametrize(("name", "reason"), [("notes.txt", "not audio"), ("2026", "is not a file"),
+                                              ("pipe.wav", "is not a file")])
+async def test_what_is_not_a_recording_on_the_share_fails_the_call_with_the_reason(
+        ingest_on_share: Ingest, share: Path, name: str, reason: str) -> None:
+    (share / "notes.txt").write_text("minutes of the meeting, not a recording")
+    os.mkfifo(share / "pipe.wav")  # opened as a file, it would wait for a writer that never comes
+    await post(ingest_on_share.url, json.dumps({"call_id": "nas-5", "recording_url": (share / name).as_uri()}))
+    status = await wait_for_state(ingest_on_share.url, "nas-5", {"failed"})
+    assert reason in status["error"]["message"] and status["error"]["stage"] == "downloading"
