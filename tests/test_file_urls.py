@@ -87,11 +87,12 @@ async def test_a_recording_not_on_the_share_yet_is_waited_for(ingest_on_share: I
 
 
 @pytest.mark.parametrize(("name", "reason"), [("notes.txt", "not audio"), ("2026", "is not a file"),
-                                              ("pipe.wav", "is not a file")])
+                                              ("pipe.wav", "is not a file"), ("huge.wav", "over the 1048576-byte limit")])
 async def test_what_is_not_a_recording_on_the_share_fails_the_call_with_the_reason(
         ingest_on_share: Ingest, share: Path, name: str, reason: str) -> None:
     (share / "notes.txt").write_text("minutes of the meeting, not a recording")
     os.mkfifo(share / "pipe.wav")  # opened as a file, it would wait for a writer that never comes
+    (share / "huge.wav").write_bytes(b"RIFF\x24\x08\x00\x00WAVEfmt " + bytes(1024 * 1024))  # the harness caps at 1 MiB
     await post(ingest_on_share.url, json.dumps({"call_id": "nas-5", "recording_url": (share / name).as_uri()}))
     status = await wait_for_state(ingest_on_share.url, "nas-5", {"failed"})
     assert reason in status["error"]["message"] and status["error"]["stage"] == "downloading"

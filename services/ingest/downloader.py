@@ -252,11 +252,22 @@ class Downloader:
             path = self.policy.file_path(url)
         except UrlRejected as exc:
             raise DownloadError(str(exc), permanent=True) from exc
+        source = await asyncio.to_thread(self._open_on_share, path)  # a share can be slow to answer: not on the loop
+        with source:
+            async def chunks() -> AsyncIterator[bytes]:
+                while chunk := await asyncio.to_thread(source.read, _CHUNK_BYTES):
+                    yield chunk
+
+            return await self._save(chunks(), "")
+
+    def _open_on_share(self, path: str) -> BinaryIO:
+        """Open the recording at ``path`` once its links are followed, if it is still under RECORDING_FILE_ROOTS, is
+        a plain file, fits the size cap and the room there is; raise :class:`DownloadError` otherwise."""
         real = os.path.realpath(path)
         if not under(real, tuple(os.path.realpath(root) for root in self.settings.file_roots)):
             raise DownloadError(f"{path} leads to {real}, outside RECORDING_FILE_ROOTS", permanent=True)
         try:  # without blocking: a FIFO on the share would otherwise hold the open until someone writes to it
-            source = os.fdopen(await asyncio.to_thread(os.open, real, os.O_RDONLY | os.O_NONBLOCK), "rb")
+            source = os.fdopen(os.open(real, os.O_RDONLY | os.O_NONBLOCK), "rb")
         except FileNotFoundError as exc:
             raise DownloadError(f"there is no file {path}", permanent=True, not_there=True) from exc
         except IsADirectoryError as exc:
@@ -264,20 +275,18 @@ class Downloader:
         except OSError as exc:  # a share that does not answer may again; a file we may not read will not
             raise DownloadError(f"{path} cannot be read: {exc.strerror}",
                                 permanent=isinstance(exc, PermissionError)) from exc
-        with source:
+        try:
             info = os.fstat(source.fileno())
             if not stat.S_ISREG(info.st_mode):
                 raise DownloadError(f"{path} is not a file", permanent=True)
             if info.st_size > self.settings.max_bytes:
                 raise DownloadError(f"the recording is {info.st_size} bytes, over the {self.settings.max_bytes}-byte "
                                     "limit", permanent=True)
-            await asyncio.to_thread(self.check_room, info.st_size)
-
-            async def chunks() -> AsyncIterator[bytes]:
-                while chunk := await asyncio.to_thread(source.read, _CHUNK_BYTES):
-                    yield chunk
-
-            return await self._save(chunks(), "")
+            self.check_room(info.st_size)
+        except BaseException:
+            source.close()
+            raise
+        return source
 
     async def _save(self, chunks: AsyncIterator[bytes], content_type: str) -> Downloaded:
         path = self.settings.directory / f"{uuid.uuid4().hex}{RECORDING_SUFFIX}"
