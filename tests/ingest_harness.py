@@ -46,7 +46,7 @@ async def running_ingest(tmp_path: Path, verifier: WebhookVerifier = VERIFIER, *
                          failed_retention: float = 7 * 24 * 3600.0, min_free_bytes: int = 0,
                          max_dir_bytes: int = 0, not_ready_seconds: float = 0.0, authorization: str = "",
                          authorization_hosts: tuple[str, ...] = (), tls_ca: str = "", file_roots: tuple[str, ...] = (),
-                         http_read_timeout: float = 30.0,
+                         file_settle_seconds: float = 0.0, http_read_timeout: float = 30.0,
                          **pipeline_settings) -> AsyncIterator[Ingest]:
     """Ingest whose downloads may reach ``allowed_networks`` (the demo's loopback by default);
     ``pipeline_settings`` replace fields of its pipeline settings (addresses, timeouts, …);
@@ -60,7 +60,7 @@ async def running_ingest(tmp_path: Path, verifier: WebhookVerifier = VERIFIER, *
                                 failed_retention=failed_retention, min_free_bytes=min_free_bytes,
                                 max_dir_bytes=max_dir_bytes, not_ready_seconds=not_ready_seconds,
                                 authorization=authorization, authorization_hosts=authorization_hosts, tls_ca=tls_ca,
-                                file_roots=file_roots)
+                                file_roots=file_roots, file_settle_seconds=file_settle_seconds)
     pipeline = PipelineSettings(UNUSED, UNUSED, UNUSED, worker_id="test-worker", concurrency=2, max_attempts=2,
                                 backoff_initial=0.05, backoff_max=0.1, transcribe_timeout=5, analyze_timeout=5,
                                 rpc_timeout=2, delivery_poll_seconds=0.1, chunk_bytes=65536, lease_seconds=30)

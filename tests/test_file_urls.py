@@ -2,11 +2,13 @@
 
 Contact centers often record to network storage; the recorder then names the file, not an HTTP link.
 The file is copied into RECORDING_DIR as a download would be (same size cap, room checks and audio
-check); the original is never changed or deleted.
+check); the original is never changed or deleted. A file the recorder is still writing is copied once it
+has stopped changing.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -16,6 +18,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
+from services.ingest.downloader import Downloaded
 from tests.ingest_harness import Ingest, post, running_ingest, wait_for, wait_for_state
 
 def past_the_copy(status: dict) -> bool:
@@ -96,3 +99,46 @@ async def test_what_is_not_a_recording_on_the_share_fails_the_call_with_the_reas
     await post(ingest_on_share.url, json.dumps({"call_id": "nas-5", "recording_url": (share / name).as_uri()}))
     status = await wait_for_state(ingest_on_share.url, "nas-5", {"failed"})
     assert reason in status["error"]["message"] and status["error"]["stage"] == "downloading"
+
+
+async def test_a_recording_still_being_written_is_copied_once_it_stops_changing(
+        tmp_path: Path, share: Path, audio_dir: Path) -> None:
+    whole = (audio_dir / "es-billing-angry.wav").read_bytes()
+    growing = share / "2026" / "11" / "growing.wav"
+    growing.write_bytes(whole[:4096])  # the recorder posts the webhook while it writes the rest
+    async with running_ingest(tmp_path, file_roots=(str(share),), file_settle_seconds=0.5) as ingest:
+        await post(ingest.url, json.dumps({"call_id": "nas-6", "recording_url": growing.as_uri()}))
+        step = -(-(len(whole) - 4096) // 12)
+        for start in range(4096, len(whole), step):  # a piece every 0.1 s for 1.2 s, each sooner than the 0.5 s
+            await asyncio.sleep(0.1)
+            with growing.open("ab") as out:
+                out.write(whole[start:start + step])
+        await wait_for(ingest.url, "nas-6", past_the_copy)
+        job = await ingest.store.get("nas-6")
+        assert job is not None and job.recording_path is not None
+        assert Path(job.recording_path).read_bytes() == whole
+
+
+async def test_a_recording_that_changed_while_it_was_copied_is_copied_again(
+        tmp_path: Path, share: Path, audio_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    whole = (audio_dir / "es-billing-angry.wav").read_bytes()
+    growing = share / "2026" / "11" / "growing.wav"
+    growing.write_bytes(whole[: len(whole) // 2])
+    async with running_ingest(tmp_path, file_roots=(str(share),)) as ingest:
+        downloader = ingest.worker.downloader
+        save = downloader._save
+
+        async def save_while_the_recorder_writes(chunks: AsyncIterator[bytes], content_type: str) -> Downloaded:
+            copied = await save(chunks, content_type)
+            if growing.stat().st_size < len(whole):  # the recorder writes the rest just as the first copy ends
+                with growing.open("ab") as out:
+                    out.write(whole[len(whole) // 2:])
+            return copied
+
+        monkeypatch.setattr(downloader, "_save", save_while_the_recorder_writes)
+        await post(ingest.url, json.dumps({"call_id": "nas-7", "recording_url": growing.as_uri()}))
+        await wait_for(ingest.url, "nas-7", past_the_copy)
+        job = await ingest.store.get("nas-7")
+        assert job is not None and job.recording_path is not None
+        assert Path(job.recording_path).read_bytes() == whole
+        assert [p.name for p in (tmp_path / "recordings").iterdir()] == [Path(job.recording_path).name]  # no half

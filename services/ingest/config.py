@@ -59,6 +59,7 @@ class DownloadSettings:
     authorization_hosts: tuple[str, ...] = ()  # the host names (lower case) that get it
     tls_ca: str = ""  # a PEM CA bundle trusted besides the system's for https recordings (OUTBOUND_TLS_CA)
     file_roots: tuple[str, ...] = ()  # directories (absolute, normalised) whose files file: URLs may name
+    file_settle_seconds: float = 2.0  # a file on the share is copied once it has not changed for this long
 
     def authorization_for(self, host: str) -> str:
         """The Authorization header a download from ``host`` carries (empty: none)."""
@@ -90,6 +91,7 @@ class DownloadSettings:
             authorization_hosts=authorization_hosts,
             tls_ca=outbound_tls_ca(),
             file_roots=_file_roots(),
+            file_settle_seconds=env_float("RECORDING_FILE_SETTLE_SECONDS", 2.0, minimum=0.0),
         )
 
 

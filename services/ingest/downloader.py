@@ -20,6 +20,7 @@ from urllib.parse import urljoin, urlsplit
 import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import ThreadedResolver
+from opentelemetry import trace
 
 from services.common.https import https_context, is_this_machine, untrusted_certificate
 from services.common.limits import NO_ROOM_ERRNOS
@@ -39,6 +40,7 @@ _NOT_THERE_HTTP = {403, 404}  # what a recording store answers for a recording n
 _CHUNK_BYTES = 256 * 1024
 RECORDING_SUFFIX = ".audio"  # a complete recording, under a name made here
 PARTIAL_SUFFIX = ".partial"  # a recording still being written
+_MIN_SETTLE_AFTER_CHANGE = 0.25  # seconds a file that changed while it was copied is left before the next copy
 ROOM_CHECK_BYTES = 4 * 1024 * 1024  # the free space is looked at again after each this many bytes written
 
 
@@ -183,7 +185,8 @@ class Downloader:
                         result = await self._copy(url)
                 except TimeoutError as exc:
                     raise DownloadError(f"the copy from the share took longer than {s.total_timeout:.0f} s "
-                                        "(RECORDING_TOTAL_TIMEOUT_SECONDS)", permanent=False) from exc
+                                        "(RECORDING_TOTAL_TIMEOUT_SECONDS): a slow share, or a file still being "
+                                        "written all that time", permanent=False) from exc
                 span.set_attribute("recording.bytes", result.size)
                 return result
         timeout = aiohttp.ClientTimeout(total=s.total_timeout, connect=s.connect_timeout, sock_read=s.read_timeout)
@@ -247,18 +250,54 @@ class Downloader:
 
     async def _copy(self, url: str) -> Downloaded:
         """Copy the recording a ``file:`` URL names (on a share under RECORDING_FILE_ROOTS) into RECORDING_DIR, as a
-        download would: the original is never changed or deleted."""
+        download would: the original is never changed or deleted.
+
+        A recorder may post the webhook while it still writes the file (or its copy to the share is still under
+        way): the copy waits until the file has not changed for RECORDING_FILE_SETTLE_SECONDS, and a file that
+        changed while it was copied is copied again once it settles, all within RECORDING_TOTAL_TIMEOUT_SECONDS."""
         try:
             path = self.policy.file_path(url)
         except UrlRejected as exc:
             raise DownloadError(str(exc), permanent=True) from exc
-        source = await asyncio.to_thread(self._open_on_share, path)  # a share can be slow to answer: not on the loop
-        with source:
-            async def chunks() -> AsyncIterator[bytes]:
-                while chunk := await asyncio.to_thread(source.read, _CHUNK_BYTES):
-                    yield chunk
+        settle = self.settings.file_settle_seconds
+        while True:
+            await self._until_settled(path, settle)
+            source = await asyncio.to_thread(self._open_on_share, path)  # a share can be slow: not on the loop
+            with source:
+                before = _version(os.fstat(source.fileno()))
 
-            return await self._save(chunks(), "")
+                async def chunks() -> AsyncIterator[bytes]:
+                    while chunk := await asyncio.to_thread(source.read, _CHUNK_BYTES):
+                        yield chunk
+
+                copied = await self._save(chunks(), "")
+                if _version(await asyncio.to_thread(os.fstat, source.fileno())) == before:
+                    return copied
+            copied.path.unlink(missing_ok=True)
+            log.info("%s changed while it was copied: it is still being written, and is copied again once it has "
+                     "not changed for %.1f s (RECORDING_FILE_SETTLE_SECONDS)", path, settle)
+            settle = max(settle, _MIN_SETTLE_AFTER_CHANGE)
+
+    async def _until_settled(self, path: str, settle: float) -> None:
+        """Return once the file at ``path`` has not changed for ``settle`` seconds, by its time of change or, when
+        that is recent or ahead of this machine's clock (a share's server may keep another time), by looking
+        again after ``settle`` seconds. A file that is not there is left to the open, which says so."""
+        if settle <= 0:
+            return
+        seen = await asyncio.to_thread(_version_at, path)
+        if seen is None or 0 <= time.time() - seen[1] / 1e9 >= settle:
+            return
+        log.info("%s was changed %.1f s ago: waiting for it to stay unchanged for %.1f s "
+                 "(RECORDING_FILE_SETTLE_SECONDS)", path, time.time() - seen[1] / 1e9, settle)
+        waited = time.monotonic()
+        while True:
+            await asyncio.sleep(settle)
+            now = await asyncio.to_thread(_version_at, path)
+            if now == seen or now is None:
+                trace.get_current_span().set_attribute("recording.settle_wait_seconds",
+                                                       round(time.monotonic() - waited, 3))
+                return
+            seen = now
 
     def _open_on_share(self, path: str) -> BinaryIO:
         """Open the recording at ``path`` once its links are followed, if it is still under RECORDING_FILE_ROOTS, is
@@ -319,6 +358,18 @@ class Downloader:
             partial.unlink(missing_ok=True)
             raise
         return Downloaded(path, size, content_type)
+
+
+def _version(info: os.stat_result) -> tuple[int, int]:
+    """What tells that a file was written to: its size and its time of change (ns)."""
+    return info.st_size, info.st_mtime_ns
+
+
+def _version_at(path: str) -> tuple[int, int] | None:
+    try:
+        return _version(os.stat(path))
+    except OSError:  # not there (yet), or not readable: the open says which
+        return None
 
 
 def write_recording(out: BinaryIO, chunk: bytes | None = None) -> None:
