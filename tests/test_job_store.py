@@ -118,13 +118,16 @@ async def test_a_new_link_is_taken_only_while_the_call_has_no_recording(store: J
     cases = {  # call: (state, error_stage, recording_path)
         "queued": (RECEIVED, None, None), "retrying": (DOWNLOADING, None, None),
         "failed-download": (FAILED, DOWNLOADING, None), "downloaded": (TRANSCRIBING, None, "/r/downloaded.audio"),
-        "failed-later": (FAILED, TRANSCRIBING, None), "done": (DONE, None, None)}
+        "failed-later-let-go": (FAILED, TRANSCRIBING, None), "failed-later-kept": (FAILED, ANALYZING, "/r/kept.audio"),
+        "done": (DONE, None, None)}
     for call_id, (state, error_stage, path) in cases.items():
         await store.create(call_id, "http://127.0.0.1:9/a.wav", JobOptions(), {}, "")
         await store.update(call_id, None, state=state, error_stage=error_stage, recording_path=path)
     relinked = {call_id: await store.relink(call_id, NEW_LINK, JobOptions()) for call_id in [*cases, "unknown"]}
-    assert {c for c, job in relinked.items() if job is not None} == {"queued", "retrying", "failed-download"}
+    assert {c for c, job in relinked.items() if job is not None} == {"queued", "retrying", "failed-download",
+                                                                      "failed-later-let-go"}
     assert (await store.get("downloaded")).recording_url == "http://127.0.0.1:9/a.wav"
+    assert (await store.get("failed-later-kept")).recording_url == "http://127.0.0.1:9/a.wav"
     assert (await store.get("queued")).recording_url == NEW_LINK
 
 
@@ -136,6 +139,18 @@ async def test_a_call_that_failed_at_its_download_goes_back_to_it_with_a_new_lin
     assert (job.state, job.error, job.error_stage, job.attempts) == (DOWNLOADING, None, None, 0)
     assert job.options.language == "es"
     assert [j.call_id for j in await store.claim("w", 4, 60)] == ["call-1"]
+
+
+async def test_a_call_failed_past_its_download_whose_recording_was_let_go_keeps_a_new_link_and_stays_failed(
+        store: JobStore) -> None:
+    await store.create("call-1", "http://127.0.0.1:9/a.wav", JobOptions(), {}, "")
+    await store.update("call-1", None, state=FAILED, error="transcribe: not audio", error_stage=TRANSCRIBING,
+                       recording_path="/r/call-1.audio", attempts=2)
+    await store.release_failed_recordings(time.time() + 1)  # its retention is over
+    job = await store.relink("call-1", NEW_LINK, JobOptions())
+    assert job is not None and job.recording_url == NEW_LINK
+    assert (job.state, job.error_stage, job.error, job.attempts) == (FAILED, TRANSCRIBING, "transcribe: not audio", 2)
+    assert await store.claim("w", 4, 60) == []
 
 
 async def test_a_new_link_for_a_call_being_downloaded_leaves_the_download_its_lease(store: JobStore) -> None:

@@ -145,6 +145,28 @@ async def test_a_retried_call_whose_recording_was_deleted_downloads_it_again(tmp
         await recorder.stop()
 
 
+async def test_a_failed_call_whose_recording_was_let_go_takes_a_new_link_for_its_retry(
+        tmp_path: Path, audio_dir: Path) -> None:
+    recorder = await Recorder(audio_dir).start()
+    try:
+        await stored_call(tmp_path, "let-go", FAILED, error_stage=TRANSCRIBING, error="transcribe: INTERNAL",
+                          recording_url=recorder.url_for("expired-link.wav"))  # the stored link no longer answers
+        async with running_ingest(tmp_path) as ingest:
+            fresh = recorder.url_for("es-billing-angry.wav")
+            status, body = await post(ingest.url, json.dumps({"call_id": "let-go", "recording_url": fresh}))
+            assert (status, body["status"]) == (202, "failed")  # kept for the retry, not replayed by the webhook
+            assert recorder.requests == []
+            async with aiohttp.ClientSession() as session:
+                async with session.post(f"{ingest.url}/v1/calls/let-go:retry") as resp:
+                    assert resp.status == 202
+            await wait_for(ingest.url, "let-go", lambda s: "UNAVAILABLE" in (s["error"] or {}).get("message", ""))
+            job = await ingest.store.get("let-go")
+        assert job is not None and job.recording_url == fresh and job.recording_path is not None
+        assert recorder.requests == ["es-billing-angry.wav"]
+    finally:
+        await recorder.stop()
+
+
 async def test_a_recordings_directory_removed_while_ingest_runs_is_made_again(
         tmp_path: Path, recorder: Recorder) -> None:
     async with running_ingest(tmp_path) as ingest:

@@ -235,13 +235,18 @@ async def _post_call(request: web.Request) -> web.Response:
             relinked = await request.app[STORE].relink(call_id, url, options, webhook_id)
             if relinked is None:
                 return problem(409, "Conflict", f"call {call_id} was already received with another recording_url, "
-                               f"and {_has_recording(job)}: a new link is taken only until the recording is "
-                               "downloaded", status_url=status_url(_base_url(request), call_id))
+                               f"and {_has_recording(job)}: a new link is taken only while the call has "
+                               "no recording", status_url=status_url(_base_url(request), call_id))
             job = relinked
             request[OUTCOME] = "relinked"
-            log.info("call received again with a new recording link, taken in place of the earlier one "
-                     "(its recording was not downloaded yet)")
-            request.app[WORKER].wake()
+            if job.state == FAILED:
+                log.info("call received again with a new recording link, kept for its retry: it failed at %s and "
+                         "its recording was let go (POST /v1/calls/%s:retry downloads it from the new link)",
+                         job.error_stage, call_id)
+            else:
+                log.info("call received again with a new recording link, taken in place of the earlier one "
+                         "(its recording was not downloaded yet)")
+                request.app[WORKER].wake()
         elif new:
             log.info("call received")
             request.app[WORKER].wake()
@@ -258,8 +263,8 @@ async def _post_call(request: web.Request) -> web.Response:
 def _has_recording(job: Job) -> str:
     if job.state == DONE:
         return "it is done"
-    if job.state == FAILED and job.recording_path is None:
-        return f"it failed at {job.error_stage}, past its download"
+    if job.state == FAILED:
+        return f"it failed at {job.error_stage} with its recording kept (POST /v1/calls/{job.call_id}:retry replays it)"
     return "its recording is downloaded"
 
 

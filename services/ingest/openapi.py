@@ -193,7 +193,8 @@ def _document() -> dict[str, Any]:
                         "403": _FROM_ANOTHER_SITE,
                         "408": _problem("The body did not all arrive within INGEST_READ_TIMEOUT_SECONDS"),
                         "409": _problem("This call_id was received with another recording_url, and its recording is "
-                                        "downloaded already"),
+                                        "downloaded and kept (or the call is done): a new link is taken only while "
+                                        "the call has no recording"),
                         "413": _problem("The body is over 64 KiB"),
                         "415": _problem("Not application/json"),
                         "422": _problem("A field is missing or invalid, or the URL is not allowed"),

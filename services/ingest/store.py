@@ -199,26 +199,32 @@ class JobStore:
 
     async def relink(self, call_id: str, recording_url: str, options: JobOptions,
                      webhook_id: str | None = None) -> Job | None:
-        """Take a new link to the call's recording (with the new webhook's options), if the call has not got its
-        recording yet: return the job as it is now, or None when its recording is already downloaded (or it failed
-        past the download), where another link no longer counts.
+        """Take a new link to the call's recording (with the new webhook's options), if the call has no recording:
+        return the job as it is now, or None when its recording is downloaded (or it is done), where another link
+        no longer counts.
 
         Recording stores hand out signed links that expire, and a recorder re-signs the link when it sends a call
         again: a call whose download failed on an expired link goes back to the download with the new one, and a
         call waiting for its next download attempt tries the new link at once. A download in flight goes on with
-        the link it has (the worker tries the new one if that download fails)."""
+        the link it has (the worker tries the new one if that download fails). A call that failed past its download
+        and whose recording was let go (RECORDING_FAILED_RETENTION_HOURS) keeps the new link for its retry, which
+        downloads the recording again: it stays failed."""
         now = time.time()
 
         def tx(c: Any) -> Job | None:
             row = c.execute(f"SELECT * FROM jobs WHERE call_id = ?{self.db.for_update}", (call_id,)).fetchone()
-            if row is None or not awaits_recording(Job.from_row(row)):
+            if row is None:
                 return None
-            sets: dict[str, Any] = {"recording_url": recording_url, "options": options.to_json(), "attempts": 0,
-                                    "updated_at": now}
-            if row["lease_until"] < now:  # nobody is downloading it: the new link is tried now
-                sets["next_attempt_at"] = now
-            if row["state"] == FAILED:
-                sets.update(_entering(DOWNLOADING, row["stage_times"], now), error=None, error_stage=None)
+            job = Job.from_row(row)
+            sets: dict[str, Any] = {"recording_url": recording_url, "options": options.to_json(), "updated_at": now}
+            if awaits_recording(job):
+                sets["attempts"] = 0
+                if job.lease_until < now:  # nobody is downloading it: the new link is tried now
+                    sets["next_attempt_at"] = now
+                if job.state == FAILED:
+                    sets.update(_entering(DOWNLOADING, row["stage_times"], now), error=None, error_stage=None)
+            elif not (job.state == FAILED and job.recording_path is None):  # a failed call's recording, let go
+                return None
             assignments = ", ".join(f"{k} = ?" for k in sets)
             c.execute(f"UPDATE jobs SET {assignments} WHERE call_id = ?", (*sets.values(), call_id))
             if webhook_id is not None:
