@@ -140,6 +140,20 @@ def test_kubernetes_ingest_and_crm_scale_out_on_the_shared_database() -> None:
     assert any(d["kind"] == "PodDisruptionBudget" and d["metadata"]["name"] == "crm" for d in docs)
 
 
+def test_kubernetes_ingest_and_crm_mount_the_company_ca_where_the_readme_points_outbound_tls_ca() -> None:
+    readme = (ROOT / "README.md").read_text()
+    configmap = re.search(r"create configmap (\S+)\s+--from-file=(\S+?)=", readme)
+    ca_file = re.search(r"`OUTBOUND_TLS_CA: (\S+)` in `callmesh-config`", readme)
+    assert configmap and ca_file
+    docs = k8s_documents()
+    for name in ("ingest", "crm"):
+        pod = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == name)["spec"]["template"]
+        [volume] = [v for v in pod["spec"]["volumes"] if v.get("configMap", {}).get("name") == configmap[1]]
+        assert volume["configMap"]["optional"] is True  # without a company CA the pods still start
+        [mount] = [m for m in pod["spec"]["containers"][0]["volumeMounts"] if m["name"] == volume["name"]]
+        assert mount["readOnly"] and ca_file[1] == f"{mount['mountPath']}/{configmap[2]}"
+
+
 def test_kubernetes_manifests_validate_strictly() -> None:
     files = [str(K8S / n) for n in yaml.safe_load((K8S / "kustomization.yaml").read_text())["resources"]]
     result = subprocess.run([str(BIN / "kubernetes-validate"), "--strict", "--quiet", *files],
