@@ -19,7 +19,8 @@ import pytest
 import pytest_asyncio
 
 from services.ingest.downloader import Downloaded
-from tests.ingest_harness import Ingest, post, running_ingest, wait_for, wait_for_state
+from tests.ingest_harness import SECRET, Ingest, post, running_ingest, wait_for, wait_for_state
+from tests.test_signatures import run_ingest_briefly
 
 def past_the_copy(status: dict) -> bool:
     return "transcribing" in status["stages"]
@@ -142,3 +143,28 @@ async def test_a_recording_that_changed_while_it_was_copied_is_copied_again(
         assert job is not None and job.recording_path is not None
         assert Path(job.recording_path).read_bytes() == whole
         assert [p.name for p in (tmp_path / "recordings").iterdir()] == [Path(job.recording_path).name]  # no half
+
+
+async def test_a_call_waits_while_the_share_is_not_mounted_and_goes_on_once_it_is(
+        tmp_path: Path, audio_dir: Path) -> None:
+    mount_point = tmp_path / "mnt" / "recordings"  # the share's directory, empty without it
+    mount_point.mkdir(parents=True)
+    recording = mount_point / "2026" / "11" / "call-9.wav"
+    async with running_ingest(tmp_path, file_roots=(str(mount_point),)) as ingest:  # no RECORDING_NOT_READY_SECONDS
+        await post(ingest.url, json.dumps({"call_id": "nas-8", "recording_url": recording.as_uri()}))
+        waiting = await wait_for(ingest.url, "nas-8", lambda s: s["error"] is not None)
+        assert waiting["status"] == "downloading" and "is the share mounted?" in waiting["error"]["message"]
+        waited = await wait_for(ingest.url, "nas-8", lambda s: s["attempts"] >= 3)  # past max_attempts=2
+        assert waited["status"] == "downloading"
+        recording.parent.mkdir(parents=True)  # the share is mounted again
+        shutil.copy(audio_dir / "es-billing-angry.wav", recording)
+        status = await wait_for(ingest.url, "nas-8", past_the_copy)
+    assert "failed" not in status["stages"]
+
+
+def test_ingest_warns_at_start_of_a_share_that_is_not_mounted(tmp_path: Path) -> None:
+    mount_point = tmp_path / "mnt" / "recordings"
+    mount_point.mkdir(parents=True)
+    result = run_ingest_briefly(tmp_path, WEBHOOK_SECRETS=SECRET, RECORDING_FILE_ROOTS=str(mount_point))
+    assert result.returncode == -1, result.stderr  # it serves: the share may come later
+    assert "WARNING" in result.stderr and f"{mount_point} is empty (is the share mounted?)" in result.stderr

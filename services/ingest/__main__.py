@@ -11,7 +11,7 @@ from services.common.metrics import start_metrics_site
 from services.common.telemetry import run_service
 from services.ingest.api import METRICS_REFRESH, create_app, site_options
 from services.ingest.config import IngestSettings
-from services.ingest.downloader import Downloader
+from services.ingest.downloader import Downloader, share_not_mounted
 from services.ingest.pipeline import PipelineWorker
 from services.ingest.signatures import WebhookVerifier
 from services.ingest.store import JobStore
@@ -35,6 +35,9 @@ async def amain() -> None:
     downloader = Downloader(settings.download)
     if not settings.download.allowed_hosts:
         log.warning("RECORDING_ALLOWED_HOSTS is empty: recordings are fetched from any host with a public address")
+    for root in settings.download.file_roots:  # in a thread: a share that does not answer holds the call
+        if unmounted := await asyncio.to_thread(share_not_mounted, root):
+            log.warning("%s: calls that name a file there wait until it is", unmounted)
     worker = PipelineWorker(store, downloader, settings.pipeline, settings.pipeline.worker_id)
     app = create_app(store, worker, downloader.policy, verifier, api_token=env_str("API_TOKEN", ""),
                      public_url=settings.public_url, read_timeout=settings.read_timeout,

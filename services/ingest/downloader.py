@@ -303,11 +303,15 @@ class Downloader:
         """Open the recording at ``path`` once its links are followed, if it is still under RECORDING_FILE_ROOTS, is
         a plain file, fits the size cap and the room there is; raise :class:`DownloadError` otherwise."""
         real = os.path.realpath(path)
-        if not under(real, tuple(os.path.realpath(root) for root in self.settings.file_roots)):
+        roots = [root for root in self.settings.file_roots if under(real, (os.path.realpath(root),))]
+        if not roots:
             raise DownloadError(f"{path} leads to {real}, outside RECORDING_FILE_ROOTS", permanent=True)
         try:  # without blocking: a FIFO on the share would otherwise hold the open until someone writes to it
             source = os.fdopen(os.open(real, os.O_RDONLY | os.O_NONBLOCK), "rb")
         except FileNotFoundError as exc:
+            if unmounted := share_not_mounted(roots[0]):
+                raise DownloadError(f"there is no file {path}: {unmounted}; the call waits for the share",
+                                    permanent=False, waiting=True) from exc
             raise DownloadError(f"there is no file {path}", permanent=True, not_there=True) from exc
         except IsADirectoryError as exc:
             raise DownloadError(f"{path} is not a file", permanent=True) from exc
@@ -358,6 +362,21 @@ class Downloader:
             partial.unlink(missing_ok=True)
             raise
         return Downloaded(path, size, content_type)
+
+
+def share_not_mounted(root: str) -> str | None:
+    """What says that the share at ``root`` (a directory of RECORDING_FILE_ROOTS) is not mounted: the directory is
+    missing, or empty, as a mount point is without its share (None: it looks mounted). A recording the recorder
+    named there cannot be told missing from the share's absence, so the call waits for the share."""
+    try:
+        with os.scandir(root) as entries:
+            if next(entries, None) is None:
+                return f"RECORDING_FILE_ROOTS directory {root} is empty (is the share mounted?)"
+    except FileNotFoundError:
+        return f"RECORDING_FILE_ROOTS directory {root} does not exist (is the share mounted?)"
+    except OSError as exc:  # a share that does not answer (ESTALE, EIO) or a directory we may not read
+        return f"RECORDING_FILE_ROOTS directory {root} cannot be read ({exc.strerror})"
+    return None
 
 
 def _version(info: os.stat_result) -> tuple[int, int]:
