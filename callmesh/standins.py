@@ -105,6 +105,7 @@ class CrmReceiver:
     fail_with: int | None = None
     fail_for: dict[str, int] = field(default_factory=dict)
     hold: asyncio.Event | None = None  # set: every POST is answered only once this event is set
+    required_headers: dict[str, str] = field(default_factory=dict)  # a POST without them all is answered 401
     url: str = ""
     _runner: web.AppRunner | None = None
     _arrived: asyncio.Condition | None = None
@@ -117,6 +118,8 @@ class CrmReceiver:
             await self.hold.wait()
         if self.fail_with is not None:
             return web.json_response({"error": "unavailable"}, status=self.fail_with)
+        if any(request.headers.get(name) != value for name, value in self.required_headers.items()):
+            return web.json_response({"error": "not authorized"}, status=401)
         try:
             body = await request.json()
         except json.JSONDecodeError:

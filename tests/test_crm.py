@@ -22,6 +22,8 @@ from callcenter.v1 import common_pb2, crm_pb2
 from callmesh.standins import CrmReceiver
 from services.common.lifecycle import start_site
 from services.common.retry import backoff_delay
+from services.common.config import ConfigError
+from services.crm.config import CrmSettings, crm_headers
 from services.crm.delivery import plaintext_warning
 from services.crm.outbox import FAILED as FAILED_ROW, IN_FLIGHT, QUEUED, SET_ASIDE, Outbox
 from services.ingest.pipeline import PipelineWorker, delivery_poll_delay
@@ -43,6 +45,52 @@ async def test_record_reaches_the_crm_in_the_seed_shape(tmp_path: Path, receiver
         assert body["sentiment"] == "negative" and body["summary"] == ["a", "b", "c"]
         assert body["timestamp"] == "2026-09-21T14:13:20Z"
         assert receiver.records[0].idempotency_key == queued.delivery.idempotency_key
+
+
+async def test_the_crm_gets_crm_token_as_a_bearer_token(tmp_path: Path, receiver: CrmReceiver) -> None:
+    receiver.required_headers = {"Authorization": "Bearer crm-secret-1"}
+    async with crm_service(tmp_path / "o.db", receiver, crm_token="crm-secret-1") as crm:
+        await crm.stub.Deliver(crm_pb2.DeliverRequest(record=record("token-1")))
+        await wait_state(crm.stub, "token-1", crm_pb2.DELIVERY_STATE_DELIVERED)
+
+
+async def test_the_crm_gets_the_headers_of_crm_headers_with_every_record(
+        tmp_path: Path, receiver: CrmReceiver, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CRM_HEADERS", "X-Api-Key=key-5678, X-Tenant=north,Authorization=Basic YWdlbnQ6cHc=")
+    receiver.required_headers = {"X-Api-Key": "key-5678", "X-Tenant": "north", "Authorization": "Basic YWdlbnQ6cHc="}
+    async with crm_service(tmp_path / "o.db", receiver, crm_headers=crm_headers()) as crm:
+        await crm.stub.Deliver(crm_pb2.DeliverRequest(record=record("headers-1")))
+        await wait_state(crm.stub, "headers-1", crm_pb2.DELIVERY_STATE_DELIVERED)
+        assert receiver.records[0].idempotency_key  # the delivery's own header is still its own
+
+
+async def test_a_crm_that_refuses_the_credentials_fails_the_record_with_its_answer(
+        tmp_path: Path, receiver: CrmReceiver) -> None:
+    receiver.required_headers = {"X-Api-Key": "the-right-key"}
+    async with crm_service(tmp_path / "o.db", receiver, crm_headers=(("X-Api-Key", "a-stale-key"),)) as crm:
+        await crm.stub.Deliver(crm_pb2.DeliverRequest(record=record("stale-key")))
+        failed = await wait_state(crm.stub, "stale-key", crm_pb2.DELIVERY_STATE_FAILED)
+    assert "HTTP 401" in failed.last_error and receiver.records == []
+
+
+@pytest.mark.parametrize(("value", "reason"), [
+    ("X-Api-Key", "is not Name=value"), ("Bad Name=1", "is not Name=value"),
+    ("Idempotency-Key=mine", "set by the delivery itself"), ("content-type=text/plain", "set by the delivery itself"),
+    ("X-Api-Key=a\tb", "control character"),
+])
+def test_crm_headers_that_would_break_the_post_are_refused_at_start(
+        monkeypatch: pytest.MonkeyPatch, value: str, reason: str) -> None:
+    monkeypatch.setenv("CRM_HEADERS", value)
+    with pytest.raises(ConfigError, match=reason):
+        crm_headers()
+
+
+def test_crm_token_and_an_authorization_header_in_crm_headers_are_not_both_taken(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CRM_TOKEN", "t")
+    monkeypatch.setenv("CRM_HEADERS", "authorization=Basic eDp5")
+    with pytest.raises(ConfigError, match="keep one"):
+        CrmSettings.from_env()
 
 
 async def test_deliver_is_idempotent_on_call_id(tmp_path: Path, receiver: CrmReceiver) -> None:
@@ -498,6 +546,8 @@ def test_a_crm_url_over_plain_http_to_another_host_is_warned_about(url: str) -> 
     assert warning is not None and "unencrypted" in warning and "CRM_TOKEN" in warning and "use https" in warning
     without_token = plaintext_warning(url, token="")
     assert without_token is not None and "CRM_TOKEN" not in without_token
+    with_headers = plaintext_warning(url, token="", headers=True)
+    assert with_headers is not None and "CRM_HEADERS go" in with_headers
 
 
 @pytest.mark.parametrize("url", ["https://crm.example.internal/records", "http://127.0.0.1:9000/records",

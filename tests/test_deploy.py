@@ -105,6 +105,14 @@ def test_every_variable_compose_sets_for_our_services_is_read_by_the_code() -> N
         assert not unknown, f"{name} sets variables nothing reads: {unknown}"
 
 
+def test_compose_passes_each_service_every_secret_kubernetes_gives_it() -> None:
+    services = compose_services()
+    for name in OUR_SERVICES:
+        from_secrets = {e["name"] for e in containers()[name].get("env", []) if "secretKeyRef" in e.get("valueFrom", {})}
+        missing = from_secrets - set(services[name].get("environment", {}))
+        assert not missing, f"compose does not pass {name} {missing}, which Kubernetes gives it from the Secret"
+
+
 def test_compose_health_checks_and_addresses_match_the_listen_ports() -> None:
     services = compose_services()
     for name, (prefix, grpc_service) in GRPC.items():

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from services.common.config import (
     RETENTION_SECONDS, ConfigError, GrpcServerSettings, call_retention, data_dir, database_url, env_bool, env_float,
-    env_int, env_str,
+    env_int, env_list, env_str,
 )
 from services.common.https import outbound_tls_ca
 
@@ -27,6 +28,7 @@ class CrmSettings:
     redact_pii: bool = True  # mask personal data in the record before it is stored and sent
     delivered_retention: float = RETENTION_SECONDS  # a delivered record stays in the outbox this long; 0: for good
     tls_ca: str = ""  # a PEM CA bundle trusted besides the system's for an https CRM_URL (OUTBOUND_TLS_CA)
+    crm_headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)  # sent with every POST (CRM_HEADERS)
 
     @classmethod
     def from_env(cls) -> "CrmSettings":
@@ -44,8 +46,34 @@ class CrmSettings:
             redact_pii=env_bool("PII_REDACTION", True),
             delivered_retention=call_retention(),
             tls_ca=outbound_tls_ca(),
+            crm_headers=crm_headers(),
         )
+        if settings.crm_token and any(name.lower() == "authorization" for name, _ in settings.crm_headers):
+            raise ConfigError("CRM_TOKEN and an Authorization header in CRM_HEADERS are both set: keep one")
         if settings.lease_seconds <= settings.timeout_seconds:
             raise ConfigError(f"CRM_LEASE_SECONDS ({settings.lease_seconds:g}) must be longer than "
                               f"CRM_TIMEOUT_SECONDS ({settings.timeout_seconds:g}): a lease covers one POST")
         return settings
+
+
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # a token (RFC 9110)
+# Set by the delivery itself: the record's JSON, its key for the CRM's deduplication, and the connection's own.
+_OURS = {"content-type", "content-length", "idempotency-key", "host", "transfer-encoding", "connection"}
+
+
+def crm_headers() -> tuple[tuple[str, str], ...]:
+    """``CRM_HEADERS``: ``Name=value`` pairs, comma-separated, sent with every POST to the CRM (an API key header,
+    a tenant, ``Authorization=Basic …`` for a CRM that does not take a bearer token)."""
+    headers = []
+    for item in env_list("CRM_HEADERS"):
+        name, equals, value = item.partition("=")
+        name, value = name.strip(), value.strip()
+        if not equals or not _HEADER_NAME.fullmatch(name):
+            raise ConfigError(f"CRM_HEADERS: {name or item!r} is not Name=value with a header name "
+                              "(letters, digits and -)")
+        if name.lower() in _OURS:
+            raise ConfigError(f"CRM_HEADERS: {name} is set by the delivery itself")
+        if any(ord(c) < 32 or ord(c) == 127 for c in value):
+            raise ConfigError(f"CRM_HEADERS: the value of {name} has a control character")
+        headers.append((name, value))
+    return tuple(headers)

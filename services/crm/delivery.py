@@ -37,16 +37,17 @@ _attempts = _meter.create_counter("callmesh.crm.delivery_attempts",
                                   description="POSTs to the CRM (outcome: delivered, retry, failed)")
 
 
-def plaintext_warning(crm_url: str, token: str) -> str | None:
-    """What to warn about when records (transcripts, personal data) and the token would cross the network
-    unencrypted: ``CRM_URL`` over plain http to a host that is not this machine."""
+def plaintext_warning(crm_url: str, token: str, headers: bool = False) -> str | None:
+    """What to warn about when records (transcripts, personal data) and the token or ``headers`` (CRM_HEADERS, often
+    an API key) would cross the network unencrypted: ``CRM_URL`` over plain http to a host that is not this machine."""
     parts = urlsplit(crm_url)
     if parts.scheme != "http":
         return None
     host = (parts.hostname or "").lower()
     if is_this_machine(host):
         return None
-    sent = "every record (transcripts, personal data)" + (" and CRM_TOKEN go" if token else " goes")
+    credentials = " and ".join(name for name, set_ in (("CRM_TOKEN", token), ("CRM_HEADERS", headers)) if set_)
+    sent = "every record (transcripts, personal data)" + (f" and {credentials} go" if credentials else " goes")
     return f"CRM_URL is plain http to {host}: {sent} over the network unencrypted; use https"
 
 
@@ -75,7 +76,8 @@ class DeliveryWorker:
     async def start(self) -> None:
         if not self.settings.crm_url:
             log.warning("CRM_URL is not set: records are kept in the outbox until it is")
-        elif warning := plaintext_warning(self.settings.crm_url, self.settings.crm_token):
+        elif warning := plaintext_warning(self.settings.crm_url, self.settings.crm_token,
+                                          bool(self.settings.crm_headers)):
             log.warning("%s", warning)
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(ssl=https_context(self.settings.tls_ca)),
@@ -152,7 +154,8 @@ class DeliveryWorker:
 
     async def _post(self, row: DeliveryRow) -> bool:
         assert self._session is not None
-        headers = {"Idempotency-Key": row.idempotency_key, "Content-Type": "application/json"}
+        headers = {**dict(self.settings.crm_headers), "Idempotency-Key": row.idempotency_key,
+                   "Content-Type": "application/json"}
         if self.settings.crm_token:
             headers["Authorization"] = f"Bearer {self.settings.crm_token}"
         with call_context(row.call_id), _tracer.start_as_current_span(
