@@ -17,15 +17,15 @@ import ssl
 import time
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 from aiohttp import web
-from standardwebhooks.webhooks import Webhook
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from services.common.lifecycle import start_site
+from services.common.webhooks import signature_headers
 
 log = logging.getLogger(__name__)
 
@@ -38,11 +38,9 @@ def new_webhook_secret() -> str:
 def signed_headers(secret: str, body: bytes, *, webhook_id: str | None = None,
                    timestamp: float | None = None) -> dict[str, str]:
     """The Standard Webhooks headers a recorder sends with ``body``."""
-    msg_id = webhook_id or f"msg_{uuid.uuid4().hex}"
-    ts = int(time.time() if timestamp is None else timestamp)
-    signature = Webhook(secret).sign(msg_id, datetime.fromtimestamp(ts, timezone.utc), body.decode())
-    return {"Content-Type": "application/json", "webhook-id": msg_id, "webhook-timestamp": str(ts),
-            "webhook-signature": signature}
+    return {"Content-Type": "application/json",
+            **signature_headers(Webhook(secret), webhook_id or f"msg_{uuid.uuid4().hex}", body,
+                                time.time() if timestamp is None else timestamp)}
 
 
 async def post_webhook(session: aiohttp.ClientSession, ingest_url: str, payload: dict[str, Any],
@@ -106,6 +104,7 @@ class CrmReceiver:
     fail_for: dict[str, int] = field(default_factory=dict)
     hold: asyncio.Event | None = None  # set: every POST is answered only once this event is set
     required_headers: dict[str, str] = field(default_factory=dict)  # a POST without them all is answered 401
+    signing_secret: str = ""  # set: a POST without a valid Standard Webhooks signature under it is answered 401
     url: str = ""
     _runner: web.AppRunner | None = None
     _arrived: asyncio.Condition | None = None
@@ -120,8 +119,14 @@ class CrmReceiver:
             return web.json_response({"error": "unavailable"}, status=self.fail_with)
         if any(request.headers.get(name) != value for name, value in self.required_headers.items()):
             return web.json_response({"error": "not authorized"}, status=401)
+        raw = await request.read()
+        if self.signing_secret:
+            try:
+                Webhook(self.signing_secret).verify(raw, dict(request.headers), json_parse=False)
+            except WebhookVerificationError as exc:
+                return web.json_response({"error": f"signature: {exc}"}, status=401)
         try:
-            body = await request.json()
+            body = json.loads(raw)
         except json.JSONDecodeError:
             return web.json_response({"error": "not JSON"}, status=400)
         if (status := self.fail_for.get(str(body.get("call_id")))) is not None:

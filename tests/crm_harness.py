@@ -43,13 +43,13 @@ class Crm:
 
 async def start_crm(db: Path | str, receiver: CrmReceiver, lease_seconds: float = 30.0, redact_pii: bool = True,
                     delivered_retention: float = CrmSettings.delivered_retention, tls_ca: str = "",
-                    crm_token: str = "", crm_headers: tuple[tuple[str, str], ...] = ()) -> Crm:
+                    crm_token: str = "", crm_headers: tuple[tuple[str, str], ...] = (), signing_secret: str = "") -> Crm:
     """A CRM sync service on port 0; ``db`` is a SQLite file or a PostgreSQL URL."""
     settings = CrmSettings(server=GrpcServerSettings("127.0.0.1:0", 1, None), crm_url=receiver.url, crm_token=crm_token,
                            database=Path("unused.db"), database_url=db if isinstance(db, str) else "",
                            timeout_seconds=2, backoff_initial=0.05, backoff_max=0.2, batch=4,
                            lease_seconds=lease_seconds, delivered_retention=delivered_retention, tls_ca=tls_ca,
-                           crm_headers=crm_headers)
+                           crm_headers=crm_headers, signing_secret=signing_secret)
     outbox = Outbox(db)
     await outbox.open()
     worker = DeliveryWorker(outbox, settings)

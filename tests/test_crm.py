@@ -19,7 +19,7 @@ from aiohttp import web
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from callcenter.v1 import common_pb2, crm_pb2
-from callmesh.standins import CrmReceiver
+from callmesh.standins import CrmReceiver, new_webhook_secret
 from services.common.lifecycle import start_site
 from services.common.retry import backoff_delay
 from services.common.config import ConfigError
@@ -71,6 +71,32 @@ async def test_a_crm_that_refuses_the_credentials_fails_the_record_with_its_answ
         await crm.stub.Deliver(crm_pb2.DeliverRequest(record=record("stale-key")))
         failed = await wait_state(crm.stub, "stale-key", crm_pb2.DELIVERY_STATE_FAILED)
     assert "HTTP 401" in failed.last_error and receiver.records == []
+
+
+async def test_the_crm_can_check_each_record_came_from_callmesh_by_its_signature(
+        tmp_path: Path, receiver: CrmReceiver) -> None:
+    secret = new_webhook_secret()
+    receiver.signing_secret = secret  # the receiver checks it with the standardwebhooks package, as a CRM would
+    async with crm_service(tmp_path / "o.db", receiver, signing_secret=secret) as crm:
+        queued = await crm.stub.Deliver(crm_pb2.DeliverRequest(record=record("signed-1")))
+        await wait_state(crm.stub, "signed-1", crm_pb2.DELIVERY_STATE_DELIVERED)
+    assert receiver.for_call("signed-1")[0].idempotency_key == queued.delivery.idempotency_key
+
+
+async def test_a_record_signed_with_another_secret_is_refused_by_the_crm(tmp_path: Path, receiver: CrmReceiver) -> None:
+    receiver.signing_secret = new_webhook_secret()
+    async with crm_service(tmp_path / "o.db", receiver, signing_secret=new_webhook_secret()) as crm:
+        await crm.stub.Deliver(crm_pb2.DeliverRequest(record=record("signed-2")))
+        failed = await wait_state(crm.stub, "signed-2", crm_pb2.DELIVERY_STATE_FAILED)
+    assert "HTTP 401" in failed.last_error and "signature" in failed.last_error
+
+
+@pytest.mark.parametrize("secret", ["hunter2", "whsec_not base64!"])
+def test_a_crm_signing_secret_that_is_not_whsec_base64_is_refused_at_start(
+        monkeypatch: pytest.MonkeyPatch, secret: str) -> None:
+    monkeypatch.setenv("CRM_SIGNING_SECRET", secret)
+    with pytest.raises(ConfigError, match="CRM_SIGNING_SECRET"):
+        CrmSettings.from_env()
 
 
 @pytest.mark.parametrize(("value", "reason"), [

@@ -11,6 +11,7 @@ from services.common.config import (
     env_int, env_list, env_str,
 )
 from services.common.https import outbound_tls_ca
+from services.common.webhooks import webhook_secret
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,7 @@ class CrmSettings:
     delivered_retention: float = RETENTION_SECONDS  # a delivered record stays in the outbox this long; 0: for good
     tls_ca: str = ""  # a PEM CA bundle trusted besides the system's for an https CRM_URL (OUTBOUND_TLS_CA)
     crm_headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)  # sent with every POST (CRM_HEADERS)
+    signing_secret: str = field(default="", repr=False)  # whsec_…: every POST signed (Standard Webhooks)
 
     @classmethod
     def from_env(cls) -> "CrmSettings":
@@ -47,7 +49,10 @@ class CrmSettings:
             delivered_retention=call_retention(),
             tls_ca=outbound_tls_ca(),
             crm_headers=crm_headers(),
+            signing_secret=env_str("CRM_SIGNING_SECRET", ""),
         )
+        if settings.signing_secret:
+            webhook_secret("CRM_SIGNING_SECRET", settings.signing_secret)  # refused at start, not at each POST
         if settings.crm_token and any(name.lower() == "authorization" for name, _ in settings.crm_headers):
             raise ConfigError("CRM_TOKEN and an Authorization header in CRM_HEADERS are both set: keep one")
         if settings.lease_seconds <= settings.timeout_seconds:

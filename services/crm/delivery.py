@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from urllib.parse import urlsplit
@@ -24,6 +25,7 @@ from services.common.logs import call_context
 from services.common.metrics import meter
 from services.common.retry import backoff_delay, sleep_or_wake
 from services.common.telemetry import client_trace_config, context_from, shown_url, tracer
+from services.common.webhooks import signature_headers, webhook_secret
 from services.crm.config import CrmSettings
 from services.crm.outbox import DeliveryRow, Outbox
 
@@ -61,6 +63,7 @@ class DeliveryWorker:
         self._expiry: asyncio.Task | None = None
         self._session: aiohttp.ClientSession | None = None
         self._posted = asyncio.Condition()  # notified each time a POST's outcome is stored
+        self._signer = webhook_secret("CRM_SIGNING_SECRET", settings.signing_secret) if settings.signing_secret else None
 
     def wake(self) -> None:
         self._wake.set()
@@ -154,10 +157,13 @@ class DeliveryWorker:
 
     async def _post(self, row: DeliveryRow) -> bool:
         assert self._session is not None
+        body = json.dumps(row.payload).encode()
         headers = {**dict(self.settings.crm_headers), "Idempotency-Key": row.idempotency_key,
                    "Content-Type": "application/json"}
         if self.settings.crm_token:
             headers["Authorization"] = f"Bearer {self.settings.crm_token}"
+        if self._signer is not None:  # the record's key is the message id; each attempt is signed when it is sent
+            headers.update(signature_headers(self._signer, row.idempotency_key, body, time.time()))
         with call_context(row.call_id), _tracer.start_as_current_span(
             "crm.post", context=context_from(row.trace_context), kind=trace.SpanKind.INTERNAL,
             attributes={"callmesh.call_id": row.call_id, "crm.attempt": row.attempts + 1},
@@ -166,7 +172,7 @@ class DeliveryWorker:
                 # Never followed: a client that follows a 301 or 302 sends a GET in the POST's place, and the
                 # page it lands on answering 200 would count as the CRM taking a record it never got (and the
                 # token would go wherever the redirect points).
-                async with self._session.post(self.settings.crm_url, json=row.payload, headers=headers,
+                async with self._session.post(self.settings.crm_url, data=body, headers=headers,
                                               allow_redirects=False) as resp:
                     body = (await resp.text())[:300]
                     status = resp.status

@@ -16,9 +16,10 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from standardwebhooks.webhooks import EmptyWebhookSecretError, Webhook, WebhookVerificationError
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from services.common.config import ConfigError, env_bool, env_list
+from services.common.webhooks import webhook_secret
 
 log = logging.getLogger(__name__)
 
@@ -39,14 +40,7 @@ class WebhookVerifier:
 
     @classmethod
     def from_secrets(cls, secrets: tuple[str, ...], allow_unsigned: bool = False) -> "WebhookVerifier":
-        parsed = []
-        for i, secret in enumerate(secrets):
-            if not secret.startswith("whsec_"):
-                raise ConfigError(f"WEBHOOK_SECRETS: secret #{i + 1} must be written whsec_<base64>")
-            try:
-                parsed.append(Webhook(secret))
-            except (binascii.Error, ValueError, EmptyWebhookSecretError) as exc:
-                raise ConfigError(f"WEBHOOK_SECRETS: secret #{i + 1} is not valid base64 after whsec_") from exc
+        parsed = [webhook_secret(f"WEBHOOK_SECRETS: secret #{i + 1}", secret) for i, secret in enumerate(secrets)]
         if not parsed and not allow_unsigned:
             raise ConfigError("WEBHOOK_SECRETS is empty: set the recorder's whsec_ secret(s), "
                               "or WEBHOOK_ALLOW_UNSIGNED=1 to accept unsigned webhooks on purpose")
