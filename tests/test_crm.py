@@ -64,13 +64,17 @@ async def test_the_crm_gets_the_headers_of_crm_headers_with_every_record(
         assert receiver.records[0].idempotency_key  # the delivery's own header is still its own
 
 
-async def test_a_crm_that_refuses_the_credentials_fails_the_record_with_its_answer(
+async def test_records_the_crm_refuses_our_credentials_for_wait_until_it_takes_them(
         tmp_path: Path, receiver: CrmReceiver) -> None:
-    receiver.required_headers = {"X-Api-Key": "the-right-key"}
-    async with crm_service(tmp_path / "o.db", receiver, crm_headers=(("X-Api-Key", "a-stale-key"),)) as crm:
+    receiver.required_headers = {"X-Api-Key": "the-new-key"}  # the CRM's key was rotated before ours
+    async with crm_service(tmp_path / "o.db", receiver, crm_headers=(("X-Api-Key", "the-old-key"),)) as crm:
         await crm.stub.Deliver(crm_pb2.DeliverRequest(record=record("stale-key")))
-        failed = await wait_state(crm.stub, "stale-key", crm_pb2.DELIVERY_STATE_FAILED)
-    assert "HTTP 401" in failed.last_error and receiver.records == []
+        waiting = await wait_delivery(crm.stub, "stale-key", lambda d: d.attempts >= 3, timeout=10)
+        assert waiting.state == crm_pb2.DELIVERY_STATE_QUEUED
+        assert "HTTP 401" in waiting.last_error and "CRM_HEADERS" in waiting.last_error
+        receiver.required_headers = {"X-Api-Key": "the-old-key"}  # the CRM takes the key again
+        await wait_state(crm.stub, "stale-key", crm_pb2.DELIVERY_STATE_DELIVERED)
+    assert len(receiver.for_call("stale-key")) == 1
 
 
 async def test_the_crm_can_check_each_record_came_from_callmesh_by_its_signature(
@@ -83,12 +87,14 @@ async def test_the_crm_can_check_each_record_came_from_callmesh_by_its_signature
     assert receiver.for_call("signed-1")[0].idempotency_key == queued.delivery.idempotency_key
 
 
-async def test_a_record_signed_with_another_secret_is_refused_by_the_crm(tmp_path: Path, receiver: CrmReceiver) -> None:
+async def test_a_record_signed_with_another_secret_is_refused_by_the_crm_and_waits(
+        tmp_path: Path, receiver: CrmReceiver) -> None:
     receiver.signing_secret = new_webhook_secret()
     async with crm_service(tmp_path / "o.db", receiver, signing_secret=new_webhook_secret()) as crm:
         await crm.stub.Deliver(crm_pb2.DeliverRequest(record=record("signed-2")))
-        failed = await wait_state(crm.stub, "signed-2", crm_pb2.DELIVERY_STATE_FAILED)
-    assert "HTTP 401" in failed.last_error and "signature" in failed.last_error
+        waiting = await wait_delivery(crm.stub, "signed-2", lambda d: d.attempts >= 2, timeout=10)
+    assert waiting.state == crm_pb2.DELIVERY_STATE_QUEUED
+    assert "HTTP 401" in waiting.last_error and "signature" in waiting.last_error and receiver.records == []
 
 
 @pytest.mark.parametrize("secret", ["hunter2", "whsec_not base64!"])
@@ -417,14 +423,14 @@ async def test_pipeline_sees_a_record_the_crm_took_at_once_without_waiting_a_pol
 
 
 async def test_a_call_the_crm_refused_is_sent_again_when_retried(tmp_path: Path, receiver: CrmReceiver) -> None:
-    # The CRM refuses every record (a wrong token, a field it did not know); once that is fixed, the operator
-    # retries the failed calls, and each record goes to the CRM again.
+    # The CRM refuses every record (a field it did not know); once that is fixed, the operator retries the
+    # failed calls, and each record goes to the CRM again.
     await analysed_call(tmp_path, "c-refused")
-    receiver.fail_with = 401
+    receiver.fail_with = 422
     async with crm_service(tmp_path / "o.db", receiver) as crm:
         async with running_ingest(tmp_path, crm_addr=crm.server.address) as ingest:
             failed = await wait_for_state(ingest.url, "c-refused", {"done", "failed"}, timeout=15)
-            assert failed["status"] == "failed" and "HTTP 401" in failed["error"]["message"], failed
+            assert failed["status"] == "failed" and "HTTP 422" in failed["error"]["message"], failed
             receiver.fail_with = None
             async with aiohttp.ClientSession() as session:
                 async with session.post(f"{ingest.url}/v1/calls/c-refused:retry") as resp:

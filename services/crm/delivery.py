@@ -3,8 +3,10 @@
 2xx means delivered (409 too: the CRM already has that Idempotency-Key).
 Connection errors, timeouts, 408, 425, 429 and 5xx are retried with exponential
 backoff and jitter, capped, with no limit on attempts: a CRM that is down
-for a day gets its records the day after. Any other 4xx is a permanent refusal:
-the delivery is marked failed with the CRM's answer.
+for a day gets its records the day after. So is a 401: the CRM refuses our
+credentials, not the record, and would refuse every record alike. Any other 4xx
+is a permanent refusal of that record: the delivery is marked failed with the
+CRM's answer.
 """
 
 from __future__ import annotations
@@ -193,6 +195,13 @@ class DeliveryWorker:
                 where = shown_url(location) if location else "nowhere"
                 await self._retry(row, f"CRM answered HTTP {status}, a redirect to {where}: the record was not "
                                   "delivered; set CRM_URL to the address the CRM takes records at")
+                span.set_attribute("crm.outcome", "retry")
+                _attempts.add(1, {"outcome": "retry"})
+                return False
+            elif status == 401:  # who we are, not the record: every record would be refused alike
+                await self._retry(row, f"CRM answered HTTP 401, refusing Callmesh's credentials: {body}; the "
+                                  "records wait until CRM_TOKEN, CRM_HEADERS or CRM_SIGNING_SECRET match what the "
+                                  "CRM expects")
                 span.set_attribute("crm.outcome", "retry")
                 _attempts.add(1, {"outcome": "retry"})
                 return False
