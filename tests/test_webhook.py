@@ -8,6 +8,7 @@ import json
 import logging
 import shutil
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -46,6 +47,21 @@ async def test_valid_webhook_is_acknowledged_with_the_status_url(ingest: Ingest)
     assert body["duplicate"] is False
     assert len(body["trace_id"]) == 32
     assert (await ingest.store.get("c-1")) is not None
+
+
+async def test_a_sip_call_id_is_taken_as_the_call_id_and_its_status_and_retry_work(
+        ingest: Ingest, recorder: Recorder) -> None:
+    call_id = "a84b4c76e66710@pc33.atlanta.example"  # what many PBXs and recorders name a call by
+    status, body = await post(ingest.url, json.dumps({"call_id": call_id,
+                                                      "recording_url": recorder.url_for("missing.wav")}))
+    assert status == 202 and body["call_id"] == call_id
+    failed = await wait_for_state(ingest.url, call_id, {"failed"})
+    assert failed["call_id"] == call_id
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{ingest.url}/v1/calls/{call_id}:retry") as resp:
+            assert resp.status == 202
+        async with session.get(f"{ingest.url}/calls/{urllib.parse.quote(call_id)}") as resp:
+            assert resp.status == 200 and call_id in await resp.text()
 
 
 async def test_webhook_span_continues_the_recorders_trace(ingest: Ingest) -> None:

@@ -51,7 +51,7 @@ _meter.create_observable_counter(
 
 MAX_BODY_BYTES = 64 * 1024
 STORE_RETRY_AFTER_SECONDS = 5  # the Retry-After of a request the job store could not serve
-CALL_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+CALL_ID_RE = re.compile(r"[A-Za-z0-9._:@-]{1,128}")  # @: a SIP Call-ID (1234abcd@pbx.example) as it is
 MAX_PAGE = 500
 MAX_OFFSET = 2**31 - 1
 LANGUAGE_RE = re.compile(r"[a-z]{2,3}")
@@ -125,7 +125,7 @@ def validate_webhook(payload: Any, policy: UrlPolicy) -> tuple[str, str, JobOpti
         raise ValueError(f"missing field(s): {', '.join(missing)}")
     call_id, url = payload["call_id"], payload["recording_url"]
     if not isinstance(call_id, str) or not CALL_ID_RE.fullmatch(call_id) or set(call_id) <= {"."}:
-        raise ValueError("call_id must be 1 to 128 characters of A-Z a-z 0-9 . _ : - (and not only dots)")
+        raise ValueError("call_id must be 1 to 128 characters of A-Z a-z 0-9 . _ : @ - (and not only dots)")
     if not isinstance(url, str) or len(url) > 2048:
         raise ValueError("recording_url must be a string of at most 2048 characters")
     policy.check_url(url)

@@ -10,7 +10,7 @@ from typing import Any
 
 from services.ingest.store import STATES
 
-CALL_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
+CALL_ID_PATTERN = r"^[A-Za-z0-9._:@-]{1,128}$"
 _TS = {"type": ["string", "null"], "format": "date-time"}
 
 
