@@ -64,6 +64,17 @@ async def test_a_sip_call_id_is_taken_as_the_call_id_and_its_status_and_retry_wo
             assert resp.status == 200 and call_id in await resp.text()
 
 
+@pytest.mark.parametrize(("sent", "kept"), [("es", "es"), ("ES", "es"), ("es-MX", "es"), ("pt_BR", "pt"),
+                                             ("zh-Hant-TW", "zh")])
+async def test_the_language_hint_is_taken_as_a_code_or_as_a_locale_whose_language_counts(
+        ingest: Ingest, sent: str, kept: str) -> None:
+    status, _ = await post(ingest.url, json.dumps({"call_id": "lang-1", "recording_url": "http://127.0.0.1:1/a.wav",
+                                                   "language": sent}))
+    assert status == 202
+    job = await ingest.store.get("lang-1")
+    assert job is not None and job.options.language == kept
+
+
 async def test_webhook_span_continues_the_recorders_trace(ingest: Ingest) -> None:
     trace_id, parent_id = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
     body = json.dumps({"call_id": "traced-1", "recording_url": "http://127.0.0.1:1/a.wav"})

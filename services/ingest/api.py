@@ -54,7 +54,8 @@ STORE_RETRY_AFTER_SECONDS = 5  # the Retry-After of a request the job store coul
 CALL_ID_RE = re.compile(r"[A-Za-z0-9._:@-]{1,128}")  # @: a SIP Call-ID (1234abcd@pbx.example) as it is
 MAX_PAGE = 500
 MAX_OFFSET = 2**31 - 1
-LANGUAGE_RE = re.compile(r"[a-z]{2,3}")
+# An ISO 639 code, or a locale (BCP 47: es-MX, pt_BR, zh-Hant-TW) whose language is taken: Whisper has no regions.
+LANGUAGE_RE = re.compile(r"([a-z]{2,3})(?:[-_][a-z0-9]{1,8})*")
 METADATA_KEY_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 MAX_METADATA_ENTRIES = 32
 MAX_METADATA_VALUE = 1024
@@ -130,8 +131,11 @@ def validate_webhook(payload: Any, policy: UrlPolicy) -> tuple[str, str, JobOpti
         raise ValueError("recording_url must be a string of at most 2048 characters")
     policy.check_url(url)
     language = payload.get("language")
-    if language is not None and (not isinstance(language, str) or not LANGUAGE_RE.fullmatch(language.lower())):
-        raise ValueError("language must be an ISO 639-1 code such as 'es'")
+    if language is not None:
+        code = LANGUAGE_RE.fullmatch(language.lower()) if isinstance(language, str) else None
+        if code is None:
+            raise ValueError("language must be an ISO 639-1 code such as 'es', or a locale such as 'es-MX'")
+        language = code[1]
     agent = payload.get("agent_channel")
     if agent is not None and agent not in ("left", "right"):
         raise ValueError("agent_channel must be 'left' or 'right' (stereo recordings), or absent for mono")
@@ -139,7 +143,7 @@ def validate_webhook(payload: Any, policy: UrlPolicy) -> tuple[str, str, JobOpti
     if metadata is not None and not _valid_metadata(metadata):
         raise ValueError(f"metadata must be an object of at most {MAX_METADATA_ENTRIES} string values of up to "
                          f"{MAX_METADATA_VALUE} characters, named by 1 to 64 characters of A-Z a-z 0-9 _ . -")
-    return call_id, url, JobOptions(language=language.lower() if language else None, agent_channel=agent,
+    return call_id, url, JobOptions(language=language or None, agent_channel=agent,
                                     metadata=metadata or None)
 
 

@@ -63,8 +63,9 @@ SCHEMAS: dict[str, Any] = {
             "recording_url": {"type": "string", "maxLength": 2048, "format": "uri",
                               "description": "http(s) URL on an allow-listed recorder host, or a file: URL under "
                                              "RECORDING_FILE_ROOTS"},
-            "language": {"type": "string", "pattern": "^[a-z]{2,3}$",
-                         "description": "ISO 639-1 hint; absent: detected"},
+            "language": {"type": "string", "pattern": "^[A-Za-z]{2,3}([-_][A-Za-z0-9]{1,8})*$",
+                         "description": "ISO 639-1 hint, or a locale (es-MX) whose language is taken; absent: "
+                                        "detected"},
             "agent_channel": {"type": "string", "enum": ["left", "right"],
                               "description": "Stereo recordings: the agent's channel"},
             "metadata": {"type": "object", "maxProperties": 32,
