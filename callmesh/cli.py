@@ -12,9 +12,11 @@ Exit codes (also in the README):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import secrets
+import sqlite3
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -33,10 +35,13 @@ from callcenter.v1 import transcribe_pb2, transcribe_pb2_grpc
 from callmesh.mesh import GRPC_SERVICES, Mesh, MeshError, new_mesh
 from callmesh.samples import SampleError, make_sample
 from callmesh.standins import CrmReceiver, new_webhook_secret, post_webhook
-from services.common.config import TlsSettings, data_dir
+from services.common.config import ConfigError, TlsSettings, data_dir, database_url
 from services.common.grpc_server import client_channel
 from services.common.healthcheck import serving
 from services.common.lifecycle import install_stop_signals, start_site
+from services.common.sqlite import backup as sqlite_backup
+from services.crm.config import outbox_path
+from services.ingest.config import job_store_path
 
 OK, CALL_FAILED, USAGE, UNREACHABLE, REFUSED, TIMED_OUT = 0, 1, 2, 3, 4, 5
 DEFAULT_PORTS = {"transcribe": 50051, "analyze": 50052, "crm": 50053, "ingest": 8080}
@@ -585,6 +590,49 @@ async def _erase(call_id: str, base: str) -> None:
                 body = await resp.json(content_type=None)
                 raise Exit(REFUSED, body.get("detail", f"HTTP {resp.status}"))
     console.print(f"Call {call_id} is erased from Callmesh (the CRM keeps its own copy)")
+
+
+# -- callmesh backup ---------------------------------------------------------------------------
+
+@app.command()
+def backup(
+    destination: Annotated[Path, typer.Argument(help="A folder for the copies (made if missing)")],
+) -> None:
+    """Copy the job store and the CRM outbox of a one-machine install (SQLite) while the services run: each copy
+    is one consistent state, checked before it is kept. Recordings are not copied (a restored call whose recording
+    is gone downloads it again). With DATABASE_URL set, back up PostgreSQL with pg_dump instead."""
+    try:
+        if database_url():
+            raise fail(USAGE, "DATABASE_URL is set: the job store and the outbox are in PostgreSQL; back them up "
+                       "with pg_dump (e.g. pg_dump --format=custom \"$DATABASE_URL\" > callmesh.dump)")
+        stores = {"job store": job_store_path(), "CRM outbox": outbox_path()}
+    except ConfigError as exc:
+        raise fail(USAGE, str(exc)) from None
+    found = {what: path for what, path in stores.items() if path.is_file()}
+    if not found:
+        raise fail(USAGE, f"no job store or outbox here ({', '.join(str(p) for p in stores.values())}): set "
+                   "CALLMESH_DATA_DIR (or INGEST_DATABASE, CRM_DATABASE) as the services have it")
+    taken = [destination / path.name for path in found.values() if (destination / path.name).exists()]
+    if taken:
+        raise fail(USAGE, f"{', '.join(map(str, taken))} already there: back up into a new folder")
+    destination.mkdir(parents=True, exist_ok=True)
+    table = Table("what", "copied from", "to", "rows")
+    for what, path in found.items():
+        copy = destination / path.name
+        try:
+            sqlite_backup(path, copy)
+        except sqlite3.Error as exc:
+            raise fail(CALL_FAILED, f"the {what} ({path}) could not be copied: {exc}") from None
+        table.add_row(what, str(path), str(copy), _row_counts(copy))
+    console.print(table)
+    console.print("To restore: stop the services, put the copies in place of the files (and delete any -wal and "
+                  "-shm files beside them), then start the services.")
+
+
+def _row_counts(path: Path) -> str:
+    with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as db:
+        tables = [row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")]
+        return ", ".join(f"{db.execute(f'SELECT COUNT(*) FROM {t}').fetchone()[0]} {t}" for t in tables)
 
 
 # -- callmesh transcribe -----------------------------------------------------------------------

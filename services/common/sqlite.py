@@ -162,3 +162,26 @@ class AsyncSqlite:
 
         await self._run(c)
         self._executor.shutdown(wait=True)
+
+
+def backup(source: Path, destination: Path) -> None:
+    """Copy the SQLite database ``source`` to ``destination`` while its service keeps writing: SQLite's online
+    backup reads one consistent state (the WAL's committed transactions included), and the copy is checked
+    (``PRAGMA integrity_check``) before it is kept, as one file (no WAL beside it). ``destination`` must not
+    exist yet."""
+    partial = destination.with_name(destination.name + ".partial")
+    src = sqlite3.connect(f"{source.resolve().as_uri()}?mode=ro", uri=True, timeout=30)
+    try:
+        dest = sqlite3.connect(partial)
+        try:
+            src.backup(dest)
+            dest.execute("PRAGMA journal_mode=DELETE")  # one self-contained file, not a WAL database's three
+            check = dest.execute("PRAGMA integrity_check").fetchone()[0]
+            if check != "ok":
+                raise sqlite3.DatabaseError(f"the copy of {source} fails its integrity check: {check}")
+        finally:
+            dest.close()
+        partial.rename(destination)
+    finally:
+        src.close()
+        partial.unlink(missing_ok=True)

@@ -38,7 +38,7 @@ class CrmSettings:
             server=GrpcServerSettings.from_env("CRM_SYNC", 50053, 9103),
             crm_url=env_str("CRM_URL", ""),
             crm_token=env_str("CRM_TOKEN", ""),
-            database=Path(env_str("CRM_DATABASE", str(data_dir() / "crm-outbox.db"))),
+            database=outbox_path(),
             database_url=database_url(),
             timeout_seconds=env_float("CRM_TIMEOUT_SECONDS", 15.0, minimum=0.1),
             backoff_initial=env_float("CRM_BACKOFF_INITIAL_SECONDS", 1.0, minimum=0.01),
@@ -82,3 +82,8 @@ def crm_headers() -> tuple[tuple[str, str], ...]:
             raise ConfigError(f"CRM_HEADERS: the value of {name} has a control character")
         headers.append((name, value))
     return tuple(headers)
+
+
+def outbox_path() -> Path:
+    """``CRM_DATABASE``: the SQLite outbox, when ``DATABASE_URL`` is unset."""
+    return Path(env_str("CRM_DATABASE", str(data_dir() / "crm-outbox.db")))

@@ -158,7 +158,7 @@ class IngestSettings:
         return cls(
             host=env_str("INGEST_HOST", "127.0.0.1"),
             port=env_int("INGEST_PORT", 8080, minimum=0),
-            database=Path(env_str("INGEST_DATABASE", str(root / "ingest.db"))),
+            database=job_store_path(),
             database_url=database_url(),
             public_url=env_str("INGEST_PUBLIC_URL", "").rstrip("/"),
             download=DownloadSettings.from_env(root),
@@ -168,3 +168,8 @@ class IngestSettings:
             read_timeout=env_float("INGEST_READ_TIMEOUT_SECONDS", 30.0, minimum=0.1),
             metrics_listen=env_str("INGEST_METRICS_LISTEN", ""),
         )
+
+
+def job_store_path() -> Path:
+    """``INGEST_DATABASE``: the SQLite job store, when ``DATABASE_URL`` is unset."""
+    return Path(env_str("INGEST_DATABASE", str(data_dir() / "ingest.db")))
