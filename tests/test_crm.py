@@ -24,7 +24,7 @@ from services.common.lifecycle import start_site
 from services.common.retry import backoff_delay
 from services.common.config import ConfigError
 from services.crm.config import CrmSettings, crm_headers
-from services.crm.delivery import plaintext_warning
+from services.crm.delivery import attempt_outcomes, plaintext_warning
 from services.crm.outbox import FAILED as FAILED_ROW, IN_FLIGHT, QUEUED, SET_ASIDE, Outbox
 from services.ingest.pipeline import PipelineWorker, delivery_poll_delay
 from services.ingest.store import DELIVERING, FAILED
@@ -67,11 +67,13 @@ async def test_the_crm_gets_the_headers_of_crm_headers_with_every_record(
 async def test_records_the_crm_refuses_our_credentials_for_wait_until_it_takes_them(
         tmp_path: Path, receiver: CrmReceiver) -> None:
     receiver.required_headers = {"X-Api-Key": "the-new-key"}  # the CRM's key was rotated before ours
+    unauthorized = attempt_outcomes["unauthorized"]
     async with crm_service(tmp_path / "o.db", receiver, crm_headers=(("X-Api-Key", "the-old-key"),)) as crm:
         await crm.stub.Deliver(crm_pb2.DeliverRequest(record=record("stale-key")))
         waiting = await wait_delivery(crm.stub, "stale-key", lambda d: d.attempts >= 3, timeout=10)
         assert waiting.state == crm_pb2.DELIVERY_STATE_QUEUED
         assert "HTTP 401" in waiting.last_error and "CRM_HEADERS" in waiting.last_error
+        assert attempt_outcomes["unauthorized"] - unauthorized >= 3  # what CallmeshCrmCredentialsRefused counts
         receiver.required_headers = {"X-Api-Key": "the-old-key"}  # the CRM takes the key again
         await wait_state(crm.stub, "stale-key", crm_pb2.DELIVERY_STATE_DELIVERED)
     assert len(receiver.for_call("stale-key")) == 1

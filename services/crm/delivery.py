@@ -12,6 +12,7 @@ CRM's answer.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
@@ -20,6 +21,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 from opentelemetry import trace
+from opentelemetry.metrics import Observation
 
 from services.common.database import UNAVAILABLE_ERRORS, OutageLog, delete_in_batches
 from services.common.https import https_context, is_this_machine, untrusted_certificate
@@ -37,8 +39,12 @@ _tracer = tracer(__name__)
 RETRYABLE_STATUS = {408, 425, 429}
 RETENTION_CHECK_SECONDS = 3600.0  # how often delivered records past their retention are looked for
 _meter = meter(__name__)
-_attempts = _meter.create_counter("callmesh.crm.delivery_attempts",
-                                  description="POSTs to the CRM (outcome: delivered, retry, failed)")
+# Counted in a plain dict and read at each scrape, as ingest counts its webhooks.
+attempt_outcomes: collections.Counter[str] = collections.Counter()
+_meter.create_observable_counter(
+    "callmesh.crm.delivery_attempts", description="POSTs to the CRM (outcome: delivered, retry, unauthorized (a 401: "
+    "the CRM refuses our credentials; the record waits), failed)",
+    callbacks=[lambda _: [Observation(n, {"outcome": outcome}) for outcome, n in attempt_outcomes.items()]])
 
 
 def plaintext_warning(crm_url: str, token: str, headers: bool = False) -> str | None:
@@ -183,37 +189,37 @@ class DeliveryWorker:
                 await self._retry(row, untrusted_certificate(exc, "the CRM")
                                   or f"CRM unreachable: {type(exc).__name__}: {exc}".strip())
                 span.set_attribute("crm.outcome", "retry")
-                _attempts.add(1, {"outcome": "retry"})
+                attempt_outcomes["retry"] += 1
                 return False
             span.set_attribute("http.response.status_code", status)
             if 200 <= status < 300 or status == 409:
                 await self.outbox.mark_delivered(row.call_id)
                 span.set_attribute("crm.outcome", "delivered")
-                _attempts.add(1, {"outcome": "delivered"})
+                attempt_outcomes["delivered"] += 1
                 log.info("delivered to the CRM (HTTP %d) after %d attempt(s)", status, row.attempts + 1)
             elif 300 <= status < 400:  # CRM_URL is out of date: the record waits, as for a CRM that is down
                 where = shown_url(location) if location else "nowhere"
                 await self._retry(row, f"CRM answered HTTP {status}, a redirect to {where}: the record was not "
                                   "delivered; set CRM_URL to the address the CRM takes records at")
                 span.set_attribute("crm.outcome", "retry")
-                _attempts.add(1, {"outcome": "retry"})
+                attempt_outcomes["retry"] += 1
                 return False
             elif status == 401:  # who we are, not the record: every record would be refused alike
                 await self._retry(row, f"CRM answered HTTP 401, refusing Callmesh's credentials: {body}; the "
                                   "records wait until CRM_TOKEN, CRM_HEADERS or CRM_SIGNING_SECRET match what the "
                                   "CRM expects")
-                span.set_attribute("crm.outcome", "retry")
-                _attempts.add(1, {"outcome": "retry"})
+                span.set_attribute("crm.outcome", "unauthorized")
+                attempt_outcomes["unauthorized"] += 1
                 return False
             elif status >= 500 or status in RETRYABLE_STATUS:
                 await self._retry(row, f"CRM answered HTTP {status}: {body}")
                 span.set_attribute("crm.outcome", "retry")
-                _attempts.add(1, {"outcome": "retry"})
+                attempt_outcomes["retry"] += 1
                 return False
             else:
                 await self.outbox.mark_failed(row.call_id, f"CRM refused the record: HTTP {status}: {body}")
                 span.set_attribute("crm.outcome", "failed")
-                _attempts.add(1, {"outcome": "failed"})
+                attempt_outcomes["failed"] += 1
                 log.error("the CRM refused the record permanently: HTTP %d", status)
             return True
 
