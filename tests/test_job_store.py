@@ -10,8 +10,10 @@ import pytest
 import pytest_asyncio
 
 from services.ingest.store import (
-    ANALYZING, DELIVERING, DONE, DOWNLOADING, FAILED, RECEIVED, TRANSCRIBING, JobOptions, JobStore,
+    ANALYZING, DELIVERING, DONE, DOWNLOADING, FAILED, RECEIVED, SCHEMA_VERSION, TRANSCRIBING, JobOptions, JobStore,
 )
+from services.common.config import ConfigError
+from services.crm.outbox import Outbox
 
 
 @pytest_asyncio.fixture(params=["sqlite", "postgresql"])
@@ -162,3 +164,33 @@ async def test_a_new_link_for_a_call_being_downloaded_leaves_the_download_its_le
     assert job.lease_owner == "w" and await store.claim("other", 1, 60) == []
     again, new = await store.create("call-1", "http://127.0.0.1:9/old.wav", JobOptions(), {}, "", "msg_2")
     assert not new and again.recording_url == NEW_LINK  # the relinking webhook, sent again, is known
+
+
+async def test_a_new_store_records_the_version_of_its_tables(store: JobStore) -> None:
+    row = await store.db.fetchone("SELECT version FROM callmesh_schema WHERE store = ?", ("ingest.jobs",))
+    assert row["version"] == SCHEMA_VERSION.version
+
+
+@pytest.mark.parametrize(("written_by", "reason"), [(SCHEMA_VERSION.version + 1, "written by a newer Callmesh"),
+                                                    (SCHEMA_VERSION.version - 1, "no upgrade known")])
+async def test_a_store_of_another_version_is_refused_at_open_and_left_as_it_is(
+        store: JobStore, written_by: int, reason: str) -> None:
+    await store.create("call-1", "http://127.0.0.1:9/a.wav", JobOptions(), {}, "")
+    await store.db.transaction(lambda c: c.execute("UPDATE callmesh_schema SET version = ? WHERE store = ?",
+                                                   (written_by, "ingest.jobs")))
+    location = store.db.url if store.db.name == "postgresql" else store.db.path
+    again = JobStore(location)
+    with pytest.raises(ConfigError, match=reason):
+        await again.open()
+    await again.close()
+    assert await store.get("call-1") is not None
+    row = await store.db.fetchone("SELECT version FROM callmesh_schema WHERE store = ?", ("ingest.jobs",))
+    assert row["version"] == written_by
+
+
+async def test_the_job_store_and_the_outbox_keep_their_own_versions_in_one_database(store: JobStore) -> None:
+    outbox = Outbox(store.db.url if store.db.name == "postgresql" else store.db.path)
+    await outbox.open()
+    await outbox.close()
+    rows = await store.db.fetchall("SELECT store, version FROM callmesh_schema ORDER BY store")
+    assert [(r["store"], r["version"]) for r in rows] == [("crm.outbox", 1), ("ingest.jobs", 1)]

@@ -12,6 +12,7 @@ from typing import Union
 import psycopg
 
 from services.common.postgres import AsyncPostgres
+from services.common.schema_version import SchemaVersion
 from services.common.sqlite import AsyncSqlite
 
 Database = Union[AsyncSqlite, AsyncPostgres]
@@ -32,15 +33,18 @@ def is_postgres_url(location: str | Path) -> bool:
     return isinstance(location, str) and location.startswith(POSTGRES_SCHEMES)
 
 
-def connect(location: str | Path, schema: str, sequences: tuple[str, ...] = ()) -> Database:
+def connect(location: str | Path, schema: str, sequences: tuple[str, ...] = (),
+            version: SchemaVersion | None = None) -> Database:
     """A store database: ``location`` is a PostgreSQL URL or the path of a SQLite file.
 
     ``schema`` is written once for both engines (``DOUBLE PRECISION`` and ``BIGINT``
     mean the same to SQLite); ``sequences`` name the tables whose arrival order comes
-    from a PostgreSQL sequence (with SQLite's single writer, from ``MAX(seq) + 1``)."""
+    from a PostgreSQL sequence (with SQLite's single writer, from ``MAX(seq) + 1``);
+    ``version``: the store's tables and their version, checked at open (see
+    :mod:`services.common.schema_version`)."""
     if is_postgres_url(location):
-        return AsyncPostgres(str(location), schema, sequences)
-    return AsyncSqlite(Path(location), schema)
+        return AsyncPostgres(str(location), schema, sequences, version=version)
+    return AsyncSqlite(Path(location), schema, version)
 
 
 async def delete_in_batches(delete: Callable[[int], Awaitable[int]], batch: int = 1000) -> int:

@@ -25,6 +25,9 @@ import psycopg
 from psycopg import errors as pg_errors
 from psycopg_pool import ConnectionPool
 
+from services.common import schema_version
+from services.common.schema_version import SchemaVersion
+
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 RETRIES = 5
@@ -87,9 +90,11 @@ class AsyncPostgres:
     skip_locked = " FOR UPDATE SKIP LOCKED"  # take rows no other replica is taking right now
 
     def __init__(self, url: str, schema: str, sequences: tuple[str, ...] = (), *, pool_size: int = 4,
-                 connect_timeout: float = 30.0) -> None:
+                 connect_timeout: float = 30.0, version: SchemaVersion | None = None) -> None:
         self.url = url
         self._schema = schema
+        self._version = version
+        self._closed = False
         self._sequences = sequences
         self._connect_timeout = connect_timeout
         self._executor = ThreadPoolExecutor(max_workers=pool_size, thread_name_prefix="postgres")
@@ -106,11 +111,17 @@ class AsyncPostgres:
 
         def create(c: Connection) -> None:
             c.execute("SELECT pg_advisory_xact_lock(?)", (_SCHEMA_LOCK,))
+            if self._version is not None:  # before the schema: tables of another version are not to be touched
+                c.execute(schema_version.TABLE)
+                found = c.execute(schema_version.READ, (self._version.store,)).fetchone()
+                self._version.check(found["version"] if found else None, "DATABASE_URL")
             for table in self._sequences:
                 c.execute(f"CREATE SEQUENCE IF NOT EXISTS {table}_arrival")
             for statement in re.sub(r"--[^\n]*", "", self._schema).split(";"):
                 if statement.strip():
                     c.execute(statement)
+            if self._version is not None:
+                c.execute(schema_version.RECORD, (self._version.store, self._version.version))
 
         self._transaction(create)
 
@@ -155,5 +166,8 @@ class AsyncPostgres:
         return rows[0] if rows else None
 
     async def close(self) -> None:
+        if self._closed:  # an open that failed has closed it already
+            return
+        self._closed = True
         await asyncio.get_running_loop().run_in_executor(self._executor, self._pool.close)
         self._executor.shutdown(wait=True)

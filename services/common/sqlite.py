@@ -16,6 +16,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
+from services.common import schema_version
+from services.common.schema_version import SchemaVersion
+
 T = TypeVar("T")
 GROUP_MAX = 256  # writers per group commit
 
@@ -25,12 +28,13 @@ class AsyncSqlite:
     for_update = ""  # BEGIN IMMEDIATE already holds the only write lock
     skip_locked = ""
 
-    def __init__(self, path: Path, schema: str) -> None:
+    def __init__(self, path: Path, schema: str, version: SchemaVersion | None = None) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"sqlite-{path.stem}")
         self._conn: sqlite3.Connection | None = None
         self._schema = schema
+        self._version = version
         self._group: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future]] = []
         self._group_task: asyncio.Task | None = None
 
@@ -41,10 +45,20 @@ class AsyncSqlite:
     def _open(self) -> None:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
         conn.row_factory = sqlite3.Row
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=FULL")
-        conn.execute("PRAGMA busy_timeout=30000")
-        conn.executescript(self._schema)
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA busy_timeout=30000")
+            if self._version is not None:  # before the schema: tables of another version are not to be touched
+                conn.execute(schema_version.TABLE)
+                found = conn.execute(schema_version.READ, (self._version.store,)).fetchone()
+                self._version.check(found[0] if found else None, str(self.path))
+            conn.executescript(self._schema)
+            if self._version is not None:
+                conn.execute(schema_version.RECORD, (self._version.store, self._version.version))
+        except BaseException:
+            conn.close()
+            raise
         self._conn = conn
 
     async def open(self) -> None:

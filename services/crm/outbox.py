@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from services.common.database import connect
+from services.common.schema_version import SchemaVersion
 
 QUEUED, DELIVERED, FAILED = "queued", "delivered", "failed"
 SET_ASIDE, NOT_QUEUED, IN_FLIGHT = "set aside", "not queued", "in flight"  # what set_aside did
@@ -43,6 +44,8 @@ CREATE INDEX IF NOT EXISTS deliveries_fifo ON deliveries (state, seq);
 CREATE INDEX IF NOT EXISTS deliveries_seq ON deliveries (seq);
 CREATE INDEX IF NOT EXISTS deliveries_delivered ON deliveries (state, delivered_at);  -- past their retention
 """
+# The version of the tables above: raised, with a migration, whenever they change.
+SCHEMA_VERSION = SchemaVersion("crm.outbox", 1)
 
 
 def idempotency_key(call_id: str, version: int = 1) -> str:
@@ -73,7 +76,7 @@ class DeliveryRow:
 class Outbox:
     def __init__(self, location: Path | str) -> None:
         """``location``: a SQLite file, or a ``postgresql://`` URL."""
-        self.db = connect(location, SCHEMA, sequences=("deliveries",))
+        self.db = connect(location, SCHEMA, sequences=("deliveries",), version=SCHEMA_VERSION)
 
     async def open(self) -> None:
         await self.db.open()

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from services.common.database import connect
+from services.common.schema_version import SchemaVersion
 
 RECEIVED, DOWNLOADING, TRANSCRIBING, ANALYZING, DELIVERING, DONE, FAILED = (
     "received", "downloading", "transcribing", "analyzing", "delivering", "done", "failed")
@@ -56,6 +57,9 @@ CREATE TABLE IF NOT EXISTS webhook_ids (
 );
 CREATE INDEX IF NOT EXISTS webhook_ids_age ON webhook_ids (received_at);
 """
+
+# The version of the tables above: raised, with a migration, whenever they change.
+SCHEMA_VERSION = SchemaVersion("ingest.jobs", 1)
 
 # A signed webhook older than 5 minutes is refused anyway; ids are kept a day to spare the clocks.
 WEBHOOK_ID_RETENTION_SECONDS = 86400.0
@@ -146,7 +150,7 @@ def _remember_webhook(c: Any, webhook_id: str, call_id: str, now: float) -> None
 class JobStore:
     def __init__(self, location: Path | str) -> None:
         """``location``: a SQLite file, or a ``postgresql://`` URL."""
-        self.db = connect(location, SCHEMA, sequences=("jobs",))
+        self.db = connect(location, SCHEMA, sequences=("jobs",), version=SCHEMA_VERSION)
         self._purged_at = 0.0
 
     async def open(self) -> None:
