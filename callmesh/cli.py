@@ -522,21 +522,26 @@ async def _retry(call_id: str, base: str) -> None:
     console.print(f"Call {call_id} queued again at {body['status']}")
 
 
+async def calls_in(session: aiohttp.ClientSession, base: str, status: str) -> list[dict[str, Any]]:
+    """Every call in ``status``, listed page by page (once each: a call that moved while the pages were read can
+    appear twice)."""
+    calls: dict[str, dict[str, Any]] = {}
+    offset = 0
+    while True:
+        code, body = await get_json(session, f"{base}/v1/calls?status={status}&limit={RETRY_PAGE}&offset={offset}")
+        if code != 200:
+            raise Exit(REFUSED, body.get("detail", f"HTTP {code}"))
+        calls.update((c["call_id"], c) for c in body["calls"] if c["call_id"] not in calls)
+        if len(body["calls"]) < RETRY_PAGE:
+            return list(calls.values())
+        offset += RETRY_PAGE
+
+
 async def _retry_failed(stage: str, base: str) -> None:
     """Every failed call (at ``stage``, or "any"): listed first, page by page, then each retried."""
-    chosen: list[str] = []
     async with ingest_session(base) as session:
-        offset = 0
-        while True:
-            code, body = await get_json(session, f"{base}/v1/calls?status=failed&limit={RETRY_PAGE}&offset={offset}")
-            if code != 200:
-                raise Exit(REFUSED, body.get("detail", f"HTTP {code}"))
-            chosen += [c["call_id"] for c in body["calls"]
-                       if stage == "any" or (c.get("error") or {}).get("stage") == stage]
-            if len(body["calls"]) < RETRY_PAGE:
-                break
-            offset += RETRY_PAGE
-        chosen = list(dict.fromkeys(chosen))  # a call that failed while the pages were read can appear twice
+        chosen = [c["call_id"] for c in await calls_in(session, base, "failed")
+                  if stage == "any" or (c.get("error") or {}).get("stage") == stage]
         skipped = []
         for call_id in chosen:
             taken, answer = await post_retry(session, base, call_id)
@@ -546,6 +551,36 @@ async def _retry_failed(stage: str, base: str) -> None:
     console.print(f"{len(chosen) - len(skipped)} call(s) that failed{where} queued again")
     for line in skipped:
         console.print(f"  not retried: {line}")
+
+
+@app.command()
+def reanalyze(
+    call_ids: Annotated[list[str] | None, typer.Argument(help="Done calls")] = None,
+    all_done: Annotated[bool, typer.Option("--all-done", help="Instead: every done call still kept")] = False,
+    url: Annotated[str | None, typer.Option(help="Ingest URL (default: the local mesh)")] = None,
+) -> None:
+    """Analyse done calls again, after a change of taxonomy (ANALYZE_TOPICS), prompt or model, and send the CRM
+    each new record: revision one more than the record it has, under an Idempotency-Key of its own."""
+    if bool(call_ids) == all_done:
+        raise fail(USAGE, "name done calls, or --all-done for every done call still kept")
+    run(_reanalyze(call_ids or [], all_done, ingest_url(url)))
+
+
+async def _reanalyze(call_ids: list[str], all_done: bool, base: str) -> None:
+    async with ingest_session(base) as session:
+        if all_done:
+            call_ids = [c["call_id"] for c in await calls_in(session, base, "done")]
+        refused = []
+        for call_id in call_ids:
+            async with session.post(f"{base}/v1/calls/{call_id}:reanalyze") as resp:
+                if resp.status != 202:
+                    body = await resp.json(content_type=None)
+                    refused.append(f"{call_id} ({body.get('detail', f'HTTP {resp.status}')})")
+    console.print(f"{len(call_ids) - len(refused)} call(s) back at analyzing; each reaches the CRM as a new revision")
+    for line in refused:
+        console.print(f"  not analysed again: {line}")
+    if refused and not all_done:
+        raise Exit(REFUSED, f"{len(refused)} call(s) could not be analysed again")
 
 
 @app.command("set-aside")

@@ -20,9 +20,9 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from callcenter.v1 import common_pb2, crm_pb2
 from callmesh.standins import CrmReceiver, new_webhook_secret
+from services.common.config import ConfigError
 from services.common.lifecycle import start_site
 from services.common.retry import backoff_delay
-from services.common.config import ConfigError
 from services.crm.config import CrmSettings, crm_headers
 from services.crm.delivery import attempt_outcomes, plaintext_warning
 from services.crm.outbox import FAILED as FAILED_ROW, IN_FLIGHT, QUEUED, SET_ASIDE, Outbox

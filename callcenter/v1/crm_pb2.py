@@ -27,7 +27,7 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x63\x61llcenter/v1/crm.proto\x12\rcallcenter.v1\x1a\x1a\x63\x61llcenter/v1/common.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xd4\x07\n\nCallRecord\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\x12\x15\n\rlanguage_code\x18\x02 \x01(\t\x12\x12\n\ntranscript\x18\x03 \x01(\t\x12\x1d\n\x15translated_transcript\x18\x04 \x01(\t\x12\x0f\n\x07summary\x18\x05 \x03(\t\x12\r\n\x05topic\x18\x06 \x01(\t\x12+\n\tsentiment\x18\x07 \x01(\x0e\x32\x18.callcenter.v1.Sentiment\x12\x0f\n\x07\x65motion\x18\x08 \x01(\t\x12/\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x08segments\x18\n \x03(\x0b\x32 .callcenter.v1.TranscriptSegment\x12\x31\n\x0e\x61udio_duration\x18\x0b \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x1c\n\x14language_probability\x18\x0c \x01(\x02\x12\x1b\n\x13transcription_model\x18\r \x01(\t\x12\x16\n\x0e\x61nalysis_model\x18\x0e \x01(\t\x12\x16\n\x0eprompt_version\x18\x0f \x01(\t\x12\x31\n\nstatistics\x18\x10 \x01(\x0b\x32\x1d.callcenter.v1.CallStatistics\x12\x1a\n\x12language_uncertain\x18\x11 \x01(\x08\x12,\n\nredactions\x18\x12 \x03(\x0b\x32\x18.callcenter.v1.Redaction\x12\x1d\n\x15pii_redaction_applied\x18\x13 \x01(\x08\x12\x11\n\tsub_topic\x18\x14 \x01(\t\x12\x31\n\x0f\x61gent_sentiment\x18\x15 \x01(\x0e\x32\x18.callcenter.v1.Sentiment\x12\x34\n\x12\x63ustomer_sentiment\x18\x16 \x01(\x0e\x32\x18.callcenter.v1.Sentiment\x12\x10\n\x08resolved\x18\x17 \x01(\x08\x12\x19\n\x11\x66ollow_up_actions\x18\x18 \x03(\t\x12=\n\x13translated_segments\x18\x19 \x03(\x0b\x32 .callcenter.v1.TranscriptSegment\x12\x1a\n\x12translation_source\x18\x1a \x01(\t\x12\x39\n\x08metadata\x18\x1b \x03(\x0b\x32\'.callcenter.v1.CallRecord.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"S\n\x0e\x44\x65liverRequest\x12)\n\x06record\x18\x01 \x01(\x0b\x32\x19.callcenter.v1.CallRecord\x12\x16\n\x0erequeue_failed\x18\x02 \x01(\x08\"\xa1\x02\n\x08\x44\x65livery\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\x12+\n\x05state\x18\x02 \x01(\x0e\x32\x1c.callcenter.v1.DeliveryState\x12\x10\n\x08\x61ttempts\x18\x03 \x01(\x05\x12\x12\n\nlast_error\x18\x04 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x05 \x01(\t\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0c\x64\x65liver_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x11next_attempt_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"g\n\x0f\x44\x65liverResponse\x12)\n\x08\x64\x65livery\x18\x01 \x01(\x0b\x32\x17.callcenter.v1.Delivery\x12)\n\x06record\x18\x02 \x01(\x0b\x32\x19.callcenter.v1.CallRecord\"%\n\x12GetDeliveryRequest\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\"@\n\x13GetDeliveryResponse\x12)\n\x08\x64\x65livery\x18\x01 \x01(\x0b\x32\x17.callcenter.v1.Delivery\":\n\x17SetAsideDeliveryRequest\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"E\n\x18SetAsideDeliveryResponse\x12)\n\x08\x64\x65livery\x18\x01 \x01(\x0b\x32\x17.callcenter.v1.Delivery\"(\n\x15\x44\x65leteDeliveryRequest\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\"C\n\x16\x44\x65leteDeliveryResponse\x12)\n\x08\x64\x65livery\x18\x01 \x01(\x0b\x32\x17.callcenter.v1.Delivery*\x83\x01\n\rDeliveryState\x12\x1e\n\x1a\x44\x45LIVERY_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15\x44\x45LIVERY_STATE_QUEUED\x10\x01\x12\x1c\n\x18\x44\x45LIVERY_STATE_DELIVERED\x10\x02\x12\x19\n\x15\x44\x45LIVERY_STATE_FAILED\x10\x03\x32\xf4\x02\n\x0e\x43rmSyncService\x12H\n\x07\x44\x65liver\x12\x1d.callcenter.v1.DeliverRequest\x1a\x1e.callcenter.v1.DeliverResponse\x12T\n\x0bGetDelivery\x12!.callcenter.v1.GetDeliveryRequest\x1a\".callcenter.v1.GetDeliveryResponse\x12\x63\n\x10SetAsideDelivery\x12&.callcenter.v1.SetAsideDeliveryRequest\x1a\'.callcenter.v1.SetAsideDeliveryResponse\x12]\n\x0e\x44\x65leteDelivery\x12$.callcenter.v1.DeleteDeliveryRequest\x1a%.callcenter.v1.DeleteDeliveryResponseB)Z\'callmesh/gen/callcenter/v1;callcenterv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x63\x61llcenter/v1/crm.proto\x12\rcallcenter.v1\x1a\x1a\x63\x61llcenter/v1/common.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xe6\x07\n\nCallRecord\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\x12\x15\n\rlanguage_code\x18\x02 \x01(\t\x12\x12\n\ntranscript\x18\x03 \x01(\t\x12\x1d\n\x15translated_transcript\x18\x04 \x01(\t\x12\x0f\n\x07summary\x18\x05 \x03(\t\x12\r\n\x05topic\x18\x06 \x01(\t\x12+\n\tsentiment\x18\x07 \x01(\x0e\x32\x18.callcenter.v1.Sentiment\x12\x0f\n\x07\x65motion\x18\x08 \x01(\t\x12/\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x08segments\x18\n \x03(\x0b\x32 .callcenter.v1.TranscriptSegment\x12\x31\n\x0e\x61udio_duration\x18\x0b \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x1c\n\x14language_probability\x18\x0c \x01(\x02\x12\x1b\n\x13transcription_model\x18\r \x01(\t\x12\x16\n\x0e\x61nalysis_model\x18\x0e \x01(\t\x12\x16\n\x0eprompt_version\x18\x0f \x01(\t\x12\x31\n\nstatistics\x18\x10 \x01(\x0b\x32\x1d.callcenter.v1.CallStatistics\x12\x1a\n\x12language_uncertain\x18\x11 \x01(\x08\x12,\n\nredactions\x18\x12 \x03(\x0b\x32\x18.callcenter.v1.Redaction\x12\x1d\n\x15pii_redaction_applied\x18\x13 \x01(\x08\x12\x11\n\tsub_topic\x18\x14 \x01(\t\x12\x31\n\x0f\x61gent_sentiment\x18\x15 \x01(\x0e\x32\x18.callcenter.v1.Sentiment\x12\x34\n\x12\x63ustomer_sentiment\x18\x16 \x01(\x0e\x32\x18.callcenter.v1.Sentiment\x12\x10\n\x08resolved\x18\x17 \x01(\x08\x12\x19\n\x11\x66ollow_up_actions\x18\x18 \x03(\t\x12=\n\x13translated_segments\x18\x19 \x03(\x0b\x32 .callcenter.v1.TranscriptSegment\x12\x1a\n\x12translation_source\x18\x1a \x01(\t\x12\x39\n\x08metadata\x18\x1b \x03(\x0b\x32\'.callcenter.v1.CallRecord.MetadataEntry\x12\x10\n\x08revision\x18\x1c \x01(\x05\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"S\n\x0e\x44\x65liverRequest\x12)\n\x06record\x18\x01 \x01(\x0b\x32\x19.callcenter.v1.CallRecord\x12\x16\n\x0erequeue_failed\x18\x02 \x01(\x08\"\xa1\x02\n\x08\x44\x65livery\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\x12+\n\x05state\x18\x02 \x01(\x0e\x32\x1c.callcenter.v1.DeliveryState\x12\x10\n\x08\x61ttempts\x18\x03 \x01(\x05\x12\x12\n\nlast_error\x18\x04 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x05 \x01(\t\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0c\x64\x65liver_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x11next_attempt_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"g\n\x0f\x44\x65liverResponse\x12)\n\x08\x64\x65livery\x18\x01 \x01(\x0b\x32\x17.callcenter.v1.Delivery\x12)\n\x06record\x18\x02 \x01(\x0b\x32\x19.callcenter.v1.CallRecord\"%\n\x12GetDeliveryRequest\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\"@\n\x13GetDeliveryResponse\x12)\n\x08\x64\x65livery\x18\x01 \x01(\x0b\x32\x17.callcenter.v1.Delivery\":\n\x17SetAsideDeliveryRequest\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"E\n\x18SetAsideDeliveryResponse\x12)\n\x08\x64\x65livery\x18\x01 \x01(\x0b\x32\x17.callcenter.v1.Delivery\"(\n\x15\x44\x65leteDeliveryRequest\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\"C\n\x16\x44\x65leteDeliveryResponse\x12)\n\x08\x64\x65livery\x18\x01 \x01(\x0b\x32\x17.callcenter.v1.Delivery*\x83\x01\n\rDeliveryState\x12\x1e\n\x1a\x44\x45LIVERY_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15\x44\x45LIVERY_STATE_QUEUED\x10\x01\x12\x1c\n\x18\x44\x45LIVERY_STATE_DELIVERED\x10\x02\x12\x19\n\x15\x44\x45LIVERY_STATE_FAILED\x10\x03\x32\xf4\x02\n\x0e\x43rmSyncService\x12H\n\x07\x44\x65liver\x12\x1d.callcenter.v1.DeliverRequest\x1a\x1e.callcenter.v1.DeliverResponse\x12T\n\x0bGetDelivery\x12!.callcenter.v1.GetDeliveryRequest\x1a\".callcenter.v1.GetDeliveryResponse\x12\x63\n\x10SetAsideDelivery\x12&.callcenter.v1.SetAsideDeliveryRequest\x1a\'.callcenter.v1.SetAsideDeliveryResponse\x12]\n\x0e\x44\x65leteDelivery\x12$.callcenter.v1.DeleteDeliveryRequest\x1a%.callcenter.v1.DeleteDeliveryResponseB)Z\'callmesh/gen/callcenter/v1;callcenterv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,30 +37,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._serialized_options = b'Z\'callmesh/gen/callcenter/v1;callcenterv1'
   _globals['_CALLRECORD_METADATAENTRY']._loaded_options = None
   _globals['_CALLRECORD_METADATAENTRY']._serialized_options = b'8\001'
-  _globals['_DELIVERYSTATE']._serialized_start=1948
-  _globals['_DELIVERYSTATE']._serialized_end=2079
+  _globals['_DELIVERYSTATE']._serialized_start=1966
+  _globals['_DELIVERYSTATE']._serialized_end=2097
   _globals['_CALLRECORD']._serialized_start=136
-  _globals['_CALLRECORD']._serialized_end=1116
-  _globals['_CALLRECORD_METADATAENTRY']._serialized_start=1069
-  _globals['_CALLRECORD_METADATAENTRY']._serialized_end=1116
-  _globals['_DELIVERREQUEST']._serialized_start=1118
-  _globals['_DELIVERREQUEST']._serialized_end=1201
-  _globals['_DELIVERY']._serialized_start=1204
-  _globals['_DELIVERY']._serialized_end=1493
-  _globals['_DELIVERRESPONSE']._serialized_start=1495
-  _globals['_DELIVERRESPONSE']._serialized_end=1598
-  _globals['_GETDELIVERYREQUEST']._serialized_start=1600
-  _globals['_GETDELIVERYREQUEST']._serialized_end=1637
-  _globals['_GETDELIVERYRESPONSE']._serialized_start=1639
-  _globals['_GETDELIVERYRESPONSE']._serialized_end=1703
-  _globals['_SETASIDEDELIVERYREQUEST']._serialized_start=1705
-  _globals['_SETASIDEDELIVERYREQUEST']._serialized_end=1763
-  _globals['_SETASIDEDELIVERYRESPONSE']._serialized_start=1765
-  _globals['_SETASIDEDELIVERYRESPONSE']._serialized_end=1834
-  _globals['_DELETEDELIVERYREQUEST']._serialized_start=1836
-  _globals['_DELETEDELIVERYREQUEST']._serialized_end=1876
-  _globals['_DELETEDELIVERYRESPONSE']._serialized_start=1878
-  _globals['_DELETEDELIVERYRESPONSE']._serialized_end=1945
-  _globals['_CRMSYNCSERVICE']._serialized_start=2082
-  _globals['_CRMSYNCSERVICE']._serialized_end=2454
+  _globals['_CALLRECORD']._serialized_end=1134
+  _globals['_CALLRECORD_METADATAENTRY']._serialized_start=1087
+  _globals['_CALLRECORD_METADATAENTRY']._serialized_end=1134
+  _globals['_DELIVERREQUEST']._serialized_start=1136
+  _globals['_DELIVERREQUEST']._serialized_end=1219
+  _globals['_DELIVERY']._serialized_start=1222
+  _globals['_DELIVERY']._serialized_end=1511
+  _globals['_DELIVERRESPONSE']._serialized_start=1513
+  _globals['_DELIVERRESPONSE']._serialized_end=1616
+  _globals['_GETDELIVERYREQUEST']._serialized_start=1618
+  _globals['_GETDELIVERYREQUEST']._serialized_end=1655
+  _globals['_GETDELIVERYRESPONSE']._serialized_start=1657
+  _globals['_GETDELIVERYRESPONSE']._serialized_end=1721
+  _globals['_SETASIDEDELIVERYREQUEST']._serialized_start=1723
+  _globals['_SETASIDEDELIVERYREQUEST']._serialized_end=1781
+  _globals['_SETASIDEDELIVERYRESPONSE']._serialized_start=1783
+  _globals['_SETASIDEDELIVERYRESPONSE']._serialized_end=1852
+  _globals['_DELETEDELIVERYREQUEST']._serialized_start=1854
+  _globals['_DELETEDELIVERYREQUEST']._serialized_end=1894
+  _globals['_DELETEDELIVERYRESPONSE']._serialized_start=1896
+  _globals['_DELETEDELIVERYRESPONSE']._serialized_end=1963
+  _globals['_CRMSYNCSERVICE']._serialized_start=2100
+  _globals['_CRMSYNCSERVICE']._serialized_end=2472
 # @@protoc_insertion_point(module_scope)

@@ -24,7 +24,7 @@ DELIVERY_STATE_DELIVERED: DeliveryState
 DELIVERY_STATE_FAILED: DeliveryState
 
 class CallRecord(_message.Message):
-    __slots__ = ("call_id", "language_code", "transcript", "translated_transcript", "summary", "topic", "sentiment", "emotion", "create_time", "segments", "audio_duration", "language_probability", "transcription_model", "analysis_model", "prompt_version", "statistics", "language_uncertain", "redactions", "pii_redaction_applied", "sub_topic", "agent_sentiment", "customer_sentiment", "resolved", "follow_up_actions", "translated_segments", "translation_source", "metadata")
+    __slots__ = ("call_id", "language_code", "transcript", "translated_transcript", "summary", "topic", "sentiment", "emotion", "create_time", "segments", "audio_duration", "language_probability", "transcription_model", "analysis_model", "prompt_version", "statistics", "language_uncertain", "redactions", "pii_redaction_applied", "sub_topic", "agent_sentiment", "customer_sentiment", "resolved", "follow_up_actions", "translated_segments", "translation_source", "metadata", "revision")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -59,6 +59,7 @@ class CallRecord(_message.Message):
     TRANSLATED_SEGMENTS_FIELD_NUMBER: _ClassVar[int]
     TRANSLATION_SOURCE_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
     call_id: str
     language_code: str
     transcript: str
@@ -86,7 +87,8 @@ class CallRecord(_message.Message):
     translated_segments: _containers.RepeatedCompositeFieldContainer[_common_pb2.TranscriptSegment]
     translation_source: str
     metadata: _containers.ScalarMap[str, str]
-    def __init__(self, call_id: _Optional[str] = ..., language_code: _Optional[str] = ..., transcript: _Optional[str] = ..., translated_transcript: _Optional[str] = ..., summary: _Optional[_Iterable[str]] = ..., topic: _Optional[str] = ..., sentiment: _Optional[_Union[_common_pb2.Sentiment, str]] = ..., emotion: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., segments: _Optional[_Iterable[_Union[_common_pb2.TranscriptSegment, _Mapping]]] = ..., audio_duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., language_probability: _Optional[float] = ..., transcription_model: _Optional[str] = ..., analysis_model: _Optional[str] = ..., prompt_version: _Optional[str] = ..., statistics: _Optional[_Union[_common_pb2.CallStatistics, _Mapping]] = ..., language_uncertain: _Optional[bool] = ..., redactions: _Optional[_Iterable[_Union[_common_pb2.Redaction, _Mapping]]] = ..., pii_redaction_applied: _Optional[bool] = ..., sub_topic: _Optional[str] = ..., agent_sentiment: _Optional[_Union[_common_pb2.Sentiment, str]] = ..., customer_sentiment: _Optional[_Union[_common_pb2.Sentiment, str]] = ..., resolved: _Optional[bool] = ..., follow_up_actions: _Optional[_Iterable[str]] = ..., translated_segments: _Optional[_Iterable[_Union[_common_pb2.TranscriptSegment, _Mapping]]] = ..., translation_source: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    revision: int
+    def __init__(self, call_id: _Optional[str] = ..., language_code: _Optional[str] = ..., transcript: _Optional[str] = ..., translated_transcript: _Optional[str] = ..., summary: _Optional[_Iterable[str]] = ..., topic: _Optional[str] = ..., sentiment: _Optional[_Union[_common_pb2.Sentiment, str]] = ..., emotion: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., segments: _Optional[_Iterable[_Union[_common_pb2.TranscriptSegment, _Mapping]]] = ..., audio_duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., language_probability: _Optional[float] = ..., transcription_model: _Optional[str] = ..., analysis_model: _Optional[str] = ..., prompt_version: _Optional[str] = ..., statistics: _Optional[_Union[_common_pb2.CallStatistics, _Mapping]] = ..., language_uncertain: _Optional[bool] = ..., redactions: _Optional[_Iterable[_Union[_common_pb2.Redaction, _Mapping]]] = ..., pii_redaction_applied: _Optional[bool] = ..., sub_topic: _Optional[str] = ..., agent_sentiment: _Optional[_Union[_common_pb2.Sentiment, str]] = ..., customer_sentiment: _Optional[_Union[_common_pb2.Sentiment, str]] = ..., resolved: _Optional[bool] = ..., follow_up_actions: _Optional[_Iterable[str]] = ..., translated_segments: _Optional[_Iterable[_Union[_common_pb2.TranscriptSegment, _Mapping]]] = ..., translation_source: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., revision: _Optional[int] = ...) -> None: ...
 
 class DeliverRequest(_message.Message):
     __slots__ = ("record", "requeue_failed")

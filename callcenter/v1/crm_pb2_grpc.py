@@ -65,11 +65,14 @@ class CrmSyncServiceServicer:
 
     def Deliver(self, request, context):
         """Deliver queues a record for delivery and returns once it is durably
-        stored. It is idempotent on call_id: delivering the same call again
-        returns the existing delivery, unless that delivery failed and the
-        request sets requeue_failed. Personal data in the record's text is
-        masked before it is stored, and the record lists where (PII_REDACTION).
-        Errors: INVALID_ARGUMENT when call_id is empty.
+        stored. It is idempotent on call_id and revision: delivering the same call
+        again returns the existing delivery, unless that delivery failed and the
+        request sets requeue_failed, or the record's revision is higher than the
+        one the outbox holds (the call was analysed again), which replaces it at
+        the back of the queue. Personal data in the record's text is masked
+        before it is stored, and the record lists where (PII_REDACTION).
+        Errors: INVALID_ARGUMENT when call_id is empty; UNAVAILABLE when a higher
+        revision comes while the earlier one is being posted (try again).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

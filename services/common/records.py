@@ -102,4 +102,5 @@ def record_to_json(record: crm_pb2.CallRecord) -> dict:
         "redactions": [{"kind": common_pb2.PiiKind.Name(r.kind).removeprefix("PII_KIND_").lower(), "field": r.field,
                         "start": r.start, "end": r.end} for r in record.redactions],
         "metadata": dict(sorted(record.metadata.items())),
+        "revision": record.revision or 1,
     }

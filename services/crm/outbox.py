@@ -48,8 +48,12 @@ CREATE INDEX IF NOT EXISTS deliveries_delivered ON deliveries (state, delivered_
 SCHEMA_VERSION = SchemaVersion("crm.outbox", 1)
 
 
+class RevisionInFlight(Exception):
+    """A record of a higher revision came while the call's earlier record is being posted."""
+
+
 def idempotency_key(call_id: str, version: int = 1) -> str:
-    """Stable per call and result version: the CRM can drop repeats of the same record."""
+    """Stable per call and revision of its record: the CRM can drop repeats of the same record."""
     return str(uuid.uuid5(_KEY_NAMESPACE, f"{call_id}#v{version}"))
 
 
@@ -94,19 +98,34 @@ class Outbox:
         """Store the record unless the call is already there; return the row and whether it was queued now.
 
         With ``requeue_failed``, a call whose delivery failed is queued again with this record: at the back of
-        the queue, its attempts from zero, under the same idempotency key (the CRM never took it)."""
+        the queue, its attempts from zero, under the same idempotency key (the CRM never took it).
+
+        A record of a higher ``revision`` (the call analysed again) replaces the one held, whatever became of it,
+        at the back of the queue under a key of its own, so that a CRM that took the earlier one takes this one
+        too; while the earlier one is being posted it raises :class:`RevisionInFlight` (ask again later)."""
         now = time.time()
         body, context = json.dumps(payload, ensure_ascii=False), json.dumps(trace_context)
+        revision = int(payload.get("revision") or 1)
 
         def tx(c: Any) -> tuple[DeliveryRow, bool]:
             seq = c.execute(self.db.next_seq("deliveries")).fetchone()[0]
             cur = c.execute(
                 "INSERT INTO deliveries (call_id, idempotency_key, payload, state, created_at, "
                 "next_attempt_at, seq, trace_context) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (call_id) DO NOTHING",
-                (call_id, idempotency_key(call_id), body, QUEUED, now, now, seq, context),
+                (call_id, idempotency_key(call_id, revision), body, QUEUED, now, now, seq, context),
             )
             queued = cur.rowcount == 1
-            if not queued and requeue_failed:
+            held = None if queued else c.execute(
+                f"SELECT payload, lease_until FROM deliveries WHERE call_id = ?{self.db.for_update}", (call_id,)).fetchone()
+            if held is not None and revision > int(json.loads(held["payload"]).get("revision") or 1):
+                if held["lease_until"] > now:
+                    raise RevisionInFlight(f"call {call_id}: its earlier record is being posted to the CRM")
+                queued = c.execute(
+                    "UPDATE deliveries SET idempotency_key = ?, payload = ?, state = ?, attempts = 0, last_error = '', "
+                    "created_at = ?, delivered_at = NULL, next_attempt_at = ?, lease_until = 0, seq = ?, "
+                    "trace_context = ? WHERE call_id = ?",
+                    (idempotency_key(call_id, revision), body, QUEUED, now, now, seq, context, call_id)).rowcount == 1
+            elif not queued and requeue_failed:
                 queued = c.execute(
                     "UPDATE deliveries SET payload = ?, state = ?, attempts = 0, last_error = '', created_at = ?, "
                     "delivered_at = NULL, next_attempt_at = ?, lease_until = 0, seq = ?, trace_context = ? "

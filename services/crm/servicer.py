@@ -16,7 +16,9 @@ from services.common.logs import call_context, printable_line
 from services.common.protoconv import timestamp
 from services.common.telemetry import current_traceparent
 from services.crm.delivery import DeliveryWorker
-from services.crm.outbox import DELIVERED, FAILED, IN_FLIGHT, QUEUED, SET_ASIDE, DeliveryRow, Outbox
+from services.crm.outbox import (
+    DELIVERED, FAILED, IN_FLIGHT, QUEUED, SET_ASIDE, DeliveryRow, Outbox, RevisionInFlight,
+)
 from services.crm.privacy import redact_record
 from services.common.records import record_to_json
 
@@ -73,11 +75,16 @@ class CrmSyncServicer(crm_pb2_grpc.CrmSyncServiceServicer):
         with call_context(record.call_id):
             if self.redact_pii:  # before the outbox: personal data is never stored for the CRM, nor sent
                 record = redact_record(record)
-            row, new = await self.outbox.enqueue(record.call_id, record_to_json(record), current_traceparent(),
-                                                 requeue_failed=request.requeue_failed)
+            try:
+                row, new = await self.outbox.enqueue(record.call_id, record_to_json(record), current_traceparent(),
+                                                     requeue_failed=request.requeue_failed)
+            except RevisionInFlight as exc:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, f"{exc}: ask again once it is answered")
             if new:
                 kinds = sorted({common_pb2.PiiKind.Name(r.kind) for r in record.redactions})
-                log.info("queued for the CRM%s%s", " (a retried call)" if request.requeue_failed else "",
+                again = (" (a retried call)" if request.requeue_failed
+                         else f" (revision {record.revision}: the call analysed again)" if record.revision > 1 else "")
+                log.info("queued for the CRM%s%s", again,
                          f" ({len(record.redactions)} redaction(s): {', '.join(kinds)})" if kinds else "")
                 self.worker.wake()
             else:

@@ -35,7 +35,7 @@ from services.ingest.config import DownloadSettings
 from services.ingest.openapi import openapi_document
 from services.ingest.pipeline import PipelineWorker
 from services.ingest.signatures import SignatureRejected, WebhookVerifier
-from services.ingest.store import DELIVERING, DONE, FAILED, STATES, Job, JobOptions, JobStore
+from services.ingest.store import ANALYZING, DELIVERING, DONE, FAILED, STATES, Job, JobOptions, JobStore
 from services.ingest.urlpolicy import UrlPolicy, UrlRejected
 from services.ingest.web import WebPages, authorized
 
@@ -317,7 +317,8 @@ async def post_call_action(request: web.Request) -> web.Response:
     handler = _ACTIONS.get(action)
     if not call_id or handler is None:
         return problem(404, "Not Found", "unknown action; POST /v1/calls/{call_id}:retry replays a failed call, "
-                       "POST /v1/calls/{call_id}:setAside takes its record out of the CRM queue")
+                       "POST /v1/calls/{call_id}:setAside takes its record out of the CRM queue, "
+                       "POST /v1/calls/{call_id}:reanalyze analyses a done call again")
     job = await request.app[STORE].get(call_id)
     if job is None:
         return problem(404, "Not Found", f"no call {call_id!r}")
@@ -330,6 +331,23 @@ async def _retry(request: web.Request, job: Job) -> web.Response:
         return problem(409, "Conflict", f"call {call_id} is {job.state}, only failed calls can be retried")
     await store.update(call_id, None, state=job.error_stage or "received", release=True, error=None,
                        next_attempt_at=0, **PipelineWorker.retry_fields(job))
+    request.app[WORKER].wake()
+    return await _accepted(request, call_id)
+
+
+async def _reanalyze(request: web.Request, job: Job) -> web.Response:
+    """Analyse a done call again (after a change of taxonomy, prompt or model) and send the CRM the new record, a
+    revision of the one it has, under a key of its own. The transcript is kept; the recording is not needed."""
+    store, call_id = request.app[STORE], job.call_id
+    if job.state != DONE:
+        hint = " (a failed one: :retry)" if job.state == FAILED else ""
+        return problem(409, "Conflict", f"call {call_id} is {job.state}: only a done call can be analysed "
+                       f"again{hint}")
+    if job.transcript is None:
+        return problem(409, "Conflict", f"call {call_id} has no transcript kept to analyse again")
+    fields = PipelineWorker.reanalysis_fields(job)
+    await store.update(call_id, None, state=ANALYZING, release=True, **fields)
+    log.info("call analysed again on request: its next record is revision %d", fields["result"]["revision"])
     request.app[WORKER].wake()
     return await _accepted(request, call_id)
 
@@ -370,7 +388,8 @@ async def _accepted(request: web.Request, call_id: str) -> web.Response:
     return web.json_response(job_view(job, _base_url(request)), status=202)
 
 
-_ACTIONS: dict[str, Callable[[web.Request, Job], Awaitable[web.Response]]] = {"retry": _retry, "setAside": _set_aside}
+_ACTIONS: dict[str, Callable[[web.Request, Job], Awaitable[web.Response]]] = {
+    "retry": _retry, "setAside": _set_aside, "reanalyze": _reanalyze}
 
 
 @requires_token

@@ -253,6 +253,20 @@ def _document() -> dict[str, Any]:
                                   "409": _problem("The call has not failed")},
                 },
             },
+            "/v1/calls/{call_id}:reanalyze": {
+                "post": {
+                    "operationId": "reanalyzeCall",
+                    "summary": "Analyse a done call again (after a change of taxonomy, prompt or model) and send the "
+                               "CRM the new record: revision one more than its last, under an idempotency key of "
+                               "its own",
+                    "security": [{"bearer": []}, {}],
+                    "parameters": [_CALL_ID_PARAM],
+                    "responses": {"202": _json("Back at analyzing", "Call"), "401": _UNAUTHORIZED,
+                                  "403": _FROM_ANOTHER_SITE,
+                                  "404": _problem("No such call or action"),
+                                  "409": _problem("The call is not done, or its transcript is not kept")},
+                },
+            },
             "/v1/calls/{call_id}:setAside": {
                 "post": {
                     "operationId": "setAsideCall",

@@ -86,6 +86,12 @@ def spoken_text(segments: list[dict]) -> str:
     return " ".join(s["text"].strip() for s in segments)
 
 
+def record_revision(job: Job) -> int:
+    """The revision of the call's record: 1 for its first analysis, one more each time it is analysed again."""
+    result = job.result or {}
+    return int(result.get("revision") or (result.get("record") or {}).get("revision") or 1)
+
+
 def delivery_poll_delay(waited: float, interval: float) -> float:
     """When to ask the crm service again about a record that has waited ``waited`` seconds for the CRM:
     after as long again, so that a CRM that answers in milliseconds gets its call done in milliseconds,
@@ -520,6 +526,7 @@ class PipelineWorker:
             agent_sentiment=SENTIMENT_VALUES.get(a.get("sentiment_by_speaker", {}).get("agent", ""), 0),
             customer_sentiment=SENTIMENT_VALUES.get(a.get("sentiment_by_speaker", {}).get("customer", ""), 0),
             metadata=job.options.metadata or {},
+            revision=record_revision(job),
         )
 
     async def _stage_delivering(self, job: Job) -> tuple[str, dict]:
@@ -530,7 +537,7 @@ class PipelineWorker:
                 response = await self.crm.Deliver(request, timeout=self.settings.rpc_timeout)
                 # Keep what the CRM will get (personal data masked by the crm service), not what was sent.
                 sent = response.record if response.HasField("record") else record
-                result = {"queued": True, "record": record_to_json(sent)}
+                result = {"queued": True, "record": record_to_json(sent), "revision": record.revision}
                 await self.store.update(job.call_id, self.owner, result=result)
                 job.result = result
                 delivery = response.delivery
@@ -575,6 +582,13 @@ class PipelineWorker:
         except grpc.aio.AioRpcError as exc:
             if exc.code() != grpc.StatusCode.NOT_FOUND:
                 raise
+
+    @staticmethod
+    def reanalysis_fields(job: Job) -> dict[str, Any]:
+        """What analysing the done ``job`` again resets: its analysis, and its result, which keeps only the
+        revision its next record is to have (one more than the record the CRM has)."""
+        return {"analysis": None, "result": {"revision": record_revision(job) + 1}, "error": None,
+                "error_stage": None, "next_attempt_at": 0}
 
     @staticmethod
     def retry_fields(job: Job) -> dict[str, Any]:
