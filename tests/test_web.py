@@ -143,6 +143,19 @@ async def test_a_failed_call_is_retried_from_its_page(page: Page, ingest: Ingest
     await expect(page.locator("#status")).to_have_text("downloading", timeout=10_000)
 
 
+async def test_a_done_call_is_analysed_again_from_its_page(page: Page, ingest: Ingest) -> None:
+    await ingest.worker.stop(1)  # the call stays where the button puts it
+    status, _ = await post(ingest.url, '{"call_id": "again-2", "recording_url": "http://127.0.0.1:9/a.wav"}')
+    assert status == 202
+    await ingest.store.update("again-2", None, state="done", transcript={"language": "es", "segments": []},
+                              result={"record": {"call_id": "again-2", "revision": 1}})
+    await page.goto(f"{ingest.url}/calls/again-2")
+    await expect(page.locator("#reanalyze-card")).to_contain_text("revision 1")
+    await page.locator("#reanalyze").click()
+    await expect(page.locator("#status")).to_have_text("analyzing", timeout=10_000)
+    assert (await ingest.store.get("again-2")).result == {"revision": 2}
+
+
 async def test_a_form_on_another_site_cannot_retry_a_call(page: Page, ingest: Ingest) -> None:
     await ingest.worker.stop(1)  # the call would stay where a retry puts it
     status, _ = await post(ingest.url, '{"call_id": "xsite-1", "recording_url": "http://127.0.0.1:9/a.wav"}')

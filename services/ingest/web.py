@@ -23,7 +23,7 @@ from urllib.parse import quote
 from aiohttp import web
 
 from services.common.config import env_str
-from services.ingest.store import ACTIVE_STATES, DELIVERING, FAILED, STATES, Job, JobStore
+from services.ingest.store import ACTIVE_STATES, DELIVERING, DONE, FAILED, STATES, Job, JobStore
 
 TOKEN_COOKIE = "callmesh_token"
 POLL_MS = 2000
@@ -191,6 +191,11 @@ class WebPages:
                          "behind it wait. Set it aside (the call fails at delivery with your reason; retry it once "
                          "the CRM is fixed): <input id='reason' maxlength='500' size='40' "
                          "placeholder='why, e.g. a ticket number'> <button id='set-aside'>Set aside</button></div>")
+        if job.state == DONE and job.transcript is not None:
+            revision = record.get("revision") or 1
+            parts.append("<div class='card' id='reanalyze-card'>The CRM has revision "
+                         f"{int(revision)} of this call's record. After a change of topics, prompt or model: "
+                         "<button id='reanalyze'>Analyse again</button> (the CRM gets the next revision)</div>")
         parts.append("<p class='negative' id='action-error' role='alert'></p>")
         facts = [("Language", info["language"]), ("Topic", info["topic"]), ("Sentiment", info["sentiment"]),
                  ("Emotion", record.get("emotion", analysis.get("emotion", ""))),
@@ -236,6 +241,7 @@ class WebPages:
                   "const p=await r.json().catch(()=>({}));"
                   "document.getElementById('action-error').textContent=p.detail||('HTTP '+r.status);}"
                   "document.getElementById('retry')?.addEventListener('click',()=>act('retry'));"
+                  "document.getElementById('reanalyze')?.addEventListener('click',()=>act('reanalyze'));"
                   "document.getElementById('set-aside')?.addEventListener('click',()=>act('setAside',"
                   "{reason:document.getElementById('reason').value}));")
         if job.state in ACTIVE_STATES:
