@@ -18,6 +18,7 @@ import os
 import secrets
 import sqlite3
 import time
+import urllib.parse
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -465,17 +466,28 @@ async def _status(call_id: str | None, base: str, as_json: bool) -> None:
 @app.command()
 def calls(
     status_filter: Annotated[str | None, typer.Option("--status", help="Only calls in this state, e.g. failed")] = None,
+    meta: Annotated[str | None, typer.Option(
+        "--meta", help="Only calls whose webhook metadata had this value, KEY=VALUE (e.g. a customer's number)")] = None,
     limit: Annotated[int, typer.Option(help="How many, newest first")] = 50,
     url: Annotated[str | None, typer.Option(help="Ingest URL (default: the local mesh)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the status API's JSON")] = False,
 ) -> None:
     """List calls, newest first."""
-    run(_calls(status_filter, ingest_url(url), limit, as_json))
+    query = {"limit": str(limit), **({"status": status_filter} if status_filter else {}),
+             **({"metadata": meta_query(meta)} if meta is not None else {})}
+    run(_calls(query, ingest_url(url), as_json))
 
 
-async def _calls(state: str | None, base: str, limit: int, as_json: bool) -> None:
-    params = f"?limit={limit}" + (f"&status={state}" if state else "")
-    body = await read_api(base, f"/v1/calls{params}", as_json)
+def meta_query(value: str) -> str:
+    """``--meta KEY=VALUE`` as the status API's ``metadata`` filter."""
+    key, equals, _ = value.partition("=")
+    if not key or not equals:
+        raise fail(USAGE, f"{value!r}: use --meta KEY=VALUE, e.g. --meta customer_number=+34600123456")
+    return value
+
+
+async def _calls(query: dict[str, str], base: str, as_json: bool) -> None:
+    body = await read_api(base, f"/v1/calls?{urllib.parse.urlencode(query)}", as_json)
     if body is None:
         return
     console.print("  ".join(f"{k}: {v}" for k, v in sorted(body["counts"].items())) or "no calls yet")
@@ -522,13 +534,14 @@ async def _retry(call_id: str, base: str) -> None:
     console.print(f"Call {call_id} queued again at {body['status']}")
 
 
-async def calls_in(session: aiohttp.ClientSession, base: str, status: str) -> list[dict[str, Any]]:
-    """Every call in ``status``, listed page by page (once each: a call that moved while the pages were read can
-    appear twice)."""
+async def calls_in(session: aiohttp.ClientSession, base: str, **query: str) -> list[dict[str, Any]]:
+    """Every call the status API lists for ``query`` (status=failed, metadata=KEY=VALUE), page by page (once each:
+    a call that moved while the pages were read can appear twice)."""
     calls: dict[str, dict[str, Any]] = {}
     offset = 0
     while True:
-        code, body = await get_json(session, f"{base}/v1/calls?status={status}&limit={RETRY_PAGE}&offset={offset}")
+        page = urllib.parse.urlencode({**query, "limit": RETRY_PAGE, "offset": offset})
+        code, body = await get_json(session, f"{base}/v1/calls?{page}")
         if code != 200:
             raise Exit(REFUSED, body.get("detail", f"HTTP {code}"))
         calls.update((c["call_id"], c) for c in body["calls"] if c["call_id"] not in calls)
@@ -537,10 +550,22 @@ async def calls_in(session: aiohttp.ClientSession, base: str, status: str) -> li
         offset += RETRY_PAGE
 
 
+async def each_call(session: aiohttp.ClientSession, method: str, base: str, call_ids: list[str], action: str,
+                    expected: int) -> dict[str, str]:
+    """``method`` on ``/v1/calls/{call_id}{action}`` for each call in turn: those refused, with ingest's reason."""
+    refused: dict[str, str] = {}
+    for call_id in call_ids:
+        async with session.request(method, f"{base}/v1/calls/{call_id}{action}") as resp:
+            if resp.status != expected:
+                body = await resp.json(content_type=None)
+                refused[call_id] = body.get("detail", f"HTTP {resp.status}")
+    return refused
+
+
 async def _retry_failed(stage: str, base: str) -> None:
     """Every failed call (at ``stage``, or "any"): listed first, page by page, then each retried."""
     async with ingest_session(base) as session:
-        chosen = [c["call_id"] for c in await calls_in(session, base, "failed")
+        chosen = [c["call_id"] for c in await calls_in(session, base, status="failed")
                   if stage == "any" or (c.get("error") or {}).get("stage") == stage]
         skipped = []
         for call_id in chosen:
@@ -569,16 +594,11 @@ def reanalyze(
 async def _reanalyze(call_ids: list[str], all_done: bool, base: str) -> None:
     async with ingest_session(base) as session:
         if all_done:
-            call_ids = [c["call_id"] for c in await calls_in(session, base, "done")]
-        refused = []
-        for call_id in call_ids:
-            async with session.post(f"{base}/v1/calls/{call_id}:reanalyze") as resp:
-                if resp.status != 202:
-                    body = await resp.json(content_type=None)
-                    refused.append(f"{call_id} ({body.get('detail', f'HTTP {resp.status}')})")
+            call_ids = [c["call_id"] for c in await calls_in(session, base, status="done")]
+        refused = await each_call(session, "POST", base, call_ids, ":reanalyze", 202)
     console.print(f"{len(call_ids) - len(refused)} call(s) back at analyzing; each reaches the CRM as a new revision")
-    for line in refused:
-        console.print(f"  not analysed again: {line}")
+    for call_id, reason in refused.items():
+        console.print(f"  not analysed again: {call_id} ({reason})")
     if refused and not all_done:
         raise Exit(REFUSED, f"{len(refused)} call(s) could not be analysed again")
 
@@ -607,24 +627,36 @@ async def _set_aside(call_id: str, reason: str, base: str) -> None:
 
 @app.command()
 def erase(
-    call_id: Annotated[str, typer.Argument(help="A done or failed call")],
+    call_id: Annotated[str | None, typer.Argument(help="A done or failed call")] = None,
+    meta: Annotated[str | None, typer.Option(
+        "--meta", help="Instead: every call whose webhook metadata had this value, KEY=VALUE (a caller's number)")] = None,
     yes: Annotated[bool, typer.Option("--yes", help="Do not ask first")] = False,
     url: Annotated[str | None, typer.Option(help="Ingest URL (default: the local mesh)")] = None,
 ) -> None:
-    """Erase a finished call, for a caller who asks that their data be erased: its transcript, analysis and
-    record here and in the CRM outbox, and a failed call's recording. The CRM's own copy is not touched."""
-    if not yes:
-        typer.confirm(f"Erase call {call_id} and everything Callmesh keeps of it?", abort=True)
-    run(_erase(call_id, ingest_url(url)))
+    """Erase finished calls, for a caller who asks that their data be erased: the transcript, analysis and
+    record here and in the CRM outbox, and a failed call's recording. The CRM's own copy is not touched.
+    A caller is known by a number, not by call ids: --meta finds their calls by the recorder's metadata."""
+    if (call_id is None) == (meta is None):
+        raise fail(USAGE, "name one call, or --meta KEY=VALUE for every call of a caller")
+    run(_erase([call_id] if call_id is not None else None, meta_query(meta) if meta else "", yes, ingest_url(url)))
 
 
-async def _erase(call_id: str, base: str) -> None:
+async def _erase(call_ids: list[str] | None, meta: str, yes: bool, base: str) -> None:
     async with ingest_session(base) as session:
-        async with session.delete(f"{base}/v1/calls/{call_id}") as resp:
-            if resp.status != 204:
-                body = await resp.json(content_type=None)
-                raise Exit(REFUSED, body.get("detail", f"HTTP {resp.status}"))
-    console.print(f"Call {call_id} is erased from Callmesh (the CRM keeps its own copy)")
+        if call_ids is None:
+            call_ids = [c["call_id"] for c in await calls_in(session, base, metadata=meta)]
+            if not call_ids:
+                console.print(f"No call has {meta} in its metadata: nothing to erase")
+                return
+        what = f"call {call_ids[0]}" if len(call_ids) == 1 else f"{len(call_ids)} calls ({', '.join(call_ids)})"
+        if not yes and not typer.confirm(f"Erase {what} and everything Callmesh keeps of them?"):
+            raise Exit(USAGE, "nothing erased")
+        refused = await each_call(session, "DELETE", base, call_ids, "", 204)
+    for call_id in call_ids:
+        if call_id not in refused:
+            console.print(f"Call {call_id} is erased from Callmesh (the CRM keeps its own copy)")
+    if refused:
+        raise Exit(REFUSED, "not erased: " + "; ".join(f"{call_id}: {reason}" for call_id, reason in refused.items()))
 
 
 # -- callmesh backup ---------------------------------------------------------------------------

@@ -3,7 +3,8 @@
 A done call stays in ingest's job store, and its record in crm's outbox, for CALL_RETENTION_DAYS;
 a failed call stays until it is retried. A caller who asks that their data be erased gets it erased
 at once: `DELETE /v1/calls/{id}` (or `callmesh erase`) takes the call out of both, with a failed
-call's recording; the crm service's DeleteDelivery does its part. Real ingest and crm services on
+call's recording; the crm service's DeleteDelivery does its part. A caller is known by a number, so
+their calls are found by the recorder's metadata (`?metadata=KEY=VALUE`, `callmesh erase --meta`). Real ingest and crm services on
 127.0.0.1, the stand-in CRM receiver behind them.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
 from pathlib import Path
 
 import aiohttp
@@ -19,11 +21,11 @@ import pytest
 
 from callcenter.v1 import crm_pb2
 from callmesh.standins import CrmReceiver
-from services.ingest.store import DONE, DOWNLOADING, FAILED, TRANSCRIBING
+from services.ingest.store import DONE, DOWNLOADING, FAILED, TRANSCRIBING, JobOptions
 from tests.cli_mesh import CALLMESH, ROOT
 from tests.crm_harness import (
     analysed_call, call_held_up_at_the_crm, crm_posting, crm_service, record, wait_delivery, wait_state)
-from tests.ingest_harness import running_ingest, stored_call, wait_for_state
+from tests.ingest_harness import Ingest, running_ingest, stored_call, wait_for_state
 
 
 async def status_code(url: str, call_id: str) -> int:
@@ -176,3 +178,45 @@ async def test_the_command_line_erases_a_call(tmp_path: Path, receiver: CrmRecei
             assert cli.returncode == 0, err.decode()
             assert "c-cli is erased" in out.decode()
             assert await ingest.store.get("c-cli") is None
+
+
+async def test_every_call_of_a_caller_is_erased_by_the_number_the_recorder_gave(
+        tmp_path: Path, receiver: CrmReceiver) -> None:
+    """A caller asks that their data be erased; they are known by their number, not by call ids."""
+    theirs = JobOptions(metadata={"ani": "+34 600 123 456"}).to_json()
+    for call_id, state, options in (("mine-1", DONE, theirs), ("mine-2", FAILED, theirs),
+                                    ("someone-else", DONE, JobOptions(metadata={"ani": "+34 600 999 999"}).to_json())):
+        await stored_call(tmp_path, call_id, state, options=options)
+    async with crm_service(tmp_path / "o.db", receiver) as crm:
+        async with running_ingest(tmp_path, crm_addr=crm.server.address) as ingest:
+            async with aiohttp.ClientSession() as session:
+                async with session.get(f"{ingest.url}/v1/calls", params={"metadata": "ani=+34 600 123 456"}) as resp:
+                    listed = [c["call_id"] for c in (await resp.json())["calls"]]
+            assert sorted(listed) == ["mine-1", "mine-2"]
+            cli = await asyncio.create_subprocess_exec(
+                *CALLMESH, "erase", "--meta", "ani=+34 600 123 456", "--yes", "--url", ingest.url, cwd=ROOT,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                env={**os.environ, "COLUMNS": "300", "NO_COLOR": "1"})
+            out, err = await asyncio.wait_for(cli.communicate(), 60)
+            assert cli.returncode == 0, err.decode()
+            assert "mine-1 is erased" in out.decode() and "mine-2 is erased" in out.decode()
+            assert [await ingest.store.get(c) is None for c in ("mine-1", "mine-2", "someone-else")] == [
+                True, True, False]
+
+
+@pytest.mark.parametrize("query", ["ani", "=+34", "bad key=1", "ani=" + "9" * 1025])
+async def test_a_metadata_filter_that_is_not_key_equals_value_is_refused(ingest: Ingest, query: str) -> None:
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{ingest.url}/v1/calls", params={"metadata": query}) as resp:
+            assert resp.status == 400 and "KEY=VALUE" in (await resp.json(content_type=None))["detail"]
+
+
+@pytest.mark.parametrize(("args", "reason"), [
+    (["erase"], "--meta KEY=VALUE"), (["erase", "c-1", "--meta", "ani=1"], "--meta KEY=VALUE"),
+    (["erase", "--meta", "ani"], "use --meta KEY=VALUE"), (["calls", "--meta", "ani"], "use --meta KEY=VALUE"),
+])
+def test_the_command_line_needs_one_call_or_a_metadata_value(tmp_path: Path, args: list[str], reason: str) -> None:
+    result = subprocess.run([*CALLMESH, *args, "--url", "http://127.0.0.1:9"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=60, env={**os.environ, "CALLMESH_DATA_DIR": str(tmp_path),
+                                                        "COLUMNS": "300", "NO_COLOR": "1"})
+    assert result.returncode == 2 and reason in result.stderr, result.stderr

@@ -194,3 +194,17 @@ async def test_the_job_store_and_the_outbox_keep_their_own_versions_in_one_datab
     await outbox.close()
     rows = await store.db.fetchall("SELECT store, version FROM callmesh_schema ORDER BY store")
     assert [(r["store"], r["version"]) for r in rows] == [("crm.outbox", 1), ("ingest.jobs", 1)]
+
+
+async def test_calls_are_found_by_a_value_of_the_recorders_metadata(store: JobStore) -> None:
+    callers = {"c-1": "+34 600 123 456", "c-2": "+34 600 999 999", "c-3": "+34 600 123 456"}
+    for call_id, number in callers.items():
+        await store.create(call_id, "http://127.0.0.1:9/a.wav", JobOptions(metadata={"customer.number": number}),
+                           {}, "")
+    await store.create("c-4", "http://127.0.0.1:9/a.wav", JobOptions(), {}, "")  # no metadata at all
+    await store.update("c-3", None, state=DONE)
+    found = await store.list(metadata=("customer.number", "+34 600 123 456"))
+    assert [j.call_id for j in found] == ["c-3", "c-1"]  # newest first
+    assert [j.call_id for j in await store.list(DONE, metadata=("customer.number", "+34 600 123 456"))] == ["c-3"]
+    assert await store.list(metadata=("customer.number", "+34 600")) == []  # the whole value, not a part
+    assert await store.list(metadata=("agent", "+34 600 123 456")) == []

@@ -135,6 +135,19 @@ async def test_a_done_call_analysed_again_reaches_the_crm_as_its_next_revision(
     assert "Me han cobrado" in sent.body["transcript"]
 
 
+async def test_the_command_line_analyses_every_done_call_again(
+        mesh_for_reanalysis: tuple[Ingest, FakeOllama], receiver: CrmReceiver) -> None:
+    ingest, _ = mesh_for_reanalysis
+    cli = await asyncio.create_subprocess_exec(
+        *CALLMESH, "reanalyze", "--all-done", "--url", ingest.url, cwd=ROOT, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE, env={**os.environ, "COLUMNS": "300", "NO_COLOR": "1"})
+    out, err = await asyncio.wait_for(cli.communicate(), 60)
+    assert cli.returncode == 0, err.decode()
+    assert "1 call(s) back at analyzing" in out.decode()
+    await wait_for(ingest.url, "done-1", lambda s: len(receiver.for_call("done-1")) == 2)
+    assert receiver.for_call("done-1")[-1].body["revision"] == 2
+
+
 @pytest.mark.parametrize(("state", "fields", "reason"), [
     ("delivering", {}, "only a done call"), (FAILED, {"error_stage": "analyzing"}, ":retry"),
     (DONE, {"transcript": None}, "no transcript"),

@@ -102,6 +102,10 @@ class AsyncPostgres:
                                     kwargs={"autocommit": True, "row_factory": _row_factory},
                                     timeout=CONNECTION_WAIT_SECONDS)
 
+    def json_text(self, column: str, *keys: str) -> tuple[str, tuple[Any, ...]]:
+        """SQL (and its parameters) for the text at ``keys`` in the JSON object of ``column``."""
+        return f"({column}::jsonb #>> ?::text[])", (list(keys),)
+
     def next_seq(self, table: str) -> str:
         """SQL giving the next arrival number of ``table`` (a sequence: safe with several writers)."""
         return f"SELECT nextval('{table}_arrival')"

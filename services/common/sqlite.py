@@ -42,6 +42,10 @@ class AsyncSqlite:
         """SQL giving the next arrival number of ``table`` (one writer: the largest plus one)."""
         return f"SELECT COALESCE(MAX(seq), 0) + 1 FROM {table}"
 
+    def json_text(self, column: str, *keys: str) -> tuple[str, tuple[Any, ...]]:
+        """SQL (and its parameters) for the text at ``keys`` in the JSON object of ``column``."""
+        return f"json_extract({column}, ?)", ("$" + "".join(f'."{key}"' for key in keys),)
+
     def _open(self) -> None:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
         conn.row_factory = sqlite3.Row

@@ -59,6 +59,7 @@ LANGUAGE_RE = re.compile(r"([a-z]{2,3})(?:[-_][a-z0-9]{1,8})*")
 METADATA_KEY_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 MAX_METADATA_ENTRIES = 32
 MAX_METADATA_VALUE = 1024
+METADATA_QUERY_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}=.{0,1024}")  # ?metadata=KEY=VALUE
 STORE = web.AppKey("store", JobStore)
 WORKER = web.AppKey("worker", PipelineWorker)
 POLICY = web.AppKey("policy", UrlPolicy)
@@ -404,7 +405,14 @@ async def list_calls(request: web.Request) -> web.Response:
         return problem(400, "Bad Request", "limit and offset must be integers")
     if not 1 <= limit <= MAX_PAGE or not 0 <= offset <= MAX_OFFSET:
         return problem(400, "Bad Request", f"limit must be 1 to {MAX_PAGE} and offset 0 to {MAX_OFFSET}")
-    jobs = await request.app[STORE].list(status, limit, offset)
+    metadata = None
+    if (wanted := request.query.get("metadata")) is not None:
+        if not METADATA_QUERY_RE.fullmatch(wanted):
+            return problem(400, "Bad Request", "metadata must be KEY=VALUE: a key of the webhook's metadata and the "
+                           f"value it had (up to {MAX_METADATA_VALUE} characters)")
+        key, _, value = wanted.partition("=")
+        metadata = (key, value)
+    jobs = await request.app[STORE].list(status, limit, offset, metadata)
     base = _base_url(request)
     return web.json_response({"calls": [job_view(j, base) for j in jobs], "counts": await request.app[STORE].counts()})
 

@@ -212,6 +212,10 @@ def _document() -> dict[str, Any]:
                          "description": "Page size (default 100)"},
                         {"name": "offset", "in": "query", "schema": {"type": "integer", "minimum": 0, "maximum": 2**31 - 1},
                          "description": "Calls to skip"},
+                        {"name": "metadata", "in": "query",
+                         "schema": {"type": "string", "pattern": "^[A-Za-z0-9_.-]{1,64}=.{0,1024}$"},
+                         "description": "KEY=VALUE: only calls whose webhook metadata had that value (a customer's "
+                                        "number, for an erasure request)"},
                     ],
                     "responses": {"200": _json("A page of calls and the count per state", "CallList"),
                                   "400": _problem("A query parameter is invalid"), "401": _UNAUTHORIZED},

@@ -253,12 +253,22 @@ class JobStore:
         row = await self.db.fetchone("SELECT * FROM jobs WHERE call_id = ?", (call_id,))
         return Job.from_row(row) if row else None
 
-    async def list(self, state: str | None = None, limit: int = 100, offset: int = 0) -> list[Job]:
+    async def list(self, state: str | None = None, limit: int = 100, offset: int = 0,
+                   metadata: tuple[str, str] | None = None) -> list[Job]:
+        """Calls newest first: those in ``state``, and those whose recorder's ``metadata`` (key, value) has that
+        value (a customer's number, for an erasure request; read row by row: no index serves it)."""
+        where: list[str] = []
+        params: list[Any] = []
         if state:
-            rows = await self.db.fetchall("SELECT * FROM jobs WHERE state = ? ORDER BY seq DESC LIMIT ? OFFSET ?",
-                                          (state, limit, offset))
-        else:
-            rows = await self.db.fetchall("SELECT * FROM jobs ORDER BY seq DESC LIMIT ? OFFSET ?", (limit, offset))
+            where.append("state = ?")
+            params.append(state)
+        if metadata is not None:
+            field, field_params = self.db.json_text("options", "metadata", metadata[0])
+            where.append(f"{field} = ?")
+            params += [*field_params, metadata[1]]
+        condition = f"WHERE {' AND '.join(where)} " if where else ""
+        rows = await self.db.fetchall(f"SELECT * FROM jobs {condition}ORDER BY seq DESC LIMIT ? OFFSET ?",
+                                      (*params, limit, offset))
         return [Job.from_row(r) for r in rows]
 
     async def recordings_in_use(self) -> set[str]:
