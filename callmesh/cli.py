@@ -437,7 +437,7 @@ def crm_progress(call: dict[str, Any]) -> str | None:
 
 async def _status(call_id: str | None, base: str, as_json: bool) -> None:
     if call_id is None:
-        await _calls(None, base, 20, as_json)
+        await _calls({"limit": "20"}, base, as_json)
         return
     body = await read_api(base, f"/v1/calls/{call_id}", as_json)
     if body is None:
