@@ -47,6 +47,12 @@ _meter.create_observable_counter(
     callbacks=[lambda _: [Observation(n, {"outcome": outcome}) for outcome, n in attempt_outcomes.items()]])
 
 
+def _count(span: trace.Span, outcome: str) -> None:
+    """One POST's outcome, on its span and in callmesh_crm_delivery_attempts_total."""
+    span.set_attribute("crm.outcome", outcome)
+    attempt_outcomes[outcome] += 1
+
+
 def plaintext_warning(crm_url: str, token: str, headers: bool = False) -> str | None:
     """What to warn about when records (transcripts, personal data) and the token or ``headers`` (CRM_HEADERS, often
     an API key) would cross the network unencrypted: ``CRM_URL`` over plain http to a host that is not this machine."""
@@ -165,13 +171,13 @@ class DeliveryWorker:
 
     async def _post(self, row: DeliveryRow) -> bool:
         assert self._session is not None
-        body = json.dumps(row.payload).encode()
+        data = json.dumps(row.payload).encode()
         headers = {**dict(self.settings.crm_headers), "Idempotency-Key": row.idempotency_key,
                    "Content-Type": "application/json"}
         if self.settings.crm_token:
             headers["Authorization"] = f"Bearer {self.settings.crm_token}"
         if self._signer is not None:  # the record's key is the message id; each attempt is signed when it is sent
-            headers.update(signature_headers(self._signer, row.idempotency_key, body, time.time()))
+            headers.update(signature_headers(self._signer, row.idempotency_key, data, time.time()))
         with call_context(row.call_id), _tracer.start_as_current_span(
             "crm.post", context=context_from(row.trace_context), kind=trace.SpanKind.INTERNAL,
             attributes={"callmesh.call_id": row.call_id, "crm.attempt": row.attempts + 1},
@@ -180,50 +186,39 @@ class DeliveryWorker:
                 # Never followed: a client that follows a 301 or 302 sends a GET in the POST's place, and the
                 # page it lands on answering 200 would count as the CRM taking a record it never got (and the
                 # token would go wherever the redirect points).
-                async with self._session.post(self.settings.crm_url, data=body, headers=headers,
+                async with self._session.post(self.settings.crm_url, data=data, headers=headers,
                                               allow_redirects=False) as resp:
                     body = (await resp.text())[:300]
                     status = resp.status
                     location = resp.headers.get("Location", "")
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-                await self._retry(row, untrusted_certificate(exc, "the CRM")
-                                  or f"CRM unreachable: {type(exc).__name__}: {exc}".strip())
-                span.set_attribute("crm.outcome", "retry")
-                attempt_outcomes["retry"] += 1
-                return False
+                return await self._retry(row, span, untrusted_certificate(exc, "the CRM")
+                                         or f"CRM unreachable: {type(exc).__name__}: {exc}".strip())
             span.set_attribute("http.response.status_code", status)
             if 200 <= status < 300 or status == 409:
                 await self.outbox.mark_delivered(row.call_id)
-                span.set_attribute("crm.outcome", "delivered")
-                attempt_outcomes["delivered"] += 1
+                _count(span, "delivered")
                 log.info("delivered to the CRM (HTTP %d) after %d attempt(s)", status, row.attempts + 1)
             elif 300 <= status < 400:  # CRM_URL is out of date: the record waits, as for a CRM that is down
                 where = shown_url(location) if location else "nowhere"
-                await self._retry(row, f"CRM answered HTTP {status}, a redirect to {where}: the record was not "
-                                  "delivered; set CRM_URL to the address the CRM takes records at")
-                span.set_attribute("crm.outcome", "retry")
-                attempt_outcomes["retry"] += 1
-                return False
+                return await self._retry(row, span, f"CRM answered HTTP {status}, a redirect to {where}: the record "
+                                         "was not delivered; set CRM_URL to the address the CRM takes records at")
             elif status == 401:  # who we are, not the record: every record would be refused alike
-                await self._retry(row, f"CRM answered HTTP 401, refusing Callmesh's credentials: {body}; the "
-                                  "records wait until CRM_TOKEN, CRM_HEADERS or CRM_SIGNING_SECRET match what the "
-                                  "CRM expects")
-                span.set_attribute("crm.outcome", "unauthorized")
-                attempt_outcomes["unauthorized"] += 1
-                return False
+                return await self._retry(row, span, f"CRM answered HTTP 401, refusing Callmesh's credentials: "
+                                         f"{body}; the records wait until CRM_TOKEN, CRM_HEADERS or CRM_SIGNING_SECRET "
+                                         "match what the CRM expects", outcome="unauthorized")
             elif status >= 500 or status in RETRYABLE_STATUS:
-                await self._retry(row, f"CRM answered HTTP {status}: {body}")
-                span.set_attribute("crm.outcome", "retry")
-                attempt_outcomes["retry"] += 1
-                return False
+                return await self._retry(row, span, f"CRM answered HTTP {status}: {body}")
             else:
                 await self.outbox.mark_failed(row.call_id, f"CRM refused the record: HTTP {status}: {body}")
-                span.set_attribute("crm.outcome", "failed")
-                attempt_outcomes["failed"] += 1
+                _count(span, "failed")
                 log.error("the CRM refused the record permanently: HTTP %d", status)
             return True
 
-    async def _retry(self, row: DeliveryRow, error: str) -> None:
+    async def _retry(self, row: DeliveryRow, span: trace.Span, error: str, outcome: str = "retry") -> bool:
+        """Keep the record queued for its next attempt, saying why; False: it is to be retried."""
         delay = backoff_delay(row.attempts, self.settings.backoff_initial, self.settings.backoff_max)
         await self.outbox.mark_retry(row.call_id, error, time.time() + delay)
         log.warning("delivery attempt %d failed (%s); next try in %.1f s", row.attempts + 1, error, delay)
+        _count(span, outcome)
+        return False
