@@ -59,7 +59,7 @@ LANGUAGE_RE = re.compile(r"([a-z]{2,3})(?:[-_][a-z0-9]{1,8})*")
 METADATA_KEY_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 MAX_METADATA_ENTRIES = 32
 MAX_METADATA_VALUE = 1024
-METADATA_QUERY_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}=.{0,1024}")  # ?metadata=KEY=VALUE
+METADATA_QUERY_RE = re.compile(rf"{METADATA_KEY_RE.pattern}=.{{0,{MAX_METADATA_VALUE}}}")  # ?metadata=KEY=VALUE
 STORE = web.AppKey("store", JobStore)
 WORKER = web.AppKey("worker", PipelineWorker)
 POLICY = web.AppKey("policy", UrlPolicy)
