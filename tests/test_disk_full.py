@@ -256,7 +256,9 @@ async def test_a_recording_that_would_cross_the_reserve_is_not_kept(
         waiting = await wait_for(ingest.url, path, lambda s: s["error"] is not None)
         assert waiting["status"] == "downloading"
         assert refusal in waiting["error"]["message"]
-        assert recordings(tmp_path) == []  # nothing written, or the partial file deleted
+    # Once ingest has stopped (a retry may be streaming its own partial file until then): nothing written, or
+    # every attempt's partial file deleted.
+    assert recordings(tmp_path) == []
 
 
 async def test_a_download_waits_while_the_recordings_take_what_recording_dir_max_bytes_allows(
@@ -289,7 +291,7 @@ async def test_a_streamed_recording_that_goes_past_recording_dir_max_bytes_is_st
         waiting = await wait_for(ingest.url, "past-cap", lambda s: s["error"] is not None)
         assert waiting["status"] == "downloading"
         assert "the recordings in RECORDING_DIR would take more than" in waiting["error"]["message"]
-        assert recordings(tmp_path) == []
+    assert recordings(tmp_path) == []  # once ingest has stopped: no attempt left its partial file
 
 
 def test_a_disk_that_fills_while_a_recording_is_written_makes_the_call_wait() -> None:
