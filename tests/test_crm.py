@@ -89,6 +89,22 @@ async def test_the_crm_can_check_each_record_came_from_callmesh_by_its_signature
     assert receiver.for_call("signed-1")[0].idempotency_key == queued.delivery.idempotency_key
 
 
+async def test_records_a_crm_forbids_our_credentials_to_post_wait_until_it_allows_them(
+        tmp_path: Path, receiver: CrmReceiver) -> None:
+    receiver.fail_with = 403  # the key is known, but its scope no longer lets it write records
+    async with crm_service(tmp_path / "o.db", receiver) as crm:
+        await crm.stub.Deliver(crm_pb2.DeliverRequest(record=record("scoped-1")))
+        await crm.stub.Deliver(crm_pb2.DeliverRequest(record=record("scoped-2")))
+        waiting = await wait_delivery(crm.stub, "scoped-1", lambda d: d.attempts >= 3, timeout=10)
+        assert waiting.state == crm_pb2.DELIVERY_STATE_QUEUED
+        assert "HTTP 403" in waiting.last_error and "allows to post records" in waiting.last_error
+        behind = await crm.stub.GetDelivery(crm_pb2.GetDeliveryRequest(call_id="scoped-2"))
+        assert behind.delivery.state == crm_pb2.DELIVERY_STATE_QUEUED  # in order, behind it: not failed either
+        receiver.fail_with = None  # the scope is granted
+        await wait_state(crm.stub, "scoped-2", crm_pb2.DELIVERY_STATE_DELIVERED)
+    assert [r.body["call_id"] for r in receiver.records] == ["scoped-1", "scoped-2"]
+
+
 async def test_a_record_signed_with_another_secret_is_refused_by_the_crm_and_waits(
         tmp_path: Path, receiver: CrmReceiver) -> None:
     receiver.signing_secret = new_webhook_secret()

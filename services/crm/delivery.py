@@ -3,10 +3,10 @@
 2xx means delivered (409 too: the CRM already has that Idempotency-Key).
 Connection errors, timeouts, 408, 425, 429 and 5xx are retried with exponential
 backoff and jitter, capped, with no limit on attempts: a CRM that is down
-for a day gets its records the day after. So is a 401: the CRM refuses our
-credentials, not the record, and would refuse every record alike. Any other 4xx
-is a permanent refusal of that record: the delivery is marked failed with the
-CRM's answer.
+for a day gets its records the day after. So are a 401 and a 403: the CRM refuses
+our credentials (or their right to post records), not the record, and would refuse
+every record alike. Any other 4xx is a permanent refusal of that record: the
+delivery is marked failed with the CRM's answer.
 """
 
 from __future__ import annotations
@@ -42,8 +42,8 @@ _meter = meter(__name__)
 # Counted in a plain dict and read at each scrape, as ingest counts its webhooks.
 attempt_outcomes: collections.Counter[str] = collections.Counter()
 _meter.create_observable_counter(
-    "callmesh.crm.delivery_attempts", description="POSTs to the CRM (outcome: delivered, retry, unauthorized (a 401: "
-    "the CRM refuses our credentials; the record waits), failed)",
+    "callmesh.crm.delivery_attempts", description="POSTs to the CRM (outcome: delivered, retry, unauthorized (a 401 "
+    "or 403: the CRM refuses our credentials; the record waits), failed)",
     callbacks=[lambda _: [Observation(n, {"outcome": outcome}) for outcome, n in attempt_outcomes.items()]])
 
 
@@ -203,10 +203,13 @@ class DeliveryWorker:
                 where = shown_url(location) if location else "nowhere"
                 return await self._retry(row, span, f"CRM answered HTTP {status}, a redirect to {where}: the record "
                                          "was not delivered; set CRM_URL to the address the CRM takes records at")
-            elif status == 401:  # who we are, not the record: every record would be refused alike
-                return await self._retry(row, span, f"CRM answered HTTP 401, refusing Callmesh's credentials: "
-                                         f"{body}; the records wait until CRM_TOKEN, CRM_HEADERS or CRM_SIGNING_SECRET "
-                                         "match what the CRM expects", outcome="unauthorized")
+            elif status in (401, 403):  # who we are, not the record: every record would be refused alike
+                refused, wanted = (("Callmesh's credentials", "match what the CRM expects") if status == 401 else
+                                   ("Callmesh's credentials the right to post records", "name a credential the CRM "
+                                    "allows to post records"))
+                return await self._retry(row, span, f"CRM answered HTTP {status}, refusing {refused}: {body}; the "
+                                         f"records wait until CRM_TOKEN, CRM_HEADERS or CRM_SIGNING_SECRET {wanted}",
+                                         outcome="unauthorized")
             elif status >= 500 or status in RETRYABLE_STATUS:
                 return await self._retry(row, span, f"CRM answered HTTP {status}: {body}")
             else:
