@@ -126,13 +126,20 @@ def test_a_crm_signing_secret_that_is_not_whsec_base64_is_refused_at_start(
 @pytest.mark.parametrize(("value", "reason"), [
     ("X-Api-Key", "is not Name=value"), ("Bad Name=1", "is not Name=value"),
     ("Idempotency-Key=mine", "set by the delivery itself"), ("content-type=text/plain", "set by the delivery itself"),
-    ("X-Api-Key=a\tb", "control character"),
+    ("X-Api-Key=a\tb", "control character"), ("webhook-signature=v1,forged", "set by the delivery itself"),
+    ('{"X-Api-Key": "a", ', "not a JSON object"), ('{"X-Api-Key": 5}', "not a JSON object"),
+    ('{"Idempotency-Key": "mine"}', "set by the delivery itself"),
 ])
 def test_crm_headers_that_would_break_the_post_are_refused_at_start(
         monkeypatch: pytest.MonkeyPatch, value: str, reason: str) -> None:
     monkeypatch.setenv("CRM_HEADERS", value)
     with pytest.raises(ConfigError, match=reason):
         crm_headers()
+
+
+def test_crm_headers_as_a_json_object_carry_values_with_commas(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CRM_HEADERS", '{"X-Api-Key": "key-1", "X-Scopes": "calls.write, calls.read"}')
+    assert crm_headers() == (("X-Api-Key", "key-1"), ("X-Scopes", "calls.write, calls.read"))
 
 
 def test_crm_token_and_an_authorization_header_in_crm_headers_are_not_both_taken(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,19 +63,31 @@ class CrmSettings:
 
 
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # a token (RFC 9110)
-# Set by the delivery itself: the record's JSON, its key for the CRM's deduplication, and the connection's own.
-_OURS = {"content-type", "content-length", "idempotency-key", "host", "transfer-encoding", "connection"}
+# Set by the delivery itself: the record's JSON, its key for the CRM's deduplication, its signature
+# (CRM_SIGNING_SECRET), and the connection's own.
+_OURS = {"content-type", "content-length", "idempotency-key", "host", "transfer-encoding", "connection",
+         "webhook-id", "webhook-timestamp", "webhook-signature"}
 
 
 def crm_headers() -> tuple[tuple[str, str], ...]:
     """``CRM_HEADERS``: ``Name=value`` pairs, comma-separated, sent with every POST to the CRM (an API key header,
-    a tenant, ``Authorization=Basic …`` for a CRM that does not take a bearer token)."""
+    a tenant, ``Authorization=Basic …`` for a CRM that does not take a bearer token); or, for a value that holds a
+    comma, a JSON object of names to values."""
+    raw = env_str("CRM_HEADERS", "").strip()
+    if raw.startswith("{"):
+        try:
+            given = json.loads(raw)
+        except ValueError as exc:
+            raise ConfigError(f"CRM_HEADERS: not a JSON object of header names to values: {exc}") from None
+        if not isinstance(given, dict) or not all(isinstance(v, str) for v in given.values()):
+            raise ConfigError("CRM_HEADERS: not a JSON object of header names to values (strings)")
+        pairs = [(name.strip(), "=", value.strip()) for name, value in given.items()]
+    else:
+        pairs = [tuple(part.strip() for part in item.partition("=")) for item in env_list("CRM_HEADERS")]
     headers = []
-    for item in env_list("CRM_HEADERS"):
-        name, equals, value = item.partition("=")
-        name, value = name.strip(), value.strip()
+    for name, equals, value in pairs:
         if not equals or not _HEADER_NAME.fullmatch(name):
-            raise ConfigError(f"CRM_HEADERS: {name or item!r} is not Name=value with a header name "
+            raise ConfigError(f"CRM_HEADERS: {name!r} is not Name=value with a header name "
                               "(letters, digits and -)")
         if name.lower() in _OURS:
             raise ConfigError(f"CRM_HEADERS: {name} is set by the delivery itself")
