@@ -8,11 +8,13 @@ $CALLMESH_TEST_ARTIFACTS) for people to look at.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from urllib.parse import unquote
 
 import aiohttp
 import pytest
@@ -21,6 +23,8 @@ import pytest_asyncio
 from playwright.async_api import Browser, Page, async_playwright, expect
 
 from services.common.lifecycle import start_site
+from services.ingest.store import JobOptions
+from services.ingest.web import PAGE_ROWS, POLL_MS
 from tests.cli_mesh import ROOT, UpMesh
 from callmesh.standins import CrmReceiver
 from tests.ingest_harness import Ingest, post, running_ingest
@@ -203,6 +207,62 @@ async def test_call_list_follows_a_worker_taking_up_a_call(page: Page, ingest: I
     assert [job.call_id for job in await ingest.store.claim("test-worker", 1, 60)] == ["queue-1"]
     await expect(page.locator("tr[data-call='queue-1'] .activity")).to_have_text("in progress", timeout=10_000)
     await expect(page.locator("tr[data-call='queue-2'] .activity")).to_have_text("waiting for a free worker")
+
+
+async def queued(ingest: Ingest, *calls: tuple[str, dict[str, str] | None]) -> None:
+    """Calls taken by the webhook (with the recorder's ``metadata``) that no worker takes up."""
+    await ingest.worker.stop(1)
+    for call_id, metadata in calls:
+        body = {"call_id": call_id, "recording_url": "http://127.0.0.1:9/a.wav", "metadata": metadata}
+        status, _ = await post(ingest.url, json.dumps({k: v for k, v in body.items() if v is not None}))
+        assert status == 202
+
+
+async def test_a_call_is_found_by_its_id_from_the_list(page: Page, ingest: Ingest) -> None:
+    await queued(ingest, ("a84b4c76e66710@pc33.example", None), ("other-1", None))
+    await page.goto(ingest.url + "/")
+    await page.fill("input[name=find]", " a84b4c76e66710@pc33.example ")  # pasted with the spaces around it
+    await page.click(".find button[type=submit]")
+    await expect(page.locator("h1")).to_contain_text("a84b4c76e66710@pc33.example")
+    assert unquote(page.url) == f"{ingest.url}/calls/a84b4c76e66710@pc33.example"
+
+
+async def test_a_call_id_that_is_not_there_is_said_so_on_the_list(page: Page, ingest: Ingest) -> None:
+    await queued(ingest, ("other-1", None))
+    await page.goto(ingest.url + "/?find=erased-7")
+    await expect(page.locator("#not-found")).to_contain_text("There is no call erased-7")
+    await expect(page.locator("input[name=find]")).to_have_value("erased-7")
+
+
+async def test_calls_are_found_by_a_field_of_the_recorders_metadata(page: Page, ingest: Ingest) -> None:
+    await queued(ingest, ("ani-1", {"ani": "+34600123456", "queue": "billing"}), ("ani-2", {"ani": "+34600999999"}),
+                 ("ani-3", {"ani": "+34600123456"}), ("ani-4", None))
+    await page.goto(ingest.url + "/")
+    await page.fill("input[name=find]", "ani=+34600123456")
+    await page.click(".find button[type=submit]")
+    rows = page.locator("tr[data-call]")
+    await expect(rows).to_have_count(2)
+    assert await rows.evaluate_all("rows => rows.map(r => r.dataset.call)") == ["ani-3", "ani-1"]  # newest first
+    # The live update asks the status API for the same calls: the page is not reloaded while none changes.
+    await page.evaluate("window.unchanged = true")
+    await page.wait_for_timeout(POLL_MS * 2)
+    assert await page.evaluate("window.unchanged === true")
+
+
+async def test_the_list_shows_older_calls_page_by_page(page: Page, ingest: Ingest) -> None:
+    await ingest.worker.stop(1)
+    for n in range(PAGE_ROWS + 3):
+        await ingest.store.create(f"page-{n:03d}", "http://127.0.0.1:9/a.wav", JobOptions(), {}, "0" * 32)
+    await page.goto(ingest.url + "/")
+    await expect(page.locator("tr[data-call]")).to_have_count(PAGE_ROWS)
+    await expect(page.locator("tr[data-call]").first).to_have_attribute("data-call", f"page-{PAGE_ROWS + 2:03d}")
+    await expect(page.locator("#newer")).to_have_count(0)
+    await page.click("#older")
+    assert await page.locator("tr[data-call]").evaluate_all("rows => rows.map(r => r.dataset.call)") == [
+        "page-002", "page-001", "page-000"]
+    await expect(page.locator("#older")).to_have_count(0)
+    await page.click("#newer")
+    await expect(page.locator("tr[data-call]")).to_have_count(PAGE_ROWS)
 
 
 async def test_the_page_of_a_call_that_is_not_there_says_so_with_a_404(page: Page, ingest: Ingest) -> None:

@@ -35,7 +35,10 @@ from services.ingest.config import DownloadSettings
 from services.ingest.openapi import openapi_document
 from services.ingest.pipeline import PipelineWorker
 from services.ingest.signatures import SignatureRejected, WebhookVerifier
-from services.ingest.store import ANALYZING, DELIVERING, DONE, FAILED, STATES, Job, JobOptions, JobStore
+from services.ingest.store import (
+    ANALYZING, DELIVERING, DONE, FAILED, MAX_METADATA_ENTRIES, MAX_METADATA_VALUE, METADATA_KEY_RE, STATES, Job,
+    JobOptions, JobStore, metadata_query,
+)
 from services.ingest.urlpolicy import UrlPolicy, UrlRejected
 from services.ingest.web import WebPages, authorized
 
@@ -56,10 +59,6 @@ MAX_PAGE = 500
 MAX_OFFSET = 2**31 - 1
 # An ISO 639 code, or a locale (BCP 47: es-MX, pt_BR, zh-Hant-TW) whose language is taken: Whisper has no regions.
 LANGUAGE_RE = re.compile(r"([a-z]{2,3})(?:[-_][a-z0-9]{1,8})*")
-METADATA_KEY_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
-MAX_METADATA_ENTRIES = 32
-MAX_METADATA_VALUE = 1024
-METADATA_QUERY_RE = re.compile(rf"{METADATA_KEY_RE.pattern}=.{{0,{MAX_METADATA_VALUE}}}")  # ?metadata=KEY=VALUE
 STORE = web.AppKey("store", JobStore)
 WORKER = web.AppKey("worker", PipelineWorker)
 POLICY = web.AppKey("policy", UrlPolicy)
@@ -406,12 +405,9 @@ async def list_calls(request: web.Request) -> web.Response:
     if not 1 <= limit <= MAX_PAGE or not 0 <= offset <= MAX_OFFSET:
         return problem(400, "Bad Request", f"limit must be 1 to {MAX_PAGE} and offset 0 to {MAX_OFFSET}")
     metadata = None
-    if (wanted := request.query.get("metadata")) is not None:
-        if not METADATA_QUERY_RE.fullmatch(wanted):
-            return problem(400, "Bad Request", "metadata must be KEY=VALUE: a key of the webhook's metadata and the "
-                           f"value it had (up to {MAX_METADATA_VALUE} characters)")
-        key, _, value = wanted.partition("=")
-        metadata = (key, value)
+    if (wanted := request.query.get("metadata")) is not None and (metadata := metadata_query(wanted)) is None:
+        return problem(400, "Bad Request", "metadata must be KEY=VALUE: a key of the webhook's metadata and the "
+                       f"value it had (up to {MAX_METADATA_VALUE} characters)")
     jobs = await request.app[STORE].list(status, limit, offset, metadata)
     base = _base_url(request)
     return web.json_response({"calls": [job_view(j, base) for j in jobs], "counts": await request.app[STORE].counts()})

@@ -10,6 +10,7 @@ claimed again by whichever replica comes first.
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,20 @@ RECEIVED, DOWNLOADING, TRANSCRIBING, ANALYZING, DELIVERING, DONE, FAILED = (
     "received", "downloading", "transcribing", "analyzing", "delivering", "done", "failed")
 STATES = (RECEIVED, DOWNLOADING, TRANSCRIBING, ANALYZING, DELIVERING, DONE, FAILED)
 ACTIVE_STATES = (RECEIVED, DOWNLOADING, TRANSCRIBING, ANALYZING, DELIVERING)
+# The recorder's own fields about a call (the webhook's ``metadata``), kept with it and found by one of them.
+METADATA_KEY_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+MAX_METADATA_ENTRIES = 32
+MAX_METADATA_VALUE = 1024
+METADATA_QUERY_RE = re.compile(rf"{METADATA_KEY_RE.pattern}=.{{0,{MAX_METADATA_VALUE}}}")  # KEY=VALUE
+
+
+def metadata_query(text: str) -> tuple[str, str] | None:
+    """``KEY=VALUE`` (the ``metadata`` filter of the status API and the calls page) as (key, value); None when it
+    is not that."""
+    if not METADATA_QUERY_RE.fullmatch(text):
+        return None
+    key, _, value = text.partition("=")
+    return key, value
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (

@@ -1,6 +1,7 @@
 """The calls web page, served by ingest: server-rendered HTML with a little JavaScript.
 
-``/`` lists the calls (filter by status); ``/calls/{call_id}`` shows one call:
+``/`` lists the calls, 200 a page (filter by status; find a call by its id, or calls by a field of the
+recorder's metadata as KEY=VALUE: a caller's number); ``/calls/{call_id}`` shows one call:
 the transcript as a conversation, the English translation beside it, summary,
 topic, sentiment, emotion, the recorder's metadata, talk time per speaker, the
 stage timeline and the trace id; beside an unfinished call's status, whether a worker is on it or it
@@ -18,15 +19,16 @@ import time
 from datetime import datetime, timezone
 from html import escape
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 from aiohttp import web
 
 from services.common.config import env_str
-from services.ingest.store import ACTIVE_STATES, DELIVERING, DONE, FAILED, STATES, Job, JobStore
+from services.ingest.store import ACTIVE_STATES, DELIVERING, DONE, FAILED, STATES, Job, JobStore, metadata_query
 
 TOKEN_COOKIE = "callmesh_token"
 POLL_MS = 2000
+PAGE_ROWS = 200  # calls listed on a page of the list
 
 STYLE = """
 body{font-family:system-ui,sans-serif;margin:0;color:#1d232a;background:#f6f7f9}
@@ -39,6 +41,7 @@ th{background:#eef1f5}
 .badge{padding:.1rem .5rem;border-radius:.7rem;font-size:.8rem;background:#dde3ea}
 .done{background:#cdeccd}.failed{background:#f6c6c6}.negative{color:#a11}.positive{color:#174}
 .filters a{margin-right:.6rem}
+.find{margin:.4rem 0}.find input{padding:.3rem .4rem}.pages a{margin-right:1rem}
 .grid{display:grid;grid-template-columns:1fr 1fr;gap:1rem}
 .card{background:#fff;border:1px solid #e3e6ea;border-radius:.4rem;padding:.8rem 1rem;margin-bottom:1rem}
 .turn{margin:.35rem 0;max-width:85%;padding:.4rem .7rem;border-radius:.6rem}
@@ -134,10 +137,35 @@ class WebPages:
         status = request.query.get("status")
         if status not in STATES:
             status = None
-        jobs = await self.store.list(status, 200, 0)
+        try:
+            offset = max(0, min(int(request.query.get("offset", "0")), 2**31 - 1))
+        except ValueError:
+            offset = 0
+        find = request.query.get("find", "").strip()
+        metadata = metadata_query(find) if find else None
+        not_found = ""
+        if find and metadata is None:  # a call id: its page, when it is there
+            if await self.store.get(find) is not None:
+                raise web.HTTPFound(f"/calls/{quote(find, safe='')}")
+            not_found = (f"<p class='muted' id='not-found'>There is no call {escape(find)} (or it was erased, or "
+                         "deleted after CALL_RETENTION_DAYS). A recorder's field is found as KEY=VALUE.</p>")
+        jobs = await self.store.list(status, PAGE_ROWS, offset, metadata)
         counts = await self.store.counts()
         filters = " ".join(
             f"<a href='/?status={s}'>{s} ({counts.get(s, 0)})</a>" for s in STATES) + " <a href='/'>all</a>"
+        search = ("<form class='find' method='get' action='/'><input name='find' size='40' "
+                  f"value='{escape(find)}' placeholder='call id, or KEY=VALUE of the recorder&#39;s metadata' "
+                  "aria-label='find a call'>"
+                  + (f"<input type='hidden' name='status' value='{status}'>" if status else "")
+                  + "<button type='submit'>Find</button></form>")
+        found = find if metadata else ""
+        pages = []
+        if offset:
+            newer = _listing(status, found, "find", offset=max(0, offset - PAGE_ROWS))
+            pages.append(f"<a id='newer' href='/?{escape(newer)}'>&larr; newer calls</a>")
+        if len(jobs) == PAGE_ROWS:
+            older = _listing(status, found, "find", offset=offset + PAGE_ROWS)
+            pages.append(f"<a id='older' href='/?{escape(older)}'>older calls &rarr;</a>")
         rows = []
         now = time.time()
         for job in jobs:
@@ -156,13 +184,15 @@ class WebPages:
                  "<th>sentiment</th><th>duration</th><th>updated (UTC)</th></tr></thead><tbody>"
                  + ("".join(rows) or "<tr><td colspan='7' class='muted'>No calls yet.</td></tr>")
                  + "</tbody></table>")
-        body = f"<h1>Calls{f' — {status}' if status else ''}</h1><p class='filters'>{filters}</p>{table}"
+        title = f"Calls{f' — {status}' if status else ''}{f' — {escape(find)}' if metadata else ''}"
+        body = (f"<h1>{title}</h1>{search}<p class='filters'>{filters}</p>{not_found}{table}"
+                f"<p class='pages'>{' '.join(pages)}</p>")
         # Live: poll the status API and reload when any call on the page changes state, or a worker
         # takes it up or hands it back.
-        query = f"?status={status}&limit=200" if status else "?limit=200"
+        query = _listing(status, found, "metadata", limit=PAGE_ROWS, offset=offset)
         script = ("const seen=new Map([...document.querySelectorAll('tr[data-call]')]"
                   ".map(r=>[r.dataset.call,r.dataset.status+' '+r.dataset.busy]));"
-                  f"setInterval(async()=>{{const r=await fetch('/v1/calls{query}');if(!r.ok)return;"
+                  f"setInterval(async()=>{{const r=await fetch('/v1/calls?{query}');if(!r.ok)return;"
                   "const d=await r.json();if(d.calls.length!==seen.size||"
                   "d.calls.some(c=>seen.get(c.call_id)!==c.status+' '+c.progress.in_progress))"
                   f"location.reload();}},{POLL_MS});")
@@ -278,6 +308,14 @@ class WebPages:
         app.router.add_get("/calls/{call_id}", self.call)
         app.router.add_get("/login", self.login_form)
         app.router.add_post("/login", self.login)
+
+
+def _listing(status: str | None, metadata: str, metadata_name: str, **page: int) -> str:
+    """The query string of a listing: its status, its metadata filter (as the page's ``find`` or the API's
+    ``metadata``) and ``page`` (offset, limit), those set; percent-encoded, quotes included, so that it goes as it
+    is into an attribute or a script's string."""
+    fields: dict[str, Any] = {"status": status, metadata_name: metadata, **page}
+    return urlencode({name: value for name, value in fields.items() if value}, quote_via=quote)
 
 
 def _clock(seconds: float) -> str:
