@@ -78,13 +78,14 @@ async def running_ingest(tmp_path: Path, verifier: WebhookVerifier = VERIFIER, *
         await store.close()
 
 
-async def stored_call(tmp_path: Path, call_id: str, state: str, **fields: Any) -> Job:
-    """A call already at ``state`` (with ``fields``) in the job store the harness opens, as if an earlier
-    run had taken it there: ingest resumes it from that stage."""
+async def stored_call(tmp_path: Path, call_id: str, state: str, options: JobOptions = JobOptions(),
+                      **fields: Any) -> Job:
+    """A call (its webhook's ``options``) already at ``state`` (with ``fields``) in the job store the harness opens,
+    as if an earlier run had taken it there: ingest resumes it from that stage."""
     store = JobStore(tmp_path / "ingest.db")
     await store.open()
     try:
-        await store.create(call_id, "http://127.0.0.1:9/c.wav", JobOptions(), {}, "0" * 32)
+        await store.create(call_id, "http://127.0.0.1:9/c.wav", options, {}, "0" * 32)
         await store.update(call_id, None, state=state, **fields)
         job = await store.get(call_id)
     finally:

@@ -183,9 +183,9 @@ async def test_the_command_line_erases_a_call(tmp_path: Path, receiver: CrmRecei
 async def test_every_call_of_a_caller_is_erased_by_the_number_the_recorder_gave(
         tmp_path: Path, receiver: CrmReceiver) -> None:
     """A caller asks that their data be erased; they are known by their number, not by call ids."""
-    theirs = JobOptions(metadata={"ani": "+34 600 123 456"}).to_json()
+    theirs = JobOptions(metadata={"ani": "+34 600 123 456"})
     for call_id, state, options in (("mine-1", DONE, theirs), ("mine-2", FAILED, theirs),
-                                    ("someone-else", DONE, JobOptions(metadata={"ani": "+34 600 999 999"}).to_json())):
+                                    ("someone-else", DONE, JobOptions(metadata={"ani": "+34 600 999 999"}))):
         await stored_call(tmp_path, call_id, state, options=options)
     async with crm_service(tmp_path / "o.db", receiver) as crm:
         async with running_ingest(tmp_path, crm_addr=crm.server.address) as ingest:

@@ -115,17 +115,18 @@ class AsyncPostgres:
 
         def create(c: Connection) -> None:
             c.execute("SELECT pg_advisory_xact_lock(?)", (_SCHEMA_LOCK,))
+            found = None
             if self._version is not None:  # before the schema: tables of another version are not to be touched
                 c.execute(schema_version.TABLE)
-                found = c.execute(schema_version.READ, (self._version.store,)).fetchone()
-                self._version.check(found["version"] if found else None, "DATABASE_URL")
+                row = c.execute(schema_version.READ, (self._version.store,)).fetchone()
+                found = row["version"] if row else None
+                self._version.check(found, "DATABASE_URL")
             for table in self._sequences:
                 c.execute(f"CREATE SEQUENCE IF NOT EXISTS {table}_arrival")
-            for statement in re.sub(r"--[^\n]*", "", self._schema).split(";"):
-                if statement.strip():
-                    c.execute(statement)
+            for statement in schema_version.statements(self._schema):
+                c.execute(statement)
             if self._version is not None:
-                c.execute(schema_version.RECORD, (self._version.store, self._version.version))
+                self._version.record(c, found, "DATABASE_URL")
 
         self._transaction(create)
 

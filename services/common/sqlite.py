@@ -53,14 +53,22 @@ class AsyncSqlite:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
             conn.execute("PRAGMA busy_timeout=30000")
+            conn.execute("PRAGMA foreign_keys=ON")  # a row that belongs to another goes with it (ON DELETE CASCADE)
+            conn.execute("BEGIN IMMEDIATE")  # the schema, and any upgrade of it, whole or not at all
+            found = None
             if self._version is not None:  # before the schema: tables of another version are not to be touched
                 conn.execute(schema_version.TABLE)
-                found = conn.execute(schema_version.READ, (self._version.store,)).fetchone()
-                self._version.check(found[0] if found else None, str(self.path))
-            conn.executescript(self._schema)
+                row = conn.execute(schema_version.READ, (self._version.store,)).fetchone()
+                found = row[0] if row else None
+                self._version.check(found, str(self.path))
+            for statement in schema_version.statements(self._schema):
+                conn.execute(statement)
             if self._version is not None:
-                conn.execute(schema_version.RECORD, (self._version.store, self._version.version))
+                self._version.record(conn, found, str(self.path))
+            conn.execute("COMMIT")
         except BaseException:
+            if conn.in_transaction:
+                conn.rollback()
             conn.close()
             raise
         self._conn = conn
