@@ -307,7 +307,9 @@ class JobStore:
                    metadata: tuple[str, str] | None = None) -> list[Job]:
         """Calls newest first: those in ``state``, and those whose recorder's ``metadata`` (key, value) has that
         value (a customer's number, for an erasure request), found through ``call_metadata``."""
-        source, where, params = "jobs", [], []
+        source = "jobs"
+        where: list[str] = []
+        params: list[Any] = []
         if metadata is not None:
             # The caller's calls first, then their state: SQLite joins a CROSS JOIN's tables in the order written,
             # where it would otherwise read every call in that state (no statistics tell it which is fewer).
