@@ -234,6 +234,13 @@ async def test_a_call_id_that_is_not_there_is_said_so_on_the_list(page: Page, in
     await expect(page.locator("input[name=find]")).to_have_value("erased-7")
 
 
+async def test_a_search_for_what_no_call_id_can_hold_says_there_is_no_such_call_on_postgresql(
+        tmp_path: Path, pg_url: str) -> None:
+    async with running_ingest(tmp_path, database=pg_url) as ingest, aiohttp.ClientSession() as session:
+        async with session.get(f"{ingest.url}/", params={"find": "a\x00b"}) as resp:
+            assert resp.status == 200 and "There is no call a" in await resp.text()
+
+
 async def test_calls_are_found_by_a_field_of_the_recorders_metadata(page: Page, ingest: Ingest) -> None:
     await queued(ingest, ("ani-1", {"ani": "+34600123456", "queue": "billing"}), ("ani-2", {"ani": "+34600999999"}),
                  ("ani-3", {"ani": "+34600123456"}), ("ani-4", None))

@@ -167,7 +167,8 @@ async def test_same_call_posted_again_is_the_same_job(ingest: Ingest) -> None:
     *((json.dumps({"call_id": "ok", "recording_url": "http://127.0.0.1:1/a.wav", "metadata": metadata}),
        "application/json", 422)
       for metadata in (["agent", "A-1"], {"agent": 117}, {"agent id": "A-1"}, {"": "x"}, {"note": "x" * 1025},
-                       {f"k{i}": "v" for i in range(33)})),
+                       {f"k{i}": "v" for i in range(33)},
+                       {"note": "\ud800"}, {"note": "a\u0000b"})),  # JSON escapes of what is not text
 ])
 async def test_malformed_webhook_gets_a_clear_4xx_and_stores_nothing(ingest: Ingest, body: str, content_type: str,
                                                                      expected: int) -> None:

@@ -142,7 +142,8 @@ def validate_webhook(payload: Any, policy: UrlPolicy) -> tuple[str, str, JobOpti
     metadata = payload.get("metadata")
     if metadata is not None and not _valid_metadata(metadata):
         raise ValueError(f"metadata must be an object of at most {MAX_METADATA_ENTRIES} string values of up to "
-                         f"{MAX_METADATA_VALUE} characters, named by 1 to 64 characters of A-Z a-z 0-9 _ . -")
+                         f"{MAX_METADATA_VALUE} characters (text: no NUL, no lone surrogate), named by 1 to 64 "
+                         "characters of A-Z a-z 0-9 _ . -")
     return call_id, url, JobOptions(language=language or None, agent_channel=agent,
                                     metadata=metadata or None)
 
@@ -150,7 +151,17 @@ def validate_webhook(payload: Any, policy: UrlPolicy) -> tuple[str, str, JobOpti
 def _valid_metadata(metadata: Any) -> bool:
     return isinstance(metadata, dict) and len(metadata) <= MAX_METADATA_ENTRIES and all(
         METADATA_KEY_RE.fullmatch(key) and isinstance(value, str) and len(value) <= MAX_METADATA_VALUE
-        for key, value in metadata.items())
+        and _is_text(value) for key, value in metadata.items())
+
+
+def _is_text(value: str) -> bool:
+    """Whether ``value`` is text every store and CRM takes: JSON may escape a NUL (which PostgreSQL's jsonb
+    refuses) or half of a UTF-16 pair (which is no character at all)."""
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return "\x00" not in value
 
 
 def _base_url(request: web.Request) -> str:

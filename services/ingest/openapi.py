@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from services.ingest.store import STATES
+from services.ingest.store import METADATA_QUERY_RE, STATES
 
 CALL_ID_PATTERN = r"^[A-Za-z0-9._:@-]{1,128}$"
 _TS = {"type": ["string", "null"], "format": "date-time"}
@@ -213,7 +213,7 @@ def _document() -> dict[str, Any]:
                         {"name": "offset", "in": "query", "schema": {"type": "integer", "minimum": 0, "maximum": 2**31 - 1},
                          "description": "Calls to skip"},
                         {"name": "metadata", "in": "query",
-                         "schema": {"type": "string", "pattern": "^[A-Za-z0-9_.-]{1,64}=.{0,1024}$"},
+                         "schema": {"type": "string", "pattern": f"^{METADATA_QUERY_RE.pattern}$"},
                          "description": "KEY=VALUE: only calls whose webhook metadata had that value (a customer's "
                                         "number, for an erasure request)"},
                     ],

@@ -28,7 +28,8 @@ ACTIVE_STATES = (RECEIVED, DOWNLOADING, TRANSCRIBING, ANALYZING, DELIVERING)
 METADATA_KEY_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 MAX_METADATA_ENTRIES = 32
 MAX_METADATA_VALUE = 1024
-METADATA_QUERY_RE = re.compile(rf"{METADATA_KEY_RE.pattern}=.{{0,{MAX_METADATA_VALUE}}}")  # KEY=VALUE
+# KEY=VALUE; a NUL is no metadata's (the webhook refuses it) and no PostgreSQL text's
+METADATA_QUERY_RE = re.compile(rf"{METADATA_KEY_RE.pattern}=[^\x00]{{0,{MAX_METADATA_VALUE}}}")
 
 
 def metadata_query(text: str) -> tuple[str, str] | None:

@@ -145,7 +145,7 @@ class WebPages:
         metadata = metadata_query(find) if find else None
         not_found = ""
         if find and metadata is None:  # a call id: its page, when it is there
-            if await self.store.get(find) is not None:
+            if "\x00" not in find and await self.store.get(find) is not None:  # no text of PostgreSQL's has one
                 raise web.HTTPFound(f"/calls/{quote(find, safe='')}")
             not_found = (f"<p class='muted' id='not-found'>There is no call {escape(find)} (or it was erased, or "
                          "deleted after CALL_RETENTION_DAYS). A recorder's field is found as KEY=VALUE.</p>")
