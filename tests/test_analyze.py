@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -441,7 +442,14 @@ def test_a_damaged_gguf_model_stops_the_embedded_backend_with_the_reason(tmp_pat
         model.write_bytes(f.read(64 * 1024))  # a download cut short: the header, and little else
     with pytest.raises(RuntimeError, match=r"llama.cpp could not load .*model.gguf .*cut short or damaged"):
         EmbeddedLlamaBackend(settings("", str(model)))
-    assert "error loading model" in capfd.readouterr().err  # llama.cpp's own reason, in the service's log
+    # llama.cpp's own reason, in the service's log. Its log lines are written by a thread of its own, a moment later.
+    logged = ""
+    for _ in range(100):
+        logged += capfd.readouterr().err
+        if "error loading model" in logged:
+            break
+        time.sleep(0.1)
+    assert "error loading model" in logged
 
 
 async def one_embedded_answer(llm_small: Path) -> None:
