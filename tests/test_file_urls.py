@@ -120,6 +120,68 @@ async def test_a_recording_still_being_written_is_copied_once_it_stops_changing(
         assert Path(job.recording_path).read_bytes() == whole
 
 
+async def test_a_recording_still_being_written_leaves_its_download_slot_to_other_calls(
+        tmp_path: Path, share: Path, audio_dir: Path) -> None:
+    whole = (audio_dir / "es-billing-angry.wav").read_bytes()
+    growing = share / "2026" / "11" / "growing.wav"
+    growing.write_bytes(whole[:4096])
+    done = share / "2026" / "11" / "done.wav"
+    done.write_bytes(whole)
+    os.utime(done, (0, 0))  # written long ago
+    step = -(-(len(whole) - 4096) // 100)
+    written = 4096
+
+    async def record() -> None:  # a piece every 0.1 s, for 10 s unless stopped
+        nonlocal written
+        while written < len(whole):
+            await asyncio.sleep(0.1)
+            with growing.open("ab") as out:
+                out.write(whole[written:written + step])
+            written += step
+
+    # One download slot; a copy may take 30 s, so a wait inside it would outlast the writing.
+    async with running_ingest(tmp_path, file_roots=(str(share),), file_settle_seconds=0.5, total_timeout=30,
+                              concurrency=1) as ingest:
+        recorder = asyncio.create_task(record())
+        try:
+            await post(ingest.url, json.dumps({"call_id": "nas-10", "recording_url": growing.as_uri()}))
+            waiting = await wait_for(ingest.url, "nas-10", lambda s: s["error"] is not None, timeout=5)
+            assert waiting["status"] == "downloading" and waiting["attempts"] == 0
+            assert "is still being written" in waiting["error"]["message"]
+            await post(ingest.url, json.dumps({"call_id": "nas-11", "recording_url": done.as_uri()}))
+            await wait_for(ingest.url, "nas-11", past_the_copy, timeout=5)
+            assert written < len(whole) and not recorder.done()  # while the first call's recording still grows
+        finally:
+            await recorder
+        await wait_for(ingest.url, "nas-10", past_the_copy)
+        job = await ingest.store.get("nas-10")
+        assert job is not None and job.recording_path is not None
+        assert Path(job.recording_path).read_bytes() == whole
+
+
+async def test_a_recording_still_written_long_after_its_webhook_uses_up_the_attempts(
+        tmp_path: Path, share: Path, audio_dir: Path) -> None:
+    whole = (audio_dir / "es-billing-angry.wav").read_bytes()
+    growing = share / "2026" / "11" / "live.wav"
+    growing.write_bytes(whole[:4096])
+
+    async def record() -> None:  # a file that never stops changing (a live recording, not the call's)
+        while True:
+            await asyncio.sleep(0.05)
+            os.utime(growing)
+
+    async with running_ingest(tmp_path, file_roots=(str(share),), file_settle_seconds=0.2, total_timeout=1) as ingest:
+        recorder = asyncio.create_task(record())
+        try:
+            await post(ingest.url, json.dumps({"call_id": "nas-12", "recording_url": growing.as_uri()}))
+            status = await wait_for_state(ingest.url, "nas-12", {"failed"}, timeout=15)
+        finally:
+            recorder.cancel()
+    assert status["error"]["stage"] == "downloading" and status["attempts"] == 2
+    assert "is still being written" in status["error"]["message"]
+    assert "after the webhook (RECORDING_TOTAL_TIMEOUT_SECONDS is 1)" in status["error"]["message"]
+
+
 async def test_a_recording_that_changed_while_it_was_copied_is_copied_again(
         tmp_path: Path, share: Path, audio_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     whole = (audio_dir / "es-billing-angry.wav").read_bytes()

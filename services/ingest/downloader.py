@@ -48,13 +48,17 @@ class DownloadError(Exception):
     """The recording could not be fetched. ``permanent`` says whether trying again can help; ``waiting``, that
     the call should wait for it without using up its attempts (the recordings disk has no room)."""
 
-    def __init__(self, message: str, *, permanent: bool, waiting: bool = False, not_there: bool = False) -> None:
+    def __init__(self, message: str, *, permanent: bool, waiting: bool = False, not_there: bool = False,
+                 still_written_for: float | None = None) -> None:
         super().__init__(message)
         self.permanent = permanent
         self.waiting = waiting
         # The recording is not where the link points (404, S3's 403 for a missing object, no such file): it may
         # not be uploaded yet (RECORDING_NOT_READY_SECONDS).
         self.not_there = not_there
+        # The file on the share is still being written: look again after this many seconds (it is copied once it
+        # has not changed for RECORDING_FILE_SETTLE_SECONDS), without holding a download slot meanwhile.
+        self.still_written_for = still_written_for
 
 
 def _size(n: int) -> str:
@@ -185,8 +189,7 @@ class Downloader:
                         result = await self._copy(url)
                 except TimeoutError as exc:
                     raise DownloadError(f"the copy from the share took longer than {s.total_timeout:.0f} s "
-                                        "(RECORDING_TOTAL_TIMEOUT_SECONDS): a slow share, or a file still being "
-                                        "written all that time", permanent=False) from exc
+                                        "(RECORDING_TOTAL_TIMEOUT_SECONDS): a slow share", permanent=False) from exc
                 span.set_attribute("recording.bytes", result.size)
                 return result
         timeout = aiohttp.ClientTimeout(total=s.total_timeout, connect=s.connect_timeout, sock_read=s.read_timeout)
@@ -253,51 +256,52 @@ class Downloader:
         download would: the original is never changed or deleted.
 
         A recorder may post the webhook while it still writes the file (or its copy to the share is still under
-        way): the copy waits until the file has not changed for RECORDING_FILE_SETTLE_SECONDS, and a file that
-        changed while it was copied is copied again once it settles, all within RECORDING_TOTAL_TIMEOUT_SECONDS."""
+        way): the copy waits until the file has not changed for RECORDING_FILE_SETTLE_SECONDS. A file that keeps
+        changing meanwhile, or changes while it is copied, is a :class:`DownloadError` with ``still_written_for``:
+        the call looks again then, and its download slot goes to another call meanwhile."""
         try:
             path = self.policy.file_path(url)
         except UrlRejected as exc:
             raise DownloadError(str(exc), permanent=True) from exc
         settle = self.settings.file_settle_seconds
-        while True:
-            await self._until_settled(path, settle)
-            source = await asyncio.to_thread(self._open_on_share, path)  # a share can be slow: not on the loop
-            with source:
-                before = _version(os.fstat(source.fileno()))
+        await self._until_settled(path, settle)
+        source = await asyncio.to_thread(self._open_on_share, path)  # a share can be slow: not on the loop
+        with source:
+            before = _version(os.fstat(source.fileno()))
 
-                async def chunks() -> AsyncIterator[bytes]:
-                    while chunk := await asyncio.to_thread(source.read, _CHUNK_BYTES):
-                        yield chunk
+            async def chunks() -> AsyncIterator[bytes]:
+                while chunk := await asyncio.to_thread(source.read, _CHUNK_BYTES):
+                    yield chunk
 
-                copied = await self._save(chunks(), "")
-                if _version(await asyncio.to_thread(os.fstat, source.fileno())) == before:
-                    return copied
-            copied.path.unlink(missing_ok=True)
-            log.info("%s changed while it was copied: it is still being written, and is copied again once it has "
-                     "not changed for %.1f s (RECORDING_FILE_SETTLE_SECONDS)", path, settle)
-            settle = max(settle, _MIN_SETTLE_AFTER_CHANGE)
+            copied = await self._save(chunks(), "")
+            if _version(await asyncio.to_thread(os.fstat, source.fileno())) == before:
+                return copied
+        copied.path.unlink(missing_ok=True)
+        again = max(settle, _MIN_SETTLE_AFTER_CHANGE)
+        raise DownloadError(f"{path} changed while it was copied: it is still being written, and is copied again "
+                            f"once it has not changed for {again:.1f} s (RECORDING_FILE_SETTLE_SECONDS)",
+                            permanent=False, still_written_for=again)
 
     async def _until_settled(self, path: str, settle: float) -> None:
         """Return once the file at ``path`` has not changed for ``settle`` seconds, by its time of change or, when
         that is recent or ahead of this machine's clock (a share's server may keep another time), by looking
-        again after ``settle`` seconds. A file that is not there is left to the open, which says so."""
+        again after ``settle`` seconds; raise a :class:`DownloadError` with ``still_written_for`` when it changed
+        meanwhile. A file that is not there is left to the open, which says so."""
         if settle <= 0:
             return
         seen = await asyncio.to_thread(_version_at, path)
         if seen is None or 0 <= time.time() - seen[1] / 1e9 >= settle:
             return
-        log.info("%s was changed %.1f s ago: waiting for it to stay unchanged for %.1f s "
-                 "(RECORDING_FILE_SETTLE_SECONDS)", path, time.time() - seen[1] / 1e9, settle)
-        waited = time.monotonic()
-        while True:
-            await asyncio.sleep(settle)
-            now = await asyncio.to_thread(_version_at, path)
-            if now == seen or now is None:
-                trace.get_current_span().set_attribute("recording.settle_wait_seconds",
-                                                       round(time.monotonic() - waited, 3))
-                return
-            seen = now
+        log.info("%s was changed %.1f s ago: looking again in %.1f s (RECORDING_FILE_SETTLE_SECONDS)",
+                 path, time.time() - seen[1] / 1e9, settle)
+        await asyncio.sleep(settle)
+        now = await asyncio.to_thread(_version_at, path)
+        if now == seen or now is None:
+            trace.get_current_span().set_attribute("recording.settle_wait_seconds", settle)
+            return
+        raise DownloadError(f"{path} is still being written: it changed in the last {settle:.1f} s; it is copied "
+                            f"once it has not changed for that long (RECORDING_FILE_SETTLE_SECONDS)",
+                            permanent=False, still_written_for=settle)
 
     def _open_on_share(self, path: str) -> BinaryIO:
         """Open the recording at ``path`` once its links are followed, if it is still under RECORDING_FILE_ROOTS, is

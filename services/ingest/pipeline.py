@@ -60,10 +60,13 @@ WAIT_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED}  
 
 
 class StageError(Exception):
-    def __init__(self, message: str, *, permanent: bool, waiting: bool = False) -> None:
+    def __init__(self, message: str, *, permanent: bool, waiting: bool = False, retry_in: float | None = None) -> None:
         super().__init__(message)
         self.permanent = permanent
         self.waiting = waiting  # a dependency is down or busy: wait without using up attempts
+        # Nothing failed, the call is early (a recording still being written): look again after this many
+        # seconds, its attempts as they were, with the error as its status.
+        self.retry_in = retry_in
 
 
 class _Reschedule(Exception):
@@ -317,7 +320,7 @@ class PipelineWorker:
                         span.set_status(trace.Status(trace.StatusCode.ERROR, str(exc)))
                         raise
             except StageError as exc:
-                outcome = "failed" if exc.permanent else "retry"
+                outcome = "failed" if exc.permanent else "waiting" if exc.retry_in is not None else "retry"
                 await self._failed_attempt(job, exc)
                 return
             except _Reschedule as r:
@@ -347,6 +350,11 @@ class PipelineWorker:
         await self.store.update(job.call_id, self.owner, release=True)
 
     async def _failed_attempt(self, job: Job, exc: StageError) -> None:
+        if exc.retry_in is not None:
+            await self.store.update(job.call_id, self.owner, release=True, error=str(exc), error_stage=job.state,
+                                    next_attempt_at=time.time() + exc.retry_in)
+            log.info("%s; looking again in %.1f s", exc, exc.retry_in)
+            return
         attempts = job.attempts + 1
         if exc.permanent or (attempts >= self.settings.max_attempts and not exc.waiting):
             reason = str(exc) if exc.permanent else f"{exc} (gave up after {attempts} attempts)"
@@ -371,6 +379,8 @@ class PipelineWorker:
                 raise _Reschedule(0) from exc
             if exc.not_there:
                 self._not_there_yet(job, exc)
+            if exc.still_written_for is not None:
+                self._still_written(job, exc.still_written_for, exc)
             raise StageError(f"download: {exc}", permanent=exc.permanent, waiting=exc.waiting) from exc
         log.info("downloaded %d bytes", downloaded.size)
         return TRANSCRIBING, {"recording_path": str(downloaded.path)}
@@ -391,6 +401,18 @@ class PipelineWorker:
                              permanent=False, waiting=True) from exc
         raise StageError(f"download: {exc}, still {age:.0f} s after the webhook (RECORDING_NOT_READY_SECONDS is "
                          f"{grace:.0f})", permanent=True) from exc
+
+    def _still_written(self, job: Job, look_again_in: float, exc: DownloadError) -> None:
+        """A recording on a share that is still being written is looked at again once it may have settled,
+        without holding a download slot meanwhile nor using up attempts, for RECORDING_TOTAL_TIMEOUT_SECONDS after
+        the webhook; after that each look is an attempt, and the call fails once they are spent (a file that still
+        changes so long after its call ended is not the call's recording being finished)."""
+        limit = self.downloader.settings.total_timeout
+        age = time.time() - job.created_at
+        if age < limit:
+            raise StageError(f"download: {exc}", permanent=False, retry_in=look_again_in) from exc
+        raise StageError(f"download: {exc}; still {age:.0f} s after the webhook (RECORDING_TOTAL_TIMEOUT_SECONDS is "
+                         f"{limit:.0f})", permanent=False) from exc
 
     def _transcription(self, job: Job, path: Path, task: int = transcribe_pb2.TRANSCRIPTION_TASK_TRANSCRIBE,
                        language: str = "") -> grpc.aio.StreamStreamCall:
