@@ -15,8 +15,8 @@ from services.ingest.store import (
     ANALYZING, DELIVERING, DONE, DOWNLOADING, FAILED, RECEIVED, SCHEMA_VERSION, TRANSCRIBING, JobOptions, JobStore,
 )
 from services.common.config import ConfigError
-from services.common.database import connect
-from services.common.schema_version import SchemaVersion
+from services.common.database import connect, watch_schema_version
+from services.common.schema_version import NewerTables, SchemaVersion
 from services.crm.outbox import Outbox
 
 
@@ -190,6 +190,25 @@ async def test_a_store_of_another_version_is_refused_at_open_and_left_as_it_is(
     assert await store.get("call-1") is not None
     row = await store.db.fetchone("SELECT version FROM callmesh_schema WHERE store = ?", ("ingest.jobs",))
     assert row["version"] == written_by
+
+
+async def test_a_running_store_stops_its_service_once_a_newer_callmesh_upgrades_its_tables(store: JobStore) -> None:
+    stop = asyncio.Event()
+    watcher = asyncio.create_task(watch_schema_version(store.db, SCHEMA_VERSION, stop, interval=0.05))
+    await asyncio.sleep(0.3)  # six looks at tables of its own version
+    assert not watcher.done() and not stop.is_set()
+    await store.db.transaction(lambda c: c.execute("UPDATE callmesh_schema SET version = ? WHERE store = ?",
+                                                   (SCHEMA_VERSION.version + 1, "ingest.jobs")))
+    newer = await asyncio.wait_for(watcher, 5)
+    assert stop.is_set() and isinstance(newer, NewerTables)
+    assert f"upgraded to version {SCHEMA_VERSION.version + 1} by a newer Callmesh" in str(newer)
+
+
+async def test_a_store_watched_until_its_service_stops_reports_nothing(store: JobStore) -> None:
+    stop = asyncio.Event()
+    watcher = asyncio.create_task(watch_schema_version(store.db, SCHEMA_VERSION, stop, interval=30))
+    stop.set()  # SIGTERM
+    assert await asyncio.wait_for(watcher, 1) is None
 
 
 async def test_the_job_store_and_the_outbox_keep_their_own_versions_in_one_database(store: JobStore) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sqlite3
 from collections.abc import Awaitable, Callable
@@ -11,10 +12,13 @@ from typing import Union
 
 import psycopg
 
+from services.common import schema_version
+from services.common.config import env_float
 from services.common.postgres import AsyncPostgres
-from services.common.schema_version import SchemaVersion
+from services.common.schema_version import NewerTables, SchemaVersion
 from services.common.sqlite import AsyncSqlite
 
+log = logging.getLogger(__name__)
 Database = Union[AsyncSqlite, AsyncPostgres]
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 # What a store raises when its database cannot do the work just now, whatever the request: SQLite's full disk
@@ -45,6 +49,33 @@ def connect(location: str | Path, schema: str, sequences: tuple[str, ...] = (),
     if is_postgres_url(location):
         return AsyncPostgres(str(location), schema, sequences, version=version)
     return AsyncSqlite(Path(location), schema, version)
+
+
+def schema_check_seconds() -> float:
+    """How often a running replica looks whether a newer Callmesh upgraded its tables (SCHEMA_CHECK_SECONDS)."""
+    return env_float("SCHEMA_CHECK_SECONDS", 30.0, minimum=0.1)
+
+
+async def watch_schema_version(db: Database, version: SchemaVersion, stop: asyncio.Event,
+                               interval: float) -> NewerTables | None:
+    """Until ``stop`` is set, look every ``interval`` seconds at the version of ``db``'s tables; once a newer
+    Callmesh has upgraded them, log it, set ``stop`` (the service drains and stops as on SIGTERM) and return the
+    reason, which the service raises once it has stopped. A store that does not answer is looked at again next
+    time (the work that needs it reports the outage)."""
+    where = str(db.path) if isinstance(db, AsyncSqlite) else "DATABASE_URL"
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), interval)
+            return None
+        try:
+            row = await db.fetchone(schema_version.READ, (version.store,))
+        except UNAVAILABLE_ERRORS:
+            continue
+        if row is not None and (newer := version.newer(row["version"], where)) is not None:
+            log.error("%s", newer)
+            stop.set()
+            return newer
+    return None
 
 
 async def delete_in_batches(delete: Callable[[int], Awaitable[int]], batch: int = 1000) -> int:

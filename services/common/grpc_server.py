@@ -107,8 +107,9 @@ async def serve(
     bindings: Iterable[ServiceBinding],
     on_stop: Callable[[], Awaitable[None]] | None = None,
     metrics_refresh: Iterable[Callable[[], Awaitable[None]]] = (),
+    stop: asyncio.Event | None = None,
 ) -> None:
-    """Run until SIGTERM/SIGINT, then drain gracefully; /metrics beside it when configured."""
+    """Run until SIGTERM/SIGINT (or ``stop`` is set), then drain gracefully; /metrics beside it when configured."""
     running = await start_server(settings.listen, bindings, settings.tls)
     mode = "mutual TLS" if settings.tls.client_auth else "TLS" if settings.tls.cert else "plaintext"
     log.info("%s listening on %s (%s)", service, running.address, mode)
@@ -120,7 +121,7 @@ async def serve(
         log.info("%s metrics on %s", service, extra["metrics"])
     freeze_startup_heap()
     write_ready_file(settings.ready_file, running.address, **extra)
-    stop = asyncio.Event()
+    stop = stop or asyncio.Event()
     install_stop_signals(stop)
     await stop.wait()
     log.info("%s stopping: draining in-flight calls for up to %.0f s", service, settings.grace_seconds)

@@ -6,7 +6,11 @@ is refused at start, before anything is written: a rollback to an older release 
 tables stops with the reason instead of misreading them.
 
 Tables of an older version are upgraded at open by the store's ``upgrades``, in the transaction that creates the
-schema, so a store is either upgraded whole or left as it was."""
+schema, so a store is either upgraded whole or left as it was.
+
+A replica already running when a newer one upgrades the tables (a rolling update across a version change) finds
+out within SCHEMA_CHECK_SECONDS (:func:`services.common.database.watch_schema_version`) and stops, as it would
+have been refused at start: :class:`NewerTables`."""
 
 from __future__ import annotations
 
@@ -33,6 +37,10 @@ def statements(schema: str) -> list[str]:
     return [s.strip() for s in re.sub(r"--[^\n]*", "", schema).split(";") if s.strip()]
 
 
+class NewerTables(Exception):
+    """The store's tables were upgraded by a newer Callmesh while this one ran: it stops (exit status 3)."""
+
+
 @dataclass(frozen=True)
 class SchemaVersion:
     store: str  # whose tables: "ingest.jobs", "crm.outbox"
@@ -54,6 +62,14 @@ class SchemaVersion:
             raise ConfigError(f"{where}: its {self.store} tables are at version {found}, older than this Callmesh's "
                               f"{self.version}, with no upgrade known between them: upgrade through the releases "
                               "between")
+
+    def newer(self, found: int, where: str) -> NewerTables | None:
+        """What stops a running replica whose tables at ``where`` are now at version ``found`` (None: it may go on)."""
+        if found <= self.version:
+            return None
+        return NewerTables(f"{where}: its {self.store} tables were upgraded to version {found} by a newer Callmesh while "
+                           f"this one (version {self.version}) ran; it stops, so that it writes nothing the newer one "
+                           "does not expect (in a rolling update the newer replicas take over)")
 
     def record(self, connection: Any, found: int | None, where: str) -> None:
         """Once the schema is created: upgrade the tables ``check`` found at an older version, and record the

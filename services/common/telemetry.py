@@ -18,6 +18,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 
 from services.common.config import ConfigError, env_str
+from services.common.schema_version import NewerTables
 
 if TYPE_CHECKING:
     import aiohttp
@@ -166,5 +167,7 @@ def run_service(service: str, amain: "Callable[[], Coroutine[Any, Any, None]]", 
     except ConfigError as exc:
         log.error("configuration error: %s", exc)
         raise SystemExit(2) from None
+    except NewerTables:  # logged when found, before the service drained
+        raise SystemExit(3) from None
     finally:
         shutdown_tracing()

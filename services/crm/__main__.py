@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
 from opentelemetry.metrics import Observation
 
 from callcenter.v1 import crm_pb2, crm_pb2_grpc
+from services.common.database import schema_check_seconds, watch_schema_version
 from services.common.grpc_server import ServiceBinding, serve
 from services.common.metrics import meter
 from services.common.telemetry import run_service
 from services.crm.config import CrmSettings
 from services.crm.delivery import DeliveryWorker
-from services.crm.outbox import Outbox
+from services.crm.outbox import SCHEMA_VERSION, Outbox
 from services.crm.servicer import CrmSyncServicer
 
 SERVICE = "crm"
@@ -21,6 +23,7 @@ SERVICE = "crm"
 
 async def amain() -> None:
     settings = CrmSettings.from_env()
+    check_every = schema_check_seconds()
     outbox = Outbox(settings.database_url or settings.database)
     await outbox.open()
     logging.getLogger(SERVICE).info(
@@ -34,7 +37,11 @@ async def amain() -> None:
     name = crm_pb2.DESCRIPTOR.services_by_name["CrmSyncService"].full_name
     binding = ServiceBinding(name, lambda s: crm_pb2_grpc.add_CrmSyncServiceServicer_to_server(servicer, s))
 
+    stop = asyncio.Event()  # SIGTERM, or tables a newer Callmesh upgraded
+    watcher = asyncio.create_task(watch_schema_version(outbox.db, SCHEMA_VERSION, stop, check_every))
+
     async def on_stop() -> None:
+        await watcher  # done once stop is set; not left looking at a closed outbox
         await worker.stop()
         await outbox.close()
 
@@ -50,7 +57,9 @@ async def amain() -> None:
     async def refresh() -> None:
         backlog["queued"], backlog["oldest"] = await outbox.backlog()
 
-    await serve(SERVICE, settings.server, [binding], on_stop=on_stop, metrics_refresh=[refresh])
+    await serve(SERVICE, settings.server, [binding], on_stop=on_stop, metrics_refresh=[refresh], stop=stop)
+    if newer := watcher.result():
+        raise newer
 
 
 def main() -> None:

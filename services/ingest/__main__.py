@@ -6,6 +6,7 @@ import asyncio
 import logging
 
 from services.common.config import env_str
+from services.common.database import schema_check_seconds, watch_schema_version
 from services.common.lifecycle import freeze_startup_heap, install_stop_signals, start_site, write_ready_file
 from services.common.metrics import start_metrics_site
 from services.common.telemetry import run_service
@@ -14,7 +15,7 @@ from services.ingest.config import IngestSettings
 from services.ingest.downloader import Downloader, share_not_mounted
 from services.ingest.pipeline import PipelineWorker
 from services.ingest.signatures import WebhookVerifier
-from services.ingest.store import JobStore
+from services.ingest.store import SCHEMA_VERSION, JobStore
 
 SERVICE = "ingest"
 log = logging.getLogger(SERVICE)
@@ -22,6 +23,7 @@ log = logging.getLogger(SERVICE)
 
 async def amain() -> None:
     settings = IngestSettings.from_env()
+    check_every = schema_check_seconds()
     verifier = WebhookVerifier.from_env()
     if not verifier.enforcing:
         log.warning("WEBHOOK_ALLOW_UNSIGNED=1: webhooks are accepted without a signature; "
@@ -54,11 +56,13 @@ async def amain() -> None:
         metrics = f"http://{metrics_address}/metrics"
         log.info("ingest metrics on %s", metrics)
     await worker.start()
-    freeze_startup_heap()
-    write_ready_file(settings.ready_file, address, metrics=metrics)
     stop = asyncio.Event()
     install_stop_signals(stop)
+    watcher = asyncio.create_task(watch_schema_version(store.db, SCHEMA_VERSION, stop, check_every))
+    freeze_startup_heap()
+    write_ready_file(settings.ready_file, address, metrics=metrics)
     await stop.wait()
+    newer = await watcher  # done once stop is set
     log.info("ingest stopping: no new webhooks, draining jobs for up to %.0f s", settings.grace_seconds)
     await runner.cleanup()
     if metrics_runner is not None:
@@ -66,6 +70,8 @@ async def amain() -> None:
     await worker.stop(settings.grace_seconds)
     await store.close()
     log.info("ingest stopped")
+    if newer:
+        raise newer
 
 
 def main() -> None:
