@@ -26,6 +26,23 @@ def past_the_copy(status: dict) -> bool:
     return "transcribing" in status["stages"]
 
 
+async def assert_copied_whole(ingest: Ingest, call_id: str, whole: bytes) -> Path:
+    """Wait until the call is past its copy; check that the copy is the whole recording, and return it."""
+    await wait_for(ingest.url, call_id, past_the_copy)
+    job = await ingest.store.get(call_id)
+    assert job is not None and job.recording_path is not None
+    assert Path(job.recording_path).read_bytes() == whole
+    return Path(job.recording_path)
+
+
+def begun_recording(share: Path, audio_dir: Path, name: str) -> tuple[bytes, Path]:
+    """A recording (its whole bytes) of which the recorder has written the first 4 KiB to ``name`` on the share."""
+    whole = (audio_dir / "es-billing-angry.wav").read_bytes()
+    growing = share / "2026" / "11" / name
+    growing.write_bytes(whole[:4096])
+    return whole, growing
+
+
 @pytest.fixture
 def share(tmp_path: Path) -> Path:
     root = tmp_path / "share"
@@ -104,9 +121,7 @@ async def test_what_is_not_a_recording_on_the_share_fails_the_call_with_the_reas
 
 async def test_a_recording_still_being_written_is_copied_once_it_stops_changing(
         tmp_path: Path, share: Path, audio_dir: Path) -> None:
-    whole = (audio_dir / "es-billing-angry.wav").read_bytes()
-    growing = share / "2026" / "11" / "growing.wav"
-    growing.write_bytes(whole[:4096])  # the recorder posts the webhook while it writes the rest
+    whole, growing = begun_recording(share, audio_dir, "growing.wav")  # the webhook comes while it writes the rest
     async with running_ingest(tmp_path, file_roots=(str(share),), file_settle_seconds=0.5) as ingest:
         await post(ingest.url, json.dumps({"call_id": "nas-6", "recording_url": growing.as_uri()}))
         step = -(-(len(whole) - 4096) // 12)
@@ -114,17 +129,12 @@ async def test_a_recording_still_being_written_is_copied_once_it_stops_changing(
             await asyncio.sleep(0.1)
             with growing.open("ab") as out:
                 out.write(whole[start:start + step])
-        await wait_for(ingest.url, "nas-6", past_the_copy)
-        job = await ingest.store.get("nas-6")
-        assert job is not None and job.recording_path is not None
-        assert Path(job.recording_path).read_bytes() == whole
+        await assert_copied_whole(ingest, "nas-6", whole)
 
 
 async def test_a_recording_still_being_written_leaves_its_download_slot_to_other_calls(
         tmp_path: Path, share: Path, audio_dir: Path) -> None:
-    whole = (audio_dir / "es-billing-angry.wav").read_bytes()
-    growing = share / "2026" / "11" / "growing.wav"
-    growing.write_bytes(whole[:4096])
+    whole, growing = begun_recording(share, audio_dir, "growing.wav")
     done = share / "2026" / "11" / "done.wav"
     done.write_bytes(whole)
     os.utime(done, (0, 0))  # written long ago
@@ -153,17 +163,12 @@ async def test_a_recording_still_being_written_leaves_its_download_slot_to_other
             assert written < len(whole) and not recorder.done()  # while the first call's recording still grows
         finally:
             await recorder
-        await wait_for(ingest.url, "nas-10", past_the_copy)
-        job = await ingest.store.get("nas-10")
-        assert job is not None and job.recording_path is not None
-        assert Path(job.recording_path).read_bytes() == whole
+        await assert_copied_whole(ingest, "nas-10", whole)
 
 
 async def test_a_recording_still_written_long_after_its_webhook_uses_up_the_attempts(
         tmp_path: Path, share: Path, audio_dir: Path) -> None:
-    whole = (audio_dir / "es-billing-angry.wav").read_bytes()
-    growing = share / "2026" / "11" / "live.wav"
-    growing.write_bytes(whole[:4096])
+    whole, growing = begun_recording(share, audio_dir, "live.wav")
 
     async def record() -> None:  # a file that never stops changing (a live recording, not the call's)
         while True:
@@ -200,11 +205,8 @@ async def test_a_recording_that_changed_while_it_was_copied_is_copied_again(
 
         monkeypatch.setattr(downloader, "_save", save_while_the_recorder_writes)
         await post(ingest.url, json.dumps({"call_id": "nas-7", "recording_url": growing.as_uri()}))
-        await wait_for(ingest.url, "nas-7", past_the_copy)
-        job = await ingest.store.get("nas-7")
-        assert job is not None and job.recording_path is not None
-        assert Path(job.recording_path).read_bytes() == whole
-        assert [p.name for p in (tmp_path / "recordings").iterdir()] == [Path(job.recording_path).name]  # no half
+        copy = await assert_copied_whole(ingest, "nas-7", whole)
+        assert [p.name for p in (tmp_path / "recordings").iterdir()] == [copy.name]  # no half
 
 
 async def test_a_call_waits_while_the_share_is_not_mounted_and_goes_on_once_it_is(
