@@ -36,8 +36,8 @@ from services.ingest.openapi import openapi_document
 from services.ingest.pipeline import PipelineWorker
 from services.ingest.signatures import SignatureRejected, WebhookVerifier
 from services.ingest.store import (
-    ANALYZING, DELIVERING, DONE, FAILED, MAX_METADATA_ENTRIES, MAX_METADATA_VALUE, METADATA_KEY_RE, STATES, Job,
-    JobOptions, JobStore, metadata_query,
+    ANALYZING, CALL_ID_RE, DELIVERING, DONE, FAILED, MAX_METADATA_ENTRIES, MAX_METADATA_VALUE, MAX_OFFSET,
+    METADATA_KEY_RE, STATES, Job, JobOptions, JobStore, metadata_query,
 )
 from services.ingest.urlpolicy import UrlPolicy, UrlRejected
 from services.ingest.web import WebPages, authorized
@@ -54,9 +54,7 @@ _meter.create_observable_counter(
 
 MAX_BODY_BYTES = 64 * 1024
 STORE_RETRY_AFTER_SECONDS = 5  # the Retry-After of a request the job store could not serve
-CALL_ID_RE = re.compile(r"[A-Za-z0-9._:@-]{1,128}")  # @: a SIP Call-ID (1234abcd@pbx.example) as it is
 MAX_PAGE = 500
-MAX_OFFSET = 2**31 - 1
 # An ISO 639 code, or a locale (BCP 47: es-MX, pt_BR, zh-Hant-TW) whose language is taken: Whisper has no regions.
 LANGUAGE_RE = re.compile(r"([a-z]{2,3})(?:[-_][a-z0-9]{1,8})*")
 STORE = web.AppKey("store", JobStore)

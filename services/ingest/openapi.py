@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from services.ingest.store import METADATA_QUERY_RE, STATES
+from services.ingest.store import CALL_ID_RE, MAX_OFFSET, METADATA_QUERY_RE, STATES
 
-CALL_ID_PATTERN = r"^[A-Za-z0-9._:@-]{1,128}$"
+CALL_ID_PATTERN = f"^{CALL_ID_RE.pattern}$"
 _TS = {"type": ["string", "null"], "format": "date-time"}
 
 
@@ -210,7 +210,7 @@ def _document() -> dict[str, Any]:
                          "description": "Only calls in this state"},
                         {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 500},
                          "description": "Page size (default 100)"},
-                        {"name": "offset", "in": "query", "schema": {"type": "integer", "minimum": 0, "maximum": 2**31 - 1},
+                        {"name": "offset", "in": "query", "schema": {"type": "integer", "minimum": 0, "maximum": MAX_OFFSET},
                          "description": "Calls to skip"},
                         {"name": "metadata", "in": "query",
                          "schema": {"type": "string", "pattern": f"^{METADATA_QUERY_RE.pattern}$"},

@@ -24,6 +24,8 @@ RECEIVED, DOWNLOADING, TRANSCRIBING, ANALYZING, DELIVERING, DONE, FAILED = (
     "received", "downloading", "transcribing", "analyzing", "delivering", "done", "failed")
 STATES = (RECEIVED, DOWNLOADING, TRANSCRIBING, ANALYZING, DELIVERING, DONE, FAILED)
 ACTIVE_STATES = (RECEIVED, DOWNLOADING, TRANSCRIBING, ANALYZING, DELIVERING)
+CALL_ID_RE = re.compile(r"[A-Za-z0-9._:@-]{1,128}")  # @: a SIP Call-ID (1234abcd@pbx.example) as it is
+MAX_OFFSET = 2**31 - 1  # the furthest a page of calls may start (PostgreSQL's integer)
 # The recorder's own fields about a call (the webhook's ``metadata``), kept with it and found by one of them.
 METADATA_KEY_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 MAX_METADATA_ENTRIES = 32

@@ -24,7 +24,9 @@ from urllib.parse import quote, urlencode
 from aiohttp import web
 
 from services.common.config import env_str
-from services.ingest.store import ACTIVE_STATES, DELIVERING, DONE, FAILED, STATES, Job, JobStore, metadata_query
+from services.ingest.store import (
+    ACTIVE_STATES, DELIVERING, DONE, FAILED, MAX_OFFSET, STATES, Job, JobStore, metadata_query,
+)
 
 TOKEN_COOKIE = "callmesh_token"
 POLL_MS = 2000
@@ -138,7 +140,7 @@ class WebPages:
         if status not in STATES:
             status = None
         try:
-            offset = max(0, min(int(request.query.get("offset", "0")), 2**31 - 1))
+            offset = max(0, min(int(request.query.get("offset", "0")), MAX_OFFSET))
         except ValueError:
             offset = 0
         find = request.query.get("find", "").strip()
