@@ -12,6 +12,7 @@ import asyncio
 import json
 import os
 import shutil
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -164,6 +165,17 @@ async def test_a_recording_still_being_written_leaves_its_download_slot_to_other
         finally:
             await recorder
         await assert_copied_whole(ingest, "nas-10", whole)
+
+
+async def test_a_recording_dated_ahead_of_this_machines_clock_is_copied_once_it_stays_unchanged(
+        tmp_path: Path, share: Path, audio_dir: Path) -> None:
+    whole, recording = begun_recording(share, audio_dir, "ahead.wav")
+    recording.write_bytes(whole)
+    ahead = time.time() + 3600  # the share's server keeps another time
+    os.utime(recording, (ahead, ahead))
+    async with running_ingest(tmp_path, file_roots=(str(share),), file_settle_seconds=0.3) as ingest:
+        await post(ingest.url, json.dumps({"call_id": "nas-13", "recording_url": recording.as_uri()}))
+        await assert_copied_whole(ingest, "nas-13", whole)
 
 
 async def test_a_recording_still_written_long_after_its_webhook_uses_up_the_attempts(

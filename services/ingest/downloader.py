@@ -283,17 +283,22 @@ class Downloader:
                             permanent=False, still_written_for=again)
 
     async def _until_settled(self, path: str, settle: float) -> None:
-        """Return once the file at ``path`` has not changed for ``settle`` seconds, by its time of change or, when
-        that is recent or ahead of this machine's clock (a share's server may keep another time), by looking
-        again after ``settle`` seconds; raise a :class:`DownloadError` with ``still_written_for`` when it changed
-        meanwhile. A file that is not there is left to the open, which says so."""
+        """Return once the file at ``path`` has not changed for ``settle`` seconds; raise a :class:`DownloadError`
+        with ``still_written_for`` while it has. Its time of change tells, unless that is ahead of this machine's
+        clock (a share's server may keep another time): then the file is looked at again after ``settle`` seconds.
+        A file that is not there is left to the open, which says so."""
         if settle <= 0:
             return
         seen = await asyncio.to_thread(_version_at, path)
-        if seen is None or 0 <= time.time() - seen[1] / 1e9 >= settle:
+        age = None if seen is None else time.time() - seen[1] / 1e9
+        if age is None or age >= settle:
             return
-        log.info("%s was changed %.1f s ago: looking again in %.1f s (RECORDING_FILE_SETTLE_SECONDS)",
-                 path, time.time() - seen[1] / 1e9, settle)
+        if age >= 0:
+            raise DownloadError(f"{path} is still being written: it changed {age:.1f} s ago; it is copied once it "
+                                f"has not changed for {settle:.1f} s (RECORDING_FILE_SETTLE_SECONDS)",
+                                permanent=False, still_written_for=settle - age)
+        log.info("%s was changed %.1f s ahead of this machine's clock: looking again in %.1f s "
+                 "(RECORDING_FILE_SETTLE_SECONDS)", path, -age, settle)
         await asyncio.sleep(settle)
         now = await asyncio.to_thread(_version_at, path)
         if now == seen or now is None:
