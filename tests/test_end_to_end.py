@@ -273,6 +273,7 @@ async def test_every_service_exposes_prometheus_metrics(world: World, two_calls:
     assert metric(analyze, "callmesh_llm_tokens_per_second_sum", purpose="analysis") > 0
     assert metric(crm, "callmesh_crm_delivery_attempts_total", outcome="delivered") >= 2
     assert metric(crm, "callmesh_crm_queued") == 0
+    assert metric(crm, "callmesh_store_write_duration_seconds_count", store="crm.outbox", engine="sqlite") >= 2
 
 
 async def test_recording_that_does_not_decode_fails_at_transcribing(world: World) -> None:

@@ -6,6 +6,7 @@ import asyncio
 import collections
 import json
 import logging
+import re
 import shutil
 import urllib.error
 import urllib.parse
@@ -574,6 +575,40 @@ async def test_a_connection_that_sends_no_whole_request_is_closed_after_the_read
             assert await asyncio.wait_for(reader.read(), 10) == b""  # closed by ingest, not by this test's wait
         finally:
             writer.close()
+
+
+@pytest.mark.parametrize("engine", ["sqlite", "postgresql"])
+def test_each_write_to_the_job_store_is_timed_in_the_metrics(tmp_path: Path, request: pytest.FixtureRequest,
+                                                             engine: str) -> None:
+    """callmesh_store_write_duration_seconds: from a transaction's start to its commit on disk (or on the server),
+    what every webhook waits for; a disk whose syncs stall shows there (alert CallmeshStoreWritesSlow)."""
+    database = {"DATABASE_URL": request.getfixturevalue("pg_url")} if engine == "postgresql" else {}
+    mesh = new_mesh({"INGEST_PORT": "0", "CALLMESH_DATA_DIR": str(tmp_path), "TRANSCRIBE_ADDR": UNUSED,
+                     "ANALYZE_ADDR": UNUSED, "CRM_SYNC_ADDR": UNUSED, "RECORDING_ALLOWED_NETWORKS": "127.0.0.0/8",
+                     **database}, tmp_path / "mesh")
+
+    def writes() -> tuple[float, float]:
+        with urllib.request.urlopen(f"{mesh.ingest_url}/metrics", timeout=10) as resp:
+            scrape = resp.read().decode()
+        found = {name: float(value) for name, labels, value in re.findall(
+            r'^(callmesh_store_write_duration_seconds_(?:count|sum))\{([^}]*)\} (\S+)$', scrape, re.M)
+            if 'store="ingest.jobs"' in labels and f'engine="{engine}"' in labels}
+        return found.get("callmesh_store_write_duration_seconds_count", 0.0), \
+            found.get("callmesh_store_write_duration_seconds_sum", 0.0)
+
+    try:
+        mesh.start_service("ingest", timeout=60)
+        before, _ = writes()
+        body = json.dumps({"call_id": f"timed-{engine}", "recording_url": "http://127.0.0.1:9/a.wav"}).encode()
+        sent = urllib.request.Request(f"{mesh.ingest_url}/v1/calls", data=body, method="POST",
+                                      headers={**signed_headers(mesh.webhook_secret, body),
+                                               "Content-Type": "application/json"})
+        with urllib.request.urlopen(sent, timeout=10) as resp:
+            assert resp.status == 202
+        count, seconds = writes()
+    finally:
+        mesh.stop()
+    assert count >= before + 1 and seconds > 0  # the webhook's own write, at least
 
 
 def test_ingest_serves_its_metrics_apart_from_the_api_when_told_where(tmp_path) -> None:

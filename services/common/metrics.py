@@ -25,6 +25,19 @@ REFRESH = web.AppKey("metrics_refresh", list)
 DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 
 
+# Bucket bounds (seconds) for a store's writes: a commit on a quiet SSD takes a millisecond or less.
+STORE_WRITE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+def store_write_seconds() -> metrics.Histogram:
+    """``callmesh.store.write.duration``: one write transaction of a store, from its start to its commit on disk
+    (or on the PostgreSQL server), by ``store`` and ``engine``. Webhooks and every stage wait for these: a disk
+    whose syncs stall shows here first."""
+    return meter("callmesh.store").create_histogram(
+        "callmesh.store.write.duration", unit="s", explicit_bucket_boundaries_advisory=STORE_WRITE_BUCKETS,
+        description="A store's write transaction, from its start to its commit on disk (store, engine)")
+
+
 def setup_metrics(service: str) -> None:
     """Install a meter provider whose readings the Prometheus client library exposes."""
     from opentelemetry.exporter.prometheus import PrometheusMetricReader

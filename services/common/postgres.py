@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -26,6 +27,7 @@ from psycopg import errors as pg_errors
 from psycopg_pool import ConnectionPool
 
 from services.common import schema_version
+from services.common.metrics import store_write_seconds
 from services.common.schema_version import SchemaVersion
 
 T = TypeVar("T")
@@ -101,6 +103,8 @@ class AsyncPostgres:
         self._pool = ConnectionPool(url, min_size=1, max_size=pool_size, open=False, name="callmesh",
                                     kwargs={"autocommit": True, "row_factory": _row_factory},
                                     timeout=CONNECTION_WAIT_SECONDS)
+        self._writes = store_write_seconds()
+        self._write_attributes = {"store": version.store if version else "", "engine": self.name}
 
     def json_text(self, column: str, *keys: str) -> tuple[str, tuple[Any, ...]]:
         """SQL (and its parameters) for the text at ``keys`` in the JSON object of ``column``."""
@@ -141,10 +145,14 @@ class AsyncPostgres:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     def _transaction(self, fn: Callable[[Connection], T]) -> T:
+        started = time.perf_counter()
         for attempt in range(RETRIES):
             try:
-                with self._pool.connection() as conn, conn.transaction():
-                    return fn(Connection(conn))
+                with self._pool.connection() as conn:
+                    with conn.transaction():
+                        result = fn(Connection(conn))
+                    self._writes.record(time.perf_counter() - started, self._write_attributes)
+                    return result
             except (pg_errors.DeadlockDetected, pg_errors.SerializationFailure) as exc:
                 if attempt == RETRIES - 1:
                     raise

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
 from services.common import schema_version
+from services.common.metrics import store_write_seconds
 from services.common.schema_version import SchemaVersion
 
 T = TypeVar("T")
@@ -37,6 +39,8 @@ class AsyncSqlite:
         self._version = version
         self._group: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future]] = []
         self._group_task: asyncio.Task | None = None
+        self._writes = store_write_seconds()
+        self._write_attributes = {"store": version.store if version else path.stem, "engine": self.name}
 
     def next_seq(self, table: str) -> str:
         """SQL giving the next arrival number of ``table`` (one writer: the largest plus one)."""
@@ -85,10 +89,12 @@ class AsyncSqlite:
         def tx() -> T:
             assert self._conn is not None, "store not opened"
             conn = self._conn
+            started = time.perf_counter()
             conn.execute("BEGIN IMMEDIATE")
             try:
                 result = fn(conn)
                 conn.execute("COMMIT")
+                self._writes.record(time.perf_counter() - started, self._write_attributes)
             except BaseException:
                 # SQLite may have rolled the transaction back itself (a full disk, an I/O error): a ROLLBACK
                 # then fails, and its "no transaction is active" would hide the cause from the caller.
