@@ -105,6 +105,34 @@ async def test_records_a_crm_forbids_our_credentials_to_post_wait_until_it_allow
     assert [r.body["call_id"] for r in receiver.records] == ["scoped-1", "scoped-2"]
 
 
+async def test_a_403_about_one_record_fails_it_once_the_crm_takes_the_record_behind_it(
+        tmp_path: Path, receiver: CrmReceiver) -> None:
+    receiver.fail_for["locked-1"] = 403  # an account the key may not write to; the others it may
+    async with crm_service(tmp_path / "o.db", receiver) as crm:
+        await crm.stub.Deliver(crm_pb2.DeliverRequest(record=record("locked-1")))
+        alone = await wait_delivery(crm.stub, "locked-1", lambda d: d.attempts >= 2, timeout=10)
+        assert alone.state == crm_pb2.DELIVERY_STATE_QUEUED  # nothing behind it tells whose 403 it is yet
+        for call_id in ("open-2", "open-3"):
+            await crm.stub.Deliver(crm_pb2.DeliverRequest(record=record(call_id)))
+        failed = await wait_state(crm.stub, "locked-1", crm_pb2.DELIVERY_STATE_FAILED)
+        await wait_state(crm.stub, "open-3", crm_pb2.DELIVERY_STATE_DELIVERED)
+    assert "HTTP 403" in failed.last_error and "it took the next record, open-2" in failed.last_error
+    assert [r.body["call_id"] for r in receiver.records] == ["open-2", "open-3"]
+
+
+async def test_records_refused_403_alike_all_wait_and_none_fails(tmp_path: Path, receiver: CrmReceiver) -> None:
+    receiver.fail_with = 403
+    async with crm_service(tmp_path / "o.db", receiver) as crm:
+        for call_id in ("scoped-3", "scoped-4", "scoped-5"):
+            await crm.stub.Deliver(crm_pb2.DeliverRequest(record=record(call_id)))
+        head = await wait_delivery(crm.stub, "scoped-3", lambda d: d.attempts >= 3, timeout=10)
+        probed = await crm.stub.GetDelivery(crm_pb2.GetDeliveryRequest(call_id="scoped-4"))
+        last = await crm.stub.GetDelivery(crm_pb2.GetDeliveryRequest(call_id="scoped-5"))
+    assert head.state == probed.delivery.state == last.delivery.state == crm_pb2.DELIVERY_STATE_QUEUED
+    assert "HTTP 403" in probed.delivery.last_error and probed.delivery.attempts >= 1
+    assert last.delivery.attempts == 0  # it waits behind the two, never posted
+
+
 async def test_a_record_signed_with_another_secret_is_refused_by_the_crm_and_waits(
         tmp_path: Path, receiver: CrmReceiver) -> None:
     receiver.signing_secret = new_webhook_secret()

@@ -5,8 +5,10 @@ Connection errors, timeouts, 408, 425, 429 and 5xx are retried with exponential
 backoff and jitter, capped, with no limit on attempts: a CRM that is down
 for a day gets its records the day after. So are a 401 and a 403: the CRM refuses
 our credentials (or their right to post records), not the record, and would refuse
-every record alike. Any other 4xx is a permanent refusal of that record: the
-delivery is marked failed with the CRM's answer.
+every record alike. A 403 can also be about one record (an account the key may not
+write to): the record behind it is then posted, and when the CRM takes that one, the
+403 was the record's own, and it fails. Any other 4xx is a permanent refusal of that
+record: the delivery is marked failed with the CRM's answer.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import enum
 import json
 import logging
 import time
@@ -45,6 +48,14 @@ _meter.create_observable_counter(
     "callmesh.crm.delivery_attempts", description="POSTs to the CRM (outcome: delivered, retry, unauthorized (a 401 "
     "or 403: the CRM refuses our credentials; the record waits), failed)",
     callbacks=[lambda _: [Observation(n, {"outcome": outcome}) for outcome, n in attempt_outcomes.items()]])
+
+
+class Posted(enum.Enum):
+    """What became of a record's POST."""
+
+    DELIVERED = "delivered"  # the CRM has it
+    REFUSED = "refused"  # refused for good: the delivery failed
+    WAITING = "waiting"  # to be tried again, and the records behind it wait
 
 
 def _count(span: trace.Span, outcome: str) -> None:
@@ -154,22 +165,31 @@ class DeliveryWorker:
 
     async def _deliver_in_order(self, rows: list[DeliveryRow]) -> None:
         """Post oldest first; at the first transient failure the rest go back to wait behind it."""
-        for i, row in enumerate(rows):
-            if i and not self._stopping.is_set():  # the lease covers one POST: extend it for the rest
+        i = 0
+        while i < len(rows):
+            if self._stopping.is_set():
+                await self.outbox.release([r.call_id for r in rows[i:]])
+                return
+            if i:  # the lease covers one POST: extend it for the rest
                 await self.outbox.extend_lease([r.call_id for r in rows[i:]], self.settings.lease_seconds)
-            if self._stopping.is_set() or not await self._deliver(row):
-                await self.outbox.release([r.call_id for r in rows[i + 1:]])
+            posted, probed = await self._deliver(rows[i], rows[i + 1] if i + 1 < len(rows) else None)
+            i += 2 if probed else 1
+            if posted is Posted.WAITING:
+                await self.outbox.release([r.call_id for r in rows[i:]])
                 return
 
-    async def _deliver(self, row: DeliveryRow) -> bool:
-        """One POST; False when it is to be retried (the CRM is down or overloaded)."""
+    async def _deliver(self, row: DeliveryRow, behind: DeliveryRow | None = None) -> tuple[Posted, bool]:
+        """One POST, and whether the record ``behind`` it was posted too (see :meth:`_post`)."""
         try:
-            return await self._post(row)
+            return await self._post(row, behind)
         finally:
             async with self._posted:
                 self._posted.notify_all()
 
-    async def _post(self, row: DeliveryRow) -> bool:
+    async def _post(self, row: DeliveryRow, behind: DeliveryRow | None) -> tuple[Posted, bool]:
+        """POST ``row``. On a 403, the record ``behind`` it (when there is one) is posted too, to tell a refusal of
+        this record (the CRM takes the next one: this one fails) from one of our credentials (it refuses the next
+        one as well: both wait). Returns what became of ``row``, and whether ``behind`` was posted."""
         assert self._session is not None
         data = json.dumps(row.payload).encode()
         headers = {**dict(self.settings.crm_headers), "Idempotency-Key": row.idempotency_key,
@@ -193,7 +213,7 @@ class DeliveryWorker:
                     location = resp.headers.get("Location", "")
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
                 return await self._retry(row, span, untrusted_certificate(exc, "the CRM")
-                                         or f"CRM unreachable: {type(exc).__name__}: {exc}".strip())
+                                         or f"CRM unreachable: {type(exc).__name__}: {exc}".strip()), False
             span.set_attribute("http.response.status_code", status)
             if 200 <= status < 300 or status == 409:
                 await self.outbox.mark_delivered(row.call_id)
@@ -202,26 +222,38 @@ class DeliveryWorker:
             elif 300 <= status < 400:  # CRM_URL is out of date: the record waits, as for a CRM that is down
                 where = shown_url(location) if location else "nowhere"
                 return await self._retry(row, span, f"CRM answered HTTP {status}, a redirect to {where}: the record "
-                                         "was not delivered; set CRM_URL to the address the CRM takes records at")
+                                         "was not delivered; set CRM_URL to the address the CRM takes records at"), False
             elif status in (401, 403):  # who we are, not the record: every record would be refused alike
+                probed = False
+                if status == 403 and behind is not None:  # unless the CRM takes the next record with the same key
+                    probed = True
+                    if (await self._deliver(behind))[0] is Posted.DELIVERED:
+                        return await self._refused(row, span, status, f"CRM refused the record: HTTP 403: {body} (it "
+                                                   f"took the next record, {behind.call_id}, with the same "
+                                                   "credentials)"), True
                 refused, wanted = (("Callmesh's credentials", "match what the CRM expects") if status == 401 else
                                    ("Callmesh's credentials the right to post records", "name a credential the CRM "
                                     "allows to post records"))
                 return await self._retry(row, span, f"CRM answered HTTP {status}, refusing {refused}: {body}; the "
                                          f"records wait until CRM_TOKEN, CRM_HEADERS or CRM_SIGNING_SECRET {wanted}",
-                                         outcome="unauthorized")
+                                         outcome="unauthorized"), probed
             elif status >= 500 or status in RETRYABLE_STATUS:
-                return await self._retry(row, span, f"CRM answered HTTP {status}: {body}")
+                return await self._retry(row, span, f"CRM answered HTTP {status}: {body}"), False
             else:
-                await self.outbox.mark_failed(row.call_id, f"CRM refused the record: HTTP {status}: {body}")
-                _count(span, "failed")
-                log.error("the CRM refused the record permanently: HTTP %d", status)
-            return True
+                return await self._refused(row, span, status, f"CRM refused the record: HTTP {status}: {body}"), False
+            return Posted.DELIVERED, False
 
-    async def _retry(self, row: DeliveryRow, span: trace.Span, error: str, outcome: str = "retry") -> bool:
-        """Keep the record queued for its next attempt, saying why; False: it is to be retried."""
+    async def _refused(self, row: DeliveryRow, span: trace.Span, status: int, error: str) -> Posted:
+        """The CRM refused the record for good (HTTP ``status``): its delivery fails, saying why."""
+        await self.outbox.mark_failed(row.call_id, error)
+        _count(span, "failed")
+        log.error("the CRM refused the record permanently: HTTP %d", status)
+        return Posted.REFUSED
+
+    async def _retry(self, row: DeliveryRow, span: trace.Span, error: str, outcome: str = "retry") -> Posted:
+        """Keep the record queued for its next attempt, saying why."""
         delay = backoff_delay(row.attempts, self.settings.backoff_initial, self.settings.backoff_max)
         await self.outbox.mark_retry(row.call_id, error, time.time() + delay)
         log.warning("delivery attempt %d failed (%s); next try in %.1f s", row.attempts + 1, error, delay)
         _count(span, outcome)
-        return False
+        return Posted.WAITING
