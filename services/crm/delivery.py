@@ -226,7 +226,8 @@ class DeliveryWorker:
             elif status in (401, 403):  # who we are, not the record: every record would be refused alike
                 probed = False
                 if status == 403 and behind is not None:  # unless the CRM takes the next record with the same key
-                    probed = True
+                    probed = True  # the lease covers one POST: both are held for the next one
+                    await self.outbox.extend_lease([row.call_id, behind.call_id], self.settings.lease_seconds)
                     if (await self._deliver(behind))[0] is Posted.DELIVERED:
                         return await self._refused(row, span, status, f"CRM refused the record: HTTP 403: {body} (it "
                                                    f"took the next record, {behind.call_id}, with the same "
