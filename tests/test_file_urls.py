@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import shutil
 import time
@@ -165,6 +166,22 @@ async def test_a_recording_still_being_written_leaves_its_download_slot_to_other
         finally:
             await recorder
         await assert_copied_whole(ingest, "nas-10", whole)
+
+
+async def test_a_recording_still_being_written_is_logged_once_and_each_look_after_at_debug(
+        tmp_path: Path, share: Path, audio_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="services.ingest.pipeline")
+    whole, growing = begun_recording(share, audio_dir, "chatty.wav")
+    async with running_ingest(tmp_path, file_roots=(str(share),), file_settle_seconds=0.2) as ingest:
+        await post(ingest.url, json.dumps({"call_id": "nas-14", "recording_url": growing.as_uri()}))
+        step = -(-(len(whole) - 4096) // 15)
+        for start in range(4096, len(whole), step):  # a piece every 0.1 s for 1.5 s
+            await asyncio.sleep(0.1)
+            with growing.open("ab") as out:
+                out.write(whole[start:start + step])
+        await assert_copied_whole(ingest, "nas-14", whole)
+    looks = [r for r in caplog.records if "is still being written" in r.getMessage()]
+    assert len(looks) >= 3 and [r.levelno for r in looks].count(logging.INFO) == 1
 
 
 async def test_a_recording_dated_ahead_of_this_machines_clock_is_copied_once_it_stays_unchanged(

@@ -142,6 +142,7 @@ class PipelineWorker:
         # a backlog at the LLM or the CRM never keeps the transcriber from the next recording.
         self._front: set[str] = set()
         self._back: set[str] = set()
+        self._early: set[str] = set()  # calls looked at again later (a recording still being written): logged once
         self._loop_task: asyncio.Task | None = None
         self._sweep_task: asyncio.Task | None = None
 
@@ -353,8 +354,11 @@ class PipelineWorker:
         if exc.retry_in is not None:
             await self.store.update(job.call_id, self.owner, release=True, error=str(exc), error_stage=job.state,
                                     next_attempt_at=time.time() + exc.retry_in)
-            log.info("%s; looking again in %.1f s", exc, exc.retry_in)
+            level = logging.DEBUG if job.call_id in self._early else logging.INFO  # the status has each look
+            self._early.add(job.call_id)
+            log.log(level, "%s; looking again in %.1f s", exc, exc.retry_in)
             return
+        self._early.discard(job.call_id)
         attempts = job.attempts + 1
         if exc.permanent or (attempts >= self.settings.max_attempts and not exc.waiting):
             reason = str(exc) if exc.permanent else f"{exc} (gave up after {attempts} attempts)"
@@ -382,6 +386,7 @@ class PipelineWorker:
             if exc.still_written_for is not None:
                 self._still_written(job, exc.still_written_for, exc)
             raise StageError(f"download: {exc}", permanent=exc.permanent, waiting=exc.waiting) from exc
+        self._early.discard(job.call_id)
         log.info("downloaded %d bytes", downloaded.size)
         return TRANSCRIBING, {"recording_path": str(downloaded.path)}
 
