@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from dataclasses import dataclass, field
@@ -12,7 +13,7 @@ from services.common.config import (
     env_int, env_list, env_str,
 )
 from services.common.https import outbound_tls_ca
-from services.common.webhooks import webhook_secret
+from services.common.webhooks import Webhook, webhook_secret
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,12 @@ class CrmSettings:
     crm_headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)  # sent with every POST (CRM_HEADERS)
     signing_secret: str = field(default="", repr=False)  # whsec_…: every POST signed (Standard Webhooks)
 
+    @functools.cached_property
+    def signer(self) -> Webhook | None:
+        """CRM_SIGNING_SECRET, parsed once: what signs each POST (None: unsigned); a :class:`ConfigError` when it
+        is not ``whsec_<base64>``."""
+        return webhook_secret("CRM_SIGNING_SECRET", self.signing_secret) if self.signing_secret else None
+
     @classmethod
     def from_env(cls) -> "CrmSettings":
         settings = cls(
@@ -52,8 +59,7 @@ class CrmSettings:
             crm_headers=crm_headers(),
             signing_secret=env_str("CRM_SIGNING_SECRET", ""),
         )
-        if settings.signing_secret:
-            webhook_secret("CRM_SIGNING_SECRET", settings.signing_secret)  # refused at start, not at each POST
+        settings.signer  # a secret that is not whsec_<base64> is refused at start, not at each POST
         if settings.crm_token and any(name.lower() == "authorization" for name, _ in settings.crm_headers):
             raise ConfigError("CRM_TOKEN and an Authorization header in CRM_HEADERS are both set: keep one")
         if settings.lease_seconds <= settings.timeout_seconds:

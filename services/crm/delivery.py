@@ -32,7 +32,7 @@ from services.common.logs import call_context
 from services.common.metrics import meter
 from services.common.retry import backoff_delay, sleep_or_wake
 from services.common.telemetry import client_trace_config, context_from, shown_url, tracer
-from services.common.webhooks import signature_headers, webhook_secret
+from services.common.webhooks import signature_headers
 from services.crm.config import CrmSettings
 from services.crm.outbox import DeliveryRow, Outbox
 
@@ -88,7 +88,7 @@ class DeliveryWorker:
         self._expiry: asyncio.Task | None = None
         self._session: aiohttp.ClientSession | None = None
         self._posted = asyncio.Condition()  # notified each time a POST's outcome is stored
-        self._signer = webhook_secret("CRM_SIGNING_SECRET", settings.signing_secret) if settings.signing_secret else None
+        self._signer = settings.signer
 
     def wake(self) -> None:
         self._wake.set()
