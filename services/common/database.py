@@ -62,7 +62,6 @@ async def watch_schema_version(db: Database, version: SchemaVersion, stop: async
     Callmesh has upgraded them, log it, set ``stop`` (the service drains and stops as on SIGTERM) and return the
     reason, which the service raises once it has stopped. A store that does not answer is looked at again next
     time (the work that needs it reports the outage)."""
-    where = str(db.path) if isinstance(db, AsyncSqlite) else "DATABASE_URL"
     while not stop.is_set():
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), interval)
@@ -71,7 +70,7 @@ async def watch_schema_version(db: Database, version: SchemaVersion, stop: async
             row = await db.fetchone(schema_version.READ, (version.store,))
         except UNAVAILABLE_ERRORS:
             continue
-        if row is not None and (newer := version.newer(row["version"], where)) is not None:
+        if row is not None and (newer := version.newer(row["version"], db.where)) is not None:
             log.error("%s", newer)
             stop.set()
             return newer

@@ -94,6 +94,7 @@ class AsyncPostgres:
     def __init__(self, url: str, schema: str, sequences: tuple[str, ...] = (), *, pool_size: int = 4,
                  connect_timeout: float = 30.0, version: SchemaVersion | None = None) -> None:
         self.url = url
+        self.where = "DATABASE_URL"  # how messages name the database (the URL may hold a password)
         self._schema = schema
         self._version = version
         self._closed = False
@@ -124,13 +125,13 @@ class AsyncPostgres:
                 c.execute(schema_version.TABLE)
                 row = c.execute(schema_version.READ, (self._version.store,)).fetchone()
                 found = row["version"] if row else None
-                self._version.check(found, "DATABASE_URL")
+                self._version.check(found, self.where)
             for table in self._sequences:
                 c.execute(f"CREATE SEQUENCE IF NOT EXISTS {table}_arrival")
             for statement in schema_version.statements(self._schema):
                 c.execute(statement)
             if self._version is not None:
-                self._version.record(c, found, "DATABASE_URL")
+                self._version.record(c, found, self.where)
 
         self._transaction(create)
 

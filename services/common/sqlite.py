@@ -33,6 +33,7 @@ class AsyncSqlite:
     def __init__(self, path: Path, schema: str, version: SchemaVersion | None = None) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
+        self.where = str(path)  # how messages name the database
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"sqlite-{path.stem}")
         self._conn: sqlite3.Connection | None = None
         self._schema = schema
@@ -64,11 +65,11 @@ class AsyncSqlite:
                 conn.execute(schema_version.TABLE)
                 row = conn.execute(schema_version.READ, (self._version.store,)).fetchone()
                 found = row[0] if row else None
-                self._version.check(found, str(self.path))
+                self._version.check(found, self.where)
             for statement in schema_version.statements(self._schema):
                 conn.execute(statement)
             if self._version is not None:
-                self._version.record(conn, found, str(self.path))
+                self._version.record(conn, found, self.where)
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
