@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
 import subprocess
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from callmesh.standins import CrmReceiver, Recorder, post_webhook
 from services.common.config import PLAINTEXT, TlsSettings
 from services.common.grpc_server import client_channel
 from tests.otlp_receiver import OtlpReceiver
+from tests.prometheus import metric
 from tests.tls import Authority, mtls_env
 from tests.tools import system_tool
 
@@ -221,20 +221,6 @@ async def test_one_trace_spans_all_four_services(world: World, two_calls: dict[s
     assert all(s.parent_span_id in ids for s in trace if s.parent_span_id)
     other = two_calls["en"]["trace_id"]
     assert other != trace_id and not set(world.otlp.trace(other)) & set(trace)
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    """The sum of a Prometheus metric's samples whose labels include ``labels``."""
-    total, found = 0.0, False
-    for line in text.splitlines():
-        if not (line.startswith(name + "{") or line.startswith(name + " ")):
-            continue
-        body, value = line.rsplit(" ", 1)
-        have = dict(re.findall(r'(\w+)="([^"]*)"', body))
-        if all(have.get(k) == v for k, v in labels.items()):
-            total, found = total + float(value), True
-    assert found, f"no {name} {labels} in the scrape"
-    return total
 
 
 async def test_every_services_metrics_pass_promtools_checks(world: World, two_calls: dict[str, dict]) -> None:

@@ -6,7 +6,6 @@ import asyncio
 import collections
 import json
 import logging
-import re
 import shutil
 import urllib.error
 import urllib.parse
@@ -28,6 +27,7 @@ from services.common.lifecycle import start_site
 from services.ingest.api import _webhooks as webhook_outcomes_counter
 from services.ingest.api import create_app
 from tests.ingest_harness import SECRET, UNUSED, VERIFIER, Ingest, post, running_ingest, wait_for, wait_for_state
+from tests.prometheus import metric
 from tests.spans import SPANS
 from tests.tls import company_ca
 
@@ -590,11 +590,8 @@ def test_each_write_to_the_job_store_is_timed_in_the_metrics(tmp_path: Path, req
     def writes() -> tuple[float, float]:
         with urllib.request.urlopen(f"{mesh.ingest_url}/metrics", timeout=10) as resp:
             scrape = resp.read().decode()
-        found = {name: float(value) for name, labels, value in re.findall(
-            r'^(callmesh_store_write_duration_seconds_(?:count|sum))\{([^}]*)\} (\S+)$', scrape, re.M)
-            if 'store="ingest.jobs"' in labels and f'engine="{engine}"' in labels}
-        return found.get("callmesh_store_write_duration_seconds_count", 0.0), \
-            found.get("callmesh_store_write_duration_seconds_sum", 0.0)
+        return tuple(metric(scrape, f"callmesh_store_write_duration_seconds_{part}", store="ingest.jobs",
+                            engine=engine) for part in ("count", "sum"))
 
     try:
         mesh.start_service("ingest", timeout=60)
