@@ -41,6 +41,8 @@ _CHUNK_BYTES = 256 * 1024
 RECORDING_SUFFIX = ".audio"  # a complete recording, under a name made here
 PARTIAL_SUFFIX = ".partial"  # a recording still being written
 _MIN_SETTLE_AFTER_CHANGE = 0.25  # seconds a file that changed while it was copied is left before the next copy
+# Files on the share dated ahead of this machine's clock, as last seen (version, monotonic time): at most this many.
+_AHEAD_KEPT = 4096
 ROOM_CHECK_BYTES = 4 * 1024 * 1024  # the free space is looked at again after each this many bytes written
 
 
@@ -115,6 +117,8 @@ class Downloader:
         self.settings = settings
         self.policy = UrlPolicy(settings.allowed_hosts, settings.allowed_networks, settings.file_roots)
         self._https = https_context(settings.tls_ca)
+        # A share's file whose time of change is ahead of this machine's clock: what it looked like, and when.
+        self._ahead: dict[str, tuple[tuple[int, int], float]] = {}
         settings.directory.mkdir(parents=True, exist_ok=True)
 
     def remove_orphans(self, in_use: Collection[str], older_than: float) -> list[Path]:
@@ -284,29 +288,44 @@ class Downloader:
 
     async def _until_settled(self, path: str, settle: float) -> None:
         """Return once the file at ``path`` has not changed for ``settle`` seconds; raise a :class:`DownloadError`
-        with ``still_written_for`` while it has. Its time of change tells, unless that is ahead of this machine's
-        clock (a share's server may keep another time): then the file is looked at again after ``settle`` seconds.
-        A file that is not there is left to the open, which says so."""
+        with ``still_written_for`` while it has (or may have). Its time of change tells, unless that is ahead of this
+        machine's clock (a share's server may keep another time): then what the file looked like is kept here, and
+        the file is copied once a later look, ``settle`` seconds on or more, finds it the same. The call holds no
+        download slot in between. A file that is not there is left to the open, which says so."""
         if settle <= 0:
             return
         seen = await asyncio.to_thread(_version_at, path)
-        age = None if seen is None else time.time() - seen[1] / 1e9
-        if age is None or age >= settle:
+        if seen is None:
+            return
+        age = time.time() - seen[1] / 1e9
+        if age >= settle:
             return
         if age >= 0:
             raise DownloadError(f"{path} is still being written: it changed {age:.1f} s ago; it is copied once it "
                                 f"has not changed for {settle:.1f} s (RECORDING_FILE_SETTLE_SECONDS)",
                                 permanent=False, still_written_for=settle - age)
-        log.info("%s was changed %.1f s ahead of this machine's clock: looking again in %.1f s "
-                 "(RECORDING_FILE_SETTLE_SECONDS)", path, -age, settle)
-        await asyncio.sleep(settle)
-        now = await asyncio.to_thread(_version_at, path)
-        if now == seen or now is None:
-            trace.get_current_span().set_attribute("recording.settle_wait_seconds", settle)
-            return
-        raise DownloadError(f"{path} is still being written: it changed in the last {settle:.1f} s; it is copied "
-                            f"once it has not changed for that long (RECORDING_FILE_SETTLE_SECONDS)",
-                            permanent=False, still_written_for=settle)
+        before = self._ahead.pop(path, None)
+        now = time.monotonic()
+        if before is not None and before[0] == seen:
+            unchanged_for = now - before[1]
+            if unchanged_for >= settle:
+                trace.get_current_span().set_attribute("recording.unchanged_seconds", unchanged_for)
+                return
+            self._ahead[path] = before
+            look_again_in = settle - unchanged_for
+        else:
+            self._ahead[path] = (seen, now)
+            while len(self._ahead) > _AHEAD_KEPT:  # calls that failed or moved on meanwhile: the oldest go
+                del self._ahead[next(iter(self._ahead))]
+            look_again_in = settle
+        if before is not None and before[0] != seen:
+            raise DownloadError(f"{path} is still being written: it changed since it was looked at; it is copied "
+                                f"once it has not changed for {settle:.1f} s (RECORDING_FILE_SETTLE_SECONDS)",
+                                permanent=False, still_written_for=look_again_in)
+        raise DownloadError(f"{path} is dated {-age:.1f} s ahead of this machine's clock, so its time of change "
+                            f"cannot tell whether it is still being written: it is copied once it is seen unchanged "
+                            f"for {settle:.1f} s (RECORDING_FILE_SETTLE_SECONDS)",
+                            permanent=False, still_written_for=look_again_in)
 
     def _open_on_share(self, path: str) -> BinaryIO:
         """Open the recording at ``path`` once its links are followed, if it is still under RECORDING_FILE_ROOTS, is
