@@ -134,23 +134,34 @@ async def test_a_recording_still_being_written_is_copied_once_it_stops_changing(
         await assert_copied_whole(ingest, "nas-6", whole)
 
 
-async def test_a_recording_still_being_written_leaves_its_download_slot_to_other_calls(
-        tmp_path: Path, share: Path, audio_dir: Path) -> None:
+async def assert_slot_left_to_another_call(tmp_path: Path, share: Path, audio_dir: Path, pieces: int,
+                                          message: str, dated: float | None = None) -> None:
+    """With one download slot, a call whose recording the recorder writes in ``pieces`` pieces, one every 0.1 s
+    (each change dated ``dated`` seconds on, if given, as a share's server that keeps another time does), waits
+    with ``message`` in its status and none of its attempts used, while a second call's recording is copied; then
+    the first is copied whole."""
     whole, growing = begun_recording(share, audio_dir, "growing.wav")
     done = share / "2026" / "11" / "done.wav"
     done.write_bytes(whole)
     os.utime(done, (0, 0))  # written long ago
-    step = -(-(len(whole) - 4096) // 100)
+    step = -(-(len(whole) - 4096) // pieces)
     written = 4096
 
-    async def record() -> None:  # a piece every 0.1 s, for 10 s unless stopped
+    def date_it() -> None:
+        if dated is not None:
+            when = time.time() + dated
+            os.utime(growing, (when, when))
+
+    async def record() -> None:
         nonlocal written
         while written < len(whole):
             await asyncio.sleep(0.1)
             with growing.open("ab") as out:
                 out.write(whole[written:written + step])
             written += step
+            date_it()
 
+    date_it()
     # One download slot; a copy may take 30 s, so a wait inside it would outlast the writing.
     async with running_ingest(tmp_path, file_roots=(str(share),), file_settle_seconds=0.5, total_timeout=30,
                               concurrency=1) as ingest:
@@ -159,13 +170,18 @@ async def test_a_recording_still_being_written_leaves_its_download_slot_to_other
             await post(ingest.url, json.dumps({"call_id": "nas-10", "recording_url": growing.as_uri()}))
             waiting = await wait_for(ingest.url, "nas-10", lambda s: s["error"] is not None, timeout=5)
             assert waiting["status"] == "downloading" and waiting["attempts"] == 0
-            assert "is still being written" in waiting["error"]["message"]
+            assert message in waiting["error"]["message"]
             await post(ingest.url, json.dumps({"call_id": "nas-11", "recording_url": done.as_uri()}))
             await wait_for(ingest.url, "nas-11", past_the_copy, timeout=5)
             assert written < len(whole) and not recorder.done()  # while the first call's recording still grows
         finally:
             await recorder
         await assert_copied_whole(ingest, "nas-10", whole)
+
+
+async def test_a_recording_still_being_written_leaves_its_download_slot_to_other_calls(
+        tmp_path: Path, share: Path, audio_dir: Path) -> None:
+    await assert_slot_left_to_another_call(tmp_path, share, audio_dir, 100, "is still being written")
 
 
 async def test_a_recording_still_being_written_is_logged_once_and_each_look_after_at_debug(
@@ -197,38 +213,8 @@ async def test_a_recording_dated_ahead_of_this_machines_clock_is_copied_once_it_
 
 async def test_a_recording_dated_ahead_of_the_clock_and_still_written_leaves_its_download_slot_to_other_calls(
         tmp_path: Path, share: Path, audio_dir: Path) -> None:
-    whole, growing = begun_recording(share, audio_dir, "ahead-growing.wav")
-    done = share / "2026" / "11" / "done.wav"
-    done.write_bytes(whole)
-    os.utime(done, (0, 0))
-    ahead = time.time() + 3600  # the share's server keeps another time: each change is dated an hour on
-    step = -(-(len(whole) - 4096) // 60)
-    written = 4096
-
-    async def record() -> None:  # a piece every 0.1 s, for 6 s
-        nonlocal written
-        while written < len(whole):
-            await asyncio.sleep(0.1)
-            with growing.open("ab") as out:
-                out.write(whole[written:written + step])
-            written += step
-            os.utime(growing, (ahead + written / 1e6, ahead + written / 1e6))
-
-    os.utime(growing, (ahead, ahead))
-    async with running_ingest(tmp_path, file_roots=(str(share),), file_settle_seconds=0.5, total_timeout=30,
-                              concurrency=1) as ingest:
-        recorder = asyncio.create_task(record())
-        try:
-            await post(ingest.url, json.dumps({"call_id": "nas-15", "recording_url": growing.as_uri()}))
-            waiting = await wait_for(ingest.url, "nas-15", lambda s: s["error"] is not None, timeout=5)
-            assert waiting["status"] == "downloading" and waiting["attempts"] == 0
-            assert "ahead of this machine's clock" in waiting["error"]["message"]
-            await post(ingest.url, json.dumps({"call_id": "nas-16", "recording_url": done.as_uri()}))
-            await wait_for(ingest.url, "nas-16", past_the_copy, timeout=5)
-            assert written < len(whole) and not recorder.done()  # while the first call's recording still grows
-        finally:
-            await recorder
-        await assert_copied_whole(ingest, "nas-15", whole)
+    await assert_slot_left_to_another_call(tmp_path, share, audio_dir, 60, "ahead of this machine's clock",
+                                           dated=3600)
 
 
 async def test_a_recording_still_written_long_after_its_webhook_uses_up_the_attempts(
