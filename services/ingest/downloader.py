@@ -318,14 +318,11 @@ class Downloader:
             while len(self._ahead) > _AHEAD_KEPT:  # calls that failed or moved on meanwhile: the oldest go
                 del self._ahead[next(iter(self._ahead))]
             look_again_in = settle
-        if before is not None and before[0] != seen:
-            raise DownloadError(f"{path} is still being written: it changed since it was looked at; it is copied "
-                                f"once it has not changed for {settle:.1f} s (RECORDING_FILE_SETTLE_SECONDS)",
-                                permanent=False, still_written_for=look_again_in)
-        raise DownloadError(f"{path} is dated {-age:.1f} s ahead of this machine's clock, so its time of change "
-                            f"cannot tell whether it is still being written: it is copied once it is seen unchanged "
-                            f"for {settle:.1f} s (RECORDING_FILE_SETTLE_SECONDS)",
-                            permanent=False, still_written_for=look_again_in)
+        why = ("is still being written: it changed since it was looked at" if before is not None and before[0] != seen
+               else f"is dated {-age:.1f} s ahead of this machine's clock, so its time of change cannot tell whether "
+                    "it is still being written")
+        raise DownloadError(f"{path} {why}: it is copied once it is seen unchanged for {settle:.1f} s "
+                            "(RECORDING_FILE_SETTLE_SECONDS)", permanent=False, still_written_for=look_again_in)
 
     def _open_on_share(self, path: str) -> BinaryIO:
         """Open the recording at ``path`` once its links are followed, if it is still under RECORDING_FILE_ROOTS, is
