@@ -217,6 +217,22 @@ async def test_a_recording_dated_ahead_of_the_clock_and_still_written_leaves_its
                                            dated=3600)
 
 
+async def test_a_recording_dated_ahead_of_the_clock_long_after_its_webhook_is_copied_without_using_attempts(
+        tmp_path: Path, share: Path, audio_dir: Path) -> None:
+    whole = (audio_dir / "es-billing-angry.wav").read_bytes()
+    late = share / "2026" / "11" / "late.wav"
+    async with running_ingest(tmp_path, file_roots=(str(share),), file_settle_seconds=0.5, total_timeout=1,
+                              not_ready_seconds=60) as ingest:
+        await post(ingest.url, json.dumps({"call_id": "nas-17", "recording_url": late.as_uri()}))
+        await wait_for(ingest.url, "nas-17",
+                       lambda s: s["error"] is not None and "not there yet" in s["error"]["message"])
+        await asyncio.sleep(1.2)  # the recording comes past RECORDING_TOTAL_TIMEOUT_SECONDS after the webhook
+        late.write_bytes(whole)
+        ahead = time.time() + 3600
+        os.utime(late, (ahead, ahead))
+        await assert_copied_whole(ingest, "nas-17", whole)  # two looks apart, neither an attempt (2 are allowed)
+
+
 async def test_a_recording_still_written_long_after_its_webhook_uses_up_the_attempts(
         tmp_path: Path, share: Path, audio_dir: Path) -> None:
     whole, growing = begun_recording(share, audio_dir, "live.wav")

@@ -51,7 +51,7 @@ class DownloadError(Exception):
     the call should wait for it without using up its attempts (the recordings disk has no room)."""
 
     def __init__(self, message: str, *, permanent: bool, waiting: bool = False, not_there: bool = False,
-                 still_written_for: float | None = None) -> None:
+                 still_written_for: float | None = None, seen_changing: bool = True) -> None:
         super().__init__(message)
         self.permanent = permanent
         self.waiting = waiting
@@ -61,6 +61,9 @@ class DownloadError(Exception):
         # The file on the share is still being written: look again after this many seconds (it is copied once it
         # has not changed for RECORDING_FILE_SETTLE_SECONDS), without holding a download slot meanwhile.
         self.still_written_for = still_written_for
+        # With ``still_written_for``: whether the file was seen to change (False: it may have; only a later look
+        # can tell, as for a file dated ahead of this machine's clock).
+        self.seen_changing = seen_changing
 
 
 def _size(n: int) -> str:
@@ -318,11 +321,13 @@ class Downloader:
             while len(self._ahead) > _AHEAD_KEPT:  # calls that failed or moved on meanwhile: the oldest go
                 del self._ahead[next(iter(self._ahead))]
             look_again_in = settle
-        why = ("is still being written: it changed since it was looked at" if before is not None and before[0] != seen
+        changed = before is not None and before[0] != seen
+        why = ("is still being written: it changed since it was looked at" if changed
                else f"is dated {-age:.1f} s ahead of this machine's clock, so its time of change cannot tell whether "
                     "it is still being written")
         raise DownloadError(f"{path} {why}: it is copied once it is seen unchanged for {settle:.1f} s "
-                            "(RECORDING_FILE_SETTLE_SECONDS)", permanent=False, still_written_for=look_again_in)
+                            "(RECORDING_FILE_SETTLE_SECONDS)", permanent=False, still_written_for=look_again_in,
+                            seen_changing=changed)
 
     def _open_on_share(self, path: str) -> BinaryIO:
         """Open the recording at ``path`` once its links are followed, if it is still under RECORDING_FILE_ROOTS, is

@@ -410,11 +410,12 @@ class PipelineWorker:
     def _still_written(self, job: Job, look_again_in: float, exc: DownloadError) -> None:
         """A recording on a share that is still being written is looked at again once it may have settled,
         without holding a download slot meanwhile nor using up attempts, for RECORDING_TOTAL_TIMEOUT_SECONDS after
-        the webhook; after that each look is an attempt, and the call fails once they are spent (a file that still
-        changes so long after its call ended is not the call's recording being finished)."""
+        the webhook; after that each look that sees it changing is an attempt, and the call fails once they are
+        spent (a file that still changes so long after its call ended is not the call's recording being finished).
+        A look that could not tell (a file dated ahead of this machine's clock, seen once) never counts."""
         limit = self.downloader.settings.total_timeout
         age = time.time() - job.created_at
-        if age < limit:
+        if age < limit or not exc.seen_changing:
             raise StageError(f"download: {exc}", permanent=False, retry_in=look_again_in) from exc
         raise StageError(f"download: {exc}; still {age:.0f} s after the webhook (RECORDING_TOTAL_TIMEOUT_SECONDS is "
                          f"{limit:.0f})", permanent=False) from exc
