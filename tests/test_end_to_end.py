@@ -279,6 +279,7 @@ async def test_recording_without_speech_is_done_with_an_explicit_no_speech_recor
     assert status["status"] == "done", status
     record = world.crm.for_call(call_id)[0].body
     assert (record["transcript"], record["summary"], record["language"]) == ("", [], "")
+    assert (record["language_probability"], record["language_uncertain"]) == (0, False)  # no language, not a guess
     assert record["sentiment"] == "neutral" and record["audio_duration_seconds"] >= 14
 
 

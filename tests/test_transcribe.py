@@ -760,6 +760,47 @@ def test_a_short_first_piece_brings_the_first_segments_before_the_rest(whisper_d
     assert " ".join(s.text for s in segments).lower().count("invoice") == 3
 
 
+def after_silence(audio_dir: Path, directory: Path, seconds: float, times: int = 2) -> Path:
+    """The Spanish call said ``times`` times over, after ``seconds`` of silence: a recording that starts while
+    the line still rings, or with the caller on hold."""
+    path = directory / f"es-after-{seconds:g}s.wav"
+    inputs = ["-f", "lavfi", "-t", str(seconds), "-i", "anullsrc=r=22050:cl=mono"]
+    for _ in range(times):
+        inputs += ["-i", str(audio_dir / "es-billing-angry.wav")]
+    streams = "".join(f"[{i}:a]" for i in range(times + 1))
+    subprocess.run(["ffmpeg", "-loglevel", "error", "-y", *inputs, "-filter_complex",
+                    f"{streams}concat=n={times + 1}:v=0:a=1[a]", "-map", "[a]", "-ar", "16000", str(path)], check=True)
+    return path
+
+
+@pytest.mark.parametrize("seconds", [8, 130])
+def test_a_call_that_starts_with_silence_gets_the_language_of_its_first_speech(
+        engine: WhisperEngine, audio_dir: Path, tmp_path: Path, seconds: int) -> None:
+    from services.transcribe.engine import SegmentResult, TranscribeOptions
+
+    # 8 s: the short first piece holds no speech; 130 s: nor do the call's first two minutes.
+    out = list(engine.run(after_silence(audio_dir, tmp_path, seconds), TranscribeOptions()))
+    language, summary = out[0], out[-1]
+    segments = [e for e in out if isinstance(e, SegmentResult)]
+    assert language.code == "es" and language.probability >= 0.75, language  # known before the first segment
+    assert (summary.language, summary.language_uncertain) == ("es", False), summary
+    assert {s.language for s in segments} == {"es"}
+    said = " ".join(s.text for s in segments).lower()
+    assert "factura" in said and said.count("dinero") == 2 and segments[0].start >= seconds - 0.5, said
+
+
+@pytest.mark.parametrize("options", [{}, {"stereo": True}, {"per_segment_language": True}],
+                         ids=["mono", "stereo", "per-segment"])
+def test_a_recording_without_speech_has_no_language(engine: WhisperEngine, audio_dir: Path, options: dict) -> None:
+    from services.transcribe.engine import LanguageResult, TranscribeOptions
+
+    out = list(engine.run(audio_dir / "silence-30s.wav", TranscribeOptions(**options)))
+    language, summary = out[0], out[-1]
+    assert isinstance(language, LanguageResult) and (language.code, language.probability) == ("", 0.0)
+    assert (summary.language, summary.language_probability, summary.segment_count) == ("", 0.0, 0)
+    assert summary.language_uncertain is False  # nothing said, nothing unsure
+
+
 def test_language_detection_and_the_first_window_share_one_encoder_pass(whisper_dir: Path, audio_dir: Path) -> None:
     from services.transcribe.config import DecodeSettings
     from services.transcribe.encoder_memo import EncoderCounts

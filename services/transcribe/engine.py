@@ -165,6 +165,9 @@ Event = LanguageResult | SegmentResult | SummaryResult
 Labeller = Callable[[Iterator[SegmentResult]], Iterator[SegmentResult]]  # says who spoke each segment
 
 
+NO_SPEECH = ("", 0.0)  # the language "detected" in a recording whose voice detection finds no speech
+
+
 @dataclass
 class DecodeInfo:
     """What the summary needs from faster-whisper's TranscriptionInfo, summed over the pieces of a long call."""
@@ -343,9 +346,10 @@ class WhisperEngine:
             self.model.forget()
             self.stats.add(active=-1, completed=1 if finished else 0, cancelled=0 if finished else 1)
 
-    def _uncertain(self, options: TranscribeOptions, probability: float) -> bool:
-        """A detected language below the configured probability is flagged; a hint is never uncertain."""
-        return not options.language and probability < self.settings.decode.language_min_probability
+    def _uncertain(self, options: TranscribeOptions, language: str, probability: float) -> bool:
+        """A detected language below the configured probability is flagged; a hint is never uncertain, nor is a
+        recording without speech (it has no language)."""
+        return not options.language and bool(language) and probability < self.settings.decode.language_min_probability
 
     def _check(self, cancel: threading.Event) -> None:
         if cancel.is_set():
@@ -406,8 +410,9 @@ class WhisperEngine:
             short = len(pieces) > 1 and self.settings.decode.first_piece_seconds > 0
             detected = self._detect_head(head, audio, short=short, per_segment=self.per_segment_language(options))
             language = detected[0] if detected else None
-        first, first_info = self._decode(head, options, language, speaker, channel, split_gap=split_gap)
-        info = DecodeInfo(first_info.language, detected[1] if detected else float(first_info.language_probability),
+        first, first_info = self._decode(head, options, language or None, speaker, channel, split_gap=split_gap)
+        # No speech anywhere in the recording: it has no language (faster-whisper's guess on silence is noise).
+        info = DecodeInfo(*detected if detected else (first_info.language, float(first_info.language_probability)),
                           float(first_info.duration_after_vad))
         if len(pieces) == 1:
             return first, info
@@ -416,8 +421,8 @@ class WhisperEngine:
             yield from first
             for a, b in pieces[1:]:
                 # The language found in the first piece holds for the rest: one call, one language.
-                segments, more = self._decode(audio[a:b], options, language or info.language, speaker, channel,
-                                              split_gap=split_gap)
+                segments, more = self._decode(audio[a:b], options, language or info.language or None, speaker,
+                                              channel, split_gap=split_gap)
                 offset = a / SAMPLE_RATE
                 for seg in segments:
                     yield SegmentResult(**{**seg.__dict__, "start": seg.start + offset, "end": seg.end + offset,
@@ -442,6 +447,8 @@ class WhisperEngine:
             # language loses the second one. Each utterance is decoded on its own instead, in the
             # language detected for it (sequential decoder: it takes clips in seconds).
             detected = language or self._detect(audio)[0]
+            if not detected:  # no speech: nothing to decode (its clips would be the whole silence, without VAD)
+                return iter(()), DecodeInfo(*NO_SPEECH, 0.0)
             kwargs["language"] = detected  # the call's language; each window is still detected again
             utterances = self._utterances(audio, detected)
             decoder = self.model
@@ -530,11 +537,13 @@ class WhisperEngine:
         if label is not None:
             segments = label(segments)
         spoken: list[tuple[str, float, float]] = []
+        heard = ""  # the first segment's language, should the call's voice detection have found no speech
         for seg in self._numbered(segments, cancel):
             spoken.append((seg.speaker, seg.start, seg.end))
+            heard = heard or seg.language
             yield seg
         yield SummaryResult(
-            language=info.language,
+            language=info.language or heard,
             language_probability=probability,
             audio_duration=audio.size / SAMPLE_RATE,
             speech_duration=float(info.duration_after_vad),
@@ -542,7 +551,7 @@ class WhisperEngine:
             processing_time=time.perf_counter() - started,
             model=self.model_name,
             statistics=call_statistics(spoken, audio.size / SAMPLE_RATE),
-            language_uncertain=self._uncertain(options, probability),
+            language_uncertain=self._uncertain(options, info.language, probability),
         )
 
     def _detect_head(self, head: np.ndarray, audio: np.ndarray, *, short: bool,
@@ -553,12 +562,18 @@ class WhisperEngine:
         A short first piece (``WHISPER_FIRST_PIECE_SECONDS``) that leaves the detection below
         ``WHISPER_FIRST_PIECE_MIN_PROBABILITY`` is not trusted alone: the call's first window of speech
         decides (one encoder pass, before the first segment; the piece holds a fifth of that speech or less).
+        A first piece without speech (the line still rings, the caller waits on hold) leaves it to the call's first
+        speech, wherever it starts. :data:`NO_SPEECH` when the whole recording holds none.
         With per-segment languages the whole call's first windows decide too (each utterance is detected later)."""
         try:
             if per_segment:
                 return self._detect(audio)
             detected = self._detect_as_decoded(head)
-            if detected is not None and short and detected[1] < self.settings.decode.first_piece_min_probability:
+            if detected == NO_SPEECH and head.size < audio.size:
+                log.info("no speech in the first %.1f s: detecting the language over the call's first speech",
+                         head.size / SAMPLE_RATE)
+                detected = self._detect(audio, windows=1)
+            elif short and detected[1] < self.settings.decode.first_piece_min_probability:
                 log.info("language %s (p=%.2f) from the first piece alone is unsure: detecting over the call's "
                          "first window", *detected)
                 detected = self._detect(audio, windows=1)
@@ -567,15 +582,15 @@ class WhisperEngine:
             return None
         return detected
 
-    def _detect_as_decoded(self, audio: np.ndarray) -> tuple[str, float] | None:
+    def _detect_as_decoded(self, audio: np.ndarray) -> tuple[str, float]:
         """The language of ``audio``, from the features faster-whisper's ``transcribe`` decodes: its speech
         after VAD, the features computed over all of it, less the last frame (its decoder leaves that one
         out). The first window is then the same array in both, and :class:`SharedEncoderWhisperModel`
-        encodes it once."""
+        encodes it once. :data:`NO_SPEECH` when voice detection finds none."""
         d = self.settings.decode
         speech = speech_only(audio) if d.vad_filter else audio
         if speech.size == 0:
-            return None
+            return NO_SPEECH
         features = self.model.feature_extractor(speech)
         return self._allowed(*self.model.detect_language(
             features=features[..., :max(features.shape[-1] - 1, 1)],
@@ -586,11 +601,14 @@ class WhisperEngine:
         ``WHISPER_LANGUAGE_DETECTION_SEGMENTS``); with ``WHISPER_LANGUAGES`` set, the likeliest of those
         (its probability taken among them): a contact center knows which languages its callers speak.
         Only the call's first minutes are read (:meth:`_first_speech`), not the whole call: voice
-        detection over an hour of audio would cost seconds before the first segment."""
+        detection over an hour of audio would cost seconds before the first segment. :data:`NO_SPEECH` when voice
+        detection finds none in the whole recording."""
         d = self.settings.decode
         windows = windows or d.language_detection_segments
         wanted = windows * WINDOW_SECONDS * SAMPLE_RATE
         head = self._first_speech(audio, wanted) if d.vad_filter else audio[:wanted]
+        if head.size == 0:
+            return NO_SPEECH
         return self._allowed(*self.model.detect_language(
             audio=head, vad_filter=False, language_detection_segments=windows))
 
@@ -599,13 +617,21 @@ class WhisperEngine:
         """The call's first ``wanted`` samples of speech. Voice detection reads one and a half times
         that much of the call first, and up to four times that much only when the first stretch holds
         too little speech: on a 30-s window, 45 s of audio instead of two minutes (0.11 s instead of 0.26 s
-        on two cores, before the first segment of a call whose language is unsure)."""
+        on two cores, before the first segment of a call whose language is unsure). Past that (a long hold, a
+        recording that starts long before anyone speaks) it reads on a stretch at a time until it has enough
+        speech or the call ends."""
         speech = audio[:0]
         for span in (wanted * 3 // 2, wanted * 4):
             speech = speech_only(audio[:span])
             if speech.size >= wanted or span >= audio.size:
+                return speech[:wanted]
+        found, have = [speech], speech.size
+        for start in range(span, audio.size, span):
+            found.append(speech_only(audio[start:start + span]))
+            have += found[-1].size
+            if have >= wanted:
                 break
-        return speech[:wanted]
+        return np.concatenate(found)[:wanted]
 
     def _allowed(self, language: str, probability: float, ranked: list[tuple[str, float]]) -> tuple[str, float]:
         """A detection restricted to ``WHISPER_LANGUAGES`` (when set): the likeliest of those."""
@@ -643,11 +669,13 @@ class WhisperEngine:
                                                     "customer" if agent_is_left else "agent", 1, split_gap=gap)
         merged = heapq.merge(left_segments, right_segments, key=lambda s: (s.start, s.channel))
         spoken: list[tuple[str, float, float]] = []
+        heard = ""
         for seg in self._numbered(merged, cancel):
             spoken.append((seg.speaker, seg.start, seg.end))
+            heard = heard or seg.language
             yield seg
         yield SummaryResult(
-            language=language,
+            language=language or heard,
             language_probability=float(probability),
             audio_duration=left.size / SAMPLE_RATE,
             speech_duration=float(left_info.duration_after_vad) + float(right_info.duration_after_vad),
@@ -655,5 +683,5 @@ class WhisperEngine:
             processing_time=time.perf_counter() - started,
             model=self.model_name,
             statistics=call_statistics(spoken, left.size / SAMPLE_RATE),
-            language_uncertain=self._uncertain(options, float(probability)),
+            language_uncertain=self._uncertain(options, language, float(probability)),
         )
