@@ -735,7 +735,8 @@ async def _transcribe(file: Path, language: str | None, agent: str | None, addre
                 kind = reply.WhichOneof("response")
                 if kind == "language":
                     console.print(f"[bold]language[/] {reply.language.language_code} "
-                                  f"(p={reply.language.probability:.2f})")
+                                  f"(p={reply.language.probability:.2f})" if reply.language.language_code else
+                                  "[bold]language[/] none: no speech in the recording")
                 elif kind == "segment":
                     s = reply.segment
                     who = {1: "agent", 2: "customer"}.get(s.speaker, "")

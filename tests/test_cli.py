@@ -147,6 +147,13 @@ def test_transcribe_prints_language_and_segments(up_mesh: UpMesh, audio_dir: Pat
     assert "s of audio" in lines[-1]
 
 
+def test_transcribe_says_a_recording_without_speech_has_no_language(up_mesh: UpMesh, audio_dir: Path) -> None:
+    result = up_mesh.run("transcribe", str(audio_dir / "silence-30s.wav"))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "language none: no speech in the recording" and "s of audio" in lines[1]
+
+
 def test_transcribe_of_a_file_that_is_not_audio_exits_4(up_mesh: UpMesh, audio_dir: Path) -> None:
     result = up_mesh.run("transcribe", str(audio_dir / "broken.wav"))
     assert result.returncode == 4 and "not audio" in result.stderr
