@@ -4,7 +4,8 @@
 
 Each call is transcribed by the service's engine (stereo, no language hint), then analysed
 by the service's analyzer on each embedded model; topic, sentiment and emotion are scored
-against the labels. The English text from the LLM (line by line) and from Whisper's translate
+against the labels; so are the written transcripts of ``WRITTEN_CALLS`` (no speech recognition:
+the LLM's own share of the errors). The English text from the LLM (line by line) and from Whisper's translate
 task are scored the same way: key-word recall against the labelled key words, and length
 against the reference translation. Ollama is not installed on the build machines: its
 backend is exercised by the tests against a stand-in, not measured here.
@@ -19,7 +20,7 @@ import statistics
 import time
 from pathlib import Path
 
-from bench.analysis_evalset import CALLS, LabelledCall, generate, reference_english
+from bench.analysis_evalset import CALLS, WRITTEN_CALLS, LabelledCall, generate, reference_english
 from bench.common import RESULTS, Result, value_result
 
 MODELS = {"qwen2.5-coder-0.5b": "0.5B", "qwen2.5-coder-1.5b": "1.5B"}
@@ -51,7 +52,8 @@ def transcribe_all(audio: dict[str, Path], whisper: Path) -> dict[str, dict]:
     return out
 
 
-async def analyse_all(model_path: Path, transcripts: dict[str, dict]) -> list[dict]:
+async def analyse_all(model_path: Path, transcripts: dict[str, dict]) -> tuple[list[dict], list[dict]]:
+    """The spoken calls' rows, then the written calls' rows."""
     from services.analyze.analyzer import Analyzer, Utterance
     from services.analyze.backends import EmbeddedLlamaBackend
     from services.analyze.config import DEFAULT_EMOTIONS, DEFAULT_TOPICS, LlmSettings
@@ -60,10 +62,14 @@ async def analyse_all(model_path: Path, transcripts: dict[str, dict]) -> list[di
                            threads=os.cpu_count() or 1, timeout_seconds=600, keep_alive="")
     backend = EmbeddedLlamaBackend(settings)
     analyzer = Analyzer(backend, DEFAULT_TOPICS, DEFAULT_EMOTIONS, 4096, 1024)
-    rows = []
+    rows: list[dict] = []
+    written: list[dict] = []
+    spoken = [(call, transcripts[call.key], rows) for call in CALLS]
+    as_written = [(call, {"language": call.language, "whisper_english": "", "segments": [
+        Utterance(speaker, float(i), line) for i, (speaker, line) in enumerate(call.turns)]}, written)
+        for call in WRITTEN_CALLS]
     try:
-        for call in CALLS:
-            t = transcripts[call.key]
+        for call, t, out in spoken + as_written:
             utterances = [Utterance(s.speaker, s.start, s.text) for s in t["segments"]]
             started = time.perf_counter()
             try:
@@ -72,10 +78,10 @@ async def analyse_all(model_path: Path, transcripts: dict[str, dict]) -> list[di
             except Exception as exc:  # a failed call is scored wrong on everything, and counted
                 result, error = None, f"{type(exc).__name__}: {exc}"
             seconds = time.perf_counter() - started
-            rows.append(score(call, t, result, seconds, error))
+            out.append(score(call, t, result, seconds, error))
     finally:
         await backend.close()
-    return rows
+    return rows, written
 
 
 def score(call: LabelledCall, t: dict, result, seconds: float, error: str) -> dict:
@@ -89,7 +95,7 @@ def score(call: LabelledCall, t: dict, result, seconds: float, error: str) -> di
                topic_ok=result.topic == call.topic, sentiment_ok=result.sentiment == call.sentiment,
                emotion_ok=result.emotion == call.emotion,
                tokens_per_second=result.completion_tokens / seconds if seconds else 0.0)
-    if call.language != "en":
+    if call.language != "en" and call.keywords:
         llm_text = " ".join(result.translated_lines)
         row.update(llm_english=llm_text, llm_recall=recall(llm_text, call.keywords),
                    llm_length_ratio=len(llm_text) / len(english),
@@ -108,16 +114,21 @@ def evaluate(work: Path, whisper: Path, models: dict[str, Path]) -> list[Result]
     transcripts = transcribe_all(audio, whisper)
     results: list[Result] = []
     everything: dict[str, list[dict]] = {}
+    everything_written: dict[str, list[dict]] = {}
     for key, path in models.items():
         name = MODELS.get(key, key)
         print(f"analysis: {name} on {len(CALLS)} calls …", flush=True)
-        rows = asyncio.run(analyse_all(path, transcripts))
-        everything[name] = rows
+        rows, written = asyncio.run(analyse_all(path, transcripts))
+        everything[name], everything_written[name] = rows, written
         translated = [r for r in rows if "llm_recall" in r]
         for field, label in (("topic_ok", "topic"), ("sentiment_ok", "sentiment"), ("emotion_ok", "emotion")):
             acc = accuracy(rows, field)
             results.append(Result(f"analysis: {label} accuracy, {name}", "report", len(rows), acc, acc, acc,
                                   "fraction", None, f"{sum(r[field] for r in rows)}/{len(rows)} right"))
+            acc = accuracy(written, field)
+            results.append(Result(f"analysis: {label} accuracy on written transcripts, {name}", "report", len(written),
+                                  acc, acc, acc, "fraction", None, f"{sum(r[field] for r in written)}/{len(written)} "
+                                  "right (no speech recognition)"))
         results.append(value_result(f"analysis: latency per call, {name}", [r["seconds"] for r in rows], "s",
                                     "report", None, note="transcript in, validated analysis (and translation) out"))
         results.append(value_result(f"analysis: tokens/s, {name}", [r["tokens_per_second"] for r in rows],
@@ -132,7 +143,7 @@ def evaluate(work: Path, whisper: Path, models: dict[str, Path]) -> list[Result]
                 f"{statistics.median(r['llm_length_ratio'] for r in translated):.2f}, Whisper "
                 f"{statistics.median(r['whisper_length_ratio'] for r in translated):.2f}",
                 {"whisper_recall": round(whisper_recall, 3)}))
-        failed = [r["call"] for r in rows if r["error"]]
+        failed = [r["call"] for r in rows + written if r["error"]]
         if failed:
             print(f"analysis: {name} failed on {failed}", flush=True)
     translated_calls = [t for t in transcripts.values() if t["whisper_english"]]
@@ -148,7 +159,7 @@ def evaluate(work: Path, whisper: Path, models: dict[str, Path]) -> list[Result]
                           f"{language_ok}/{len(CALLS)} (input to the analysis, Whisper base)"))
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "analysis.json").write_text(json.dumps({
-        "calls": len(CALLS), "rows": everything,
+        "calls": len(CALLS), "rows": everything, "written_calls": len(WRITTEN_CALLS), "written_rows": everything_written,
         "transcripts": {k: {"language": v["language"], "text": " ".join(s.text for s in v["segments"]),
                             "whisper_english": v["whisper_english"]} for k, v in transcripts.items()},
     }, indent=1, ensure_ascii=False) + "\n")

@@ -1,4 +1,5 @@
-"""The analysis evaluation set: twelve scripted calls in six languages, labelled by hand.
+"""The analysis evaluation set: twelve scripted calls in six languages, labelled by hand, and sixteen
+written transcripts (``WRITTEN_CALLS``) labelled the same way.
 
 Each call is an agent/customer dialogue with its topic (from the default taxonomy),
 the customer's sentiment and emotion, an English reference translation, and English
@@ -134,6 +135,117 @@ CALLS = (
     ], "Billing", "neutral", "anxious",
         "Good morning, how can I help? I received a bill much higher than usual and I am worried. I will check. "
         "A fee was charged by mistake and I will remove it. Good, thank you for the help.", ("bill", "fee")),
+)
+
+
+def _written(key: str, language: str, lines: list[str], topic: str, sentiment: str, emotion: str) -> LabelledCall:
+    return _call(key, language, lines, topic, sentiment, emotion, "", ())
+
+
+# Sixteen more calls, two per topic, given to the analysis as written transcripts (speakers known, no speech
+# recognition): what the LLM gets right when the transcript is. Written and labelled before the prompt that
+# gives each topic's meaning was tried on them, and kept apart from the twelve it was first tried on.
+WRITTEN_CALLS = (
+    _written("bill-late-fee", "en", [
+        "Thanks for calling, how can I help?",
+        "There's a late fee of fifteen dollars on my statement again, but I paid on time, this keeps happening "
+        "every month.",
+        "I see the payment arrived on the third. I'll remove the fee.",
+        "Fine, but please fix it for good.",
+    ], "Billing", "negative", "frustrated"),
+    _written("bill-refund-question", "en", [
+        "Hello, how can I help?",
+        "I returned a phone last month and I don't understand whether the refund went to my card or to my "
+        "account balance.",
+        "It went to your card on the twelfth.",
+        "Okay, I'll check my bank then.",
+    ], "Billing", "neutral", "confused"),
+    _written("tech-router", "en", [
+        "Support, good afternoon.",
+        "My internet drops every evening, I restarted the router five times this week and nothing changes.",
+        "Let me run a line test. I'll send a technician on Thursday.",
+        "I hope this time it actually gets fixed.",
+    ], "Technical Support", "negative", "frustrated"),
+    _written("tech-app", "en", [
+        "Hi, what can I do for you?",
+        "The mobile app shows an error when I open the usage screen, I'm not sure what I'm doing wrong.",
+        "Please update the app to the latest version and sign in again.",
+        "Alright, I'll try that.",
+    ], "Technical Support", "neutral", "confused"),
+    _written("cancel-move", "en", [
+        "Good morning, how can I help?",
+        "I'm moving abroad next month, so I'd like to end my contract at the end of March.",
+        "Certainly, I've scheduled the cancellation for March thirty-first.",
+        "Great, thank you.",
+    ], "Cancellation", "neutral", "calm"),
+    _written("cancel-angry", "en", [
+        "Thank you for calling.",
+        "I want to cancel everything today. Your service is a joke and I'm not paying another cent.",
+        "I'm sorry to hear that. I can process the cancellation now.",
+        "Do it, and don't call me with offers.",
+    ], "Cancellation", "negative", "angry"),
+    _written("sales-family-plan", "en", [
+        "Hello, how may I help?",
+        "I saw your new unlimited plan advertised and I'd like to know what it costs for a family of four.",
+        "It's sixty dollars a month for four lines, and I can switch you today.",
+        "That's a good deal, let's do it, thank you!",
+    ], "Sales", "positive", "satisfied"),
+    _written("sales-sports-package", "en", [
+        "Hi there.",
+        "Do you offer a sports package I could add to my TV subscription?",
+        "Yes, it's ten dollars a month and includes all football matches.",
+        "Okay, I'll think about it.",
+    ], "Sales", "neutral", "calm"),
+    _written("delivery-late", "en", [
+        "Customer service, hello.",
+        "My order was supposed to arrive last Friday and the tracking hasn't moved since. I need the laptop for "
+        "work on Monday, I'm worried.",
+        "The parcel is at the local depot; it will be delivered tomorrow.",
+        "I really hope so.",
+    ], "Delivery", "negative", "anxious"),
+    _written("delivery-wrong-item", "en", [
+        "Hello, how can I help?",
+        "You sent me the wrong item again, I ordered a blue jacket and got a red one, this is the second time.",
+        "I apologise, I'll send a courier to collect it and ship the right one.",
+        "Please get it right this time.",
+    ], "Delivery", "negative", "frustrated"),
+    _written("access-locked", "en", [
+        "Hello, security team.",
+        "My account got locked after I entered the wrong password, and I'm scared someone tried to get into it.",
+        "I've verified your identity and unlocked it; please set a new password.",
+        "Thank you, that's a relief.",
+    ], "Account Access", "negative", "anxious"),
+    _written("access-email", "en", [
+        "Good morning.",
+        "I need to change the email address I use to sign in to my online account.",
+        "Done, you'll receive a confirmation link.",
+        "Perfect, thanks.",
+    ], "Account Access", "neutral", "calm"),
+    _written("complaint-rude-staff", "en", [
+        "Hello, how can I help?",
+        "Yesterday one of your staff hung up on me and was extremely rude. I want to file a formal complaint.",
+        "I'm very sorry, I'll register the complaint and a manager will call you.",
+        "I expect an apology.",
+    ], "Complaint", "negative", "angry"),
+    _written("complaint-hold-times", "en", [
+        "Thanks for calling.",
+        "I've called four times this month and every time I'm on hold for an hour. Your customer service is "
+        "terrible.",
+        "I understand, I'll pass this on to the service quality team.",
+        "Nothing ever changes.",
+    ], "Complaint", "negative", "frustrated"),
+    _written("es-price-rise", "es", [
+        "Buenos días, ¿en qué le puedo ayudar?",
+        "Me han subido la cuota sin avisar, pago veinte euros más este mes y estoy muy enfadado.",
+        "Lo siento, voy a revisar la tarifa y le devolveré la diferencia.",
+        "Más les vale.",
+    ], "Billing", "negative", "angry"),
+    _written("es-wifi", "es", [
+        "Soporte técnico, buenas tardes.",
+        "El wifi no funciona desde ayer y ya reinicié el router varias veces.",
+        "Veo una avería en su zona, estará resuelta esta noche.",
+        "Vale, a ver si es verdad.",
+    ], "Technical Support", "negative", "frustrated"),
 )
 
 

@@ -24,7 +24,7 @@ import pytest_asyncio
 from aiohttp import web
 
 from callcenter.v1 import analyze_pb2, analyze_pb2_grpc, common_pb2
-from services.analyze.analyzer import (EMOTION_MEANINGS, AnalysisError, Analyzer, TranscriptTooLong, Utterance,
+from services.analyze.analyzer import (EMOTION_MEANINGS, TOPIC_MEANINGS, AnalysisError, Analyzer, TranscriptTooLong, Utterance,
                                        analysis_schema, notes_schema)
 from services.analyze.backends import BackendUnavailable, EmbeddedLlamaBackend, OllamaBackend
 from services.analyze.config import DEFAULT_EMOTIONS, DEFAULT_TOPICS, LlmSettings
@@ -133,6 +133,22 @@ async def test_prompt_says_what_each_known_emotion_means_and_offers_others_by_na
     assert (f"Allowed emotions: angry ({EMOTION_MEANINGS['angry']}); anxious ({EMOTION_MEANINGS['anxious']}); "
             "resigned.\n") in prompt
     assert ollama.requests[0]["format"]["properties"]["emotion"]["enum"] == list(emotions)
+
+
+async def test_prompt_says_what_each_known_topic_covers_and_offers_others_by_name(ollama: FakeOllama) -> None:
+    topics = ("Billing", "Sales", "Roaming")  # the last one configured beyond the defaults
+    ollama.answers = [json.dumps({**GOOD, "topic": "Roaming"})]
+    configured = Analyzer(OllamaBackend(settings(ollama.url)), topics, DEFAULT_EMOTIONS, 4096, 512)
+    result = await configured.analyze(CALL, "en")
+    assert result.topic == "Roaming"
+    prompt = ollama.requests[0]["messages"][1]["content"]
+    assert (f"Allowed topics: Billing ({TOPIC_MEANINGS['Billing']}); Sales ({TOPIC_MEANINGS['Sales']}); "
+            "Roaming.\n") in prompt
+    assert ollama.requests[0]["format"]["properties"]["topic"]["enum"] == list(topics)
+
+
+def test_every_default_topic_has_a_meaning() -> None:
+    assert set(DEFAULT_TOPICS) <= set(TOPIC_MEANINGS)
 
 
 async def test_other_languages_are_translated_in_a_request_of_their_own(ollama: FakeOllama) -> None:
