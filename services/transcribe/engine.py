@@ -600,8 +600,9 @@ class WhisperEngine:
         """The language spoken, over the first ``windows`` windows of speech (default
         ``WHISPER_LANGUAGE_DETECTION_SEGMENTS``); with ``WHISPER_LANGUAGES`` set, the likeliest of those
         (its probability taken among them): a contact center knows which languages its callers speak.
-        Only the call's first minutes are read (:meth:`_first_speech`), not the whole call: voice
-        detection over an hour of audio would cost seconds before the first segment. :data:`NO_SPEECH` when voice
+        Only as much of the call is read as holds that speech (:meth:`_first_speech`; the first minutes of
+        nearly every call), not the whole call: voice detection over an hour of audio would cost seconds before
+        the first segment. :data:`NO_SPEECH` when voice
         detection finds none in the whole recording."""
         d = self.settings.decode
         windows = windows or d.language_detection_segments
