@@ -110,6 +110,20 @@ async def test_call_page_follows_a_call_in_progress(page: Page, ingest: Ingest) 
     await expect(page.locator("#error")).to_contain_text("stopped by the test")
 
 
+async def test_call_page_says_a_recording_without_speech_has_none(page: Page, ingest: Ingest) -> None:
+    await ingest.worker.stop(1)  # the test stores the transcript as the pipeline does
+    status, _ = await post(ingest.url, '{"call_id": "silent-1", "recording_url": "http://127.0.0.1:9/a.wav"}')
+    assert status == 202
+    await ingest.store.update("silent-1", None, state="transcribing", transcript={
+        "language": "", "segments": [], "complete": False})
+    await page.goto(f"{ingest.url}/calls/silent-1")
+    await expect(page.locator("#conversation")).to_contain_text("No speech yet.")
+    await ingest.store.update("silent-1", None, state="done", transcript={
+        "language": "", "segments": [], "complete": True, "audio_duration": 30.0})
+    await expect(page.locator("#conversation")).to_contain_text("No speech in the recording.", timeout=10_000)
+    await expect(page.locator("#translation")).to_contain_text("Nothing to translate.")
+
+
 async def test_call_page_says_whether_a_worker_is_on_the_call(page: Page, ingest: Ingest) -> None:
     await ingest.worker.stop(1)  # the test takes and hands back the call itself
     status, _ = await post(ingest.url, '{"call_id": "turn-1", "recording_url": "http://127.0.0.1:9/a.wav"}')

@@ -246,12 +246,14 @@ class WebPages:
             f"<div class='turn {escape(s['speaker'])}'><div class='who'>{escape(s['speaker'].capitalize())} · "
             f"{_clock(s['start'])}–{_clock(s['end'])}</div>{escape(s['text'].strip())}</div>" for s in segments)
         translation = record.get("translated_transcript") or analysis.get("translated_transcript") or ""
+        silent = transcript.get("complete") and not turns  # transcribed whole: no speech in the recording
         parts.append(
             "<div class='grid'><div class='card' id='conversation'><h2>Transcript</h2>"
-            + (turns or "<p class='muted'>No speech yet.</p>") + "</div>"
-            "<div class='card' id='translation'><h2>English translation</h2>"
-            + (f"<p>{escape(translation)}</p>" if translation else
-               "<p class='muted'>" + ("Already in English." if info["language"] == "en" else "Not yet.") + "</p>")
+            + (turns or f"<p class='muted'>{'No speech in the recording.' if silent else 'No speech yet.'}</p>")
+            + "</div><div class='card' id='translation'><h2>English translation</h2>"
+            + (f"<p>{escape(translation)}</p>" if translation else "<p class='muted'>" + (
+                "Nothing to translate." if silent else "Already in English." if info["language"] == "en"
+                else "Not yet.") + "</p>")
             + "</div></div>")
         totals = talk_time(segments)
         if totals:
