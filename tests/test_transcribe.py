@@ -98,6 +98,31 @@ async def test_streams_language_then_segments_then_summary(stub, audio_dir: Path
     assert all(r.segment.speaker == common_pb2.SPEAKER_UNKNOWN for r in responses if r.HasField("segment"))
 
 
+async def test_the_decodes_own_log_lines_carry_the_calls_trace_and_call_id(stub, audio_dir: Path) -> None:
+    from services.common.logs import _ContextFilter
+
+    class Kept(logging.Handler):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lines: list[logging.LogRecord] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.lines.append(record)
+
+    kept = Kept()
+    kept.addFilter(_ContextFilter("transcribe"))  # as setup_logging's handler: trace and call ids where it is emitted
+    engine_log = logging.getLogger("services.transcribe.engine")
+    engine_log.addHandler(kept)
+    try:
+        config = transcribe_pb2.TranscriptionConfig(call_id="logged-1")
+        await collect(stub.Transcribe(requests(audio_dir / "long-en.wav", config)))  # long: decoded in pieces
+    finally:
+        engine_log.removeHandler(kept)
+    decoding = [r for r in kept.lines if r.getMessage().startswith("decoding ")]  # logged in the decode's thread
+    assert decoding and all(r.call_id == "logged-1" and r.trace_id != "-" for r in decoding), \
+        [(r.getMessage(), r.call_id, r.trace_id) for r in kept.lines]
+
+
 async def test_stereo_call_labels_agent_and_customer_in_time_order(stub, audio_dir: Path) -> None:
     config = transcribe_pb2.TranscriptionConfig(call_id="stereo", channel_layout=transcribe_pb2.CHANNEL_LAYOUT_STEREO,
                                                 agent_channel=transcribe_pb2.AGENT_CHANNEL_LEFT)

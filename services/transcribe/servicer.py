@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import tempfile
 import threading
@@ -190,7 +191,10 @@ class TranscriptionServicer(transcribe_pb2_grpc.TranscriptionServiceServicer):
             "callmesh.call_id": call_id, "whisper.model": self.engine.model_name,
             "whisper.stereo": options.stereo, "whisper.language_hint": options.language or "",
         }) as span:
-            thread = threading.Thread(target=work, name=f"decode-{call_id}", daemon=True)
+            # In this context (the call's id, its decode span): the engine's and faster-whisper's log lines name
+            # the call and its trace, as the servicer's do.
+            thread = threading.Thread(target=contextvars.copy_context().run, args=(work,), name=f"decode-{call_id}",
+                                      daemon=True)
             thread.start()
             ended = False  # the engine's thread ended on its own: done, or failed
             try:
