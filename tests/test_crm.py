@@ -422,11 +422,13 @@ def test_backoff_grows_exponentially_with_jitter_and_a_cap() -> None:
 def record_with_personal_data(call_id: str) -> crm_pb2.CallRecord:
     said = "Mi tarjeta es 4111 1111 1111 1111 y mi correo ana.lopez@example.com."
     r = record(call_id)
-    r.transcript = f"Hola. {said}"
+    r.transcript = f"Hola. {said} Y el código de seguridad es el 742."
     r.translated_transcript = "Hello. My card is 4111 1111 1111 1111 and my e-mail is ana.lopez@example.com."
     r.summary[1] = "The customer gave the card 4111 1111 1111 1111."
     r.segments.add(index=0, text=" Hola.")
     r.segments.add(index=1, text=f" {said}", words=[common_pb2.Word(text=" 4111", probability=0.9)])
+    r.segments.add(index=2, text=" Y el código de seguridad")  # the code's name ends a segment…
+    r.segments.add(index=3, text=" es el 742.", words=[common_pb2.Word(text=" 742.", probability=0.9)])  # …its digits
     return r
 
 
@@ -436,19 +438,22 @@ async def test_personal_data_never_reaches_the_crm_and_the_record_says_where_it_
         answer = await crm.stub.Deliver(crm_pb2.DeliverRequest(record=record_with_personal_data("p1")))
         await wait_state(crm.stub, "p1", crm_pb2.DELIVERY_STATE_DELIVERED)
         raw = json.dumps(receiver.for_call("p1")[0].body)
-        assert "4111" not in raw and "ana.lopez" not in raw
+        assert "4111" not in raw and "ana.lopez" not in raw and "742" not in raw
         body = receiver.for_call("p1")[0].body
-        assert body["transcript"] == "Hola. Mi tarjeta es [CARD_NUMBER] y mi correo [EMAIL_ADDRESS]."
+        assert body["transcript"] == ("Hola. Mi tarjeta es [CARD_NUMBER] y mi correo [EMAIL_ADDRESS]. Y el código de "
+                                      "seguridad es el [SECURITY_CODE].")
         assert body["pii_redaction_applied"] is True
         where = {(r["field"], r["kind"]) for r in body["redactions"]}
         assert where == {(f, k) for f in ("transcript", "translated_transcript", "segments[1].text")
-                         for k in ("card_number", "email_address")} | {("summary[1]", "card_number")}
+                         for k in ("card_number", "email_address")} | {
+            ("summary[1]", "card_number"), ("transcript", "security_code"), ("segments[3].text", "security_code")}
         for r in body["redactions"]:  # each position points at its placeholder
             text = body["summary"][1] if r["field"] == "summary[1]" else (
-                body["segments"][1]["text"] if r["field"].startswith("segments") else body[r["field"]])
+                body["segments"][int(r["field"][9])]["text"] if r["field"].startswith("segments") else body[r["field"]])
             assert text[r["start"]:r["end"]] == f"[{r['kind'].upper()}]"
+        assert body["segments"][2]["text"] == " Y el código de seguridad"  # read as context, left as it is
         assert answer.record.transcript == body["transcript"]  # ingest is told what the CRM gets
-        assert not answer.record.segments[1].words  # word timings would spell the number out
+        assert not answer.record.segments[1].words and not answer.record.segments[3].words  # they would spell it out
         stored = (await crm.outbox.get("p1")).payload  # nor is it kept in the outbox
         assert "4111" not in json.dumps(stored)
 

@@ -25,6 +25,10 @@ VISA = "4111 1111 1111 1111"
     ("mi DNI es 12345678Z", pii.NATIONAL_ID),
     ("NIE X1234567L", pii.NATIONAL_ID),
     ("my national insurance number is AB 12 34 56 C", pii.NATIONAL_ID),
+    ("and the CVV is 123.", pii.SECURITY_CODE),
+    ("the security code on the back is 4 5 6", pii.SECURITY_CODE),
+    ("el código de seguridad es el 789, gracias", pii.SECURITY_CODE),
+    ("and the three digits on the back, 3 2 1 0", pii.SECURITY_CODE),
 ])
 def test_personal_data_is_masked_with_its_kind(text: str, kind: str) -> None:
     masked, findings = pii.redact(text)
@@ -39,6 +43,8 @@ def test_personal_data_is_masked_with_its_kind(text: str, kind: str) -> None:
     "in 2024, 3 times a week at 10 30",
     "my DNI ends in 12345678A",  # wrong control letter: not a DNI, and the letter makes it no number
     "the IBAN GB82 WEST 1234 5698 7654 33 has a typo",  # fails mod 97 (its digits are still masked)
+    "order 456 never arrived and I paid 125 dollars",  # three digits, but nothing names them a security code
+    "the security code? I lost the card, so I paid 250 euros in cash at the shop",  # too far from its name
 ])
 def test_ordinary_numbers_are_left_alone(text: str) -> None:
     masked, findings = pii.redact(text)
@@ -62,3 +68,13 @@ def test_positions_point_at_the_placeholders_in_the_masked_text() -> None:
     masked, findings = pii.redact(f"card {VISA}, mail a@b.co, phone 655 123 456.")
     assert masked == "card [CARD_NUMBER], mail [EMAIL_ADDRESS], phone [PHONE_NUMBER]."
     assert [masked[f.start:f.end] for f in findings] == ["[CARD_NUMBER]", "[EMAIL_ADDRESS]", "[PHONE_NUMBER]"]
+
+
+def test_a_security_code_named_at_the_end_of_one_segment_is_masked_at_the_start_of_the_next() -> None:
+    # How Whisper cut "… and the security code is seven four two." at a pause.
+    before = "The expiry date is 1227 and the security code"
+    masked, findings = pii.redact("with this 742.", before)
+    assert masked == "with this [SECURITY_CODE]." and [f.kind for f in findings] == [pii.SECURITY_CODE]
+    assert masked[findings[0].start:findings[0].end] == "[SECURITY_CODE]"
+    assert pii.redact("with this 742.") == ("with this 742.", [])  # alone, nothing names it
+    assert pii.redact("12 Main Street", "call me on 655 1") == ("12 Main Street", [])  # context is read, not masked

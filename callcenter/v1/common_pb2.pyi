@@ -33,6 +33,7 @@ class PiiKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     PII_KIND_EMAIL_ADDRESS: _ClassVar[PiiKind]
     PII_KIND_NATIONAL_ID: _ClassVar[PiiKind]
     PII_KIND_ACCOUNT_NUMBER: _ClassVar[PiiKind]
+    PII_KIND_SECURITY_CODE: _ClassVar[PiiKind]
 SPEAKER_UNSPECIFIED: Speaker
 SPEAKER_AGENT: Speaker
 SPEAKER_CUSTOMER: Speaker
@@ -48,6 +49,7 @@ PII_KIND_PHONE_NUMBER: PiiKind
 PII_KIND_EMAIL_ADDRESS: PiiKind
 PII_KIND_NATIONAL_ID: PiiKind
 PII_KIND_ACCOUNT_NUMBER: PiiKind
+PII_KIND_SECURITY_CODE: PiiKind
 
 class Word(_message.Message):
     __slots__ = ("text", "start_offset", "end_offset", "probability")

@@ -1,5 +1,5 @@
-"""Find and mask personal data in call text: card numbers, IBANs, phone numbers, e-mail
-addresses and national-id-like numbers.
+"""Find and mask personal data in call text: card numbers and their security codes, IBANs, phone
+numbers, e-mail addresses and national-id-like numbers.
 
 Used by the crm service (on by default: nothing personal leaves for the CRM) and by the
 analyze service (optionally: nothing personal reaches the LLM). Each finding is replaced
@@ -10,7 +10,8 @@ Speech recognisers write numbers their own way ("4,111,111,111,111,111", "655 12
 "john.smith at example.com"), so digit runs may be broken by spaces, commas, dots and
 hyphens, and e-mail addresses may be spoken. Checks that guard against false alarms:
 the Luhn checksum for cards, ISO 13616 mod-97 for IBANs, the control letter of Spanish
-DNI/NIE numbers. A long number that is neither a valid card nor a phone number is still
+DNI/NIE numbers. A card's security code (CVV, CVC) is three or four digits like any other, so it
+is masked where it is named just before ("the security code is 123"). A long number that is neither a valid card nor a phone number is still
 masked, as an account number: a recogniser's error in one digit must not leak the rest.
 """
 
@@ -25,7 +26,8 @@ PHONE_NUMBER = "PHONE_NUMBER"
 EMAIL_ADDRESS = "EMAIL_ADDRESS"
 NATIONAL_ID = "NATIONAL_ID"
 ACCOUNT_NUMBER = "ACCOUNT_NUMBER"
-KINDS = (CARD_NUMBER, IBAN, PHONE_NUMBER, EMAIL_ADDRESS, NATIONAL_ID, ACCOUNT_NUMBER)
+SECURITY_CODE = "SECURITY_CODE"
+KINDS = (CARD_NUMBER, IBAN, PHONE_NUMBER, EMAIL_ADDRESS, NATIONAL_ID, ACCOUNT_NUMBER, SECURITY_CODE)
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,14 @@ _DIGIT_RUN = re.compile(r"(?<![\w.,$€£¥])\+?\(?\d(?:(?:[\s.,()-]|\)\s?)?\d)+
 # Not personal: dates (25.11.2026, 2026-11-25) and amounts with thousands separators (1,250,000.00).
 _DATE = re.compile(r"\d{1,2}[./-]\d{1,2}[./-]\d{2,4}|\d{4}-\d{1,2}-\d{1,2}")
 _AMOUNT = re.compile(r"\d{1,3}(?:,\d{3}){1,2}(?:\.\d{1,2})?|\d{1,3}(?:\.\d{3}){1,2}(?:,\d{1,2})?")
+
+# A payment card's security code, which PCI DSS forbids keeping once a payment is authorised: the three or four
+# digits said within a few words after its name, in the languages of the evaluation set.
+_SECURITY_CODE = re.compile(
+    r"\b(?:cvv2?|cvc2?|cv2|security (?:code|number)|card verification (?:code|value|number)|"
+    r"(?:three|four|3|4) (?:digits|numbers) on the back|código de seguridad|code de sécurité|cryptogramme|"
+    r"prüfnummer|sicherheitscode|codice di sicurezza|código de segurança)\b\D{0,25}?\b(\d(?:[ -]?\d){2,3})\b",
+    re.IGNORECASE)
 
 _ES_LETTERS = "TRWAGMYFPDXBNJZSQVHLCKE"
 
@@ -117,6 +127,9 @@ def find(text: str) -> list[tuple[int, int, str]]:
     for m in _ES_ID.finditer(text):
         if free(m.start(), m.end()) and _spanish_id_valid(*m.groups()):
             spans.append((m.start(), m.end(), NATIONAL_ID))
+    for m in _SECURITY_CODE.finditer(text):
+        if free(m.start(1), m.end(1)):
+            spans.append((m.start(1), m.end(1), SECURITY_CODE))
     for m in _DIGIT_RUN.finditer(text):
         run = m.group().rstrip(" .,-")
         kind = _digit_kind(run)
@@ -125,13 +138,20 @@ def find(text: str) -> list[tuple[int, int, str]]:
     return sorted(spans)
 
 
-def redact(text: str) -> tuple[str, list[Finding]]:
-    """``text`` with each finding replaced by ``[KIND]``, and where those placeholders stand."""
+def redact(text: str, before: str = "") -> tuple[str, list[Finding]]:
+    """``text`` with each finding replaced by ``[KIND]``, and where those placeholders stand.
+
+    ``before``: what was said just before ``text`` (the previous segment), read as its context and left as it is.
+    Whisper cuts segments where the voice pauses, so a security code's name can end one segment and its digits
+    open the next ("… and the security code" | "is 742.")."""
+    offset = len(before) + 1 if before else 0
+    spans = [(max(start, offset) - offset, end - offset, kind)
+             for start, end, kind in find(f"{before} {text}" if before else text) if end > offset]
     out: list[str] = []
     findings: list[Finding] = []
     position = 0
     length = 0
-    for start, end, kind in find(text):
+    for start, end, kind in spans:
         out.append(text[position:start])
         length += start - position
         placeholder = f"[{kind}]"

@@ -2,8 +2,9 @@
 
 Every text field a person reads (the transcript, each segment, the translation, the
 summary, the sub-topic and the follow-up actions) goes through :func:`services.common.pii.redact`; the record then lists each
-placeholder's field, kind and position, never the value. Word timings of a segment
-that held personal data are dropped with it (they would spell it out).
+placeholder's field, kind and position, never the value. A segment is read after the one
+before it, whose end may name what it opens with. Word timings of a segment that held
+personal data are dropped with it (they would spell it out).
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ def redact_record(record: crm_pb2.CallRecord) -> crm_pb2.CallRecord:
     out.CopyFrom(record)
     del out.redactions[:]
 
-    def mask(field: str, text: str) -> tuple[str, bool]:
-        masked, findings = pii.redact(text)
+    def mask(field: str, text: str, before: str = "") -> tuple[str, bool]:
+        masked, findings = pii.redact(text, before)
         out.redactions.extend(common_pb2.Redaction(kind=KIND_VALUES[f.kind], field=field, start=f.start, end=f.end)
                               for f in findings)
         return masked, bool(findings)
@@ -33,11 +34,13 @@ def redact_record(record: crm_pb2.CallRecord) -> crm_pb2.CallRecord:
     out.sub_topic, _ = mask("sub_topic", out.sub_topic)
     for i, action in enumerate(list(out.follow_up_actions)):
         out.follow_up_actions[i], _ = mask(f"follow_up_actions[{i}]", action)
-    for i, segment in enumerate(out.segments):
-        segment.text, found = mask(f"segments[{i}].text", segment.text)
-        if found:
-            del segment.words[:]
-    for i, segment in enumerate(out.translated_segments):
-        segment.text, _ = mask(f"translated_segments[{i}].text", segment.text)
+    for segments, name in ((out.segments, "segments"), (out.translated_segments, "translated_segments")):
+        said = ""  # each segment is read after the one before it, as it was said (see pii.redact)
+        for i, segment in enumerate(segments):
+            text = segment.text
+            segment.text, found = mask(f"{name}[{i}].text", text, said)
+            if found:
+                del segment.words[:]
+            said = text
     out.pii_redaction_applied = True
     return out
