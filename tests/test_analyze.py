@@ -123,28 +123,21 @@ async def test_english_call_is_not_translated(ollama: FakeOllama) -> None:
     assert len(ollama.requests) == 1
 
 
-async def test_prompt_says_what_each_known_emotion_means_and_offers_others_by_name(ollama: FakeOllama) -> None:
-    emotions = ("angry", "anxious", "resigned")  # the last one configured beyond the defaults
-    ollama.answers = [json.dumps({**GOOD, "emotion": "resigned"})]
-    configured = Analyzer(OllamaBackend(settings(ollama.url)), DEFAULT_TOPICS, emotions, 4096, 512)
+@pytest.mark.parametrize("field, meanings, labels", [
+    ("emotion", EMOTION_MEANINGS, ("angry", "anxious", "resigned")),
+    ("topic", TOPIC_MEANINGS, ("Billing", "Sales", "Roaming")),
+])  # the last label of each is configured beyond the defaults
+async def test_prompt_says_what_each_known_label_means_and_offers_others_by_name(
+        ollama: FakeOllama, field: str, meanings: dict[str, str], labels: tuple[str, ...]) -> None:
+    ollama.answers = [json.dumps({**GOOD, field: labels[-1]})]
+    configured = Analyzer(OllamaBackend(settings(ollama.url)), labels if field == "topic" else DEFAULT_TOPICS,
+                          labels if field == "emotion" else DEFAULT_EMOTIONS, 4096, 512)
     result = await configured.analyze(CALL, "en")
-    assert result.emotion == "resigned"
+    assert getattr(result, field) == labels[-1]
     prompt = ollama.requests[0]["messages"][1]["content"]
-    assert (f"Allowed emotions: angry ({EMOTION_MEANINGS['angry']}); anxious ({EMOTION_MEANINGS['anxious']}); "
-            "resigned.\n") in prompt
-    assert ollama.requests[0]["format"]["properties"]["emotion"]["enum"] == list(emotions)
-
-
-async def test_prompt_says_what_each_known_topic_covers_and_offers_others_by_name(ollama: FakeOllama) -> None:
-    topics = ("Billing", "Sales", "Roaming")  # the last one configured beyond the defaults
-    ollama.answers = [json.dumps({**GOOD, "topic": "Roaming"})]
-    configured = Analyzer(OllamaBackend(settings(ollama.url)), topics, DEFAULT_EMOTIONS, 4096, 512)
-    result = await configured.analyze(CALL, "en")
-    assert result.topic == "Roaming"
-    prompt = ollama.requests[0]["messages"][1]["content"]
-    assert (f"Allowed topics: Billing ({TOPIC_MEANINGS['Billing']}); Sales ({TOPIC_MEANINGS['Sales']}); "
-            "Roaming.\n") in prompt
-    assert ollama.requests[0]["format"]["properties"]["topic"]["enum"] == list(topics)
+    assert (f"Allowed {field}s: {labels[0]} ({meanings[labels[0]]}); {labels[1]} ({meanings[labels[1]]}); "
+            f"{labels[2]}.\n") in prompt
+    assert ollama.requests[0]["format"]["properties"][field]["enum"] == list(labels)
 
 
 def test_every_default_topic_has_a_meaning() -> None:
