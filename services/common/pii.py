@@ -11,8 +11,9 @@ Speech recognisers write numbers their own way ("4,111,111,111,111,111", "655 12
 hyphens, and e-mail addresses may be spoken. Checks that guard against false alarms:
 the Luhn checksum for cards, ISO 13616 mod-97 for IBANs, the control letter of Spanish
 DNI/NIE numbers. A card's security code (CVV, CVC) is three or four digits like any other, so it
-is masked where it is named just before ("the security code is 123"). A long number that is neither a valid card nor a phone number is still
-masked, as an account number: a recogniser's error in one digit must not leak the rest.
+is masked where it is named just before ("the security code is 123"). A long number that is
+neither a valid card nor a phone number is still masked, as an account number: a recogniser's
+error in one digit must not leak the rest.
 """
 
 from __future__ import annotations

@@ -602,8 +602,7 @@ class WhisperEngine:
         (its probability taken among them): a contact center knows which languages its callers speak.
         Only as much of the call is read as holds that speech (:meth:`_first_speech`; the first minutes of
         nearly every call), not the whole call: voice detection over an hour of audio would cost seconds before
-        the first segment. :data:`NO_SPEECH` when voice
-        detection finds none in the whole recording."""
+        the first segment. :data:`NO_SPEECH` when voice detection finds none in the whole recording."""
         d = self.settings.decode
         windows = windows or d.language_detection_segments
         wanted = windows * WINDOW_SECONDS * SAMPLE_RATE
