@@ -409,9 +409,10 @@ class WhisperEngine:
         if language is None:
             short = len(pieces) > 1 and self.settings.decode.first_piece_seconds > 0
             detected = self._detect_head(head, audio, short=short, per_segment=self.per_segment_language(options))
+            if detected == NO_SPEECH:  # none anywhere in the recording: nothing to decode, and no language
+                return iter(()), DecodeInfo(*NO_SPEECH, 0.0)
             language = detected[0] if detected else None
-        first, first_info = self._decode(head, options, language or None, speaker, channel, split_gap=split_gap)
-        # No speech anywhere in the recording: it has no language (faster-whisper's guess on silence is noise).
+        first, first_info = self._decode(head, options, language, speaker, channel, split_gap=split_gap)
         info = DecodeInfo(*detected if detected else (first_info.language, float(first_info.language_probability)),
                           float(first_info.duration_after_vad))
         if len(pieces) == 1:
@@ -421,8 +422,8 @@ class WhisperEngine:
             yield from first
             for a, b in pieces[1:]:
                 # The language found in the first piece holds for the rest: one call, one language.
-                segments, more = self._decode(audio[a:b], options, language or info.language or None, speaker,
-                                              channel, split_gap=split_gap)
+                segments, more = self._decode(audio[a:b], options, language or info.language, speaker, channel,
+                                              split_gap=split_gap)
                 offset = a / SAMPLE_RATE
                 for seg in segments:
                     yield SegmentResult(**{**seg.__dict__, "start": seg.start + offset, "end": seg.end + offset,
@@ -447,8 +448,6 @@ class WhisperEngine:
             # language loses the second one. Each utterance is decoded on its own instead, in the
             # language detected for it (sequential decoder: it takes clips in seconds).
             detected = language or self._detect(audio)[0]
-            if not detected:  # no speech: nothing to decode (its clips would be the whole silence, without VAD)
-                return iter(()), DecodeInfo(*NO_SPEECH, 0.0)
             kwargs["language"] = detected  # the call's language; each window is still detected again
             utterances = self._utterances(audio, detected)
             decoder = self.model
@@ -537,13 +536,11 @@ class WhisperEngine:
         if label is not None:
             segments = label(segments)
         spoken: list[tuple[str, float, float]] = []
-        heard = ""  # the first segment's language, should the call's voice detection have found no speech
         for seg in self._numbered(segments, cancel):
             spoken.append((seg.speaker, seg.start, seg.end))
-            heard = heard or seg.language
             yield seg
         yield SummaryResult(
-            language=info.language or heard,
+            language=info.language,
             language_probability=probability,
             audio_duration=audio.size / SAMPLE_RATE,
             speech_duration=float(info.duration_after_vad),
@@ -663,13 +660,14 @@ class WhisperEngine:
         # segment can hold two turns. Word times are right, so each channel is decoded with them: segments start at their first
         # word and are split where their words stand apart. The call then reads in the order it was spoken.
         gap = SPLIT_GAP_SECONDS
-        left_segments, left_info = self._segments(left, options, language, "agent" if agent_is_left else "customer",
-                                                  0, split_gap=gap)
-        right_segments, right_info = self._segments(right, options, language,
+        # Where the two mixed hold no speech, each channel is looked at on its own (a quiet one may hold some).
+        left_segments, left_info = self._segments(left, options, language or None,
+                                                  "agent" if agent_is_left else "customer", 0, split_gap=gap)
+        right_segments, right_info = self._segments(right, options, language or None,
                                                     "customer" if agent_is_left else "agent", 1, split_gap=gap)
         merged = heapq.merge(left_segments, right_segments, key=lambda s: (s.start, s.channel))
         spoken: list[tuple[str, float, float]] = []
-        heard = ""
+        heard = ""  # the first segment's language, where the two mixed held no speech
         for seg in self._numbered(merged, cancel):
             spoken.append((seg.speaker, seg.start, seg.end))
             heard = heard or seg.language
