@@ -19,6 +19,12 @@ LONG_TEXT = (
     "I have been a customer for many years and I always paid on time. "
 )
 
+# A customer paying by phone: a card number, its security code and a phone number, said digit by digit.
+CARD_PAYMENT = ("Hello, I would like to pay my bill today. My card number is 4111 1111 1111 1111. The expiry date is "
+                "March 2029, and the security code is 7 4 2. Please call me back on 0 7 7 0 0 9 0 0 1 2 3.")
+# A Spanish caller gives a phone number in words, which Whisper's own translation writes in digits.
+PHONE_NUMBER_ES = "Buenos días. Mi número de teléfono es el seis cinco cinco, uno dos tres, cuatro cinco seis."
+
 TELEPHONY_RECORDINGS = {  # file name: FFmpeg encoder
     "es-billing-angry-mulaw.wav": "pcm_mulaw", "es-billing-angry-alaw.wav": "pcm_alaw",
     "es-billing-angry-gsm.wav": "libgsm_ms", "es-billing-angry-g726.wav": "g726",
@@ -32,6 +38,8 @@ def make_test_audio(d: Path) -> Path:
     for key, sample in SAMPLES.items():
         synthesize(sample.text, sample.voice, d / f"{key}.wav")
     synthesize(LONG_TEXT * 3, "en-us", d / "long-en.wav", speed=160)
+    synthesize(CARD_PAYMENT, "en-us", d / "en-card-payment.wav")
+    synthesize(PHONE_NUMBER_ES, "es", d / "es-phone-number.wav")
     # The Spanish call as 8 kHz telephone-band mp3.
     subprocess.run(["ffmpeg", "-loglevel", "error", "-y", "-i", str(d / "es-billing-angry.wav"), "-ar", "8000",
                     "-ac", "1", str(d / "es-billing-angry-8k.mp3")], check=True)

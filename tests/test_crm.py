@@ -458,6 +458,23 @@ async def test_personal_data_never_reaches_the_crm_and_the_record_says_where_it_
         assert "4111" not in json.dumps(stored)
 
 
+async def test_a_record_masked_before_it_came_lists_where_its_placeholders_stand(
+        tmp_path: Path, receiver: CrmReceiver) -> None:
+    # Ingest masks the transcript before it stores it (PII_REDACTION): the record comes with placeholders.
+    from services.crm.privacy import redact_record
+    masked = redact_record(record_with_personal_data("p3"))
+    del masked.redactions[:]
+    async with crm_service(tmp_path / "o.db", receiver) as crm:
+        answer = await crm.stub.Deliver(crm_pb2.DeliverRequest(record=masked))
+        await wait_state(crm.stub, "p3", crm_pb2.DELIVERY_STATE_DELIVERED)
+        body = receiver.for_call("p3")[0].body
+        assert body["transcript"] == masked.transcript and answer.record.transcript == masked.transcript
+        first = redact_record(record_with_personal_data("p3"))
+        assert [(r["field"], r["kind"], r["start"], r["end"]) for r in body["redactions"]] == [
+            (r.field, common_pb2.PiiKind.Name(r.kind).removeprefix("PII_KIND_").lower(), r.start, r.end)
+            for r in first.redactions]
+
+
 async def test_redaction_can_be_turned_off(tmp_path: Path, receiver: CrmReceiver) -> None:
     async with crm_service(tmp_path / "o.db", receiver, redact_pii=False) as crm:
         await crm.stub.Deliver(crm_pb2.DeliverRequest(record=record_with_personal_data("p2")))

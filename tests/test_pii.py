@@ -78,3 +78,13 @@ def test_a_security_code_named_at_the_end_of_one_segment_is_masked_at_the_start_
     assert masked[findings[0].start:findings[0].end] == "[SECURITY_CODE]"
     assert pii.redact("with this 742.") == ("with this 742.", [])  # alone, nothing names it
     assert pii.redact("12 Main Street", "call me on 655 1") == ("12 Main Street", [])  # context is read, not masked
+
+
+def test_masking_masked_text_again_changes_nothing_and_finds_the_same_placeholders() -> None:
+    said = f"Card {VISA}, the security code is 742, mail ana.lopez@example.com, IBAN GB82 WEST 1234 5698 7654 32."
+    once = pii.redact(said)
+    assert [f.kind for f in once[1]] == [pii.CARD_NUMBER, pii.SECURITY_CODE, pii.EMAIL_ADDRESS, pii.IBAN]
+    assert pii.redact(once[0]) == once
+    assert pii.redact("[SECURITY_CODE].", "the security code") == ("[SECURITY_CODE].", [pii.Finding(
+        pii.SECURITY_CODE, 0, 15)])
+    assert pii.redact("[NOT_A_KIND] [card_number]") == ("[NOT_A_KIND] [card_number]", [])

@@ -13,7 +13,8 @@ the Luhn checksum for cards, ISO 13616 mod-97 for IBANs, the control letter of S
 DNI/NIE numbers. A card's security code (CVV, CVC) is three or four digits like any other, so it
 is masked where it is named just before ("the security code is 123"). A long number that is
 neither a valid card nor a phone number is still masked, as an account number: a recogniser's
-error in one digit must not leak the rest.
+error in one digit must not leak the rest. Text masked before is masked again as it is: a placeholder
+is found as the kind it names.
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ class Finding:
     end: int
 
 
+# A value masked before (by ingest, before it stored the transcript): found again as what it was, so that masking
+# twice gives the same text and the same findings.
+_PLACEHOLDER = re.compile(r"\[(" + "|".join(KINDS) + r")\]")
 _EMAIL = re.compile(r"\b[\w.+-]+@[\w-]+(?:\.[\w-]+)+\b")
 # Spoken: "john dot smith at example dot com", "juan punto perez arroba correo punto es".
 _DOT = r"(?:\.|\s+(?:dot|punto|point|punkt|ponto)\s+)"
@@ -114,6 +118,7 @@ def find(text: str) -> list[tuple[int, int, str]]:
     def free(start: int, end: int) -> bool:
         return all(end <= s or start >= e for s, e, _ in spans)
 
+    spans += [(m.start(), m.end(), m.group(1)) for m in _PLACEHOLDER.finditer(text)]
     for pattern, kind in ((_EMAIL, EMAIL_ADDRESS), (_SPOKEN_EMAIL, EMAIL_ADDRESS)):
         spans += [(m.start(), m.end(), kind) for m in pattern.finditer(text) if free(m.start(), m.end())]
     for m in _IBAN.finditer(text):

@@ -40,6 +40,8 @@ async def amain() -> None:
     for root in settings.download.file_roots:  # in a thread: a share that does not answer holds the call
         if unmounted := await asyncio.to_thread(share_not_mounted, root):
             log.warning("%s: calls that name a file there wait until it is", unmounted)
+    if not settings.pipeline.redact_pii:
+        log.warning("PII_REDACTION=0: transcripts are stored, shown and analysed with personal data unmasked")
     worker = PipelineWorker(store, downloader, settings.pipeline, settings.pipeline.worker_id)
     app = create_app(store, worker, downloader.policy, verifier, api_token=env_str("API_TOKEN", ""),
                      public_url=settings.public_url, read_timeout=settings.read_timeout,

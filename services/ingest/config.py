@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from services.common.config import (
-    PLAINTEXT, RETENTION_SECONDS, ConfigError, TlsSettings, call_retention, data_dir, database_url, env_float,
-    env_int, env_list, env_str, ready_file,
+    PLAINTEXT, RETENTION_SECONDS, ConfigError, TlsSettings, call_retention, data_dir, database_url, env_bool,
+    env_float, env_int, env_list, env_str, ready_file,
 )
 from services.common.https import outbound_tls_ca
 
@@ -114,6 +114,7 @@ class PipelineSettings:
     translation_source: str = "llm"  # "llm": the analysis model translates; "whisper": the speech model does
     tls: TlsSettings = PLAINTEXT
     done_retention: float = RETENTION_SECONDS  # a done call stays in the job store this long; 0: for good
+    redact_pii: bool = True  # mask personal data in the transcript before it is stored (and so before the LLM)
 
     @classmethod
     def from_env(cls) -> "PipelineSettings":
@@ -135,6 +136,7 @@ class PipelineSettings:
             translation_source=_choice("TRANSLATION_SOURCE", "llm", ("llm", "whisper")),
             tls=TlsSettings.from_env(),
             done_retention=call_retention(),
+            redact_pii=env_bool("PII_REDACTION", True),
         )
 
 

@@ -4,7 +4,9 @@ Each stage's outcome is written to the job store before the next begins, so a
 restart resumes at the stage it stopped in. Transient failures are retried
 with exponential backoff and jitter; a service that is down (UNAVAILABLE) or at
 its limit (RESOURCE_EXHAUSTED) is waited for without using up the attempts;
-permanent failures fail the call at once with the stage and the reason.
+permanent failures fail the call at once with the stage and the reason. Personal data
+in what was said is masked as each segment comes from Transcribe, before it is stored
+(``PII_REDACTION``).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 from callcenter.v1 import analyze_pb2, analyze_pb2_grpc, common_pb2, crm_pb2, crm_pb2_grpc, transcribe_pb2, transcribe_pb2_grpc
+from services.common import pii
 from services.common.database import UNAVAILABLE_ERRORS, OutageLog, delete_in_batches
 from services.common.grpc_server import client_channel
 from services.common.limits import ADMITTED_METADATA
@@ -87,6 +90,21 @@ def _rpc_error(stage: str, exc: grpc.aio.AioRpcError) -> StageError:
 def spoken_text(segments: list[dict]) -> str:
     """A call's text as the record carries it: the segments' text, one after the other."""
     return " ".join(s["text"].strip() for s in segments)
+
+
+class SegmentMasking:
+    """Masks personal data in each segment's text as the segments come, each read after the one before it
+    (:func:`services.common.pii.redact`), before ingest stores them; off, leaves them as they are."""
+
+    def __init__(self, on: bool) -> None:
+        self.on = on
+        self.said = ""  # the previous segment as it was said: context for the next
+
+    def __call__(self, segment: dict) -> dict:
+        if not self.on:
+            return segment
+        text, self.said = pii.redact(segment["text"], self.said)[0], segment["text"]
+        return {**segment, "text": text}
 
 
 def record_revision(job: Job) -> int:
@@ -453,6 +471,7 @@ class PipelineWorker:
             return DOWNLOADING, {"recording_path": None}
         segments: list[dict] = []
         language, probability, summary = "", 0.0, None
+        masking = SegmentMasking(self.settings.redact_pii)
         last_saved = time.monotonic()
         call = self._transcription(job, Path(job.recording_path))
         try:
@@ -461,8 +480,8 @@ class PipelineWorker:
                 if kind == "language":
                     language, probability = response.language.language_code, response.language.probability
                 elif kind == "segment":
-                    segments.append({**segment_to_dict(response.segment),
-                                     "language": response.segment.language_code})
+                    segments.append(masking({**segment_to_dict(response.segment),
+                                             "language": response.segment.language_code}))
                     if time.monotonic() - last_saved > 2.0:  # progress the status API can show
                         await self.store.update(job.call_id, self.owner, transcript={
                             "language": language, "language_probability": probability, "segments": segments,
@@ -492,7 +511,8 @@ class PipelineWorker:
         assert job.recording_path is not None
         call = self._transcription(job, Path(job.recording_path), transcribe_pb2.TRANSCRIPTION_TASK_TRANSLATE, language)
         try:
-            translated = [segment_to_dict(r.segment) async for r in call if r.HasField("segment")]
+            masking = SegmentMasking(self.settings.redact_pii)
+            translated = [masking(segment_to_dict(r.segment)) async for r in call if r.HasField("segment")]
         except grpc.aio.AioRpcError as exc:
             raise _rpc_error("transcribe (translate)", exc) from exc
         log.info("translated by the speech model: %d segments", len(translated))

@@ -1,0 +1,143 @@
+"""Personal data said in a call is masked before ingest keeps it (``PII_REDACTION``, on by default).
+
+A customer who pays by phone reads out a card number and its security code, which PCI DSS
+forbids keeping. Ingest masks each segment as it comes from Transcribe, before the job store,
+the status API, the call's page, the LLM and a later re-analysis see it; the crm service masks
+the record again, and lists where each placeholder stands. The real transcribe and crm services
+run on loopback; the LLM is the Ollama stand-in, held until the test lets it answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+import pytest_asyncio
+
+from callcenter.v1 import analyze_pb2_grpc
+from callmesh.standins import CrmReceiver, Recorder
+from services.analyze.backends import OllamaBackend
+from services.analyze.servicer import AnalysisServicer
+from services.common import pii
+from services.common.grpc_server import ServiceBinding, start_server
+from services.common.limits import AdmissionLimiter
+from tests.crm_harness import start_crm
+from tests.ingest_harness import post, running_ingest, wait_for_state
+from tests.test_analyze import FakeOllama, analyzer, settings
+from tests.test_transcribe import _serve, engine  # noqa: F401  (the engine fixture)
+
+pytestmark = pytest.mark.models
+
+# What the customer reads out (tests/audio.py, CARD_PAYMENT), as Whisper writes it whichever way it groups the
+# digits: the card number (4111 1111 1111 1111), its security code (742) and the phone number (07700 900123).
+SAID = ("1111", "742", "0770")
+
+
+def numbers_in(text: str) -> list[str]:
+    """What of ``SAID`` is in ``text``."""
+    return [number for number in SAID if number in text]
+
+
+@pytest_asyncio.fixture
+async def mesh(engine, tmp_path: Path, audio_dir: Path, request: pytest.FixtureRequest) -> AsyncIterator[dict]:
+    """Ingest over real transcribe and crm services and an analyze service whose LLM answers only once the test
+    sets ``gate``, with the card payment posted and transcribed. The test's ``ingest`` marker names other pipeline
+    settings (``redact_pii``, ``translation_source``) and another ``recording``."""
+    marker = request.node.get_closest_marker("ingest")
+    options = dict(marker.kwargs) if marker else {}
+    recording = options.pop("recording", "en-card-payment.wav")
+    gate = asyncio.Event()
+    ollama = await FakeOllama([], by_schema=True, gate=gate).start()
+    servicer = AnalysisServicer(analyzer(OllamaBackend(dataclasses.replace(settings(ollama.url), timeout_seconds=120))),
+                                AdmissionLimiter(1, 4))
+    analyze = await start_server("127.0.0.1:0", [ServiceBinding(
+        "callcenter.v1.AnalysisService", lambda s: analyze_pb2_grpc.add_AnalysisServiceServicer_to_server(servicer, s))])
+    transcribe, _ = await _serve(engine, max_running=1, max_queued=4)
+    receiver = await CrmReceiver().start()
+    crm = await start_crm(tmp_path / "outbox.db", receiver)
+    recorder = await Recorder(audio_dir).start()
+    try:
+        async with running_ingest(tmp_path, transcribe_addr=transcribe.address, analyze_addr=analyze.address,
+                                  crm_addr=crm.server.address, transcribe_timeout=120, analyze_timeout=120,
+                                  max_bytes=4 << 20, **options) as ingest:
+            body = json.dumps({"call_id": "pay-1", "recording_url": recorder.url_for(recording)})
+            assert (await post(ingest.url, body))[0] == 202
+            await wait_for_state(ingest.url, "pay-1", {"analyzing"}, timeout=120)  # transcribed; the LLM holds it
+            yield {"ingest": ingest, "gate": gate, "ollama": ollama, "receiver": receiver}
+    finally:
+        gate.set()
+        await recorder.stop()
+        await crm.close()
+        await receiver.stop()
+        await transcribe.stop(1)
+        await analyze.stop(1)
+        await ollama.stop()
+
+
+async def stored_text(mesh: dict) -> str:
+    job = await mesh["ingest"].store.get("pay-1")
+    assert job is not None and job.transcript is not None and job.transcript["complete"]
+    return " ".join(s["text"] for s in job.transcript["segments"])
+
+
+async def test_a_card_number_and_its_security_code_are_not_kept_in_the_job_store(mesh: dict) -> None:
+    text = await stored_text(mesh)
+    assert numbers_in(text) == [], text
+    assert "[SECURITY_CODE]" in text and ("[CARD_NUMBER]" in text or "[ACCOUNT_NUMBER]" in text), text
+
+
+async def llm_requests(mesh: dict) -> str:
+    """What the LLM was sent, once the call's analysis has reached it."""
+    for _ in range(600):
+        if mesh["ollama"].requests:
+            return json.dumps(mesh["ollama"].requests)
+        await asyncio.sleep(0.1)
+    raise AssertionError("the analysis never reached the LLM")
+
+
+async def test_the_llm_never_reads_the_numbers_the_customer_said(mesh: dict) -> None:
+    assert numbers_in(await llm_requests(mesh)) == []
+
+
+async def test_the_calls_page_shows_the_transcript_masked_while_the_call_is_analysed(mesh: dict) -> None:
+    page = await call_page(mesh)
+    assert "[SECURITY_CODE]" in page and numbers_in(page) == []
+
+
+async def call_page(mesh: dict) -> str:
+    async with aiohttp.ClientSession() as session, session.get(f"{mesh['ingest'].url}/calls/pay-1") as response:
+        assert response.status == 200
+        return await response.text()
+
+
+async def test_the_crm_record_lists_where_each_number_was_masked(mesh: dict) -> None:
+    mesh["gate"].set()
+    await wait_for_state(mesh["ingest"].url, "pay-1", {"done"}, timeout=60)
+    body = mesh["receiver"].for_call("pay-1")[0].body
+    assert numbers_in(json.dumps(body)) == []
+    kinds = {(r["field"], r["kind"]) for r in body["redactions"]}
+    assert ("transcript", "security_code") in kinds and ("transcript", "phone_number") in kinds, kinds
+    for r in body["redactions"]:
+        if r["field"] == "transcript":
+            assert body["transcript"][r["start"]:r["end"]] == f"[{r['kind'].upper()}]"
+
+
+@pytest.mark.ingest(translation_source="whisper", recording="es-phone-number.wav")
+async def test_the_speech_models_own_translation_is_masked_before_it_is_kept(mesh: dict) -> None:
+    job = await mesh["ingest"].store.get("pay-1")
+    assert job is not None and job.transcript is not None and job.transcript["language"] == "es"
+    english = " ".join(s["text"] for s in job.transcript["translated_segments"])
+    assert "[PHONE_NUMBER]" in english and pii.redact(english)[0] == english, english  # nothing left to mask
+
+
+@pytest.mark.ingest(redact_pii=False)
+async def test_with_pii_redaction_off_ingest_keeps_the_transcript_as_spoken(mesh: dict) -> None:
+    text = await stored_text(mesh)
+    assert numbers_in(text) == list(SAID) and "[SECURITY_CODE]" not in text, text
+    assert numbers_in(await llm_requests(mesh)) == list(SAID)
+    assert numbers_in(await call_page(mesh)) == list(SAID)
