@@ -252,3 +252,24 @@ async def test_callmesh_following_a_call_rides_out_a_status_api_that_answers_503
             await asyncio.to_thread(allow_connections, postgres, pg_url, True)
         status = await asyncio.wait_for(following, 60)
     assert status["status"] == "done"
+
+
+async def test_a_transaction_retried_after_a_serialization_failure_is_logged_with_its_call(
+        two_stores: tuple[JobStore, JobStore], caplog: pytest.LogCaptureFixture) -> None:
+    from psycopg import errors
+
+    from services.common.logs import _ContextFilter, call_context
+
+    store, tries = two_stores[0], []
+
+    def conflicting_once(c) -> int:  # what PostgreSQL raises when a concurrent replica wrote the same rows first
+        tries.append(1)
+        if len(tries) == 1:
+            raise errors.SerializationFailure("could not serialize access due to concurrent update")
+        return c.execute("SELECT 1").fetchone()[0]
+
+    caplog.handler.addFilter(_ContextFilter("ingest"))  # as setup_logging's handler: the call id where it is logged
+    with call_context("call-retried"):
+        assert await store.db.transaction(conflicting_once) == 1
+    retried = [r for r in caplog.records if r.getMessage().startswith("transaction retried")]
+    assert len(tries) == 2 and [r.call_id for r in retried] == ["call-retried"]

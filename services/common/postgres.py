@@ -15,6 +15,7 @@ a serialization conflict is run again.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import re
 import time
@@ -143,7 +144,9 @@ class AsyncPostgres:
             raise
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        # In the caller's context: what the store's thread logs carries the call's trace and call id.
+        return await asyncio.get_running_loop().run_in_executor(self._executor, contextvars.copy_context().run, fn,
+                                                                *args)
 
     def _transaction(self, fn: Callable[[Connection], T]) -> T:
         started = time.perf_counter()

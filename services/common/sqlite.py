@@ -10,6 +10,7 @@ commit): one fsync for many, each still acknowledged only once it is on disk.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import sqlite3
 import time
 from collections.abc import Callable, Iterable
@@ -82,7 +83,9 @@ class AsyncSqlite:
         await self._run(self._open)
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        # In the caller's context: what the store's thread logs carries the call's trace and call id.
+        return await asyncio.get_running_loop().run_in_executor(self._executor, contextvars.copy_context().run, fn,
+                                                                *args)
 
     async def transaction(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``fn(conn)`` inside BEGIN IMMEDIATE … COMMIT on the store's thread."""
@@ -115,7 +118,9 @@ class AsyncSqlite:
         future: asyncio.Future = asyncio.get_running_loop().create_future()
         self._group.append((fn, future))
         if self._group_task is None:
-            self._group_task = asyncio.create_task(self._commit_groups(), name=f"sqlite-group-{self.path.stem}")
+            # Not in this writer's context: the group commits for every writer in it.
+            self._group_task = asyncio.create_task(self._commit_groups(), name=f"sqlite-group-{self.path.stem}",
+                                                   context=contextvars.Context())
         return await future
 
     async def _commit_groups(self) -> None:
