@@ -1,8 +1,9 @@
 """Find and mask personal data in call text: card numbers and their security codes, IBANs, phone
 numbers, e-mail addresses and national-id-like numbers.
 
-Used by the crm service (on by default: nothing personal leaves for the CRM) and by the
-analyze service (optionally: nothing personal reaches the LLM). Each finding is replaced
+Used by ingest (on by default: nothing personal is stored, shown or analysed), the crm service
+(on by default: nothing personal leaves for the CRM) and the analyze service (optionally, for
+other callers of Analyze: nothing personal reaches the LLM). Each finding is replaced
 by a placeholder such as ``[CARD_NUMBER]``; what is returned says which kind was found
 and where the placeholder now stands, never the value.
 
