@@ -394,6 +394,9 @@ async def follow(session: aiohttp.ClientSession, status_url: str, timeout: float
                 return status
             progress = status.get("progress") or {}
             detail = f" · {progress['segments']} segments" if progress.get("segments") else ""
+            if status["status"] == "transcribing" and progress.get("audio_seconds"):
+                done_to, audio = progress.get("transcribed_seconds") or 0.0, progress["audio_seconds"]
+                detail += f" · {_clock(done_to)} of {_clock(audio)}"
             retry = f" · retrying: {status['error']['message']}" if status.get("error") else ""
             spinner.update(f"{status['status']}{detail}{retry}")
             await asyncio.sleep(0.5)

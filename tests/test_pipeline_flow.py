@@ -22,7 +22,7 @@ from services.analyze.servicer import AnalysisServicer
 from services.common.grpc_server import ServiceBinding, start_server
 from services.common.limits import AdmissionLimiter
 from services.ingest.pipeline import BACK_STAGE_FACTOR
-from tests.ingest_harness import post, running_ingest, wait_for_state
+from tests.ingest_harness import post, running_ingest, wait_for, wait_for_state
 from tests.test_analyze import FakeOllama, analyzer, settings
 from tests.crm_harness import start_crm
 from tests.test_transcribe import _serve, engine  # noqa: F401  (the engine fixture)
@@ -93,3 +93,25 @@ async def test_calls_that_waited_for_a_slot_reach_the_crm_once_the_llm_answers(b
         final = await wait_for_state(ingest.url, call_id, {"done", "failed"}, timeout=120)
         assert final["status"] == "done", final
         assert len(busy_llm_mesh["receiver"].for_call(call_id)) == 1
+
+
+async def test_the_status_of_a_call_being_transcribed_says_how_much_of_its_recording_is(
+        engine, tmp_path: Path, audio_dir: Path) -> None:
+    transcribe, _ = await _serve(engine, max_running=1, max_queued=1)
+    recorder = await Recorder(audio_dir).start()
+    try:  # analyze and crm are not there: the call stops at analyzing
+        async with running_ingest(tmp_path, transcribe_addr=transcribe.address, max_bytes=8 << 20,
+                                  transcribe_timeout=120) as ingest:
+            body = json.dumps({"call_id": "long-1", "recording_url": recorder.url_for("long-en.wav")})
+            assert (await post(ingest.url, body))[0] == 202
+            first = (await wait_for(ingest.url, "long-1", lambda s: s["progress"]["segments"] > 0, timeout=120))
+            done = (await wait_for_state(ingest.url, "long-1", {"analyzing"}, timeout=120))["progress"]
+    finally:
+        await recorder.stop()
+        await transcribe.stop(1)
+    assert first["status"] == "transcribing" and not first["progress"]["transcript_complete"], first
+    audio = done["audio_seconds"]
+    assert audio > 50 and first["progress"]["audio_seconds"] == audio  # known from the first segment on
+    assert 0 < first["progress"]["transcribed_seconds"] < audio / 2  # the first segment of a call of about a minute
+    assert done["transcript_complete"] and done["transcribed_seconds"] == audio
+

@@ -123,6 +123,17 @@ async def test_the_decodes_own_log_lines_carry_the_calls_trace_and_call_id(stub,
         [(r.getMessage(), r.call_id, r.trace_id) for r in kept.lines]
 
 
+@pytest.mark.parametrize("recording,layout", [("long-en.wav", transcribe_pb2.CHANNEL_LAYOUT_MONO),
+                                              ("stereo-agent-left.wav", transcribe_pb2.CHANNEL_LAYOUT_STEREO)])
+async def test_the_language_message_says_how_long_the_recording_is_before_the_first_segment(
+        stub, audio_dir: Path, recording: str, layout: int) -> None:
+    config = transcribe_pb2.TranscriptionConfig(call_id="length", channel_layout=layout)
+    responses = await collect(stub.Transcribe(requests(audio_dir / recording, config)))
+    told, total = responses[0].language.audio_duration, responses[-1].summary.audio_duration
+    assert responses[0].HasField("language") and total.ToTimedelta().total_seconds() > 5
+    assert told == total  # so that a client can say how far the decode has come, segment by segment
+
+
 async def test_stereo_call_labels_agent_and_customer_in_time_order(stub, audio_dir: Path) -> None:
     config = transcribe_pb2.TranscriptionConfig(call_id="stereo", channel_layout=transcribe_pb2.CHANNEL_LAYOUT_STEREO,
                                                 agent_channel=transcribe_pb2.AGENT_CHANNEL_LEFT)

@@ -124,6 +124,22 @@ async def test_call_page_says_a_recording_without_speech_has_none(page: Page, in
     await expect(page.locator("#translation")).to_contain_text("Nothing to translate.")
 
 
+async def test_call_page_says_how_much_of_the_recording_is_transcribed(page: Page, ingest: Ingest) -> None:
+    await ingest.worker.stop(1)  # the test stores the transcript as the pipeline does
+    status, _ = await post(ingest.url, '{"call_id": "long-1", "recording_url": "http://127.0.0.1:9/a.wav"}')
+    assert status == 202
+    await ingest.store.update("long-1", None, state="transcribing", transcript={
+        "language": "en", "audio_duration": 600.0, "complete": False, "segments": [
+            {"index": 0, "start": 1.0, "end": 4.5, "speaker": "unknown", "channel": 0, "text": " Hello."},
+            {"index": 1, "start": 70.0, "end": 75.2, "speaker": "unknown", "channel": 0, "text": " Still there?"}]})
+    await page.goto(f"{ingest.url}/calls/long-1")
+    await expect(page.locator("#transcribed")).to_have_text("Transcribed up to 1:15.2 of 10:00.0.")
+    await ingest.store.update("long-1", None, state="analyzing", transcript={
+        "language": "en", "audio_duration": 600.0, "complete": True, "segments": []})
+    await expect(page.locator("#status")).to_have_text("analyzing", timeout=10_000)
+    await expect(page.locator("#transcribed")).to_have_count(0)
+
+
 async def test_call_page_says_whether_a_worker_is_on_the_call(page: Page, ingest: Ingest) -> None:
     await ingest.worker.stop(1)  # the test takes and hands back the call itself
     status, _ = await post(ingest.url, '{"call_id": "turn-1", "recording_url": "http://127.0.0.1:9/a.wav"}')

@@ -26,7 +26,7 @@ from callcenter.v1 import common_pb2 as callcenter_dot_v1_dot_common__pb2
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x63\x61llcenter/v1/transcribe.proto\x12\rcallcenter.v1\x1a\x1a\x63\x61llcenter/v1/common.proto\x1a\x1egoogle/protobuf/duration.proto\"\xc0\x02\n\x13TranscriptionConfig\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\x12\x15\n\rlanguage_code\x18\x02 \x01(\t\x12\x34\n\x0e\x63hannel_layout\x18\x03 \x01(\x0e\x32\x1c.callcenter.v1.ChannelLayout\x12\x32\n\ragent_channel\x18\x04 \x01(\x0e\x32\x1b.callcenter.v1.AgentChannel\x12\x17\n\x0fword_timestamps\x18\x05 \x01(\x08\x12\x10\n\x08hotwords\x18\x06 \x03(\t\x12#\n\x1b\x64\x65tect_language_per_segment\x18\x07 \x01(\x08\x12.\n\x04task\x18\x08 \x01(\x0e\x32 .callcenter.v1.TranscriptionTask\x12\x17\n\x0f\x61wait_admission\x18\t \x01(\x08\"e\n\x11TranscribeRequest\x12\x34\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\".callcenter.v1.TranscriptionConfigH\x00\x12\x0f\n\x05\x61udio\x18\x02 \x01(\x0cH\x00\x42\t\n\x07request\"R\n\x11LanguageDetection\x12\x15\n\rlanguage_code\x18\x01 \x01(\t\x12\x13\n\x0bprobability\x18\x02 \x01(\x02\x12\x11\n\tfrom_hint\x18\x03 \x01(\x08\"\xdb\x02\n\x14TranscriptionSummary\x12\x15\n\rlanguage_code\x18\x01 \x01(\t\x12\x1c\n\x14language_probability\x18\x02 \x01(\x02\x12\x31\n\x0e\x61udio_duration\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x15\n\rsegment_count\x18\x04 \x01(\x05\x12\x32\n\x0fprocessing_time\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\r\n\x05model\x18\x06 \x01(\t\x12\x32\n\x0fspeech_duration\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x31\n\nstatistics\x18\x08 \x01(\x0b\x32\x1d.callcenter.v1.CallStatistics\x12\x1a\n\x12language_uncertain\x18\t \x01(\x08\"\xc3\x01\n\x12TranscribeResponse\x12\x34\n\x08language\x18\x01 \x01(\x0b\x32 .callcenter.v1.LanguageDetectionH\x00\x12\x33\n\x07segment\x18\x02 \x01(\x0b\x32 .callcenter.v1.TranscriptSegmentH\x00\x12\x36\n\x07summary\x18\x03 \x01(\x0b\x32#.callcenter.v1.TranscriptionSummaryH\x00\x42\n\n\x08response*c\n\rChannelLayout\x12\x1e\n\x1a\x43HANNEL_LAYOUT_UNSPECIFIED\x10\x00\x12\x17\n\x13\x43HANNEL_LAYOUT_MONO\x10\x01\x12\x19\n\x15\x43HANNEL_LAYOUT_STEREO\x10\x02*^\n\x0c\x41gentChannel\x12\x1d\n\x19\x41GENT_CHANNEL_UNSPECIFIED\x10\x00\x12\x16\n\x12\x41GENT_CHANNEL_LEFT\x10\x01\x12\x17\n\x13\x41GENT_CHANNEL_RIGHT\x10\x02*|\n\x11TranscriptionTask\x12\"\n\x1eTRANSCRIPTION_TASK_UNSPECIFIED\x10\x00\x12!\n\x1dTRANSCRIPTION_TASK_TRANSCRIBE\x10\x01\x12 \n\x1cTRANSCRIPTION_TASK_TRANSLATE\x10\x02\x32m\n\x14TranscriptionService\x12U\n\nTranscribe\x12 .callcenter.v1.TranscribeRequest\x1a!.callcenter.v1.TranscribeResponse(\x01\x30\x01\x42)Z\'callmesh/gen/callcenter/v1;callcenterv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x63\x61llcenter/v1/transcribe.proto\x12\rcallcenter.v1\x1a\x1a\x63\x61llcenter/v1/common.proto\x1a\x1egoogle/protobuf/duration.proto\"\xc0\x02\n\x13TranscriptionConfig\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\x12\x15\n\rlanguage_code\x18\x02 \x01(\t\x12\x34\n\x0e\x63hannel_layout\x18\x03 \x01(\x0e\x32\x1c.callcenter.v1.ChannelLayout\x12\x32\n\ragent_channel\x18\x04 \x01(\x0e\x32\x1b.callcenter.v1.AgentChannel\x12\x17\n\x0fword_timestamps\x18\x05 \x01(\x08\x12\x10\n\x08hotwords\x18\x06 \x03(\t\x12#\n\x1b\x64\x65tect_language_per_segment\x18\x07 \x01(\x08\x12.\n\x04task\x18\x08 \x01(\x0e\x32 .callcenter.v1.TranscriptionTask\x12\x17\n\x0f\x61wait_admission\x18\t \x01(\x08\"e\n\x11TranscribeRequest\x12\x34\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\".callcenter.v1.TranscriptionConfigH\x00\x12\x0f\n\x05\x61udio\x18\x02 \x01(\x0cH\x00\x42\t\n\x07request\"\x85\x01\n\x11LanguageDetection\x12\x15\n\rlanguage_code\x18\x01 \x01(\t\x12\x13\n\x0bprobability\x18\x02 \x01(\x02\x12\x11\n\tfrom_hint\x18\x03 \x01(\x08\x12\x31\n\x0e\x61udio_duration\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xdb\x02\n\x14TranscriptionSummary\x12\x15\n\rlanguage_code\x18\x01 \x01(\t\x12\x1c\n\x14language_probability\x18\x02 \x01(\x02\x12\x31\n\x0e\x61udio_duration\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x15\n\rsegment_count\x18\x04 \x01(\x05\x12\x32\n\x0fprocessing_time\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\r\n\x05model\x18\x06 \x01(\t\x12\x32\n\x0fspeech_duration\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x31\n\nstatistics\x18\x08 \x01(\x0b\x32\x1d.callcenter.v1.CallStatistics\x12\x1a\n\x12language_uncertain\x18\t \x01(\x08\"\xc3\x01\n\x12TranscribeResponse\x12\x34\n\x08language\x18\x01 \x01(\x0b\x32 .callcenter.v1.LanguageDetectionH\x00\x12\x33\n\x07segment\x18\x02 \x01(\x0b\x32 .callcenter.v1.TranscriptSegmentH\x00\x12\x36\n\x07summary\x18\x03 \x01(\x0b\x32#.callcenter.v1.TranscriptionSummaryH\x00\x42\n\n\x08response*c\n\rChannelLayout\x12\x1e\n\x1a\x43HANNEL_LAYOUT_UNSPECIFIED\x10\x00\x12\x17\n\x13\x43HANNEL_LAYOUT_MONO\x10\x01\x12\x19\n\x15\x43HANNEL_LAYOUT_STEREO\x10\x02*^\n\x0c\x41gentChannel\x12\x1d\n\x19\x41GENT_CHANNEL_UNSPECIFIED\x10\x00\x12\x16\n\x12\x41GENT_CHANNEL_LEFT\x10\x01\x12\x17\n\x13\x41GENT_CHANNEL_RIGHT\x10\x02*|\n\x11TranscriptionTask\x12\"\n\x1eTRANSCRIPTION_TASK_UNSPECIFIED\x10\x00\x12!\n\x1dTRANSCRIPTION_TASK_TRANSCRIBE\x10\x01\x12 \n\x1cTRANSCRIPTION_TASK_TRANSLATE\x10\x02\x32m\n\x14TranscriptionService\x12U\n\nTranscribe\x12 .callcenter.v1.TranscribeRequest\x1a!.callcenter.v1.TranscribeResponse(\x01\x30\x01\x42)Z\'callmesh/gen/callcenter/v1;callcenterv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,22 +34,22 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'callcenter.v1.transcribe_pb
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'Z\'callmesh/gen/callcenter/v1;callcenterv1'
-  _globals['_CHANNELLAYOUT']._serialized_start=1167
-  _globals['_CHANNELLAYOUT']._serialized_end=1266
-  _globals['_AGENTCHANNEL']._serialized_start=1268
-  _globals['_AGENTCHANNEL']._serialized_end=1362
-  _globals['_TRANSCRIPTIONTASK']._serialized_start=1364
-  _globals['_TRANSCRIPTIONTASK']._serialized_end=1488
+  _globals['_CHANNELLAYOUT']._serialized_start=1219
+  _globals['_CHANNELLAYOUT']._serialized_end=1318
+  _globals['_AGENTCHANNEL']._serialized_start=1320
+  _globals['_AGENTCHANNEL']._serialized_end=1414
+  _globals['_TRANSCRIPTIONTASK']._serialized_start=1416
+  _globals['_TRANSCRIPTIONTASK']._serialized_end=1540
   _globals['_TRANSCRIPTIONCONFIG']._serialized_start=110
   _globals['_TRANSCRIPTIONCONFIG']._serialized_end=430
   _globals['_TRANSCRIBEREQUEST']._serialized_start=432
   _globals['_TRANSCRIBEREQUEST']._serialized_end=533
-  _globals['_LANGUAGEDETECTION']._serialized_start=535
-  _globals['_LANGUAGEDETECTION']._serialized_end=617
-  _globals['_TRANSCRIPTIONSUMMARY']._serialized_start=620
-  _globals['_TRANSCRIPTIONSUMMARY']._serialized_end=967
-  _globals['_TRANSCRIBERESPONSE']._serialized_start=970
-  _globals['_TRANSCRIBERESPONSE']._serialized_end=1165
-  _globals['_TRANSCRIPTIONSERVICE']._serialized_start=1490
-  _globals['_TRANSCRIPTIONSERVICE']._serialized_end=1599
+  _globals['_LANGUAGEDETECTION']._serialized_start=536
+  _globals['_LANGUAGEDETECTION']._serialized_end=669
+  _globals['_TRANSCRIPTIONSUMMARY']._serialized_start=672
+  _globals['_TRANSCRIPTIONSUMMARY']._serialized_end=1019
+  _globals['_TRANSCRIBERESPONSE']._serialized_start=1022
+  _globals['_TRANSCRIBERESPONSE']._serialized_end=1217
+  _globals['_TRANSCRIPTIONSERVICE']._serialized_start=1542
+  _globals['_TRANSCRIPTIONSERVICE']._serialized_end=1651
 # @@protoc_insertion_point(module_scope)

@@ -69,14 +69,16 @@ class TranscribeRequest(_message.Message):
     def __init__(self, config: _Optional[_Union[TranscriptionConfig, _Mapping]] = ..., audio: _Optional[bytes] = ...) -> None: ...
 
 class LanguageDetection(_message.Message):
-    __slots__ = ("language_code", "probability", "from_hint")
+    __slots__ = ("language_code", "probability", "from_hint", "audio_duration")
     LANGUAGE_CODE_FIELD_NUMBER: _ClassVar[int]
     PROBABILITY_FIELD_NUMBER: _ClassVar[int]
     FROM_HINT_FIELD_NUMBER: _ClassVar[int]
+    AUDIO_DURATION_FIELD_NUMBER: _ClassVar[int]
     language_code: str
     probability: float
     from_hint: bool
-    def __init__(self, language_code: _Optional[str] = ..., probability: _Optional[float] = ..., from_hint: _Optional[bool] = ...) -> None: ...
+    audio_duration: _duration_pb2.Duration
+    def __init__(self, language_code: _Optional[str] = ..., probability: _Optional[float] = ..., from_hint: _Optional[bool] = ..., audio_duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class TranscriptionSummary(_message.Message):
     __slots__ = ("language_code", "language_probability", "audio_duration", "segment_count", "processing_time", "model", "speech_duration", "statistics", "language_uncertain")

@@ -37,7 +37,7 @@ from services.ingest.pipeline import PipelineWorker
 from services.ingest.signatures import SignatureRejected, WebhookVerifier
 from services.ingest.store import (
     ANALYZING, CALL_ID_RE, DELIVERING, DONE, FAILED, MAX_METADATA_ENTRIES, MAX_METADATA_VALUE, MAX_OFFSET,
-    METADATA_KEY_RE, STATES, Job, JobOptions, JobStore, metadata_query,
+    METADATA_KEY_RE, STATES, Job, JobOptions, JobStore, metadata_query, transcribed_seconds,
 )
 from services.ingest.urlpolicy import UrlPolicy, UrlRejected
 from services.ingest.web import WebPages, authorized
@@ -98,6 +98,8 @@ def job_view(job: Job, base_url: str = "") -> dict[str, Any]:
         "progress": {
             "language": transcript.get("language"),
             "segments": len(transcript.get("segments", [])),
+            "audio_seconds": transcript.get("audio_duration"),
+            "transcribed_seconds": transcribed_seconds(transcript),
             "transcript_complete": bool(transcript.get("complete")),
             "in_progress": job.in_progress(time.time()),
         },

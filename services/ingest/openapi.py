@@ -113,6 +113,11 @@ SCHEMAS: dict[str, Any] = {
             "progress": {"type": "object", "properties": {
                 "language": {"type": ["string", "null"], "description": "Language detected so far"},
                 "segments": {"type": "integer", "minimum": 0, "description": "Transcript segments so far"},
+                "audio_seconds": {"type": ["number", "null"], "minimum": 0, "description": (
+                    "Length of the recording, once Transcribe has read it")},
+                "transcribed_seconds": {"type": ["number", "null"], "minimum": 0, "description": (
+                    "How much of the recording is transcribed: to the end of the last segment so far, all of "
+                    "it once the transcript is complete")},
                 "transcript_complete": {"type": "boolean"},
                 "in_progress": {"type": "boolean", "description": (
                     "A pipeline worker is on the call now; false while it waits its turn (every slot of "

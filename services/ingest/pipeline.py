@@ -470,22 +470,24 @@ class PipelineWorker:
             # The file is gone (a restart with a fresh disk): fetch it again.
             return DOWNLOADING, {"recording_path": None}
         segments: list[dict] = []
-        language, probability, summary = "", 0.0, None
+        language, probability, summary, audio = "", 0.0, None, None
         masking = SegmentMasking(self.settings.redact_pii)
-        last_saved = time.monotonic()
+        last_saved = -math.inf  # the first segment is shown at once, then progress at most every 2 s
         call = self._transcription(job, Path(job.recording_path))
         try:
             async for response in call:
                 kind = response.WhichOneof("response")
                 if kind == "language":
                     language, probability = response.language.language_code, response.language.probability
+                    if response.language.HasField("audio_duration"):  # how far the decode has come, of how much
+                        audio = seconds(response.language.audio_duration)
                 elif kind == "segment":
                     segments.append(masking({**segment_to_dict(response.segment),
                                              "language": response.segment.language_code}))
                     if time.monotonic() - last_saved > 2.0:  # progress the status API can show
                         await self.store.update(job.call_id, self.owner, transcript={
                             "language": language, "language_probability": probability, "segments": segments,
-                            "complete": False})
+                            "audio_duration": audio, "complete": False})
                         last_saved = time.monotonic()
                 elif kind == "summary":
                     summary = response.summary

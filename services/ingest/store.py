@@ -116,6 +116,15 @@ WEBHOOK_ID_RETENTION_SECONDS = 86400.0
 WEBHOOK_ID_PURGE_SECONDS = 60.0  # expired webhook ids are deleted at most this often (not on every webhook)
 
 
+def transcribed_seconds(transcript: dict[str, Any]) -> float | None:
+    """How much of the recording is transcribed: up to the end of the last segment so far, all of it once
+    complete; None before anything is."""
+    if transcript.get("complete"):
+        return transcript.get("audio_duration")
+    segments = transcript.get("segments") or []
+    return max(s["end"] for s in segments) if segments else None
+
+
 @dataclass(frozen=True)
 class JobOptions:
     """What the webhook said about the recording beyond its URL."""

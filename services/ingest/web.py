@@ -25,7 +25,7 @@ from aiohttp import web
 
 from services.common.config import env_str
 from services.ingest.store import (
-    ACTIVE_STATES, DELIVERING, DONE, FAILED, MAX_OFFSET, STATES, Job, JobStore, metadata_query,
+    ACTIVE_STATES, DELIVERING, DONE, FAILED, MAX_OFFSET, STATES, Job, JobStore, metadata_query, transcribed_seconds,
 )
 
 TOKEN_COOKIE = "callmesh_token"
@@ -247,8 +247,11 @@ class WebPages:
             f"{_clock(s['start'])}–{_clock(s['end'])}</div>{escape(s['text'].strip())}</div>" for s in segments)
         translation = record.get("translated_transcript") or analysis.get("translated_transcript") or ""
         silent = transcript.get("complete") and not turns  # transcribed whole: no speech in the recording
+        audio, done_to = transcript.get("audio_duration"), transcribed_seconds(transcript)
+        so_far = (f"<p class='muted' id='transcribed'>Transcribed up to {_clock(done_to or 0.0)} of {_clock(audio)}."
+                  "</p>" if audio and not transcript.get("complete") and job.state in ACTIVE_STATES else "")
         parts.append(
-            "<div class='grid'><div class='card' id='conversation'><h2>Transcript</h2>"
+            "<div class='grid'><div class='card' id='conversation'><h2>Transcript</h2>" + so_far
             + (turns or f"<p class='muted'>{'No speech in the recording.' if silent else 'No speech yet.'}</p>")
             + "</div><div class='card' id='translation'><h2>English translation</h2>"
             + (f"<p>{escape(translation)}</p>" if translation else "<p class='muted'>" + (

@@ -146,6 +146,7 @@ class LanguageResult:
     code: str
     probability: float
     from_hint: bool
+    audio_duration: float = 0.0  # seconds: the recording's length, known before the first segment
 
 
 @dataclass(frozen=True)
@@ -532,7 +533,8 @@ class WhisperEngine:
         gap = SPLIT_GAP_SECONDS if self.settings.decode.word_times else 0.0
         segments, info = self._segments(audio, options, options.language, "unknown", 0, split_gap=gap)
         probability = 1.0 if options.language else float(info.language_probability)
-        yield LanguageResult(info.language, probability, from_hint=bool(options.language))
+        yield LanguageResult(info.language, probability, from_hint=bool(options.language),
+                             audio_duration=audio.size / SAMPLE_RATE)
         if label is not None:
             segments = label(segments)
         spoken: list[tuple[str, float, float]] = []
@@ -652,7 +654,8 @@ class WhisperEngine:
             language, probability = options.language, 1.0
         else:
             language, probability = self._detect((left + right) / 2)
-        yield LanguageResult(language, float(probability), from_hint=bool(options.language))
+        yield LanguageResult(language, float(probability), from_hint=bool(options.language),
+                             audio_duration=left.size / SAMPLE_RATE)
         agent_is_left = options.agent_channel == "left"
         # Each channel is decoded without its silences (VAD), where the other speaker talks. faster-whisper
         # then dates a segment that starts right after a removed silence from the end of the speech before

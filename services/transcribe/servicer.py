@@ -60,7 +60,8 @@ def options_from_config(config: transcribe_pb2.TranscriptionConfig) -> Transcrib
 def to_response(event: LanguageResult | SegmentResult | SummaryResult) -> transcribe_pb2.TranscribeResponse:
     if isinstance(event, LanguageResult):
         return transcribe_pb2.TranscribeResponse(language=transcribe_pb2.LanguageDetection(
-            language_code=event.code, probability=event.probability, from_hint=event.from_hint))
+            language_code=event.code, probability=event.probability, from_hint=event.from_hint,
+            audio_duration=duration(event.audio_duration)))
     if isinstance(event, SegmentResult):
         return transcribe_pb2.TranscribeResponse(segment=common_pb2.TranscriptSegment(
             index=event.index, start_offset=duration(event.start), end_offset=duration(event.end),
