@@ -6,8 +6,6 @@ held busy until the test lets it answer (Ollama is not part of the product).
 
 from __future__ import annotations
 
-import asyncio
-import dataclasses
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -15,16 +13,10 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from callcenter.v1 import analyze_pb2_grpc
-from callmesh.standins import CrmReceiver, Recorder
-from services.analyze.backends import OllamaBackend
-from services.analyze.servicer import AnalysisServicer
-from services.common.grpc_server import ServiceBinding, start_server
-from services.common.limits import AdmissionLimiter
+from callmesh.standins import Recorder
 from services.ingest.pipeline import BACK_STAGE_FACTOR
+from tests.held_llm import HeldLlmMesh, held_llm_mesh
 from tests.ingest_harness import post, running_ingest, wait_for, wait_for_state
-from tests.test_analyze import FakeOllama, analyzer, settings
-from tests.crm_harness import start_crm
 from tests.test_transcribe import _serve, engine  # noqa: F401  (the engine fixture)
 
 pytestmark = pytest.mark.models
@@ -34,65 +26,45 @@ CALLS = CONCURRENCY * BACK_STAGE_FACTOR + 2  # more calls than the worker may ho
 
 
 @pytest_asyncio.fixture
-async def busy_llm_mesh(engine, tmp_path: Path, audio_dir: Path) -> AsyncIterator[dict]:
+async def busy_llm_mesh(engine, tmp_path: Path, audio_dir: Path) -> AsyncIterator[HeldLlmMesh]:
     """Ingest over real transcribe, analyze and crm services, with an LLM that answers only when told."""
-    gate = asyncio.Event()
-    ollama = await FakeOllama([], by_schema=True, gate=gate).start()
-    llm = dataclasses.replace(settings(ollama.url), timeout_seconds=300)
-    servicer = AnalysisServicer(analyzer(OllamaBackend(llm)), AdmissionLimiter(1, 2 * CALLS))
-    analyze = await start_server("127.0.0.1:0", [ServiceBinding(
-        "callcenter.v1.AnalysisService", lambda s: analyze_pb2_grpc.add_AnalysisServiceServicer_to_server(servicer, s))])
-    transcribe, _ = await _serve(engine, max_running=1, max_queued=4)
-    receiver = await CrmReceiver().start()
-    crm = await start_crm(tmp_path / "outbox.db", receiver)
-    recorder = await Recorder(audio_dir).start()
-    try:
-        async with running_ingest(tmp_path, transcribe_addr=transcribe.address, analyze_addr=analyze.address,
-                                  crm_addr=crm.server.address, concurrency=CONCURRENCY, transcribe_timeout=120,
-                                  analyze_timeout=300, max_attempts=5) as ingest:
-            yield {"ingest": ingest, "gate": gate, "ollama": ollama, "receiver": receiver, "recorder": recorder}
-    finally:
-        gate.set()
-        await recorder.stop()
-        await crm.close()
-        await receiver.stop()
-        await transcribe.stop(1)
-        await analyze.stop(1)
-        await ollama.stop()
+    async with held_llm_mesh(engine, tmp_path, audio_dir, analyses_queued=2 * CALLS, concurrency=CONCURRENCY,
+                             analyze_timeout=300, max_attempts=5) as mesh:
+        yield mesh
 
 
-async def post_calls(mesh: dict, prefix: str) -> list[str]:
+async def post_calls(mesh: HeldLlmMesh, prefix: str) -> list[str]:
     """Post CALLS webhooks for the short English recording; their call ids."""
     ids = [f"{prefix}-{i}" for i in range(CALLS)]
     for call_id in ids:
-        body = json.dumps({"call_id": call_id, "recording_url": mesh["recorder"].url_for("en-internet-angry.wav")})
-        assert (await post(mesh["ingest"].url, body))[0] == 202
+        body = json.dumps({"call_id": call_id, "recording_url": mesh.recorder.url_for("en-internet-angry.wav")})
+        assert (await post(mesh.ingest.url, body))[0] == 202
     return ids
 
 
-async def test_recordings_are_transcribed_while_every_analysis_slot_waits_for_the_llm(busy_llm_mesh: dict) -> None:
-    ingest, ids = busy_llm_mesh["ingest"], await post_calls(busy_llm_mesh, "ahead")
+async def test_recordings_are_transcribed_while_every_analysis_slot_waits_for_the_llm(busy_llm_mesh: HeldLlmMesh) -> None:
+    ingest, ids = busy_llm_mesh.ingest, await post_calls(busy_llm_mesh, "ahead")
     for call_id in ids:  # the LLM has answered nothing yet
         status = await wait_for_state(ingest.url, call_id, {"analyzing"}, timeout=180)
         assert status["progress"]["transcript_complete"], status
-    assert len(busy_llm_mesh["ollama"].requests) == 1  # one analysis at the LLM, the others wait their turn
+    assert len(busy_llm_mesh.ollama.requests) == 1  # one analysis at the LLM, the others wait their turn
 
 
-async def test_a_transcribed_call_beyond_the_analysis_slots_shows_that_it_waits_its_turn(busy_llm_mesh: dict) -> None:
-    ingest, ids = busy_llm_mesh["ingest"], await post_calls(busy_llm_mesh, "turn")
+async def test_a_transcribed_call_beyond_the_analysis_slots_shows_that_it_waits_its_turn(busy_llm_mesh: HeldLlmMesh) -> None:
+    ingest, ids = busy_llm_mesh.ingest, await post_calls(busy_llm_mesh, "turn")
     statuses = [await wait_for_state(ingest.url, call_id, {"analyzing"}, timeout=180) for call_id in ids]
     held = [s["call_id"] for s in statuses if s["progress"]["in_progress"]]
     assert held == ids[:CONCURRENCY * BACK_STAGE_FACTOR]  # in the analysis slots, oldest first; the rest wait
 
 
-async def test_calls_that_waited_for_a_slot_reach_the_crm_once_the_llm_answers(busy_llm_mesh: dict) -> None:
-    ingest, ids = busy_llm_mesh["ingest"], await post_calls(busy_llm_mesh, "waited")
+async def test_calls_that_waited_for_a_slot_reach_the_crm_once_the_llm_answers(busy_llm_mesh: HeldLlmMesh) -> None:
+    ingest, ids = busy_llm_mesh.ingest, await post_calls(busy_llm_mesh, "waited")
     await wait_for_state(ingest.url, ids[-1], {"analyzing"}, timeout=180)
-    busy_llm_mesh["gate"].set()
+    busy_llm_mesh.gate.set()
     for call_id in ids:
         final = await wait_for_state(ingest.url, call_id, {"done", "failed"}, timeout=120)
         assert final["status"] == "done", final
-        assert len(busy_llm_mesh["receiver"].for_call(call_id)) == 1
+        assert len(busy_llm_mesh.receiver.for_call(call_id)) == 1
 
 
 async def test_the_status_of_a_call_being_transcribed_says_how_much_of_its_recording_is(

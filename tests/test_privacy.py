@@ -10,7 +10,6 @@ run on loopback; the LLM is the Ollama stand-in, held until the test lets it ans
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -19,17 +18,10 @@ import aiohttp
 import pytest
 import pytest_asyncio
 
-from callcenter.v1 import analyze_pb2_grpc
-from callmesh.standins import CrmReceiver, Recorder
-from services.analyze.backends import OllamaBackend
-from services.analyze.servicer import AnalysisServicer
 from services.common import pii
-from services.common.grpc_server import ServiceBinding, start_server
-from services.common.limits import AdmissionLimiter
-from tests.crm_harness import start_crm
-from tests.ingest_harness import post, running_ingest, wait_for_state
-from tests.test_analyze import FakeOllama, analyzer, settings
-from tests.test_transcribe import _serve, engine  # noqa: F401  (the engine fixture)
+from tests.held_llm import HeldLlmMesh, held_llm_mesh
+from tests.ingest_harness import post, wait_for_state
+from tests.test_transcribe import engine  # noqa: F401  (the engine fixture)
 
 pytestmark = pytest.mark.models
 
@@ -44,81 +36,61 @@ def numbers_in(text: str) -> list[str]:
 
 
 @pytest_asyncio.fixture
-async def mesh(engine, tmp_path: Path, audio_dir: Path, request: pytest.FixtureRequest) -> AsyncIterator[dict]:
+async def mesh(engine, tmp_path: Path, audio_dir: Path, request: pytest.FixtureRequest) -> AsyncIterator[HeldLlmMesh]:
     """Ingest over real transcribe and crm services and an analyze service whose LLM answers only once the test
     sets ``gate``, with the card payment posted and transcribed. The test's ``ingest`` marker names other pipeline
     settings (``redact_pii``, ``translation_source``) and another ``recording``."""
     marker = request.node.get_closest_marker("ingest")
     options = dict(marker.kwargs) if marker else {}
     recording = options.pop("recording", "en-card-payment.wav")
-    gate = asyncio.Event()
-    ollama = await FakeOllama([], by_schema=True, gate=gate).start()
-    servicer = AnalysisServicer(analyzer(OllamaBackend(dataclasses.replace(settings(ollama.url), timeout_seconds=120))),
-                                AdmissionLimiter(1, 4))
-    analyze = await start_server("127.0.0.1:0", [ServiceBinding(
-        "callcenter.v1.AnalysisService", lambda s: analyze_pb2_grpc.add_AnalysisServiceServicer_to_server(servicer, s))])
-    transcribe, _ = await _serve(engine, max_running=1, max_queued=4)
-    receiver = await CrmReceiver().start()
-    crm = await start_crm(tmp_path / "outbox.db", receiver)
-    recorder = await Recorder(audio_dir).start()
-    try:
-        async with running_ingest(tmp_path, transcribe_addr=transcribe.address, analyze_addr=analyze.address,
-                                  crm_addr=crm.server.address, transcribe_timeout=120, analyze_timeout=120,
-                                  max_bytes=4 << 20, **options) as ingest:
-            body = json.dumps({"call_id": "pay-1", "recording_url": recorder.url_for(recording)})
-            assert (await post(ingest.url, body))[0] == 202
-            await wait_for_state(ingest.url, "pay-1", {"analyzing"}, timeout=120)  # transcribed; the LLM holds it
-            yield {"ingest": ingest, "gate": gate, "ollama": ollama, "receiver": receiver}
-    finally:
-        gate.set()
-        await recorder.stop()
-        await crm.close()
-        await receiver.stop()
-        await transcribe.stop(1)
-        await analyze.stop(1)
-        await ollama.stop()
+    async with held_llm_mesh(engine, tmp_path, audio_dir, analyses_queued=4, analyze_timeout=120,
+                             max_bytes=4 << 20, **options) as held:
+        body = json.dumps({"call_id": "pay-1", "recording_url": held.recorder.url_for(recording)})
+        assert (await post(held.ingest.url, body))[0] == 202
+        await wait_for_state(held.ingest.url, "pay-1", {"analyzing"}, timeout=120)  # transcribed; the LLM holds it
+        yield held
 
 
-async def stored_text(mesh: dict) -> str:
-    job = await mesh["ingest"].store.get("pay-1")
+async def stored_text(mesh: HeldLlmMesh) -> str:
+    job = await mesh.ingest.store.get("pay-1")
     assert job is not None and job.transcript is not None and job.transcript["complete"]
     return " ".join(s["text"] for s in job.transcript["segments"])
 
 
-async def test_a_card_number_and_its_security_code_are_not_kept_in_the_job_store(mesh: dict) -> None:
+async def test_a_card_number_and_its_security_code_are_not_kept_in_the_job_store(mesh: HeldLlmMesh) -> None:
     text = await stored_text(mesh)
     assert numbers_in(text) == [], text
     assert "[SECURITY_CODE]" in text and ("[CARD_NUMBER]" in text or "[ACCOUNT_NUMBER]" in text), text
 
 
-async def llm_requests(mesh: dict) -> str:
+async def llm_requests(mesh: HeldLlmMesh) -> str:
     """What the LLM was sent, once the call's analysis has reached it."""
     for _ in range(600):
-        if mesh["ollama"].requests:
-            return json.dumps(mesh["ollama"].requests)
+        if mesh.ollama.requests:
+            return json.dumps(mesh.ollama.requests)
         await asyncio.sleep(0.1)
     raise AssertionError("the analysis never reached the LLM")
 
 
-async def test_the_llm_never_reads_the_numbers_the_customer_said(mesh: dict) -> None:
+async def test_the_llm_never_reads_the_numbers_the_customer_said(mesh: HeldLlmMesh) -> None:
     assert numbers_in(await llm_requests(mesh)) == []
 
 
-async def test_the_calls_page_shows_the_transcript_masked_while_the_call_is_analysed(mesh: dict) -> None:
+async def test_the_calls_page_shows_the_transcript_masked_while_the_call_is_analysed(mesh: HeldLlmMesh) -> None:
     page = await call_page(mesh)
     assert "[SECURITY_CODE]" in page and numbers_in(page) == []
 
 
-async def call_page(mesh: dict) -> str:
-    async with aiohttp.ClientSession() as session, session.get(f"{mesh['ingest'].url}/calls/pay-1") as response:
+async def call_page(mesh: HeldLlmMesh) -> str:
+    async with aiohttp.ClientSession() as session, session.get(f"{mesh.ingest.url}/calls/pay-1") as response:
         assert response.status == 200
         return await response.text()
 
 
-async def test_the_crm_record_lists_where_each_number_was_masked(mesh: dict) -> None:
-    mesh["gate"].set()
-    await wait_for_state(mesh["ingest"].url, "pay-1", {"done"}, timeout=60)
-    body = mesh["receiver"].for_call("pay-1")[0].body
+async def test_the_crm_record_lists_where_each_number_was_masked(mesh: HeldLlmMesh) -> None:
+    mesh.gate.set()
+    await wait_for_state(mesh.ingest.url, "pay-1", {"done"}, timeout=60)
+    body = mesh.receiver.for_call("pay-1")[0].body
     assert numbers_in(json.dumps(body)) == []
     kinds = {(r["field"], r["kind"]) for r in body["redactions"]}
     assert ("transcript", "security_code") in kinds and ("transcript", "phone_number") in kinds, kinds
@@ -128,15 +100,15 @@ async def test_the_crm_record_lists_where_each_number_was_masked(mesh: dict) -> 
 
 
 @pytest.mark.ingest(translation_source="whisper", recording="es-phone-number.wav")
-async def test_the_speech_models_own_translation_is_masked_before_it_is_kept(mesh: dict) -> None:
-    job = await mesh["ingest"].store.get("pay-1")
+async def test_the_speech_models_own_translation_is_masked_before_it_is_kept(mesh: HeldLlmMesh) -> None:
+    job = await mesh.ingest.store.get("pay-1")
     assert job is not None and job.transcript is not None and job.transcript["language"] == "es"
     english = " ".join(s["text"] for s in job.transcript["translated_segments"])
     assert "[PHONE_NUMBER]" in english and pii.redact(english)[0] == english, english  # nothing left to mask
 
 
 @pytest.mark.ingest(redact_pii=False)
-async def test_with_pii_redaction_off_ingest_keeps_the_transcript_as_spoken(mesh: dict) -> None:
+async def test_with_pii_redaction_off_ingest_keeps_the_transcript_as_spoken(mesh: HeldLlmMesh) -> None:
     text = await stored_text(mesh)
     assert numbers_in(text) == list(SAID) and "[SECURITY_CODE]" not in text, text
     assert numbers_in(await llm_requests(mesh)) == list(SAID)
