@@ -452,6 +452,11 @@ async def _status(call_id: str | None, base: str, as_json: bool) -> None:
         table.add_row(f"  {stage}", when or "")
     if body.get("error"):
         table.add_row("error", f"{body['error']['stage']}: {body['error']['message']}")
+    progress = body.get("progress") or {}
+    if progress.get("audio_seconds") and not progress.get("transcript_complete"):
+        n = progress.get("segments", 0)
+        table.add_row("transcribed", f"{_clock(progress.get('transcribed_seconds') or 0.0)} of "
+                                     f"{_clock(progress['audio_seconds'])} ({n} segment{'' if n == 1 else 's'})")
     if crm := crm_progress(body):
         table.add_row("CRM", crm)
     if "recording_kept" in body:

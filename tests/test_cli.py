@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import re
 import signal
 import subprocess
@@ -12,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.cli_mesh import CALLMESH, ROOT, UpMesh
+from tests.ingest_harness import Ingest, post
 
 pytestmark = pytest.mark.models
 
@@ -78,6 +81,19 @@ def test_status_json_parses_when_a_value_is_longer_than_the_terminal_is_wide(up_
                             cwd=ROOT, capture_output=True, text=True, timeout=60)
     status = json.loads(result.stdout)
     assert len(status["result"]["transcript"]) > 60
+
+
+async def test_status_of_a_call_being_transcribed_says_how_much_of_it_is(ingest: Ingest) -> None:
+    await ingest.worker.stop(1)  # the test stores the transcript as the pipeline does
+    assert (await post(ingest.url, '{"call_id": "long-1", "recording_url": "http://127.0.0.1:9/a.wav"}'))[0] == 202
+    await ingest.store.update("long-1", None, state="transcribing", transcript={
+        "language": "en", "audio_duration": 600.0, "complete": False, "segments": [
+            {"index": 0, "start": 70.0, "end": 75.2, "speaker": "unknown", "channel": 0, "text": " Hello."}]})
+    # Not subprocess.run: this event loop serves the status API the command reads.
+    cli = await asyncio.create_subprocess_exec(*CALLMESH, "status", "long-1", "--url", ingest.url, cwd=ROOT,
+                                               stdout=asyncio.subprocess.PIPE, env={**os.environ, "COLUMNS": "200"})
+    out, _ = await asyncio.wait_for(cli.communicate(), 60)
+    assert cli.returncode == 0 and re.search(r"transcribed\s+01:15.2 of 10:00.0 \(1 segment\)", out.decode()), out
 
 
 def test_status_of_an_unknown_call_exits_4(up_mesh: UpMesh) -> None:
