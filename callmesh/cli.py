@@ -394,9 +394,8 @@ async def follow(session: aiohttp.ClientSession, status_url: str, timeout: float
                 return status
             progress = status.get("progress") or {}
             detail = f" · {progress['segments']} segments" if progress.get("segments") else ""
-            if status["status"] == "transcribing" and progress.get("audio_seconds"):
-                done_to, audio = progress.get("transcribed_seconds") or 0.0, progress["audio_seconds"]
-                detail += f" · {_clock(done_to)} of {_clock(audio)}"
+            if status["status"] == "transcribing" and (so_far := transcribed_so_far(progress)):
+                detail += f" · {so_far}"
             retry = f" · retrying: {status['error']['message']}" if status.get("error") else ""
             spinner.update(f"{status['status']}{detail}{retry}")
             await asyncio.sleep(0.5)
@@ -453,10 +452,9 @@ async def _status(call_id: str | None, base: str, as_json: bool) -> None:
     if body.get("error"):
         table.add_row("error", f"{body['error']['stage']}: {body['error']['message']}")
     progress = body.get("progress") or {}
-    if progress.get("audio_seconds") and not progress.get("transcript_complete"):
+    if not progress.get("transcript_complete") and (so_far := transcribed_so_far(progress)):
         n = progress.get("segments", 0)
-        table.add_row("transcribed", f"{_clock(progress.get('transcribed_seconds') or 0.0)} of "
-                                     f"{_clock(progress['audio_seconds'])} ({n} segment{'' if n == 1 else 's'})")
+        table.add_row("transcribed", f"{so_far} ({n} segment{'' if n == 1 else 's'})")
     if crm := crm_progress(body):
         table.add_row("CRM", crm)
     if "recording_kept" in body:
@@ -765,6 +763,13 @@ async def _transcribe(file: Path, language: str | None, agent: str | None, addre
 
 def _clock(seconds: float) -> str:
     return f"{int(seconds // 60):02d}:{seconds % 60:04.1f}"
+
+
+def transcribed_so_far(progress: dict[str, Any]) -> str | None:
+    """"01:15.2 of 10:00.0" from a status's progress, once the recording's length is known."""
+    if not progress.get("audio_seconds"):
+        return None
+    return f"{_clock(progress.get('transcribed_seconds') or 0.0)} of {_clock(progress['audio_seconds'])}"
 
 
 def main() -> None:
