@@ -29,6 +29,11 @@ VISA = "4111 1111 1111 1111"
     ("the security code on the back is 4 5 6", pii.SECURITY_CODE),
     ("el código de seguridad es el 789, gracias", pii.SECURITY_CODE),
     ("and the three digits on the back, 3 2 1 0", pii.SECURITY_CODE),
+    ("the CVV is nine eight seven", pii.SECURITY_CODE),
+    # How Whisper wrote card numbers read out in groups: separate runs, and thousands.
+    ("My card number is 4111, 1111, 111, 113. Thank you", pii.CARD_NUMBER),
+    ("yes, card number, 5,000, 555,000, 555,000, 555,000, 555,000, 444,000, 444,000,", pii.CARD_NUMBER),
+    ("mi número de teléfono es el seis cinco cinco, uno dos tres, cuatro cinco seis", pii.PHONE_NUMBER),
 ])
 def test_personal_data_is_masked_with_its_kind(text: str, kind: str) -> None:
     masked, findings = pii.redact(text)
@@ -45,6 +50,8 @@ def test_personal_data_is_masked_with_its_kind(text: str, kind: str) -> None:
     "the IBAN GB82 WEST 1234 5698 7654 33 has a typo",  # fails mod 97 (its digits are still masked)
     "order 456 never arrived and I paid 125 dollars",  # three digits, but nothing names them a security code
     "the security code? I lost the card, so I paid 250 euros in cash at the shop",  # too far from its name
+    "it is the card ending in 1234, the one I use",  # the last four digits, which an agent may keep
+    "my phone number is the one on file, I called two or three times",
 ])
 def test_ordinary_numbers_are_left_alone(text: str) -> None:
     masked, findings = pii.redact(text)

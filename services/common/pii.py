@@ -12,7 +12,8 @@ Speech recognisers write numbers their own way ("4,111,111,111,111,111", "655 12
 hyphens, and e-mail addresses may be spoken. Checks that guard against false alarms:
 the Luhn checksum for cards, ISO 13616 mod-97 for IBANs, the control letter of Spanish
 DNI/NIE numbers. A card's security code (CVV, CVC) is three or four digits like any other, so it
-is masked where it is named just before ("the security code is 123"). A long number that is
+is masked where it is named just before ("the security code is 123"), and so is any number said right after its
+name ("card number", "phone number"), whichever way it was broken up or spelled out in words. A long number that is
 neither a valid card nor a phone number is still masked, as an account number: a recogniser's
 error in one digit must not leak the rest. Text masked before is masked again as it is: a placeholder
 is found as the kind it names.
@@ -61,13 +62,40 @@ _DIGIT_RUN = re.compile(r"(?<![\w.,$€£¥])\+?\(?\d(?:(?:[\s.,()-]|\)\s?)?\d)+
 _DATE = re.compile(r"\d{1,2}[./-]\d{1,2}[./-]\d{2,4}|\d{4}-\d{1,2}-\d{1,2}")
 _AMOUNT = re.compile(r"\d{1,3}(?:,\d{3}){1,2}(?:\.\d{1,2})?|\d{1,3}(?:\.\d{3}){1,2}(?:,\d{1,2})?")
 
+# A digit as Whisper may write it when it is read out one by one: a figure, or its word in the languages of the
+# evaluation set ("seven four two", "seis cinco cinco").
+_DIGIT_WORDS = ("zero|oh|one|two|three|four|five|six|seven|eight|nine|"
+                "cero|uno|una|dos|tres|cuatro|cinco|seis|siete|ocho|nueve|"
+                "zéro|un|une|deux|trois|quatre|cinq|sept|huit|neuf|"
+                "null|eins|zwei|drei|vier|fünf|sechs|sieben|acht|neun|"
+                "due|tre|quattro|cinque|sei|sette|otto|nove|"
+                "um|uma|dois|duas|três|sete|oito")
+_DIGIT = rf"(?:\d|\b(?:{_DIGIT_WORDS})\b)"
+# What may stand between a number's name and the number: "is", "es el", "on the back,".
+_GAP = r"\b\D{0,25}?"
+
 # A payment card's security code, which PCI DSS forbids keeping once a payment is authorised: the three or four
-# digits said within a few words after its name, in the languages of the evaluation set.
+# digits said within a few words after its name.
 _SECURITY_CODE = re.compile(
     r"\b(?:cvv2?|cvc2?|cv2|security (?:code|number)|card verification (?:code|value|number)|"
     r"(?:three|four|3|4) (?:digits|numbers) on the back|código de seguridad|code de sécurité|cryptogramme|"
-    r"prüfnummer|sicherheitscode|codice di sicurezza|código de segurança)\b\D{0,25}?\b(\d(?:[ -]?\d){2,3})\b",
+    rf"prüfnummer|sicherheitscode|codice di sicurezza|código de segurança){_GAP}(?<!\w)({_DIGIT}(?:[\s,-]{{0,2}}{_DIGIT}){{2,3}})(?!\w)",
     re.IGNORECASE)
+
+# A number said right after its name is that number, however Whisper broke it up: a card read in groups
+# ("4111, 1111, 111, 113"), as thousands ("5,000, 555,000, …") or in words ("seis cinco cinco, uno dos tres").
+# Each name comes with the kind it is masked as and the fewest digits such a number has.
+_NUMBER = rf"(?<!\w)({_DIGIT}(?:[\s,.-]{{0,3}}{_DIGIT})*)(?!\w)"
+_NAMED_NUMBERS = (
+    (re.compile(r"\b(?:card number|card no|long number on the (?:front|card)|n[úu]mero de (?:la |su |mi )?tarjeta|"
+                r"num[ée]ro de (?:la |votre |ma )?carte|kartennummer|numero (?:della |di |de )?carta|"
+                rf"n[úu]mero do cart[ãa]o){_GAP}{_NUMBER}", re.IGNORECASE), CARD_NUMBER, 8),
+    (re.compile(r"\b(?:(?:tele)?phone number|mobile number|cell number|call me (?:back )?on|"
+                r"n[úu]mero de (?:tel[ée]fonos?|m[óo]vil|celular|telefone)|num[ée]ro de (?:t[ée]l[ée]phone|portable)|"
+                rf"telefonnummer|handynummer|numero di (?:telefono|cellulare)){_GAP}{_NUMBER}", re.IGNORECASE),
+     PHONE_NUMBER, 7),
+)
+_DIGIT_TOKEN = re.compile(_DIGIT, re.IGNORECASE)
 
 _ES_LETTERS = "TRWAGMYFPDXBNJZSQVHLCKE"
 
@@ -137,6 +165,10 @@ def find(text: str) -> list[tuple[int, int, str]]:
     for m in _SECURITY_CODE.finditer(text):
         if free(m.start(1), m.end(1)):
             spans.append((m.start(1), m.end(1), SECURITY_CODE))
+    for pattern, kind, fewest in _NAMED_NUMBERS:
+        for m in pattern.finditer(text):
+            if len(_DIGIT_TOKEN.findall(m.group(1))) >= fewest and free(m.start(1), m.end(1)):
+                spans.append((m.start(1), m.end(1), kind))
     for m in _DIGIT_RUN.finditer(text):
         run = m.group().rstrip(" .,-")
         kind = _digit_kind(run)
