@@ -860,19 +860,24 @@ def test_the_encoder_reuses_only_the_same_window_asked_again_in_the_same_thread(
     other[0, 0] += 1.0
     third = window.copy()
     third[1, 1] += 1.0
+    fourth = window.copy()
+    fourth[2, 2] += 1.0
     before = replace(model.counts)
     first = model.encode(window)
     assert model.encode(window.copy()) is first  # equal features: the remembered output
     assert model.encode(other) is not first  # one value differs: encoded again
-    assert model.encode(window) is first  # the last two windows are remembered
     model.encode(third)
-    assert model.encode(window) is not first  # not three
+    assert model.encode(window) is first  # the last three windows are remembered
+    model.encode(fourth)
+    model.encode(other)
+    model.encode(third)
+    assert model.encode(window) is not first  # not four
     elsewhere = threading.Thread(target=model.encode, args=(other,))
     elsewhere.start()
     elsewhere.join()
     model.forget()
-    model.encode(other)  # forgotten when the decode ends
-    assert (model.counts.encoded - before.encoded, model.counts.reused - before.reused) == (6, 2)
+    model.encode(third)  # forgotten when the decode ends
+    assert (model.counts.encoded - before.encoded, model.counts.reused - before.reused) == (7, 4)
 
 
 def test_the_encoder_reads_a_short_window_up_to_two_seconds_past_its_content(engine: WhisperEngine) -> None:
@@ -932,6 +937,28 @@ def test_a_first_piece_too_short_to_be_sure_of_the_language_leaves_it_to_the_cal
     assert summary.language_probability == pytest.approx(over_the_call[1])
     # the piece's encoder pass, made to detect, still serves its decode after the call's first window
     assert strict.model.counts.reused - before.reused == 1
+
+
+def test_a_first_piece_unsure_of_the_language_is_settled_by_the_calls_first_15_seconds_when_they_are_sure(
+        whisper_dir: Path, audio_dir: Path) -> None:
+    from services.transcribe.config import DecodeSettings
+    from services.transcribe.engine import SURER_SECONDS, decode_audio
+
+    call = audio_dir / "long-en.wav"
+    audio = decode_audio(call)
+    engine = WhisperEngine(EngineSettings(model_path=whisper_dir, cpu_threads=2))
+    start, end = engine._pieces(audio)[0]
+    on_the_piece = engine._detect_as_decoded(audio[start:end])[1]
+    first_15_s = engine.model.detect_language(audio=engine._first_speech(audio, SURER_SECONDS * 16000))
+    over_the_window = engine._detect(audio, windows=1)[1]
+    assert first_15_s[0] == "en" and on_the_piece < first_15_s[1] and first_15_s[1] != pytest.approx(over_the_window)
+    bar = (on_the_piece + first_15_s[1]) / 2  # the piece is unsure, the first 15 s are sure
+    for fit_context, decided_by in ((True, first_15_s[1]), (False, over_the_window)):
+        staged = WhisperEngine(EngineSettings(model_path=whisper_dir, cpu_threads=2, decode=DecodeSettings(
+            first_piece_seconds=6, first_piece_min_probability=bar, fit_context=fit_context)))
+        _, summary = events(staged, call)
+        # with every window padded to 30 s a shorter look costs as much as the window's: the window decides at once
+        assert summary.language == "en" and summary.language_probability == pytest.approx(decided_by)
 
 
 def _voice_detection_spans(monkeypatch: pytest.MonkeyPatch) -> list[int]:
