@@ -22,7 +22,7 @@ def test_committed_stubs_match_the_protos(tmp_path: Path) -> None:
     assert drifted == [], f"stubs out of date: {drifted}; run `python -m services.common.codegen`"
 
 
-def _buf() -> str:
+def buf_binary() -> str:
     local = REPO_ROOT / "node_modules" / ".bin" / "buf"
     found = str(local) if local.exists() else shutil.which("buf")
     if found is None:
@@ -31,7 +31,7 @@ def _buf() -> str:
 
 
 def test_buf_lint_passes() -> None:
-    result = subprocess.run([_buf(), "lint"], cwd=REPO_ROOT, capture_output=True, text=True)
+    result = subprocess.run([buf_binary(), "lint"], cwd=REPO_ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -40,6 +40,6 @@ def test_lint_rejects_an_uncommented_field(tmp_path: Path) -> None:
     shutil.copytree(REPO_ROOT / "protos", tmp_path / "protos")
     with (tmp_path / "protos" / "callcenter" / "v1" / "crm.proto").open("a") as f:
         f.write("\n// Extra is a message whose field has no comment.\nmessage Extra {\n  string note = 1;\n}\n")
-    result = subprocess.run([_buf(), "lint"], cwd=tmp_path, capture_output=True, text=True)
+    result = subprocess.run([buf_binary(), "lint"], cwd=tmp_path, capture_output=True, text=True)
     assert result.returncode != 0
     assert "Field \"note\" should have a non-empty comment" in result.stdout + result.stderr

@@ -98,6 +98,37 @@ async def test_streams_language_then_segments_then_summary(stub, audio_dir: Path
     assert all(r.segment.speaker == common_pb2.SPEAKER_UNKNOWN for r in responses if r.HasField("segment"))
 
 
+@pytest.mark.parametrize("schema", [["--schema", "protos"], []], ids=["schema from the protos", "from reflection"])
+async def test_the_readmes_buf_curl_call_streams_the_language_the_segments_and_the_summary(
+        engine: WhisperEngine, audio_dir: Path, tmp_path: Path, schema: list[str]) -> None:
+    """The call "Calling Transcribe directly" shows for other internal systems, JSON in and out, as it is written
+    there: the config, then the audio base64-encoded; without the protos at hand, the schema comes from reflection."""
+    import base64
+    import json
+    import re
+
+    from services.common.codegen import REPO_ROOT
+    from tests.test_contracts import buf_binary
+
+    audio = base64.b64encode((audio_dir / "es-billing-angry.wav").read_bytes()).decode()
+    (tmp_path / "requests.json").write_text(json.dumps({"config": {"call_id": "c1", "language_code": "es"}}) + "\n"
+                                            + json.dumps({"audio": audio}) + "\n")
+    async with served(engine, max_running=1, max_queued=2) as service:
+        curl = await asyncio.create_subprocess_exec(
+            buf_binary(), "curl", "--protocol", "grpc", "--http2-prior-knowledge", *schema, "-d",
+            f"@{tmp_path / 'requests.json'}",
+            f"http://{service.server.address}/callcenter.v1.TranscriptionService/Transcribe",
+            cwd=REPO_ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, err = await asyncio.wait_for(curl.communicate(), timeout=120)
+    assert curl.returncode == 0, err.decode()
+    # one pretty-printed JSON object per answer, each opening a line
+    answers = [json.loads(part) for part in re.split(r"(?m)^(?=\{)", out.decode()) if part.strip()]
+    assert [next(iter(a)) for a in answers] == ["language"] + ["segment"] * (len(answers) - 2) + ["summary"]
+    assert answers[0]["language"]["languageCode"] == "es" and len(answers) > 2
+    assert "factura" in " ".join(a["segment"]["text"] for a in answers[1:-1]).lower()
+    assert answers[-1]["summary"]["segmentCount"] == len(answers) - 2
+
+
 async def test_the_decodes_own_log_lines_carry_the_calls_trace_and_call_id(stub, audio_dir: Path) -> None:
     from services.common.logs import _ContextFilter
 
