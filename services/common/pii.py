@@ -79,7 +79,8 @@ _GAP = r"\b\D{0,25}?"
 _SECURITY_CODE = re.compile(
     r"\b(?:cvv2?|cvc2?|cv2|security (?:code|number)|card verification (?:code|value|number)|"
     r"(?:three|four|3|4) (?:digits|numbers) on the back|código de seguridad|code de sécurité|cryptogramme|"
-    rf"prüfnummer|sicherheitscode|codice di sicurezza|código de segurança){_GAP}(?<!\w)({_DIGIT}(?:[\s,-]{{0,2}}{_DIGIT}){{2,3}})(?!\w)",
+    rf"prüfnummer|sicherheitscode|codice di sicurezza|código de segurança){_GAP}"
+    rf"(?<!\w)({_DIGIT}(?:[\s,-]{{0,2}}{_DIGIT}){{2,3}})(?!\w)",
     re.IGNORECASE)
 
 # A number said right after its name is that number, however Whisper broke it up: a card read in groups
@@ -91,7 +92,8 @@ _NAMED_NUMBERS = (
                 r"num[ée]ro de (?:la |votre |ma )?carte|kartennummer|numero (?:della |di |de )?carta|"
                 rf"n[úu]mero do cart[ãa]o){_GAP}{_NUMBER}", re.IGNORECASE), CARD_NUMBER, 8),
     (re.compile(r"\b(?:(?:tele)?phone number|mobile number|cell number|call me (?:back )?on|"
-                r"n[úu]mero de (?:tel[ée]fonos?|m[óo]vil|celular|telefone)|num[ée]ro de (?:t[ée]l[ée]phone|portable)|"
+                r"n[úu]mero de (?:tel[ée]fonos?|m[óo]vil|celular|telefone)|"
+                r"num[ée]ro de (?:t[ée]l[ée]phone|portable)|"
                 rf"telefonnummer|handynummer|numero di (?:telefono|cellulare)){_GAP}{_NUMBER}", re.IGNORECASE),
      PHONE_NUMBER, 7),
 )
