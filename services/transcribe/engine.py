@@ -593,7 +593,7 @@ class WhisperEngine:
         d = self.settings.decode
         if d.fit_context:
             wanted = SURER_SECONDS * SAMPLE_RATE
-            speech = self._first_speech(audio, wanted) if d.vad_filter else audio[:wanted]
+            speech = self._speech_head(audio, wanted)
             if speech.size == 0:
                 return NO_SPEECH
             detected = self._allowed(*self.model.detect_language(audio=speech, vad_filter=False))
@@ -626,12 +626,15 @@ class WhisperEngine:
         the first segment. :data:`NO_SPEECH` when voice detection finds none in the whole recording."""
         d = self.settings.decode
         windows = windows or d.language_detection_segments
-        wanted = windows * WINDOW_SECONDS * SAMPLE_RATE
-        head = self._first_speech(audio, wanted) if d.vad_filter else audio[:wanted]
+        head = self._speech_head(audio, windows * WINDOW_SECONDS * SAMPLE_RATE)
         if head.size == 0:
             return NO_SPEECH
         return self._allowed(*self.model.detect_language(
             audio=head, vad_filter=False, language_detection_segments=windows))
+
+    def _speech_head(self, audio: np.ndarray, wanted: int) -> np.ndarray:
+        """The call's first ``wanted`` samples of speech (of audio, with ``WHISPER_VAD=0``)."""
+        return self._first_speech(audio, wanted) if self.settings.decode.vad_filter else audio[:wanted]
 
     @staticmethod
     def _first_speech(audio: np.ndarray, wanted: int) -> np.ndarray:
