@@ -8,13 +8,13 @@ Both servers are separate processes on 127.0.0.1, on the same event loop
 (uvloop). The baseline is an aiohttp handler that reads the body and answers 202
 (no signature check, no validation, no fsync). Ingest verifies the Standard
 Webhooks signature, validates, traces, logs (at its default level, INFO), and
-commits each call to SQLite (WAL, synchronous=FULL) before it answers; its pipeline worker runs as in production:
-it takes PIPELINE_CONCURRENCY calls and starts their downloads from a recorder
-that is slow to answer (as a busy one is), so the rest stay queued, as they do
-behind a burst. The client is the same for both: the same signed webhooks (the
-baseline ignores the signature) over the same connection pool. Prints
-webhooks/s, latency percentiles and the ratio to the baseline measured in the
-same run.
+commits each call to SQLite (WAL, synchronous=FULL) before it answers; its
+pipeline worker runs as in production: it takes PIPELINE_CONCURRENCY calls and
+starts their downloads from a recorder that is slow to answer (as a busy one
+is), so the rest stay queued, as they do behind a burst. The client is the same
+for both: the same signed webhooks (the baseline ignores the signature) over the
+same connection pool. Prints webhooks/s, latency percentiles and the ratio to the
+baseline measured in the same run.
 
 Where ``wrk`` (Debian's package) is installed, the closed loop runs a second time
 with it as the client: wrk is C, so it leaves more of the two cores to the
