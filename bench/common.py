@@ -9,7 +9,7 @@ import shutil
 import statistics
 import subprocess
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,11 +72,17 @@ def value_result(name: str, values: list[float], unit: str, goal: str, met: Call
 async def interleaved(a: Callable[[], Awaitable[float]], b: Callable[[], Awaitable[float]],
                       runs: int = RUNS) -> tuple[list[float], list[float]]:
     """Run A B A B …, ``runs`` times each; each callable returns its own measurement."""
-    first, second = [], []
-    for _ in range(runs):
-        first.append(await a())
-        second.append(await b())
+    first, second = await interleaved_all((a, b), runs)
     return first, second
+
+
+async def interleaved_all(arms: Sequence[Callable[[], Awaitable[float]]], runs: int = RUNS) -> list[list[float]]:
+    """Run A B C … A B C …, ``runs`` times each; the measurements of each arm, in the order of ``arms``."""
+    measured: list[list[float]] = [[] for _ in arms]
+    for _ in range(runs):
+        for values, arm in zip(measured, arms):
+            values.append(await arm())
+    return measured
 
 
 def machine() -> dict[str, Any]:

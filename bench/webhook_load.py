@@ -16,6 +16,13 @@ for both: the same signed webhooks (the baseline ignores the signature) over the
 same connection pool. Prints webhooks/s, latency percentiles and the ratio to the
 baseline measured in the same run.
 
+The open loop (200 webhooks/s, latency from each webhook's departure) has a
+third server beside the two: the bare handler doing a fixed piece of
+pure-Python work per webhook (``CONTROL_WORK_MS``), which comes to about the CPU
+that ingest spends on one. Its p99 is what this machine does to a handler of
+that cost, whatever the handler is; the CPU time of each server per webhook is
+kept too.
+
 Where ``wrk`` (Debian's package) is installed, the closed loop runs a second time
 with it as the client: wrk is C, so it leaves more of the two cores to the
 servers than the Python client does, and shows what each server can take. Its
@@ -45,18 +52,51 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
-from bench.common import RUNS, Result, interleaved, ratio_result, span, table, value_result
+from bench.common import RUNS, Result, interleaved, interleaved_all, ratio_result, span, table, value_result
 from callmesh.mesh import new_mesh
 from callmesh.standins import post_webhook, signed_headers
 from services.common.lifecycle import freeze_startup_heap, run_loop, start_site
 
 OPEN_LOOP_RATE = 200  # webhooks per second offered in the open-loop latency run
+# The control in the open loop: the bare handler plus this much pure-Python work per webhook, which at 200/s
+# comes to about the CPU per webhook that ingest spends (both are printed).
+CONTROL_WORK_MS = 1.0
 WRK_WEBHOOKS = 10000  # per wrk run: wrk sends 2,000 in well under a second to the bare handler
 
 
 async def _baseline_handler(request: web.Request) -> web.Response:
     await request.read()
     return web.json_response({"status": "received"}, status=202)
+
+
+def busy_work(iterations: int) -> int:
+    """Pure-Python CPU work, as a handler's own code is: ``iterations`` multiply-adds."""
+    total = 0
+    for i in range(iterations):
+        total += i * i
+    return total
+
+
+def iterations_for(ms: float) -> int:
+    """How many :func:`busy_work` iterations take ``ms`` milliseconds here, by the fastest of a few timings."""
+    probe = 20000
+    fastest = math.inf
+    for _ in range(20):
+        started = time.perf_counter()
+        busy_work(probe)
+        fastest = min(fastest, time.perf_counter() - started)
+    return max(1, round(probe * ms / 1000 / fastest))
+
+
+def busy_handler(iterations: int) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """The baseline handler with a fixed piece of CPU work before it answers."""
+
+    async def handler(request: web.Request) -> web.Response:
+        await request.read()
+        busy_work(iterations)
+        return web.json_response({"status": "received"}, status=202)
+
+    return handler
 
 
 class SlowRecorder:
@@ -84,10 +124,11 @@ class SlowRecorder:
         await self.runner.cleanup()
 
 
-def serve_baseline(ready: Path) -> None:
+def serve_baseline(ready: Path, work_ms: float = 0.0) -> None:
+    """The bare handler; with ``work_ms``, the bare handler plus that much pure-Python CPU work per webhook."""
     async def main() -> None:
         app = web.Application()
-        app.router.add_post("/v1/calls", _baseline_handler)
+        app.router.add_post("/v1/calls", busy_handler(iterations_for(work_ms)) if work_ms else _baseline_handler)
         _, port = await start_site(app, "127.0.0.1", 0, access_log=None)
         freeze_startup_heap()  # as every service does once started
         ready.write_text(json.dumps({"address": f"127.0.0.1:{port}"}))
@@ -218,6 +259,9 @@ async def webhook_ack(work: Path, n: int, in_flight: int, runs: int) -> list[Res
 async def _webhook_ack(work: Path, n: int, in_flight: int, runs: int, recorder: str) -> list[Result]:
     ready = work / "baseline.ready"
     baseline = subprocess.Popen([sys.executable, "-m", "bench.webhook_load", "--serve-baseline", str(ready)])
+    busy_ready = work / "busy.ready"
+    busy = subprocess.Popen([sys.executable, "-m", "bench.webhook_load", "--serve-baseline", str(busy_ready),
+                             "--work-ms", str(CONTROL_WORK_MS)])
     # Ingest logs at its default level (INFO), as deployed: a line per call received is part of each webhook's cost.
     mesh = new_mesh({"INGEST_PORT": "0", "CALLMESH_DATA_DIR": str(work / "data"),
                      "RECORDING_ALLOWED_HOSTS": "127.0.0.1", "RECORDING_ALLOWED_NETWORKS": "127.0.0.0/8",
@@ -234,10 +278,12 @@ async def _webhook_ack(work: Path, n: int, in_flight: int, runs: int, recorder: 
 
     try:
         mesh.start_service("ingest", timeout=60)
-        while not ready.exists():
+        while not (ready.exists() and busy_ready.exists()):
             time.sleep(0.05)
         base_url = "http://" + json.loads(ready.read_text())["address"]
+        busy_url = "http://" + json.loads(busy_ready.read_text())["address"]
         await blast(base_url, mesh.webhook_secret, 200, in_flight, "warm")
+        await blast(busy_url, mesh.webhook_secret, 200, in_flight, "warm")
         await to_ingest(200, "warm")
         freeze_startup_heap()  # this client too: its own full collections would stall both sides' answers
 
@@ -252,32 +298,40 @@ async def _webhook_ack(work: Path, n: int, in_flight: int, runs: int, recorder: 
             return n / t
 
         bare_rates, ingest_rates = await interleaved(bare, ingest, runs)
-        paced_bare: list[float] = []
+        paced = OPEN_LOOP_RATE * 10
+        paced_cpu: dict[str, list[float]] = {"bare": [], "busy": [], "ingest": []}
 
-        async def bare_paced() -> float:
-            _, lat = await blast(base_url, mesh.webhook_secret, OPEN_LOOP_RATE * 10, in_flight, f"pb{next(counter)}",
-                                 OPEN_LOOP_RATE)
-            paced_bare.append(pct(lat, 0.99))
-            return paced_bare[-1]
+        def open_loop(name: str, url: str, pid: int) -> Callable[[], Awaitable[float]]:
+            async def one() -> float:
+                cpu = cpu_seconds(pid)
+                _, lat = await blast(url, mesh.webhook_secret, paced, in_flight, f"p{name}{next(counter)}",
+                                     OPEN_LOOP_RATE, recorder)
+                paced_cpu[name].append((cpu_seconds(pid) - cpu) * 1000 / paced)
+                return pct(lat, 0.99)
+            return one
 
         paced_writes: list[tuple[int, int, float]] = []
+        ingest_open_loop = open_loop("ingest", mesh.ingest_url, mesh.services["ingest"].process.pid)
 
         async def ingest_paced() -> float:
             metrics_url = mesh.services["ingest"].metrics_url
             before = await asyncio.to_thread(store_writes, metrics_url)
-            _, lat = await to_ingest(OPEN_LOOP_RATE * 10, "pi", OPEN_LOOP_RATE)
+            p99_ms = await ingest_open_loop()
             paced_writes.append(slow_writes(before, await asyncio.to_thread(store_writes, metrics_url)))
-            return pct(lat, 0.99)
+            return p99_ms
 
-        _, paced_ingest = await interleaved(bare_paced, ingest_paced, runs)
+        paced_bare, paced_busy, paced_ingest = await interleaved_all(
+            (open_loop("bare", base_url, baseline.pid), open_loop("busy", busy_url, busy.pid), ingest_paced), runs)
         servers = {"bare": (base_url, baseline.pid), "ingest": (mesh.ingest_url, mesh.services["ingest"].process.pid)}
         with_wrk = await _wrk_runs(work, servers, mesh.webhook_secret, in_flight, runs, recorder, counter) \
             if shutil.which("wrk") else []
     finally:
         mesh.stop()
-        baseline.terminate()
-        baseline.wait()
+        for server in (baseline, busy):
+            server.terminate()
+            server.wait()
     ratios = [i / b for i, b in zip(ingest_rates, bare_rates)]
+    cpu_ms = {name: statistics.median(values) for name, values in paced_cpu.items()}
     p99 = [pct(lat, 0.99) for lat in i_lat]
     bare_p99 = [pct(lat, 0.99) for lat in b_lat]
     mean_ms = [statistics.fmean(lat) * 1000 for lat in i_lat]
@@ -291,11 +345,17 @@ async def _webhook_ack(work: Path, n: int, in_flight: int, runs: int, recorder: 
                      f"mean {span(bare_mean_ms)} ms; {closed_loop_floor(in_flight)}"),
         *with_wrk,
         value_result(f"webhook ack p99 at {OPEN_LOOP_RATE}/s", paced_ingest, "ms", "<= 25", lambda v: v <= 25,
-                     f"open loop, {OPEN_LOOP_RATE * 10} webhooks over 10 s, up to {in_flight} connections; "
-                     f"bare p99 {span(paced_bare)} ms; ingest's job-store writes (grouped commits) over "
+                     f"open loop, {paced} webhooks over 10 s, up to {in_flight} connections; bare p99 "
+                     f"{span(paced_bare)} ms; server CPU per webhook {cpu_ms['ingest']:.2f} ms against "
+                     f"{cpu_ms['bare']:.2f} ms; ingest's job-store writes (grouped commits) over "
                      f"{SLOW_WRITE_SECONDS * 1000:.0f} ms, by run: "
                      + ", ".join(f"{slow} of {total} (slowest under {slowest * 1000:g} ms)"
-                                 for slow, total, slowest in paced_writes)),
+                                 for slow, total, slowest in paced_writes), cpu_ms_per_webhook=paced_cpu),
+        value_result(f"webhook ack p99 at {OPEN_LOOP_RATE}/s, bare + CPU", paced_busy, "ms", "(control)", None,
+                     f"the bare handler doing {CONTROL_WORK_MS:g} ms of pure-Python work per webhook before it "
+                     f"answers, in the same open loop: server CPU per webhook {cpu_ms['busy']:.2f} ms, ingest's "
+                     f"{cpu_ms['ingest']:.2f} ms; what this machine's tail is for a handler that costs about what "
+                     "ingest costs", cpu_ms_per_webhook=paced_cpu["busy"]),
     ]
 
 
@@ -370,9 +430,10 @@ def main() -> None:
     parser.add_argument("--in-flight", type=int, default=100)
     parser.add_argument("--runs", type=int, default=RUNS)
     parser.add_argument("--serve-baseline", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--work-ms", type=float, default=0.0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_baseline:
-        serve_baseline(args.serve_baseline)
+        serve_baseline(args.serve_baseline, args.work_ms)
         return
     results = asyncio.run(webhook_ack(Path(tempfile.mkdtemp(prefix="bench-webhooks-")), args.webhooks,
                                       args.in_flight, args.runs))
