@@ -64,11 +64,6 @@ CONTROL_WORK_MS = 1.0
 WRK_WEBHOOKS = 10000  # per wrk run: wrk sends 2,000 in well under a second to the bare handler
 
 
-async def _baseline_handler(request: web.Request) -> web.Response:
-    await request.read()
-    return web.json_response({"status": "received"}, status=202)
-
-
 def busy_work(iterations: int) -> int:
     """Pure-Python CPU work, as a handler's own code is: ``iterations`` multiply-adds."""
     total = 0
@@ -88,8 +83,8 @@ def iterations_for(ms: float) -> int:
     return max(1, round(probe * ms / 1000 / fastest))
 
 
-def busy_handler(iterations: int) -> Callable[[web.Request], Awaitable[web.Response]]:
-    """The baseline handler with a fixed piece of CPU work before it answers."""
+def baseline_handler(iterations: int = 0) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """The bare handler: reads the body and answers 202, after ``iterations`` of :func:`busy_work` (none by default)."""
 
     async def handler(request: web.Request) -> web.Response:
         await request.read()
@@ -128,7 +123,7 @@ def serve_baseline(ready: Path, work_ms: float = 0.0) -> None:
     """The bare handler; with ``work_ms``, the bare handler plus that much pure-Python CPU work per webhook."""
     async def main() -> None:
         app = web.Application()
-        app.router.add_post("/v1/calls", busy_handler(iterations_for(work_ms)) if work_ms else _baseline_handler)
+        app.router.add_post("/v1/calls", baseline_handler(iterations_for(work_ms) if work_ms else 0))
         _, port = await start_site(app, "127.0.0.1", 0, access_log=None)
         freeze_startup_heap()  # as every service does once started
         ready.write_text(json.dumps({"address": f"127.0.0.1:{port}"}))
