@@ -970,26 +970,44 @@ def test_a_first_piece_too_short_to_be_sure_of_the_language_leaves_it_to_the_cal
     assert strict.model.counts.reused - before.reused == 1
 
 
-def test_a_first_piece_unsure_of_the_language_is_settled_by_the_calls_first_15_seconds_when_they_are_sure(
+def test_a_first_piece_unsure_of_the_language_is_settled_by_the_speech_after_it_when_that_is_sure(
         whisper_dir: Path, audio_dir: Path) -> None:
     from services.transcribe.config import DecodeSettings
-    from services.transcribe.engine import SURER_SECONDS, decode_audio
+    from services.transcribe.engine import NEXT_SECONDS, decode_audio
 
     call = audio_dir / "long-en.wav"
     audio = decode_audio(call)
     engine = WhisperEngine(EngineSettings(model_path=whisper_dir, cpu_threads=2))
     start, end = engine._pieces(audio)[0]
     on_the_piece = engine._detect_as_decoded(audio[start:end])[1]
-    first_15_s = engine.model.detect_language(audio=engine._first_speech(audio, SURER_SECONDS * 16000))
+    after_it = engine.model.detect_language(audio=engine._first_speech(audio[end:], NEXT_SECONDS * 16000))
     over_the_window = engine._detect(audio, windows=1)[1]
-    assert first_15_s[0] == "en" and on_the_piece < first_15_s[1] and first_15_s[1] != pytest.approx(over_the_window)
-    bar = (on_the_piece + first_15_s[1]) / 2  # the piece is unsure, the first 15 s are sure
-    for fit_context, decided_by in ((True, first_15_s[1]), (False, over_the_window)):
+    assert after_it[0] == "en" and on_the_piece < after_it[1] and after_it[1] != pytest.approx(over_the_window)
+    bar = (on_the_piece + after_it[1]) / 2  # the piece is unsure, the speech after it is sure
+    for fit_context, decided_by in ((True, after_it[1]), (False, over_the_window)):
         staged = WhisperEngine(EngineSettings(model_path=whisper_dir, cpu_threads=2, decode=DecodeSettings(
             first_piece_seconds=6, first_piece_min_probability=bar, fit_context=fit_context)))
         _, summary = events(staged, call)
         # with every window padded to 30 s a shorter look costs as much as the window's: the window decides at once
         assert summary.language == "en" and summary.language_probability == pytest.approx(decided_by)
+
+
+def test_a_first_piece_unsure_of_the_language_with_no_speech_after_it_leaves_it_to_the_calls_first_window(
+        whisper_dir: Path, audio_dir: Path) -> None:
+    from services.transcribe.config import DecodeSettings
+    from services.transcribe.engine import NEXT_SECONDS, decode_audio
+
+    spoken = decode_audio(audio_dir / "long-en.wav")[:5 * 16000]
+    then_on_hold = np.concatenate([spoken, np.zeros(40 * 16000, dtype=spoken.dtype)])
+    strict = WhisperEngine(EngineSettings(model_path=whisper_dir, cpu_threads=2, decode=DecodeSettings(
+        first_piece_seconds=6, first_piece_min_probability=0.999)))
+    start, end = strict._pieces(then_on_hold)[0]
+    assert strict._speech_head(then_on_hold[end:], NEXT_SECONDS * 16000).size == 0
+
+    detected = strict._detect_head(then_on_hold[start:end], then_on_hold, short=True)
+
+    assert detected is not None and detected[0] == "en"
+    assert detected[1] == pytest.approx(strict._detect(then_on_hold, windows=1)[1])
 
 
 def _voice_detection_spans(monkeypatch: pytest.MonkeyPatch) -> list[int]:

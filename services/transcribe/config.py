@@ -65,7 +65,7 @@ class DecodeSettings:
     per_segment_language: bool = False  # detect each segment's language (calls that switch language)
     chunk_seconds: float = 300.0  # longer recordings are decoded in pieces of about this length (0: whole)
     first_piece_seconds: float = 6.0  # >0: a call's first piece is this short, for an early first segment
-    first_piece_min_probability: float = 0.75  # below: its first 15 s of speech, then its first window, decide
+    first_piece_min_probability: float = 0.75  # below: the 10 s of speech after it, then the first window, decide
     languages: tuple[str, ...] = ()  # detection picks among these (empty: any language Whisper knows)
     stereo_mode: str = "channels"  # stereo calls: "channels" decodes each alone; "mix" decodes the mix once
     fit_context: bool = True  # the encoder reads a short window's content, not its 30-s padding

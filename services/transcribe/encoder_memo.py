@@ -10,9 +10,9 @@ evaluation set then decodes in less time, with no more errors (``bench/quality.p
 faster-whisper also runs the encoder once to detect the language and again on the same
 window to decode it; this model hands the second caller the output of the first. Only
 an identical input is answered from memory, so the results are those of the encoder.
-It keeps three windows: a call whose first piece leaves the language unsure has its first
-15 s of speech, and then perhaps its first window of speech, encoded between the piece's
-detection and its decode, and the piece is then still remembered.
+It keeps three windows: a call whose first piece leaves the language unsure has the 10 s
+of speech after the piece, and then perhaps its first window of speech, encoded between the
+piece's detection and its decode, and the piece is then still remembered.
 """
 
 from __future__ import annotations
