@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 SAMPLE_RATE = 16_000
 WINDOW_SECONDS = 30  # Whisper reads audio in windows this long
 # An unsure first piece's language is detected again over this much of the speech that follows the piece (speech
-# not heard yet) before a whole window's: with a fitted window that costs about a third as much, and on the
+# not heard yet) before a whole window's: with a fitted window that costs less than half as much, and on the
 # evaluation set it settled most of the calls that left the first piece unsure, right, and no call wrongly.
 NEXT_SECONDS = 10
 SPLIT_GAP_SECONDS = 1.0  # a pause this long inside a segment timed by its words: split there
@@ -566,8 +566,8 @@ class WhisperEngine:
         ``WHISPER_FIRST_PIECE_MIN_PROBABILITY`` is not trusted alone: the next :data:`NEXT_SECONDS` of speech
         after the piece are read, and when those leave it below that too, the call's first window of speech
         decides (an encoder pass each, before the first segment; the piece holds a fifth of that window's speech
-        or less). With
-        ``WHISPER_FIT_CONTEXT=0`` every window costs a whole one, so the first window decides at once.
+        or less). With ``WHISPER_FIT_CONTEXT=0`` every window costs a whole one, so the first window decides at
+        once.
         A first piece without speech (the line still rings, the caller waits on hold) leaves it to the call's first
         speech, wherever it starts. :data:`NO_SPEECH` when the whole recording holds none.
         With per-segment languages the whole call's first windows decide too (each utterance is detected later)."""
@@ -580,8 +580,8 @@ class WhisperEngine:
                          head.size / SAMPLE_RATE)
                 detected = self._detect(audio, windows=1)
             elif short and detected[1] < self.settings.decode.first_piece_min_probability:
-                log.info("language %s (p=%.2f) from the first piece alone is unsure: detecting over more of the "
-                         "call's first speech", *detected)
+                log.info("language %s (p=%.2f) from the first piece alone is unsure: detecting over the speech "
+                         "after it", *detected)
                 detected = self._detect_surer(audio, after=head.size)
         except Exception:  # nothing to detect from: let the decoder decide
             log.debug("language detection failed; the decoder detects it", exc_info=True)
