@@ -34,6 +34,12 @@ VISA = "4111 1111 1111 1111"
     ("My card number is 4111, 1111, 111, 113. Thank you", pii.CARD_NUMBER),
     ("yes, card number, 5,000, 555,000, 555,000, 555,000, 555,000, 444,000, 444,000,", pii.CARD_NUMBER),
     ("mi número de teléfono es el seis cinco cinco, uno dos tres, cuatro cinco seis", pii.PHONE_NUMBER),
+    # A card read out in groups with nothing to name it: its digits pass the Luhn check together.
+    ("Yes. 4111, 1111, 1111, 1111. And it expires in December", pii.CARD_NUMBER),
+    ("it's four one one one, one one one one, one one one one, one one one one", pii.CARD_NUMBER),
+    ("é quatro um um um, um um um um, um um um um, um um um um", pii.CARD_NUMBER),
+    ("ok, 5,555, 5,555, 5,555, 4,444, done", pii.CARD_NUMBER),  # the Mastercard test number, as thousands
+    ("sure, 4111, 1111, 1111, 1112.", pii.CARD_NUMBER),  # four groups of four, one digit misheard
 ])
 def test_personal_data_is_masked_with_its_kind(text: str, kind: str) -> None:
     masked, findings = pii.redact(text)
@@ -52,6 +58,9 @@ def test_personal_data_is_masked_with_its_kind(text: str, kind: str) -> None:
     "the security code? I lost the card, so I paid 250 euros in cash at the shop",  # too far from its name
     "it is the card ending in 1234, the one I use",  # the last four digits, which an agent may keep
     "my phone number is the one on file, I called two or three times",
+    "I tried rooms 12, 14, 16, 18 and 20",  # a list of numbers is no card, and no phone number
+    "we had outages in 2019, 2020, 2021, 2022",  # four groups of four figures, all of them years
+    "they charged me 1,250, 3,400, 5,000, 2,100 over the year",  # amounts whose digits fail the Luhn check
 ])
 def test_ordinary_numbers_are_left_alone(text: str) -> None:
     masked, findings = pii.redact(text)
@@ -85,6 +94,19 @@ def test_a_security_code_named_at_the_end_of_one_segment_is_masked_at_the_start_
     assert masked[findings[0].start:findings[0].end] == "[SECURITY_CODE]"
     assert pii.redact("with this 742.") == ("with this 742.", [])  # alone, nothing names it
     assert pii.redact("12 Main Street", "call me on 655 1") == ("12 Main Street", [])  # context is read, not masked
+
+
+def test_a_card_read_out_over_two_segments_is_masked_in_the_second() -> None:
+    # How Whisper cut "4111, 1111, 1111, 1111" at the caller's breath: neither half is a card alone.
+    before = "Okay, it is 4111, 1111,"
+    assert pii.redact(before) == (before, [])
+    masked, findings = pii.redact("1111, 1111. Expires in December.", before)
+    assert masked == "[CARD_NUMBER]. Expires in December." and [f.kind for f in findings] == [pii.CARD_NUMBER]
+
+
+def test_a_card_among_other_numbers_is_masked_alone() -> None:
+    masked, findings = pii.redact("4111, 1111, 1111, 1111, 12, 27, and 2 cards")
+    assert masked == "[CARD_NUMBER], 12, 27, and 2 cards" and [f.kind for f in findings] == [pii.CARD_NUMBER]
 
 
 def test_masking_masked_text_again_changes_nothing_and_finds_the_same_placeholders() -> None:

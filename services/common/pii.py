@@ -13,7 +13,9 @@ hyphens, and e-mail addresses may be spoken. Checks that guard against false ala
 the Luhn checksum for cards, ISO 13616 mod-97 for IBANs, the control letter of Spanish
 DNI/NIE numbers. A card's security code (CVV, CVC) is three or four digits like any other, so it
 is masked where it is named just before ("the security code is 123"), and so is any number said right after its
-name ("card number", "phone number"), whichever way it was broken up or spelled out in words. A long number that is
+name ("card number", "phone number"), whichever way it was broken up or spelled out in words. A card read out with
+no name before it ("4111, 1111, 1111, 1111", "four one one one, …") is found by its Luhn checksum over groups
+read together (a list of numbers that passes it by chance, one in ten, is masked too). A long number that is
 neither a valid card nor a phone number is still masked, as an account number: a recogniser's
 error in one digit must not leak the rest. Text masked before is masked again as it is: a placeholder
 is found as the kind it names.
@@ -63,13 +65,13 @@ _DATE = re.compile(r"\d{1,2}[./-]\d{1,2}[./-]\d{2,4}|\d{4}-\d{1,2}-\d{1,2}")
 _AMOUNT = re.compile(r"\d{1,3}(?:,\d{3}){1,2}(?:\.\d{1,2})?|\d{1,3}(?:\.\d{3}){1,2}(?:,\d{1,2})?")
 
 # A digit as Whisper may write it when it is read out one by one: a figure, or its word in the languages of the
-# evaluation set ("seven four two", "seis cinco cinco").
-_DIGIT_WORDS = ("zero|oh|one|two|three|four|five|six|seven|eight|nine|"
-                "cero|uno|una|dos|tres|cuatro|cinco|seis|siete|ocho|nueve|"
-                "zéro|un|une|deux|trois|quatre|cinq|sept|huit|neuf|"
-                "null|eins|zwei|drei|vier|fünf|sechs|sieben|acht|neun|"
-                "due|tre|quattro|cinque|sei|sette|otto|nove|"
-                "um|uma|dois|duas|três|sete|oito")
+# evaluation set ("seven four two", "seis cinco cinco"; German "zwo", as two is said on the phone).
+_DIGIT_VALUES = {word: str(value) for value, words in enumerate((
+    "zero oh cero zéro null", "one uno una un une eins um uma", "two dos deux zwei zwo due dois duas",
+    "three tres trois drei tre três", "four cuatro quatre vier quattro quatro", "five cinco cinq fünf cinque",
+    "six seis sechs sei", "seven siete sept sieben sette sete", "eight ocho huit acht otto oito",
+    "nine nueve neuf neun nove")) for word in words.split()}
+_DIGIT_WORDS = "|".join(_DIGIT_VALUES)
 _DIGIT = rf"(?:\d|\b(?:{_DIGIT_WORDS})\b)"
 # What may stand between a number's name and the number: "is", "es el", "on the back,".
 _GAP = r"\b\D{0,25}?"
@@ -98,6 +100,11 @@ _NAMED_NUMBERS = (
      PHONE_NUMBER, 7),
 )
 _DIGIT_TOKEN = re.compile(_DIGIT, re.IGNORECASE)
+# A card number read out with nothing to name it ("4111, 1111, 1111, 1111", "four one one one, …"): Whisper
+# writes each breath's group apart, so no one run of digits holds the card. Groups of figures or digit words,
+# a few separators apart, are read together; see :func:`_grouped_cards`.
+_GROUPED_RUN = re.compile(rf"(?<![\w.,$€£¥]){_DIGIT}(?:[\s,.-]{{0,3}}{_DIGIT})+(?!\w)", re.IGNORECASE)
+_GROUP = re.compile(rf"\d+(?:[,.-]\d+)*|\b(?:{_DIGIT_WORDS})\b", re.IGNORECASE)
 
 _ES_LETTERS = "TRWAGMYFPDXBNJZSQVHLCKE"
 
@@ -176,7 +183,41 @@ def find(text: str) -> list[tuple[int, int, str]]:
         kind = _digit_kind(run)
         if kind and free(m.start(), m.start() + len(run)):
             spans.append((m.start(), m.start() + len(run), kind))
+    for m in _GROUPED_RUN.finditer(text):
+        spans += [(start, end, CARD_NUMBER) for start, end in _grouped_cards(m) if free(start, end)]
     return sorted(spans)
+
+
+def _grouped_cards(run: re.Match[str]) -> list[tuple[int, int]]:
+    """Where a run of digit groups holds a card number: the longest stretch of whole groups whose 13 to 19 digits
+    pass the Luhn check, or four groups of four figures (a card as it is read out, a digit misheard) that are not
+    all years; taken from the left. Only cards: a short list of numbers ("rooms 12, 14, 16, 18") is no phone
+    number, and a list of years ("in 2019, 2020, 2021, 2022") is no card."""
+    text = run.group()
+    groups = [(g.start(), g.end(), "".join(_DIGIT_VALUES.get(t.lower(), t) for t in re.findall(r"\d|[^\W\d]+", g.group())))
+              for g in _GROUP.finditer(text)]
+    found: list[tuple[int, int]] = []
+    i = 0
+    while i < len(groups):
+        best = None
+        digits = groups[i][2]
+        for j in range(i + 1, len(groups)):  # no card has more than 19 digits: so far and no further
+            digits += groups[j][2]
+            if len(digits) > 19:
+                break
+            if len(digits) >= 13 and luhn_valid(digits) or j - i == 3 and _read_in_fours(
+                    [text[s:e] for s, e, _ in groups[i:j + 1]]):
+                best = j
+        if best is None:
+            i += 1
+            continue
+        found.append((run.start() + groups[i][0], run.start() + groups[best][1]))
+        i = best + 1
+    return found
+
+
+def _read_in_fours(groups: list[str]) -> bool:
+    return all(re.fullmatch(r"\d{4}", g) for g in groups) and not all(1900 <= int(g) <= 2099 for g in groups)
 
 
 def redact(text: str, before: str = "") -> tuple[str, list[Finding]]:
