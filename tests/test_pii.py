@@ -34,6 +34,8 @@ VISA = "4111 1111 1111 1111"
     ("My card number is 4111, 1111, 111, 113. Thank you", pii.CARD_NUMBER),
     ("yes, card number, 5,000, 555,000, 555,000, 555,000, 555,000, 444,000, 444,000,", pii.CARD_NUMBER),
     ("mi número de teléfono es el seis cinco cinco, uno dos tres, cuatro cinco seis", pii.PHONE_NUMBER),
+    ("o meu número de telefone é nove um dois, três quatro cinco, seis sete oito", pii.PHONE_NUMBER),
+    ("meine Telefonnummer ist null eins sieben zwo, drei vier fünf sechs", pii.PHONE_NUMBER),  # "zwo" for two
     # A card read out in groups with nothing to name it: its digits pass the Luhn check together.
     ("Yes. 4111, 1111, 1111, 1111. And it expires in December", pii.CARD_NUMBER),
     ("it's four one one one, one one one one, one one one one, one one one one", pii.CARD_NUMBER),
