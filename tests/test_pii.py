@@ -30,6 +30,7 @@ VISA = "4111 1111 1111 1111"
     ("el código de seguridad es el 789, gracias", pii.SECURITY_CODE),
     ("and the three digits on the back, 3 2 1 0", pii.SECURITY_CODE),
     ("the CVV is nine eight seven", pii.SECURITY_CODE),
+    ("The security code is i87.", pii.SECURITY_CODE),  # how Whisper wrote "nine eight seven" once
     # How Whisper wrote card numbers read out in groups: separate runs, and thousands.
     ("My card number is 4111, 1111, 111, 113. Thank you", pii.CARD_NUMBER),
     ("yes, card number, 5,000, 555,000, 555,000, 555,000, 555,000, 444,000, 444,000,", pii.CARD_NUMBER),
@@ -60,6 +61,7 @@ def test_personal_data_is_masked_with_its_kind(text: str, kind: str) -> None:
     "the security code? I lost the card, so I paid 250 euros in cash at the shop",  # too far from its name
     "it is the card ending in 1234, the one I use",  # the last four digits, which an agent may keep
     "my phone number is the one on file, I called two or three times",
+    "the security code is on the back, and 4G is down here",  # a word with one digit is no security code
     "I tried rooms 12, 14, 16, 18 and 20",  # a list of numbers is no card, and no phone number
     "we had outages in 2019, 2020, 2021, 2022",  # four groups of four figures, all of them years
     "they charged me 1,250, 3,400, 5,000, 2,100 over the year",  # amounts whose digits fail the Luhn check

@@ -77,12 +77,13 @@ _DIGIT = rf"(?:\d|\b(?:{_DIGIT_WORDS})\b)"
 _GAP = r"\b\D{0,25}?"
 
 # A payment card's security code, which PCI DSS forbids keeping once a payment is authorised: the three or four
-# digits said within a few words after its name.
+# digits said within a few words after its name, or a word of three or four characters with two digits or more
+# where Whisper misheard one ("the security code is i87" for nine eight seven).
 _SECURITY_CODE = re.compile(
     r"\b(?:cvv2?|cvc2?|cv2|security (?:code|number)|card verification (?:code|value|number)|"
     r"(?:three|four|3|4) (?:digits|numbers) on the back|código de seguridad|code de sécurité|cryptogramme|"
     rf"prüfnummer|sicherheitscode|codice di sicurezza|código de segurança){_GAP}"
-    rf"(?<!\w)({_DIGIT}(?:[\s,-]{{0,2}}{_DIGIT}){{2,3}})(?!\w)",
+    rf"(?<!\w)({_DIGIT}(?:[\s,-]{{0,2}}{_DIGIT}){{2,3}}|(?=(?:[^\W\d]*\d){{2}})\w{{3,4}})(?!\w)",
     re.IGNORECASE)
 
 # A number said right after its name is that number, however Whisper broke it up: a card read in groups
