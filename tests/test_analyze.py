@@ -194,6 +194,16 @@ async def test_personal_data_can_be_kept_from_the_llm(ollama: FakeOllama) -> Non
     assert "[CARD_NUMBER]" in sent and "[EMAIL_ADDRESS]" in sent
 
 
+async def test_a_card_read_out_a_group_an_utterance_is_kept_from_the_llm(ollama: FakeOllama) -> None:
+    ollama.answers = [json.dumps(GOOD)]
+    call = [Utterance("customer", i, text) for i, text in enumerate(["Sure.", "4111.", "1111.", "1111.", "1111."])]
+    masking = Analyzer(OllamaBackend(settings(ollama.url)), DEFAULT_TOPICS, DEFAULT_EMOTIONS, 4096, 512,
+                       redact_pii=True)
+    await masking.analyze(call, "en")
+    sent = json.dumps(ollama.requests)
+    assert "1111" not in sent and "4111" not in sent and sent.count("[CARD_NUMBER]") >= 4
+
+
 async def test_by_default_the_llm_reads_the_transcript_as_spoken(ollama: FakeOllama) -> None:
     ollama.answers = [json.dumps(GOOD)]
     await analyzer(OllamaBackend(settings(ollama.url))).analyze(

@@ -475,6 +475,18 @@ async def test_a_record_masked_before_it_came_lists_where_its_placeholders_stand
             for r in first.redactions]
 
 
+def test_a_card_read_out_over_several_segments_is_masked_in_each_and_listed_for_each() -> None:
+    from services.crm.privacy import redact_record
+    r = record("p4")
+    for i, text in enumerate((" Sure.", " 4111.", " 1111.", " 1111.", " 1111.")):
+        r.segments.add(index=i, text=text, words=[common_pb2.Word(text=text, probability=0.9)])
+    masked = redact_record(r)
+    assert [s.text for s in masked.segments] == [" Sure."] + [" [CARD_NUMBER]."] * 4
+    assert [(x.field, x.kind, x.start, x.end) for x in masked.redactions if x.field.startswith("segments")] == [
+        (f"segments[{i}].text", common_pb2.PII_KIND_CARD_NUMBER, 1, 14) for i in range(1, 5)]
+    assert [len(s.words) for s in masked.segments] == [1, 0, 0, 0, 0]  # the words would spell the groups out
+
+
 async def test_redaction_can_be_turned_off(tmp_path: Path, receiver: CrmReceiver) -> None:
     async with crm_service(tmp_path / "o.db", receiver, redact_pii=False) as crm:
         await crm.stub.Deliver(crm_pb2.DeliverRequest(record=record_with_personal_data("p2")))

@@ -108,6 +108,25 @@ def test_a_card_read_out_over_two_segments_is_masked_in_the_second() -> None:
     assert masked == "[CARD_NUMBER]. Expires in December." and [f.kind for f in findings] == [pii.CARD_NUMBER]
 
 
+def test_a_card_read_out_a_group_a_segment_is_masked_in_every_segment_once_the_last_group_comes() -> None:
+    # How Whisper cut "4111. 1111. 1111. 1111." where the caller paused: no segment, and no two, hold a card.
+    said = ["Sure, here it is.", "4111.", "1111.", "1111.", "1111.", "Thanks."]
+    redactor = pii.SegmentRedactor()
+    changed = [redactor.add(text) for text in said]
+    assert changed == [[], [], [], [], [1, 2, 3, 4], []]
+    assert [redactor.masked(k)[0] for k in range(len(said))] == [
+        "Sure, here it is.", "[CARD_NUMBER].", "[CARD_NUMBER].", "[CARD_NUMBER].", "[CARD_NUMBER].", "Thanks."]
+    assert redactor.masked(2)[1] == [pii.Finding(pii.CARD_NUMBER, 0, 13)]
+
+
+def test_segments_read_together_mask_only_what_they_complete() -> None:
+    said = ["I called in 2019,", "2020,", "2021 and 2022.", "The security code", "is 742.", "Room 12, 14."]
+    redactor = pii.SegmentRedactor()
+    assert [redactor.add(text) for text in said] == [[], [], [], [], [4], []]
+    assert [redactor.masked(k)[0] for k in range(len(said))] == [
+        "I called in 2019,", "2020,", "2021 and 2022.", "The security code", "is [SECURITY_CODE].", "Room 12, 14."]
+
+
 def test_a_card_among_other_numbers_is_masked_alone() -> None:
     masked, findings = pii.redact("4111, 1111, 1111, 1111, 12, 27, and 2 cards")
     assert masked == "[CARD_NUMBER], 12, 27, and 2 cards" and [f.kind for f in findings] == [pii.CARD_NUMBER]

@@ -19,6 +19,7 @@ import pytest
 import pytest_asyncio
 
 from services.common import pii
+from services.ingest.pipeline import SegmentMasking
 from tests.held_llm import HeldLlmMesh, held_llm_mesh
 from tests.ingest_harness import post, wait_for_state
 from tests.test_transcribe import engine  # noqa: F401  (the engine fixture)
@@ -113,3 +114,23 @@ async def test_with_pii_redaction_off_ingest_keeps_the_transcript_as_spoken(mesh
     assert numbers_in(text) == list(SAID) and "[SECURITY_CODE]" not in text, text
     assert numbers_in(await llm_requests(mesh)) == list(SAID)
     assert numbers_in(await call_page(mesh)) == list(SAID)
+
+
+def test_progress_holds_back_the_last_segments_with_figures_until_the_next_ones_show_what_they_are_part_of() -> None:
+    masking = SegmentMasking(True)
+    for i, text in enumerate(["Can I have the card?", "Sure.", "4111.", "1111."]):
+        masking.add({"index": i, "text": text})
+    assert [s["text"] for s in masking.settled()] == ["Can I have the card?", "Sure."]  # a card may still come
+    for i, text in enumerate(["1111.", "1111.", "Thank you.", "Anything else?", "No."], start=4):
+        masking.add({"index": i, "text": text})
+    assert [s["text"] for s in masking.settled()] == [
+        "Can I have the card?", "Sure.", "[CARD_NUMBER].", "[CARD_NUMBER].", "[CARD_NUMBER].", "[CARD_NUMBER].",
+        "Thank you.", "Anything else?", "No."]
+    assert masking.settled() == masking.segments
+
+
+def test_with_masking_off_segments_are_kept_and_shown_as_they_come() -> None:
+    masking = SegmentMasking(False)
+    for i, text in enumerate(["4111.", "1111.", "1111.", "1111."]):
+        masking.add({"index": i, "text": text})
+    assert [s["text"] for s in masking.settled()] == ["4111.", "1111.", "1111.", "1111."]

@@ -353,8 +353,11 @@ class Analyzer:
     async def analyze(self, utterances: list[Utterance], language: str,
                       translation: list[Utterance] | None = None) -> AnalysisResult:
         """``translation``: an English translation made elsewhere (Whisper's); the LLM then translates nothing."""
-        if self.redact_pii:
-            utterances = [replace(u, text=pii.redact(u.text)[0]) for u in utterances]
+        if self.redact_pii:  # each utterance read with the few before it, as ingest and crm read segments
+            redactor = pii.SegmentRedactor()
+            for u in utterances:
+                redactor.add(u.text)
+            utterances = [replace(u, text=redactor.masked(k)[0]) for k, u in enumerate(utterances)]
         utterances = [u for u in utterances if u.text.strip()]
         if not utterances:
             raise ValueError("the transcript is empty")

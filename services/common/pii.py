@@ -228,8 +228,12 @@ def redact(text: str, before: str = "") -> tuple[str, list[Finding]]:
     Whisper cuts segments where the voice pauses, so a security code's name can end one segment and its digits
     open the next ("… and the security code" | "is 742.")."""
     offset = len(before) + 1 if before else 0
-    spans = [(max(start, offset) - offset, end - offset, kind)
-             for start, end, kind in find(f"{before} {text}" if before else text) if end > offset]
+    return _placed(text, [(max(start, offset) - offset, end - offset, kind)
+                          for start, end, kind in find(f"{before} {text}" if before else text) if end > offset])
+
+
+def _placed(text: str, spans: list[tuple[int, int, str]]) -> tuple[str, list[Finding]]:
+    """``text`` with each of ``spans`` (in order, not overlapping) replaced by its placeholder."""
     out: list[str] = []
     findings: list[Finding] = []
     position = 0
@@ -244,3 +248,67 @@ def redact(text: str, before: str = "") -> tuple[str, list[Finding]]:
         position = end
     out.append(text[position:])
     return "".join(out), findings
+
+
+CONTEXT_SEGMENTS = 3  # how many segments before the newest are read with it
+_CUT = " .,-"  # what Whisper writes where a number's reader paused
+
+
+class SegmentRedactor:
+    """Masks a call's segments as they come, each read together with the :data:`CONTEXT_SEGMENTS` before it.
+
+    Whisper cuts segments where the voice pauses, and a caller reading out a card pauses between its groups:
+    "4111." | "1111." | "1111." | "1111." holds no card in any one segment, nor in any two. Read with the segments
+    before it, the last group completes the card, and the card is masked in every segment that holds a part of
+    it: :meth:`add` says which segments' masked text changed, the earlier ones included. A name that ends one
+    segment is read with the digits that open the next, as :func:`redact` does with ``before``."""
+
+    def __init__(self) -> None:
+        self._said: list[str] = []  # each segment as it was said
+        self._spans: list[list[tuple[int, int, str]]] = []  # each segment's masked stretches, in its own text
+
+    def add(self, text: str) -> list[int]:
+        """Take the next segment's text; return the positions of the segments whose masked text changed (the new
+        one among them when it holds personal data), in order."""
+        self._said.append(text)
+        self._spans.append([])
+        last = len(self._said) - 1
+        first = max(0, last - CONTEXT_SEGMENTS)
+        offsets = []
+        position = 0
+        for k in range(first, last + 1):
+            offsets.append(position)
+            position += len(self._said[k]) + 1
+        changed: set[int] = set()
+        for start, end, kind in find(" ".join(self._said[first:last + 1])):
+            for k, offset in zip(range(first, last + 1), offsets):
+                said = self._said[k]
+                s, e = max(start, offset) - offset, min(end - offset, len(said))
+                while s < e and said[s] in _CUT:  # the part of a number in this segment, without the pause marks
+                    s += 1
+                while e > s and said[e - 1] in _CUT:
+                    e -= 1
+                if s < e and not any(a <= s and e <= b for a, b, _ in self._spans[k]):
+                    self._spans[k] = _merged(self._spans[k] + [(s, e, kind)])
+                    changed.add(k)
+        return sorted(changed)
+
+    def masked(self, k: int) -> tuple[str, list[Finding]]:
+        """Segment ``k``'s text with its personal data masked, and where the placeholders stand."""
+        return _placed(self._said[k], self._spans[k])
+
+
+def _merged(spans: list[tuple[int, int, str]]) -> list[tuple[int, int, str]]:
+    """Stretches that overlap made one, of the kind of the longest among them."""
+    out: list[tuple[int, int, str]] = []
+    longest: list[int] = []
+    for start, end, kind in sorted(spans):
+        if out and start < out[-1][1]:
+            s, e, k = out[-1]
+            if end - start > longest[-1]:
+                k, longest[-1] = kind, end - start
+            out[-1] = (s, max(e, end), k)
+        else:
+            out.append((start, end, kind))
+            longest.append(end - start)
+    return out

@@ -2,8 +2,9 @@
 
 Every text field a person reads (the transcript, each segment, the translation, the
 summary, the sub-topic and the follow-up actions) goes through :func:`services.common.pii.redact`; the record then lists each
-placeholder's field, kind and position, never the value. A segment is read after the one
-before it, whose end may name what it opens with. Word timings of a segment that held
+placeholder's field, kind and position, never the value. A segment is read with the few
+before it (:class:`services.common.pii.SegmentRedactor`): their end may name what it opens with, and a number
+read out in pieces is masked in each segment that holds one. Word timings of a segment that held
 personal data are dropped with it (they would spell it out).
 """
 
@@ -21,8 +22,8 @@ def redact_record(record: crm_pb2.CallRecord) -> crm_pb2.CallRecord:
     out.CopyFrom(record)
     del out.redactions[:]
 
-    def mask(field: str, text: str, before: str = "") -> tuple[str, bool]:
-        masked, findings = pii.redact(text, before)
+    def mask(field: str, text: str) -> tuple[str, bool]:
+        masked, findings = pii.redact(text)
         out.redactions.extend(common_pb2.Redaction(kind=KIND_VALUES[f.kind], field=field, start=f.start, end=f.end)
                               for f in findings)
         return masked, bool(findings)
@@ -35,12 +36,14 @@ def redact_record(record: crm_pb2.CallRecord) -> crm_pb2.CallRecord:
     for i, action in enumerate(list(out.follow_up_actions)):
         out.follow_up_actions[i], _ = mask(f"follow_up_actions[{i}]", action)
     for segments, name in ((out.segments, "segments"), (out.translated_segments, "translated_segments")):
-        said = ""  # each segment is read after the one before it, as it was said (see pii.redact)
+        redactor = pii.SegmentRedactor()  # each segment read with the few before it (a card read out in pieces)
+        for segment in segments:
+            redactor.add(segment.text)
         for i, segment in enumerate(segments):
-            text = segment.text
-            segment.text, found = mask(f"{name}[{i}].text", text, said)
-            if found:
+            segment.text, findings = redactor.masked(i)
+            out.redactions.extend(common_pb2.Redaction(kind=KIND_VALUES[f.kind], field=f"{name}[{i}].text",
+                                                       start=f.start, end=f.end) for f in findings)
+            if findings:
                 del segment.words[:]
-            said = text
     out.pii_redaction_applied = True
     return out

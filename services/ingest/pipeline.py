@@ -93,18 +93,34 @@ def spoken_text(segments: list[dict]) -> str:
 
 
 class SegmentMasking:
-    """Masks personal data in each segment's text as the segments come, each read after the one before it
-    (:func:`services.common.pii.redact`), before ingest stores them; off, leaves them as they are."""
+    """The call's segments as they come, with personal data masked before ingest stores them (off: as they are).
+
+    Each segment is read with the few before it (:class:`services.common.pii.SegmentRedactor`), and a number that
+    only the newest completes (a card read out a group at a time, a segment each) is masked in the earlier
+    segments too, in :attr:`segments` as they stand."""
 
     def __init__(self, on: bool) -> None:
         self.on = on
-        self.said = ""  # the previous segment as it was said: context for the next
+        self.segments: list[dict] = []
+        self._redactor = pii.SegmentRedactor()
 
-    def __call__(self, segment: dict) -> dict:
+    def add(self, segment: dict) -> None:
+        self.segments.append(segment)
+        if self.on:
+            for k in self._redactor.add(segment["text"]):
+                self.segments[k] = {**self.segments[k], "text": self._redactor.masked(k)[0]}
+
+    def settled(self) -> list[dict]:
+        """The segments that progress may show and store before the call's transcript is complete: all but the
+        last few from the first of them that holds a figure on, which the next segments may still show to be a
+        part of a number to mask."""
         if not self.on:
-            return segment
-        text, self.said = pii.redact(segment["text"], self.said)[0], segment["text"]
-        return {**segment, "text": text}
+            return self.segments
+        held = len(self.segments)
+        for k in range(len(self.segments) - 1, max(-1, len(self.segments) - 1 - pii.CONTEXT_SEGMENTS), -1):
+            if any(ch.isdigit() for ch in self.segments[k]["text"]):
+                held = k
+        return self.segments[:held]
 
 
 def record_revision(job: Job) -> int:
@@ -469,9 +485,9 @@ class PipelineWorker:
         if not job.recording_path or not Path(job.recording_path).is_file():
             # The file is gone (a restart with a fresh disk): fetch it again.
             return DOWNLOADING, {"recording_path": None}
-        segments: list[dict] = []
         language, probability, summary, audio = "", 0.0, None, None
         masking = SegmentMasking(self.settings.redact_pii)
+        segments = masking.segments
         last_saved = -math.inf  # the first segment is shown at once, then progress at most every 2 s
         call = self._transcription(job, Path(job.recording_path))
         try:
@@ -482,11 +498,11 @@ class PipelineWorker:
                     if response.language.HasField("audio_duration"):  # how far the decode has come, of how much
                         audio = seconds(response.language.audio_duration)
                 elif kind == "segment":
-                    segments.append(masking({**segment_to_dict(response.segment),
-                                             "language": response.segment.language_code}))
+                    masking.add({**segment_to_dict(response.segment), "language": response.segment.language_code})
                     if time.monotonic() - last_saved > 2.0:  # progress the status API can show
                         await self.store.update(job.call_id, self.owner, transcript={
-                            "language": language, "language_probability": probability, "segments": segments,
+                            "language": language, "language_probability": probability,
+                            "segments": masking.settled(),
                             "audio_duration": audio, "complete": False})
                         last_saved = time.monotonic()
                 elif kind == "summary":
@@ -514,7 +530,10 @@ class PipelineWorker:
         call = self._transcription(job, Path(job.recording_path), transcribe_pb2.TRANSCRIPTION_TASK_TRANSLATE, language)
         try:
             masking = SegmentMasking(self.settings.redact_pii)
-            translated = [masking(segment_to_dict(r.segment)) async for r in call if r.HasField("segment")]
+            async for r in call:
+                if r.HasField("segment"):
+                    masking.add(segment_to_dict(r.segment))
+            translated = masking.segments
         except grpc.aio.AioRpcError as exc:
             raise _rpc_error("transcribe (translate)", exc) from exc
         log.info("translated by the speech model: %d segments", len(translated))
