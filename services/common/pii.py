@@ -195,7 +195,8 @@ def _grouped_cards(run: re.Match[str]) -> list[tuple[int, int]]:
     all years; taken from the left. Only cards: a short list of numbers ("rooms 12, 14, 16, 18") is no phone
     number, and a list of years ("in 2019, 2020, 2021, 2022") is no card."""
     text = run.group()
-    groups = [(g.start(), g.end(), "".join(_DIGIT_VALUES.get(t.lower(), t) for t in re.findall(r"\d|[^\W\d]+", g.group())))
+    groups = [(g.start(), g.end(), "".join(_DIGIT_VALUES.get(token.lower(), token)
+                                           for token in re.findall(r"\d|[^\W\d]+", g.group())))
               for g in _GROUP.finditer(text)]
     found: list[tuple[int, int]] = []
     i = 0
