@@ -222,15 +222,10 @@ def _read_in_fours(groups: list[str]) -> bool:
     return all(re.fullmatch(r"\d{4}", g) for g in groups) and not all(1900 <= int(g) <= 2099 for g in groups)
 
 
-def redact(text: str, before: str = "") -> tuple[str, list[Finding]]:
-    """``text`` with each finding replaced by ``[KIND]``, and where those placeholders stand.
-
-    ``before``: what was said just before ``text`` (the previous segment), read as its context and left as it is.
-    Whisper cuts segments where the voice pauses, so a security code's name can end one segment and its digits
-    open the next ("… and the security code" | "is 742.")."""
-    offset = len(before) + 1 if before else 0
-    return _placed(text, [(max(start, offset) - offset, end - offset, kind)
-                          for start, end, kind in find(f"{before} {text}" if before else text) if end > offset])
+def redact(text: str) -> tuple[str, list[Finding]]:
+    """``text`` with each finding replaced by ``[KIND]``, and where those placeholders stand. A call's segments
+    are masked together, by :class:`SegmentRedactor`."""
+    return _placed(text, find(text))
 
 
 def _placed(text: str, spans: list[tuple[int, int, str]]) -> tuple[str, list[Finding]]:
@@ -262,7 +257,7 @@ class SegmentRedactor:
     "4111." | "1111." | "1111." | "1111." holds no card in any one segment, nor in any two. Read with the segments
     before it, the last group completes the card, and the card is masked in every segment that holds a part of
     it: :meth:`add` says which segments' masked text changed, the earlier ones included. A name that ends one
-    segment is read with the digits that open the next, as :func:`redact` does with ``before``."""
+    segment is read with the digits that open the next ("… and the security code" | "is 742.")."""
 
     def __init__(self) -> None:
         self._said: list[str] = []  # each segment as it was said
