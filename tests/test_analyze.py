@@ -204,6 +204,18 @@ async def test_a_card_read_out_a_group_an_utterance_is_kept_from_the_llm(ollama:
     assert "1111" not in sent and "4111" not in sent and sent.count("[CARD_NUMBER]") >= 4
 
 
+async def test_a_card_read_out_between_the_agents_words_is_kept_from_the_llm(ollama: FakeOllama) -> None:
+    both = {**GOOD, "agent_sentiment": "neutral", "customer_sentiment": "neutral"}
+    ollama.answers = [json.dumps(both)]
+    said = [("customer", "4111."), ("agent", "Okay."), ("customer", "1111."), ("agent", "Yes."),
+            ("customer", "1111."), ("agent", "Go on."), ("customer", "1111.")]
+    masking = Analyzer(OllamaBackend(settings(ollama.url)), DEFAULT_TOPICS, DEFAULT_EMOTIONS, 4096, 512,
+                       redact_pii=True)
+    await masking.analyze([Utterance(speaker, i, text) for i, (speaker, text) in enumerate(said)], "en")
+    sent = json.dumps(ollama.requests)
+    assert "1111" not in sent and "4111" not in sent and "Go on." in sent
+
+
 async def test_by_default_the_llm_reads_the_transcript_as_spoken(ollama: FakeOllama) -> None:
     ollama.answers = [json.dumps(GOOD)]
     await analyzer(OllamaBackend(settings(ollama.url))).analyze(

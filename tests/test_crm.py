@@ -487,6 +487,19 @@ def test_a_card_read_out_over_several_segments_is_masked_in_each_and_listed_for_
     assert [len(s.words) for s in masked.segments] == [1, 0, 0, 0, 0]  # the words would spell the groups out
 
 
+def test_a_card_read_out_between_the_agents_words_is_masked_in_each_of_the_customers_segments() -> None:
+    from services.crm.privacy import redact_record
+    r = record("p5")
+    said = [(common_pb2.SPEAKER_CUSTOMER, 1, " 4111."), (common_pb2.SPEAKER_AGENT, 0, " Okay."),
+            (common_pb2.SPEAKER_CUSTOMER, 1, " 1111."), (common_pb2.SPEAKER_AGENT, 0, " Yes."),
+            (common_pb2.SPEAKER_CUSTOMER, 1, " 1111."), (common_pb2.SPEAKER_AGENT, 0, " Go on."),
+            (common_pb2.SPEAKER_CUSTOMER, 1, " 1111.")]
+    for i, (speaker, channel, text) in enumerate(said):
+        r.segments.add(index=i, text=text, speaker=speaker, channel=channel)
+    assert [s.text for s in redact_record(r).segments] == [
+        " [CARD_NUMBER].", " Okay.", " [CARD_NUMBER].", " Yes.", " [CARD_NUMBER].", " Go on.", " [CARD_NUMBER]."]
+
+
 async def test_redaction_can_be_turned_off(tmp_path: Path, receiver: CrmReceiver) -> None:
     async with crm_service(tmp_path / "o.db", receiver, redact_pii=False) as crm:
         await crm.stub.Deliver(crm_pb2.DeliverRequest(record=record_with_personal_data("p2")))

@@ -128,6 +128,30 @@ def test_a_card_read_out_a_group_a_segment_is_masked_in_every_segment_once_the_l
     assert redactor.masked(2)[1] == [pii.Finding(pii.CARD_NUMBER, 0, 13)]
 
 
+# How a stereo call's segments come when the agent acknowledges each group the customer reads out.
+READ_OUT_TO_AN_AGENT = [("agent", "Can I have the long number on the card?"), ("customer", "Sure."),
+                        ("customer", "4111."), ("agent", "Okay."), ("customer", "1111."), ("agent", "Mm-hmm."),
+                        ("customer", "1111."), ("agent", "Yes."), ("customer", "1111."),
+                        ("agent", "And the security code?"), ("customer", "742.")]
+
+
+def test_a_card_read_out_between_the_agents_acknowledgements_is_masked_in_each_of_the_callers_segments() -> None:
+    redactor = pii.SegmentRedactor()
+    changed = [redactor.add(text, speaker) for speaker, text in READ_OUT_TO_AN_AGENT[:9]]
+    assert changed[-1] == [2, 4, 6, 8] and not any(changed[:-1])
+    assert [redactor.masked(k)[0] for k in range(9)] == [
+        "Can I have the long number on the card?", "Sure.", "[CARD_NUMBER].", "Okay.", "[CARD_NUMBER].", "Mm-hmm.",
+        "[CARD_NUMBER].", "Yes.", "[CARD_NUMBER]."]
+
+
+def test_a_security_code_the_agent_asks_for_is_masked_when_the_caller_says_it() -> None:
+    redactor = pii.SegmentRedactor()
+    for speaker, text in READ_OUT_TO_AN_AGENT:
+        redactor.add(text, speaker)
+    assert redactor.masked(9)[0] == "And the security code?"
+    assert redactor.masked(10) == ("[SECURITY_CODE].", [pii.Finding(pii.SECURITY_CODE, 0, 15)])
+
+
 def test_segments_read_together_mask_only_what_they_complete() -> None:
     said = ["I called in 2019,", "2020,", "2021 and 2022.", "The security code", "is 742.", "Room 12, 14."]
     redactor = pii.SegmentRedactor()

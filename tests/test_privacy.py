@@ -129,6 +129,16 @@ def test_progress_holds_back_the_last_segments_with_figures_until_the_next_ones_
     assert masking.settled() == masking.segments
 
 
+def test_a_card_read_out_to_an_agent_who_acknowledges_each_group_is_masked_in_each_of_the_callers_segments() -> None:
+    masking = SegmentMasking(True)
+    said = [("customer", 1, "4111."), ("agent", 0, "Okay."), ("customer", 1, "1111."), ("agent", 0, "Yes."),
+            ("customer", 1, "1111."), ("agent", 0, "Go on."), ("customer", 1, "1111.")]
+    for i, (speaker, channel, text) in enumerate(said):
+        masking.add({"index": i, "speaker": speaker, "channel": channel, "text": text})
+    assert [s["text"] for s in masking.segments] == [
+        "[CARD_NUMBER].", "Okay.", "[CARD_NUMBER].", "Yes.", "[CARD_NUMBER].", "Go on.", "[CARD_NUMBER]."]
+
+
 def test_with_masking_off_segments_are_kept_and_shown_as_they_come() -> None:
     masking = SegmentMasking(False)
     for i, text in enumerate(["4111.", "1111.", "1111.", "1111."]):

@@ -356,7 +356,7 @@ class Analyzer:
         if self.redact_pii:  # each utterance read with the few before it, as ingest and crm read segments
             redactor = pii.SegmentRedactor()
             for u in utterances:
-                redactor.add(u.text)
+                redactor.add(u.text, u.speaker)
             utterances = [replace(u, text=redactor.masked(k)[0]) for k, u in enumerate(utterances)]
         utterances = [u for u in utterances if u.text.strip()]
         if not utterances:

@@ -24,7 +24,9 @@ is found as the kind it names.
 from __future__ import annotations
 
 import re
+from collections.abc import Hashable
 from dataclasses import dataclass
+from itertools import islice
 
 CARD_NUMBER = "CARD_NUMBER"
 IBAN = "IBAN"
@@ -251,33 +253,50 @@ _CUT = " .,-"  # what Whisper writes where a number's reader paused
 
 
 class SegmentRedactor:
-    """Masks a call's segments as they come, each read together with the :data:`CONTEXT_SEGMENTS` before it.
+    """Masks a call's segments as they come, each read together with the :data:`CONTEXT_SEGMENTS` before it, and
+    with the :data:`CONTEXT_SEGMENTS` of the same voice before it.
 
     Whisper cuts segments where the voice pauses, and a caller reading out a card pauses between its groups:
     "4111." | "1111." | "1111." | "1111." holds no card in any one segment, nor in any two. Read with the segments
     before it, the last group completes the card, and the card is masked in every segment that holds a part of
-    it: :meth:`add` says which segments' masked text changed, the earlier ones included. A name that ends one
-    segment is read with the digits that open the next ("… and the security code" | "is 742.")."""
+    it: :meth:`add` says which segments' masked text changed, the earlier ones included. On a call with its
+    speakers apart, the agent's "okay" between the groups is left out of the caller's own reading. A name that
+    ends one segment is read with the digits that open the next ("… and the security code" | "is 742."), whoever
+    says them."""
 
     def __init__(self) -> None:
         self._said: list[str] = []  # each segment as it was said
+        self._voices: list[Hashable] = []  # who said it (a speaker, a channel), None when unknown
         self._spans: list[list[tuple[int, int, str]]] = []  # each segment's masked stretches, in its own text
 
-    def add(self, text: str) -> list[int]:
-        """Take the next segment's text; return the positions of the segments whose masked text changed (the new
-        one among them when it holds personal data), in order."""
+    def add(self, text: str, voice: Hashable = None) -> list[int]:
+        """Take the next segment's text and who said it; return the positions of the segments whose masked text
+        changed (the new one among them when it holds personal data), in order."""
         self._said.append(text)
+        self._voices.append(voice)
         self._spans.append([])
         last = len(self._said) - 1
-        first = max(0, last - CONTEXT_SEGMENTS)
+        window = list(range(max(0, last - CONTEXT_SEGMENTS), last + 1))
+        changed = self._read(window)
+        own = list(islice((k for k in range(last, -1, -1) if self._voices[k] == voice), CONTEXT_SEGMENTS + 1))[::-1]
+        if voice is not None and own != window:
+            changed |= self._read(own)
+        return sorted(changed)
+
+    def masked(self, k: int) -> tuple[str, list[Finding]]:
+        """Segment ``k``'s text with its personal data masked, and where the placeholders stand."""
+        return _placed(self._said[k], self._spans[k])
+
+    def _read(self, segments: list[int]) -> set[int]:
+        """Find personal data in ``segments`` read one after the other; mark it in each; say which changed."""
         offsets = []
         position = 0
-        for k in range(first, last + 1):
+        for k in segments:
             offsets.append(position)
             position += len(self._said[k]) + 1
         changed: set[int] = set()
-        for start, end, kind in find(" ".join(self._said[first:last + 1])):
-            for k, offset in zip(range(first, last + 1), offsets):
+        for start, end, kind in find(" ".join(self._said[k] for k in segments)):
+            for k, offset in zip(segments, offsets):
                 said = self._said[k]
                 s, e = max(start, offset) - offset, min(end - offset, len(said))
                 while s < e and said[s] in _CUT:  # the part of a number in this segment, without the pause marks
@@ -287,11 +306,7 @@ class SegmentRedactor:
                 if s < e and not any(a <= s and e <= b for a, b, _ in self._spans[k]):
                     self._spans[k] = _merged(self._spans[k] + [(s, e, kind)])
                     changed.add(k)
-        return sorted(changed)
-
-    def masked(self, k: int) -> tuple[str, list[Finding]]:
-        """Segment ``k``'s text with its personal data masked, and where the placeholders stand."""
-        return _placed(self._said[k], self._spans[k])
+        return changed
 
 
 def _merged(spans: list[tuple[int, int, str]]) -> list[tuple[int, int, str]]:

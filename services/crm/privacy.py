@@ -38,7 +38,7 @@ def redact_record(record: crm_pb2.CallRecord) -> crm_pb2.CallRecord:
     for segments, name in ((out.segments, "segments"), (out.translated_segments, "translated_segments")):
         redactor = pii.SegmentRedactor()  # each segment read with the few before it (a card read out in pieces)
         for segment in segments:
-            redactor.add(segment.text)
+            redactor.add(segment.text, (segment.speaker, segment.channel))
         for i, segment in enumerate(segments):
             segment.text, findings = redactor.masked(i)
             out.redactions.extend(common_pb2.Redaction(kind=KIND_VALUES[f.kind], field=f"{name}[{i}].text",

@@ -107,7 +107,7 @@ class SegmentMasking:
     def add(self, segment: dict) -> None:
         self.segments.append(segment)
         if self.on:
-            for k in self._redactor.add(segment["text"]):
+            for k in self._redactor.add(segment["text"], (segment.get("speaker"), segment.get("channel"))):
                 self.segments[k] = {**self.segments[k], "text": self._redactor.masked(k)[0]}
 
     def settled(self) -> list[dict]:
