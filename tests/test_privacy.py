@@ -139,6 +139,15 @@ def test_a_card_read_out_to_an_agent_who_acknowledges_each_group_is_masked_in_ea
         "[CARD_NUMBER].", "Okay.", "[CARD_NUMBER].", "Yes.", "[CARD_NUMBER].", "Go on.", "[CARD_NUMBER]."]
 
 
+def test_progress_holds_back_a_speakers_last_segments_with_figures_however_far_back() -> None:
+    masking = SegmentMasking(True)
+    said = [("customer", 1, "Sure."), ("customer", 1, "4111."), ("agent", 0, "Okay."), ("agent", 0, "Go on."),
+            ("agent", 0, "Yes."), ("agent", 0, "Right."), ("customer", 1, "1111.")]
+    for i, (speaker, channel, text) in enumerate(said):
+        masking.add({"index": i, "speaker": speaker, "channel": channel, "text": text})
+    assert [s["text"] for s in masking.settled()] == ["Sure."]  # the caller's next groups may make "4111." a card
+
+
 def test_with_masking_off_segments_are_kept_and_shown_as_they_come() -> None:
     masking = SegmentMasking(False)
     for i, text in enumerate(["4111.", "1111.", "1111.", "1111."]):

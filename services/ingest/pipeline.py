@@ -18,6 +18,7 @@ import logging
 import math
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -111,14 +112,18 @@ class SegmentMasking:
                 self.segments[k] = {**self.segments[k], "text": self._redactor.masked(k)[0]}
 
     def settled(self) -> list[dict]:
-        """The segments that progress may show and store before the call's transcript is complete: all but the
-        last few from the first of them that holds a figure on, which the next segments may still show to be a
-        part of a number to mask."""
+        """The segments that progress may show and store before the call's transcript is complete: all but those
+        from the first on that holds a figure among the segments the next ones are read with (the last few, and
+        each speaker's last few), which may yet prove to be a part of a number to mask."""
         if not self.on:
             return self.segments
         held = len(self.segments)
-        for k in range(len(self.segments) - 1, max(-1, len(self.segments) - 1 - pii.CONTEXT_SEGMENTS), -1):
-            if any(ch.isdigit() for ch in self.segments[k]["text"]):
+        said_by: Counter[tuple[Any, Any]] = Counter()
+        for k in range(len(self.segments) - 1, -1, -1):
+            voice = (self.segments[k].get("speaker"), self.segments[k].get("channel"))
+            said_by[voice] += 1
+            open_to_change = len(self.segments) - k <= pii.CONTEXT_SEGMENTS or said_by[voice] <= pii.CONTEXT_SEGMENTS
+            if open_to_change and any(ch.isdigit() for ch in self.segments[k]["text"]):
                 held = k
         return self.segments[:held]
 
