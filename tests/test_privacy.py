@@ -129,22 +129,24 @@ def test_progress_holds_back_the_last_segments_with_figures_until_the_next_ones_
     assert masking.settled() == masking.segments
 
 
-def test_a_card_read_out_to_an_agent_who_acknowledges_each_group_is_masked_in_each_of_the_callers_segments() -> None:
+def stereo_masking(*said: tuple[str, str]) -> SegmentMasking:
+    """Ingest's masking after a stereo call's segments, each ``(speaker, text)``, the agent on the left channel."""
     masking = SegmentMasking(True)
-    said = [("customer", 1, "4111."), ("agent", 0, "Okay."), ("customer", 1, "1111."), ("agent", 0, "Yes."),
-            ("customer", 1, "1111."), ("agent", 0, "Go on."), ("customer", 1, "1111.")]
-    for i, (speaker, channel, text) in enumerate(said):
-        masking.add({"index": i, "speaker": speaker, "channel": channel, "text": text})
+    for i, (speaker, text) in enumerate(said):
+        masking.add({"index": i, "speaker": speaker, "channel": int(speaker == "customer"), "text": text})
+    return masking
+
+
+def test_a_card_read_out_to_an_agent_who_acknowledges_each_group_is_masked_in_each_of_the_callers_segments() -> None:
+    masking = stereo_masking(("customer", "4111."), ("agent", "Okay."), ("customer", "1111."), ("agent", "Yes."),
+                             ("customer", "1111."), ("agent", "Go on."), ("customer", "1111."))
     assert [s["text"] for s in masking.segments] == [
         "[CARD_NUMBER].", "Okay.", "[CARD_NUMBER].", "Yes.", "[CARD_NUMBER].", "Go on.", "[CARD_NUMBER]."]
 
 
 def test_progress_holds_back_a_speakers_last_segments_with_figures_however_far_back() -> None:
-    masking = SegmentMasking(True)
-    said = [("customer", 1, "Sure."), ("customer", 1, "4111."), ("agent", 0, "Okay."), ("agent", 0, "Go on."),
-            ("agent", 0, "Yes."), ("agent", 0, "Right."), ("customer", 1, "1111.")]
-    for i, (speaker, channel, text) in enumerate(said):
-        masking.add({"index": i, "speaker": speaker, "channel": channel, "text": text})
+    masking = stereo_masking(("customer", "Sure."), ("customer", "4111."), ("agent", "Okay."), ("agent", "Go on."),
+                             ("agent", "Yes."), ("agent", "Right."), ("customer", "1111."))
     assert [s["text"] for s in masking.settled()] == ["Sure."]  # the caller's next groups may make "4111." a card
 
 
