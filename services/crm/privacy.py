@@ -22,28 +22,28 @@ def redact_record(record: crm_pb2.CallRecord) -> crm_pb2.CallRecord:
     out.CopyFrom(record)
     del out.redactions[:]
 
-    def mask(field: str, text: str) -> tuple[str, bool]:
-        masked, findings = pii.redact(text)
+    def listed(field: str, masked: tuple[str, list[pii.Finding]]) -> str:
+        """The masked text of ``field``, its placeholders listed in the record's redactions."""
+        text, findings = masked
         out.redactions.extend(common_pb2.Redaction(kind=KIND_VALUES[f.kind], field=field, start=f.start, end=f.end)
                               for f in findings)
-        return masked, bool(findings)
+        return text
 
-    out.transcript, _ = mask("transcript", out.transcript)
-    out.translated_transcript, _ = mask("translated_transcript", out.translated_transcript)
+    out.transcript = listed("transcript", pii.redact(out.transcript))
+    out.translated_transcript = listed("translated_transcript", pii.redact(out.translated_transcript))
     for i, bullet in enumerate(list(out.summary)):
-        out.summary[i], _ = mask(f"summary[{i}]", bullet)
-    out.sub_topic, _ = mask("sub_topic", out.sub_topic)
+        out.summary[i] = listed(f"summary[{i}]", pii.redact(bullet))
+    out.sub_topic = listed("sub_topic", pii.redact(out.sub_topic))
     for i, action in enumerate(list(out.follow_up_actions)):
-        out.follow_up_actions[i], _ = mask(f"follow_up_actions[{i}]", action)
+        out.follow_up_actions[i] = listed(f"follow_up_actions[{i}]", pii.redact(action))
     for segments, name in ((out.segments, "segments"), (out.translated_segments, "translated_segments")):
         redactor = pii.SegmentRedactor()  # each segment read with the few before it (a card read out in pieces)
         for segment in segments:
             redactor.add(segment.text, (segment.speaker, segment.channel))
         for i, segment in enumerate(segments):
-            segment.text, findings = redactor.masked(i)
-            out.redactions.extend(common_pb2.Redaction(kind=KIND_VALUES[f.kind], field=f"{name}[{i}].text",
-                                                       start=f.start, end=f.end) for f in findings)
-            if findings:
+            masked = redactor.masked(i)
+            segment.text = listed(f"{name}[{i}].text", masked)
+            if masked[1]:
                 del segment.words[:]
     out.pii_redaction_applied = True
     return out

@@ -108,7 +108,7 @@ class SegmentMasking:
     def add(self, segment: dict) -> None:
         self.segments.append(segment)
         if self.on:
-            for k in self._redactor.add(segment["text"], (segment.get("speaker"), segment.get("channel"))):
+            for k in self._redactor.add(segment["text"], _voice(segment)):
                 self.segments[k] = {**self.segments[k], "text": self._redactor.masked(k)[0]}
 
     def settled(self) -> list[dict]:
@@ -120,12 +120,17 @@ class SegmentMasking:
         held = len(self.segments)
         said_by: Counter[tuple[Any, Any]] = Counter()
         for k in range(len(self.segments) - 1, -1, -1):
-            voice = (self.segments[k].get("speaker"), self.segments[k].get("channel"))
+            voice = _voice(self.segments[k])
             said_by[voice] += 1
             open_to_change = len(self.segments) - k <= pii.CONTEXT_SEGMENTS or said_by[voice] <= pii.CONTEXT_SEGMENTS
             if open_to_change and any(ch.isdigit() for ch in self.segments[k]["text"]):
                 held = k
         return self.segments[:held]
+
+
+def _voice(segment: dict) -> tuple[Any, Any]:
+    """Who said a segment, as :class:`SegmentMasking` tells its speakers apart: its speaker and channel."""
+    return segment.get("speaker"), segment.get("channel")
 
 
 def record_revision(job: Job) -> int:
