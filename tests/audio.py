@@ -25,6 +25,14 @@ CARD_PAYMENT = ("Hello, I would like to pay my bill today. My card number is 411
 # A Spanish caller gives a phone number in words, which Whisper's own translation writes in digits.
 PHONE_NUMBER_ES = "Buenos días. Mi número de teléfono es el seis cinco cinco, uno dos tres, cuatro cinco seis."
 
+# A mono call where the caller reads a card out to the agent a group at a time, the agent replying in between;
+# each line is (voice, text): the agent a female voice, the caller a British one.
+CARD_BETWEEN_REPLIES = (("en-us+f3", "Can I have the long number on the card, please?"), ("en-gb", "Sure. It is 4 5 3 9."),
+                        ("en-us+f3", "Okay."), ("en-gb", "1 4 8 8."), ("en-us+f3", "Mm-hmm, go on."),
+                        ("en-gb", "0 3 4 3."), ("en-us+f3", "Okay, and the last four?"), ("en-gb", "6 4 6 7."),
+                        ("en-us+f3", "Thank you."))
+CARD_GROUPS = ("4539", "1488", "0343", "6467")
+
 TELEPHONY_RECORDINGS = {  # file name: FFmpeg encoder
     "es-billing-angry-mulaw.wav": "pcm_mulaw", "es-billing-angry-alaw.wav": "pcm_alaw",
     "es-billing-angry-gsm.wav": "libgsm_ms", "es-billing-angry-g726.wav": "g726",
@@ -40,6 +48,12 @@ def make_test_audio(d: Path) -> Path:
     synthesize(LONG_TEXT * 3, "en-us", d / "long-en.wav", speed=160)
     synthesize(CARD_PAYMENT, "en-us", d / "en-card-payment.wav")
     synthesize(PHONE_NUMBER_ES, "es", d / "es-phone-number.wav")
+    lines = [synthesize(text, voice, d / f"card-line-{i}.wav") for i, (voice, text) in enumerate(CARD_BETWEEN_REPLIES)]
+    inputs = [arg for line in lines for arg in ("-i", str(line))]
+    padded = "".join(f"[{i}:a]apad=pad_dur=0.9[p{i}];" for i in range(len(lines)))
+    subprocess.run(["ffmpeg", "-loglevel", "error", "-y", *inputs, "-filter_complex",
+                    padded + "".join(f"[p{i}]" for i in range(len(lines))) + f"concat=n={len(lines)}:v=0:a=1[a]",
+                    "-map", "[a]", "-ar", "16000", str(d / "en-card-between-replies.wav")], check=True)
     # The Spanish call as 8 kHz telephone-band mp3.
     subprocess.run(["ffmpeg", "-loglevel", "error", "-y", "-i", str(d / "es-billing-angry.wav"), "-ar", "8000",
                     "-ac", "1", str(d / "es-billing-angry-8k.mp3")], check=True)

@@ -500,6 +500,22 @@ def test_a_card_read_out_between_the_agents_words_is_masked_in_each_of_the_custo
         " [CARD_NUMBER].", " Okay.", " [CARD_NUMBER].", " Yes.", " [CARD_NUMBER].", " Go on.", " [CARD_NUMBER]."]
 
 
+def test_a_card_read_out_between_replies_on_a_mono_call_is_masked_in_the_transcript_where_its_segments_stand(
+        ) -> None:
+    from services.crm.privacy import redact_record
+    said = [" Sure, it's 4111.", " Okay.", " 1111.", " Mm-hmm, go on.", " 1111.", " Yes.", " 1111.", " Thanks."]
+    r = record("p6")
+    for i, text in enumerate(said):
+        r.segments.add(index=i, text=text)
+    r.transcript = " ".join(text.strip() for text in said)
+    masked = redact_record(r)
+    assert masked.transcript == ("Sure, it's [CARD_NUMBER]. Okay. [CARD_NUMBER]. Mm-hmm, go on. [CARD_NUMBER]. Yes. "
+                                 "[CARD_NUMBER]. Thanks.")
+    listed = [(x.start, x.end) for x in masked.redactions if x.field == "transcript"]
+    assert [masked.transcript[s:e] for s, e in listed] == ["[CARD_NUMBER]"] * 4
+    assert [x.kind for x in masked.redactions if x.field == "transcript"] == [common_pb2.PII_KIND_CARD_NUMBER] * 4
+
+
 async def test_redaction_can_be_turned_off(tmp_path: Path, receiver: CrmReceiver) -> None:
     async with crm_service(tmp_path / "o.db", receiver, redact_pii=False) as crm:
         await crm.stub.Deliver(crm_pb2.DeliverRequest(record=record_with_personal_data("p2")))

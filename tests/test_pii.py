@@ -152,6 +152,61 @@ def test_a_security_code_the_agent_asks_for_is_masked_when_the_caller_says_it() 
     assert redactor.masked(10) == ("[SECURITY_CODE].", [pii.Finding(pii.SECURITY_CODE, 0, 15)])
 
 
+def test_a_card_read_out_on_a_mono_call_between_the_agents_replies_is_masked_in_each_group() -> None:
+    # One voice: the agent's replies come between the groups, and no four segments in a row hold the card.
+    said = ["Can I have the long number on the card?", "Sure, it's 4111.", "Okay.", "1111.", "Mm-hmm, go on.",
+            "1111.", "Okay, and the next four?", "1111.", "Thank you."]
+    assert [masked for masked, _ in segments_masked(*said)] == [
+        "Can I have the long number on the card?", "Sure, it's [CARD_NUMBER].", "Okay.", "[CARD_NUMBER].",
+        "Mm-hmm, go on.", "[CARD_NUMBER].", "Okay, and the next four?", "[CARD_NUMBER].", "Thank you."]
+
+
+def test_a_card_read_out_in_words_over_more_of_the_callers_segments_than_are_read_together_is_masked_in_all(
+        ) -> None:
+    said = [("customer", "four one one one"), ("agent", "Yes."), ("customer", "one one"), ("customer", "one one"),
+            ("agent", "Go on."), ("customer", "one one one one"), ("agent", "Okay."), ("customer", "one one"),
+            ("customer", "one one.")]
+    redactor = pii.SegmentRedactor()
+    changed = [redactor.add(text, speaker) for speaker, text in said]
+    assert changed[-1] == [0, 2, 3, 5, 7, 8] and not any(changed[:-1])
+    assert [redactor.masked(k)[0] for k in (0, 1, 8)] == ["[CARD_NUMBER]", "Yes.", "[CARD_NUMBER]."]
+
+
+def test_groups_taken_for_a_phone_number_until_the_last_group_comes_are_then_masked_as_the_card() -> None:
+    # How Whisper base wrote a mono call (espeak voices) where the caller reads 4539 1488 0343 6467 to an agent.
+    said = ["Can I have the long number on the card, please?", "Sure. It is 453-9", "Okay", "1488", "MM, then go on",
+            "0343", "Okay and the last four", "6467", "Thank you"]
+    redactor = pii.SegmentRedactor()
+    changed = [redactor.add(text) for text in said[:4]]
+    assert changed[3] == [1, 3] and redactor.masked(1)[0] == "Sure. It is [PHONE_NUMBER]"  # 8 digits so far
+    changed += [redactor.add(text) for text in said[4:]]
+    assert changed[5] == [5] and changed[7] == [1, 3, 5, 7]
+    assert [redactor.masked(k)[1][0].kind for k in (1, 3, 5, 7)] == [pii.CARD_NUMBER] * 4
+    assert [redactor.masked(k)[0] for k in (1, 3, 5, 7)] == [
+        "Sure. It is [CARD_NUMBER]", "[CARD_NUMBER]", "[CARD_NUMBER]", "[CARD_NUMBER]"]
+
+
+def test_figures_with_talk_between_them_are_not_read_as_one_number() -> None:
+    said = ["Room 4111.", "The heating in that room has not worked since Monday.", "1111.", "1111.", "1111."]
+    assert segments_masked(*said) == [(text, []) for text in said]
+
+
+def test_the_first_open_segment_is_the_first_with_figures_unmasked_that_the_next_segment_may_be_read_with() -> None:
+    redactor = pii.SegmentRedactor()
+    for text in ["Can I have the card?", "4111.", "Okay.", "Go on.", "Yes, go on.", "Right."]:
+        redactor.add(text)
+    assert redactor.first_open() == 1  # four short replies later, the next group may still make "4111." a card
+    for text in ["1111.", "1111.", "1111."]:
+        redactor.add(text)
+    assert redactor.first_open() == 9  # the card is masked: nothing left to change
+    redactor.add("I also wanted to ask you about the letter that you sent me last week.")
+    redactor.add("It was for 250 euros.")
+    assert redactor.first_open() == 10  # "250" may be the start of a number the next segments go on with
+    for text in ["I have never been charged that much before.", "Nobody told me why.", "Can you check it?"]:
+        redactor.add(text)
+    assert redactor.first_open() == 14  # three segments without figures since: settled
+
+
 def test_segments_read_together_mask_only_what_they_complete() -> None:
     said = ["I called in 2019,", "2020,", "2021 and 2022.", "The security code", "is 742.", "Room 12, 14."]
     redactor = pii.SegmentRedactor()

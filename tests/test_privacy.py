@@ -20,6 +20,7 @@ import pytest_asyncio
 
 from services.common import pii
 from services.ingest.pipeline import SegmentMasking
+from tests.audio import CARD_GROUPS
 from tests.held_llm import HeldLlmMesh, held_llm_mesh
 from tests.ingest_harness import post, wait_for_state
 from tests.test_transcribe import engine  # noqa: F401  (the engine fixture)
@@ -108,6 +109,14 @@ async def test_the_speech_models_own_translation_is_masked_before_it_is_kept(mes
     assert "[PHONE_NUMBER]" in english and pii.redact(english)[0] == english, english  # nothing left to mask
 
 
+@pytest.mark.ingest(recording="en-card-between-replies.wav")
+async def test_a_card_read_out_between_the_agents_replies_on_a_mono_call_is_neither_kept_nor_analysed(
+        mesh: HeldLlmMesh) -> None:
+    text = await stored_text(mesh)
+    assert [group for group in CARD_GROUPS if group in text] == [] and "[" in text, text
+    assert [group for group in CARD_GROUPS if group in await llm_requests(mesh)] == []
+
+
 @pytest.mark.ingest(redact_pii=False)
 async def test_with_pii_redaction_off_ingest_keeps_the_transcript_as_spoken(mesh: HeldLlmMesh) -> None:
     text = await stored_text(mesh)
@@ -127,6 +136,16 @@ def test_progress_holds_back_the_last_segments_with_figures_until_the_next_ones_
         "Can I have the card?", "Sure.", "[CARD_NUMBER].", "[CARD_NUMBER].", "[CARD_NUMBER].", "[CARD_NUMBER].",
         "Thank you.", "Anything else?", "No."]
     assert masking.settled() == masking.segments
+
+
+def test_progress_holds_back_a_group_read_out_before_the_agents_short_replies_on_a_mono_call() -> None:
+    masking = SegmentMasking(True)
+    for i, text in enumerate(["Can I have the card?", "4111.", "Okay.", "Go on.", "Yes.", "Right."]):
+        masking.add({"index": i, "text": text})
+    assert [s["text"] for s in masking.settled()] == ["Can I have the card?"]  # its next groups may come yet
+    for i, text in enumerate(["1111.", "1111.", "1111."], start=6):
+        masking.add({"index": i, "text": text})
+    assert masking.settled() == masking.segments and masking.segments[1]["text"] == "[CARD_NUMBER]."
 
 
 def stereo_masking(*said: tuple[str, str]) -> SegmentMasking:

@@ -249,25 +249,42 @@ def _placed(text: str, spans: list[tuple[int, int, str]]) -> tuple[str, list[Fin
 
 
 CONTEXT_SEGMENTS = 3  # how many segments before the newest are read with it
+RUN_SEGMENTS = 12  # how far back, in segments, a number read out between short replies is followed
+BRIEF_WORDS = 5  # a reply this short ("Okay.", "Mm-hmm.", "Okay, and the next four?") does not end a number's reading
 _CUT = " .,-"  # what Whisper writes where a number's reader paused
+# What may be a part of a number read out: a figure, digit words in a row ("one one"), or a digit word alone.
+_FIGURES = re.compile(rf"\d|{_DIGIT}(?:[\s,.-]{{0,3}}{_DIGIT})+|^\W*{_DIGIT}\W*$", re.IGNORECASE)
+_WORD = re.compile(r"[^\W\d_]+(?:'[^\W\d_]+)?")
+
+
+def _has_figures(text: str) -> bool:
+    return _FIGURES.search(text) is not None
+
+
+def _brief(text: str) -> bool:
+    """Whether a segment says little beside its figures: a reply, or a group read out with a word or two."""
+    return sum(word.lower() not in _DIGIT_VALUES for word in _WORD.findall(text)) <= BRIEF_WORDS
 
 
 class SegmentRedactor:
-    """Masks a call's segments as they come, each read together with the :data:`CONTEXT_SEGMENTS` before it, and
-    with the :data:`CONTEXT_SEGMENTS` of the same voice before it.
+    """Masks a call's segments as they come, each read together with the :data:`CONTEXT_SEGMENTS` before it, with
+    the :data:`CONTEXT_SEGMENTS` of the same voice before it, and with the figures its voice read out just before
+    it between short replies.
 
     Whisper cuts segments where the voice pauses, and a caller reading out a card pauses between its groups:
     "4111." | "1111." | "1111." | "1111." holds no card in any one segment, nor in any two. Read with the segments
     before it, the last group completes the card, and the card is masked in every segment that holds a part of
     it: :meth:`add` says which segments' masked text changed, the earlier ones included. On a call with its
-    speakers apart, the agent's "okay" between the groups is left out of the caller's own reading. A name that
-    ends one segment is read with the digits that open the next ("… and the security code" | "is 742."), whoever
-    says them."""
+    speakers apart, the agent's "okay" between the groups is left out of the caller's own reading; on a mono call,
+    where the agent's "okay" and "go on" come in the same voice, the segments with figures are read together
+    without the short replies between them, up to :data:`RUN_SEGMENTS` back. A name that ends one segment is read
+    with the digits that open the next ("… and the security code" | "is 742."), whoever says them."""
 
     def __init__(self) -> None:
         self._said: list[str] = []  # each segment as it was said
         self._voices: list[Hashable] = []  # who said it (a speaker, a channel), None when unknown
-        self._spans: list[list[tuple[int, int, str]]] = []  # each segment's masked stretches, in its own text
+        # each segment's masked stretches in its own text: (start, end, kind, length of the whole finding)
+        self._spans: list[list[tuple[int, int, str, int]]] = []
 
     def add(self, text: str, voice: Hashable = None) -> list[int]:
         """Take the next segment's text and who said it; return the positions of the segments whose masked text
@@ -281,14 +298,62 @@ class SegmentRedactor:
         own = list(islice((k for k in range(last, -1, -1) if self._voices[k] == voice), CONTEXT_SEGMENTS + 1))[::-1]
         if voice is not None and own != window:
             changed |= self._read(own)
+        if _has_figures(text):
+            run = self._figures_before(last, voice)[::-1] + [last]
+            if len(run) > 1:
+                changed |= self._read(run)
         return sorted(changed)
 
     def masked(self, k: int) -> tuple[str, list[Finding]]:
         """Segment ``k``'s text with its personal data masked, and where the placeholders stand."""
-        return _placed(self._said[k], self._spans[k])
+        return _placed(self._said[k], [(start, end, kind) for start, end, kind, _ in self._spans[k]])
+
+    def carried_into(self, text: str) -> tuple[str, list[Finding]]:
+        """``text``, the call's whole text made of these segments one after the other (a record's transcript),
+        masked as :func:`redact` masks it and, besides, where each segment stands in it, as that segment is masked:
+        a card read out between the agent's replies is no card in the whole text read alone."""
+        spans: list[tuple[int, int, str]] = []
+        cursor = 0
+        for said, marked in zip(self._said, self._spans):
+            core = said.strip()
+            at = text.find(core, cursor) if core else -1
+            if at < 0:  # not in the text as it was said: the text's own reading still masks what it holds
+                continue
+            lead = len(said) - len(said.lstrip())
+            spans += [(at + s - lead, at + e - lead, kind) for s, e, kind, _ in marked]
+            cursor = at + len(core)
+        return redact(_placed(text, spans)[0])  # the placeholders are found again, as the kinds they name
+
+    def first_open(self) -> int:
+        """The position of the first segment whose masked text the next segment may still change (the number of
+        segments when none): the first with figures left unmasked among those the next one will be read with.
+        Until the next segments come, a number that they complete may have a part in it."""
+        count = len(self._said)
+        reach = list(range(max(0, count - CONTEXT_SEGMENTS), count))
+        for voice in set(self._voices[max(0, count - RUN_SEGMENTS):]):
+            reach += islice((k for k in range(count - 1, -1, -1) if self._voices[k] == voice), CONTEXT_SEGMENTS)
+            reach += self._figures_before(count, voice)
+        return min((k for k in reach if _has_figures(self.masked(k)[0])), default=count)  # figures not masked yet
+
+    def _figures_before(self, position: int, voice: Hashable) -> list[int]:
+        """The segments with figures that ``voice`` said just before ``position``, latest first: back through its
+        short replies (and past other voices' segments), up to the first thing it said at length, that one
+        included when it has figures, and at most :data:`RUN_SEGMENTS` back."""
+        found = []
+        for k in range(position - 1, max(-1, position - RUN_SEGMENTS), -1):
+            if self._voices[k] != voice:
+                continue
+            said = self._said[k]
+            if _has_figures(said):
+                found.append(k)
+            if not _brief(said):
+                break
+        return found
 
     def _read(self, segments: list[int]) -> set[int]:
-        """Find personal data in ``segments`` read one after the other; mark it in each; say which changed."""
+        """Find personal data in ``segments`` read one after the other; mark it in each; say which changed. A
+        stretch marked before is marked again as what a longer finding over it is: three groups of a card read as
+        a phone number until the fourth comes are a card's."""
         offsets = []
         position = 0
         for k in segments:
@@ -296,6 +361,7 @@ class SegmentRedactor:
             position += len(self._said[k]) + 1
         changed: set[int] = set()
         for start, end, kind in find(" ".join(self._said[k] for k in segments)):
+            extent = end - start
             for k, offset in zip(segments, offsets):
                 said = self._said[k]
                 s, e = max(start, offset) - offset, min(end - offset, len(said))
@@ -303,23 +369,24 @@ class SegmentRedactor:
                     s += 1
                 while e > s and said[e - 1] in _CUT:
                     e -= 1
-                if s < e and not any(a <= s and e <= b for a, b, _ in self._spans[k]):
-                    self._spans[k] = _merged(self._spans[k] + [(s, e, kind)])
+                if s >= e:
+                    continue
+                holder = next((span for span in self._spans[k] if span[0] <= s and e <= span[1]), None)
+                if holder is None or holder[3] < extent and holder[2] != kind:
+                    self._spans[k] = _merged(self._spans[k] + [(s, e, kind, extent)])
                     changed.add(k)
         return changed
 
 
-def _merged(spans: list[tuple[int, int, str]]) -> list[tuple[int, int, str]]:
-    """Stretches that overlap made one, of the kind of the longest among them."""
-    out: list[tuple[int, int, str]] = []
-    longest: list[int] = []
-    for start, end, kind in sorted(spans):
+def _merged(spans: list[tuple[int, int, str, int]]) -> list[tuple[int, int, str, int]]:
+    """Stretches that overlap made one, of the kind of the longest finding among them."""
+    out: list[tuple[int, int, str, int]] = []
+    for start, end, kind, extent in sorted(spans):
         if out and start < out[-1][1]:
-            s, e, k = out[-1]
-            if end - start > longest[-1]:
-                k, longest[-1] = kind, end - start
-            out[-1] = (s, max(e, end), k)
+            s, e, k, x = out[-1]
+            if extent > x:
+                k, x = kind, extent
+            out[-1] = (s, max(e, end), k, x)
         else:
-            out.append((start, end, kind))
-            longest.append(end - start)
+            out.append((start, end, kind, extent))
     return out

@@ -2,10 +2,11 @@
 
 Every text field a person reads (the transcript, each segment, the translation, the
 summary, the sub-topic and the follow-up actions) goes through :func:`services.common.pii.redact`; the record then lists each
-placeholder's field, kind and position, never the value. A segment is read with the few
+placeholder's field, kind and position, never the value. A segment is read with the ones
 before it (:class:`services.common.pii.SegmentRedactor`): their end may name what it opens with, and a number
-read out in pieces is masked in each segment that holds one. Word timings of a segment that held
-personal data are dropped with it (they would spell it out).
+read out in pieces is masked in each segment that holds one, and in the transcript where those segments stand
+(read alone, the whole text may not show it as one number: the agent's replies come between its groups). Word
+timings of a segment that held personal data are dropped with it (they would spell it out).
 """
 
 from __future__ import annotations
@@ -29,19 +30,23 @@ def redact_record(record: crm_pb2.CallRecord) -> crm_pb2.CallRecord:
                               for f in findings)
         return text
 
-    out.transcript = listed("transcript", pii.redact(out.transcript))
-    out.translated_transcript = listed("translated_transcript", pii.redact(out.translated_transcript))
+    redactors = {}
+    for segments, name in ((out.segments, "segments"), (out.translated_segments, "translated_segments")):
+        redactors[name] = redactor = pii.SegmentRedactor()  # each segment read with the ones before it
+        for segment in segments:
+            redactor.add(segment.text, (segment.speaker, segment.channel))
+    # The whole text masked where its segments are too (a card read out between replies is none in it alone).
+    out.transcript = listed("transcript", redactors["segments"].carried_into(out.transcript))
+    out.translated_transcript = listed("translated_transcript",
+                                       redactors["translated_segments"].carried_into(out.translated_transcript))
     for i, bullet in enumerate(list(out.summary)):
         out.summary[i] = listed(f"summary[{i}]", pii.redact(bullet))
     out.sub_topic = listed("sub_topic", pii.redact(out.sub_topic))
     for i, action in enumerate(list(out.follow_up_actions)):
         out.follow_up_actions[i] = listed(f"follow_up_actions[{i}]", pii.redact(action))
     for segments, name in ((out.segments, "segments"), (out.translated_segments, "translated_segments")):
-        redactor = pii.SegmentRedactor()  # each segment read with the few before it (a card read out in pieces)
-        for segment in segments:
-            redactor.add(segment.text, (segment.speaker, segment.channel))
         for i, segment in enumerate(segments):
-            masked = redactor.masked(i)
+            masked = redactors[name].masked(i)
             segment.text = listed(f"{name}[{i}].text", masked)
             if masked[1]:
                 del segment.words[:]

@@ -18,7 +18,6 @@ import logging
 import math
 import time
 import uuid
-from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -113,19 +112,11 @@ class SegmentMasking:
 
     def settled(self) -> list[dict]:
         """The segments that progress may show and store before the call's transcript is complete: all but those
-        from the first on that holds a figure among the segments the next ones are read with (the last few, and
-        each speaker's last few), which may yet prove to be a part of a number to mask."""
+        from the first on that the next segments may still mask a part of (:meth:`pii.SegmentRedactor.first_open`:
+        one with figures among those the next ones are read with)."""
         if not self.on:
             return self.segments
-        held = len(self.segments)
-        said_by: Counter[tuple[Any, Any]] = Counter()
-        for k in range(len(self.segments) - 1, -1, -1):
-            voice = _voice(self.segments[k])
-            said_by[voice] += 1
-            open_to_change = len(self.segments) - k <= pii.CONTEXT_SEGMENTS or said_by[voice] <= pii.CONTEXT_SEGMENTS
-            if open_to_change and any(ch.isdigit() for ch in self.segments[k]["text"]):
-                held = k
-        return self.segments[:held]
+        return self.segments[:self._redactor.first_open()]
 
 
 def _voice(segment: dict) -> tuple[Any, Any]:
