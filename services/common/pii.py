@@ -275,10 +275,11 @@ class SegmentRedactor:
     "4111." | "1111." | "1111." | "1111." holds no card in any one segment, nor in any two. Read with the segments
     before it, the last group completes the card, and the card is masked in every segment that holds a part of
     it: :meth:`add` says which segments' masked text changed, the earlier ones included. On a call with its
-    speakers apart, the agent's "okay" between the groups is left out of the caller's own reading; on a mono call,
-    where the agent's "okay" and "go on" come in the same voice, the segments with figures are read together
-    without the short replies between them, up to :data:`RUN_SEGMENTS` back. A name that ends one segment is read
-    with the digits that open the next ("… and the security code" | "is 742."), whoever says them."""
+    speakers apart, the agent's "okay" between the groups is left out of the caller's own reading. And the segments
+    with figures that a voice said just before the newest are read together without the short replies between
+    them, up to :data:`RUN_SEGMENTS` back: on a mono call the agent's "okay" and "go on" come in the same voice,
+    and a caller may read a card out over more segments than a window holds. A name that ends one segment is
+    read with the digits that open the next ("… and the security code" | "is 742."), whoever says them."""
 
     def __init__(self) -> None:
         self._said: list[str] = []  # each segment as it was said
