@@ -340,7 +340,7 @@ class SegmentRedactor:
         """The segments with figures that ``voice`` said just before ``position``, latest first: back through its
         short replies (and past other voices' segments), up to the first thing it said at length, that one
         included when it has figures, and at most :data:`RUN_SEGMENTS` back."""
-        found = []
+        found: list[int] = []
         for k in range(position - 1, max(-1, position - RUN_SEGMENTS), -1):
             if self._voices[k] != voice:
                 continue

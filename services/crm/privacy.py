@@ -30,7 +30,7 @@ def redact_record(record: crm_pb2.CallRecord) -> crm_pb2.CallRecord:
                               for f in findings)
         return text
 
-    redactors = {}
+    redactors: dict[str, pii.SegmentRedactor] = {}
     for segments, name in ((out.segments, "segments"), (out.translated_segments, "translated_segments")):
         redactors[name] = redactor = pii.SegmentRedactor()  # each segment read with the ones before it
         for segment in segments:
