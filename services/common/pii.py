@@ -253,7 +253,7 @@ RUN_SEGMENTS = 12  # how far back, in segments, a number read out between short 
 BRIEF_WORDS = 5  # a reply this short ("Okay.", "Mm-hmm.", "Okay, and the next four?") does not end a number's reading
 _CUT = " .,-"  # what Whisper writes where a number's reader paused
 # What may be a part of a number read out: a figure, digit words in a row ("one one"), or a digit word alone.
-_FIGURES = re.compile(rf"\d|{_DIGIT}(?:[\s,.-]{{0,3}}{_DIGIT})+|^\W*{_DIGIT}\W*$", re.IGNORECASE)
+_FIGURES = re.compile(rf"\d|{_GROUPED_RUN.pattern}|^\W*{_DIGIT}\W*$", re.IGNORECASE)
 _WORD = re.compile(r"[^\W\d_]+(?:'[^\W\d_]+)?")
 
 
