@@ -301,7 +301,7 @@ class SegmentRedactor:
             changed |= self._read(own)
         if _has_figures(text):
             run = self._figures_before(last, voice)[::-1] + [last]
-            if len(run) > 1:
+            if len(run) > 1 and run != window and run != own:  # the same segments read again find nothing new
                 changed |= self._read(run)
         return sorted(changed)
 
