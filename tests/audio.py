@@ -40,6 +40,13 @@ TELEPHONY_RECORDINGS = {  # file name: FFmpeg encoder
 }
 
 
+def _flac(wav: Path) -> bytes:
+    """``wav`` encoded as FLAC, with the encoder's seek table and padding ahead of the audio."""
+    out = wav.with_suffix(".flac")
+    subprocess.run(["ffmpeg", "-loglevel", "error", "-y", "-i", str(wav), str(out)], check=True)
+    return out.read_bytes()
+
+
 def make_test_audio(d: Path) -> Path:
     """Write every test recording into ``d`` and return it."""
     d.mkdir(parents=True, exist_ok=True)
@@ -83,6 +90,11 @@ def make_test_audio(d: Path) -> Path:
     (d / "not-audio.txt").write_text("<html><body>This is not a recording.</body></html>\n" * 20)
     # Looks like WAV from its first bytes, but the rest is garbage.
     (d / "broken.wav").write_bytes(b"RIFF\x24\x08\x00\x00WAVEfmt " + os.urandom(4000))
+    # An MP4 as recorders write them, but with a picture and no sound: the screen recording sent for the call.
+    subprocess.run(["ffmpeg", "-loglevel", "error", "-y", "-f", "lavfi", "-i", "testsrc=size=160x120:rate=5", "-t", "2",
+                    "-c:v", "mpeg4", str(d / "video-only.mp4")], check=True)
+    # A FLAC file cut off inside its header, before the first frame of audio.
+    (d / "cut-off.flac").write_bytes(_flac(d / "es-billing-angry.wav")[:2000])
     return d
 
 

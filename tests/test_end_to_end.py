@@ -262,13 +262,17 @@ async def test_every_service_exposes_prometheus_metrics(world: World, two_calls:
     assert metric(crm, "callmesh_store_write_duration_seconds_count", store="crm.outbox", engine="sqlite") >= 2
 
 
-async def test_recording_that_does_not_decode_fails_at_transcribing(world: World) -> None:
-    await world.post("e2e-broken-1", "broken.wav")
-    status = await world.wait("e2e-broken-1", timeout=120)
+@pytest.mark.parametrize(("recording", "reason"), [("broken.wav", "not audio"),
+                                                  ("video-only.mp4", "it has no audio stream, only video")])
+async def test_recording_that_does_not_decode_fails_at_transcribing_with_the_reason(world: World, recording: str,
+                                                                                   reason: str) -> None:
+    call_id = "e2e-broken-" + recording.replace(".", "-")
+    await world.post(call_id, recording)
+    status = await world.wait(call_id, timeout=120)
     assert status["status"] == "failed"
     assert status["error"]["stage"] == "transcribing"
-    assert "INVALID_ARGUMENT" in status["error"]["message"] and "not audio" in status["error"]["message"]
-    assert world.crm.for_call("e2e-broken-1") == []
+    assert "INVALID_ARGUMENT" in status["error"]["message"] and reason in status["error"]["message"]
+    assert world.crm.for_call(call_id) == []
 
 
 @pytest.mark.parametrize("recording", ["silence-30s.wav", "noise-15s.wav"])

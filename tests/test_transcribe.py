@@ -239,6 +239,19 @@ async def test_undecodable_audio_is_invalid_argument(stub, audio_dir: Path) -> N
     assert "not audio" in info.value.details()
 
 
+@pytest.mark.parametrize(("recording", "reason"), [
+    ("video-only.mp4", "it has no audio stream, only video"),
+    ("not-audio.txt", "its data is in no audio format FFmpeg reads"),
+    ("cut-off.flac", "it ends before its first whole piece of audio"),
+])
+async def test_a_recording_that_does_not_decode_is_refused_saying_what_is_wrong_with_it(
+        stub, audio_dir: Path, recording: str, reason: str) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await collect(stub.Transcribe(requests(audio_dir / recording)))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"the recording is not audio that can be decoded: {reason}" in info.value.details()
+
+
 async def test_audio_before_config_is_invalid_argument(stub) -> None:
     async def audio_first():
         yield transcribe_pb2.TranscribeRequest(audio=b"RIFF")

@@ -198,6 +198,30 @@ class EngineStats:
                 setattr(self, name, getattr(self, name) + delta)
 
 
+def why_undecodable(source: str | Path | BinaryIO, exc: Exception) -> str:
+    """What is wrong with a recording FFmpeg did not decode, in words: a file with no audio stream (a video or
+    a picture sent for the call's recording), data in no format FFmpeg reads, or a file cut off before its
+    audio; PyAV's own words (its "tuple index out of range" for the first) say none of that."""
+    import av
+
+    try:
+        if not isinstance(source, (str, Path)):
+            source.seek(0)
+        with av.open(str(source) if isinstance(source, Path) else source, mode="r",
+                     metadata_errors="ignore") as container:
+            if not container.streams.audio:
+                kinds = sorted({stream.type for stream in container.streams})
+                held = f"only {' and '.join(kinds)}" if kinds else "no stream at all"
+                return f"it has no audio stream, {held} (FFmpeg reads it as {container.format.name})"
+    except Exception:  # noqa: BLE001 - the container does not open either: the error below says why
+        pass
+    if isinstance(exc, av.error.InvalidDataError):
+        return "its data is in no audio format FFmpeg reads"
+    if isinstance(exc, EOFError):
+        return "it ends before its first whole piece of audio (a file cut off?)"
+    return f"{type(exc).__name__}: {exc}"
+
+
 def decode_audio(source: str | Path | BinaryIO, *, split_stereo: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Decode any container FFmpeg reads into 16 kHz float32 samples."""
     from faster_whisper import decode_audio as fw_decode
@@ -206,7 +230,7 @@ def decode_audio(source: str | Path | BinaryIO, *, split_stereo: bool = False) -
         audio = fw_decode(str(source) if isinstance(source, Path) else source,
                           sampling_rate=SAMPLE_RATE, split_stereo=split_stereo)
     except Exception as exc:  # PyAV raises several error types for bad input
-        raise AudioDecodeError(f"the recording is not audio that can be decoded ({type(exc).__name__}: {exc})") from exc
+        raise AudioDecodeError(f"the recording is not audio that can be decoded: {why_undecodable(source, exc)}") from exc
     first = audio[0] if split_stereo else audio
     if first.size == 0:
         raise AudioDecodeError("the recording holds no audio samples")
