@@ -336,6 +336,8 @@ async def _submit(source: str, call_id: str | None, language: str | None, agent:
         payload["metadata"] = metadata
     local = Path(source)
     if "://" not in source and not local.is_file():
+        if not local.exists():
+            raise Exit(REFUSED, f"{source}: no such file (and not a URL)")
         raise Exit(REFUSED, f"{source} is neither a file nor a URL")
     async with ingest_session(base) as session:
         if "://" in source:

@@ -55,9 +55,14 @@ def test_submit_of_a_url_ingest_will_not_fetch_exits_4(up_mesh: UpMesh) -> None:
     assert "refused" in result.stderr and "169.254.169.254" in result.stderr
 
 
-def test_submit_of_a_missing_file_exits_4(up_mesh: UpMesh) -> None:
+def test_submit_of_a_missing_file_exits_4_saying_there_is_no_such_file(up_mesh: UpMesh) -> None:
     result = up_mesh.run("submit", "no/such/file.wav")
-    assert result.returncode == 4 and "neither a file nor a URL" in result.stderr
+    assert result.returncode == 4 and "no/such/file.wav: no such file" in result.stderr
+
+
+def test_submit_of_a_directory_exits_4(up_mesh: UpMesh, audio_dir: Path) -> None:
+    result = up_mesh.run("submit", str(audio_dir))
+    assert result.returncode == 4 and "is neither a file nor a URL" in result.stderr
 
 
 def test_bad_stereo_option_is_a_usage_error(up_mesh: UpMesh, audio_dir: Path) -> None:
