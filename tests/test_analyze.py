@@ -330,6 +330,42 @@ async def test_a_summary_naming_someone_the_call_never_mentions_is_retried(ollam
     assert "summary[0] names John, which the call never mentions" in ollama.requests[1]["messages"][-1]["content"]
 
 
+SPANISH_CALL = [Utterance("customer", 0.0, "Me han cobrado dos veces la factura este mes y estoy muy enfadado.")]
+SPANISH_CALL_IN_ENGLISH = json.dumps({"lines": ["I was charged twice on the bill this month and I am very angry."]})
+BULLET_IN_SPANISH = "El cliente dice que le han cobrado dos veces la factura."
+
+
+async def test_a_summary_written_in_the_calls_language_is_asked_for_again_in_english(ollama: FakeOllama) -> None:
+    in_spanish = {**GOOD, "summary": [BULLET_IN_SPANISH, "Customer is angry.", "Wants a refund."]}
+    ollama.answers = [SPANISH_CALL_IN_ENGLISH, json.dumps(in_spanish), json.dumps(GOOD)]
+    result = await analyzer(OllamaBackend(settings(ollama.url))).analyze(SPANISH_CALL, "es")
+    assert result.summary == tuple(GOOD["summary"])
+    assert "summary[0] is written in Spanish (han, cobrado, dos, veces …), not in English" in \
+        ollama.requests[2]["messages"][-1]["content"]
+
+
+async def test_a_summary_still_in_the_calls_language_when_asked_again_is_translated(ollama: FakeOllama) -> None:
+    in_spanish = {**GOOD, "summary": [BULLET_IN_SPANISH, "Customer is angry.", "Wants a refund."],
+                  "sub_topic": "factura"}
+    bullet_in_english = "The customer says the bill was charged twice."
+    ollama.answers = [SPANISH_CALL_IN_ENGLISH, json.dumps(in_spanish), json.dumps(in_spanish),
+                      json.dumps({"lines": [bullet_in_english, "bill"]})]
+    result = await analyzer(OllamaBackend(settings(ollama.url))).analyze(SPANISH_CALL, "es")
+    assert result.summary == (bullet_in_english, "Customer is angry.", "Wants a refund.")
+    assert result.sub_topic == "bill"
+    asked = ollama.requests[3]["messages"][-1]["content"]
+    assert BULLET_IN_SPANISH in asked and "factura" in asked and "Customer is angry." not in asked
+
+
+async def test_an_english_summary_of_a_spanish_call_is_taken_as_it_is(ollama: FakeOllama) -> None:
+    ollama.answers = [json.dumps({"lines": ["I was charged twice on the UTS bill and I am very angry."]}),
+                      json.dumps({**GOOD, "sub_topic": "UTS bill"})]
+    result = await analyzer(OllamaBackend(settings(ollama.url))).analyze(
+        [Utterance("customer", 0.0, "Me han cobrado dos veces la factura UTS y estoy muy enfadado.")], "es")
+    assert result.summary == tuple(GOOD["summary"]) and result.sub_topic == "UTS bill"
+    assert len(ollama.requests) == 2
+
+
 async def test_names_weekdays_and_labels_the_call_gives_are_kept(ollama: FakeOllama) -> None:
     grounded = {**GOOD, "summary": ["The customer told Anna on Monday about a Billing problem.",
                                     "Customer is angry.", "Wants a refund."]}

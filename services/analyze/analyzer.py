@@ -112,6 +112,35 @@ def numbers_in(text: str) -> set[str]:
     return {re.sub(r"\D", "", n) for n in NUMBER.findall(text)}
 
 
+def letter_words(text: str) -> list[str]:
+    """The words of ``text`` made of letters only, lower-cased (no numbers)."""
+    return re.findall(r"[^\W\d_]+", text.lower())
+
+
+# Words English sentences are made with. A few are words of other languages too ("a", "no", "in", "was", "on",
+# "do"…): those are never taken as the call's own words, and only "a" counts as English.
+ENGLISH_GLUE = frozenset("""the a and of to for with about from by at is are were be been have had would could can
+cannot not it its they their them she his her who which what when after before because there into also than then
+that this these those but if our your you we i""".split())
+SHARED_WITH_ENGLISH = frozenset("a i no in an on so do me he has was will die as or".split())
+
+
+def call_language_words(text: str, call_only: set[str], english_only: set[str]) -> list[str]:
+    """The words of ``text`` that the call said but its English translation does not, when they show ``text``
+    written in the call's language instead of English: every word of a text of one or two words; at least three
+    of a longer one, more than the words only the translation has; or any, in a text of four words or more with no
+    word that English sentences are made with (:data:`ENGLISH_GLUE`). Words the call and its translation both
+    hold (names, "internet") count for neither."""
+    words = letter_words(text)
+    own = [w for w in words if w in call_only and w not in SHARED_WITH_ENGLISH]
+    if not own:
+        return []
+    english = sum(w in english_only for w in words)
+    if len(own) >= min(3, len(words)) and len(own) > english:
+        return own
+    return own if len(words) >= 4 and not ENGLISH_GLUE.intersection(words) else []
+
+
 @dataclass(frozen=True)
 class AnalysisResult:
     summary: tuple[str, ...]  # three bullets, fewer when one named a number or name the call never mentions
@@ -384,10 +413,25 @@ class Analyzer:
                     if (missing := (numbers_in(bullet) - spoken)
                         | {n for n in names_in(bullet) if n.lower() not in words_said | allowed})]
 
+        # A small model sometimes writes the summary in the call's language: found by the words the call said
+        # that its English translation does not (none for an English call, nor without a translation).
+        call_words, english_words = set(letter_words(" ".join(u.text for u in utterances))), set(
+            letter_words(" ".join(english)))
+        call_only, english_only = (call_words - english_words, english_words - call_words) if english else (set(), set())
+        name = LANGUAGE_NAMES.get(language, language)
+
+        def untranslated(answer: dict) -> list[tuple[str, list[str]]]:
+            """Where the answer's free text is in the call's language: (field, the call's words in it)."""
+            texts = [(f"summary[{i}]", b) for i, b in enumerate(answer["summary"])] + [("sub_topic", answer["sub_topic"])]
+            texts += [(f"follow_up_actions[{i}]", a) for i, a in enumerate(answer["follow_up_actions"])]
+            return [(where, own) for where, text in texts if (own := call_language_words(text, call_only, english_only))]
+
         def grounding(answer: dict) -> str | None:
             bad = ungrounded(answer)
-            return "; ".join(f"summary[{i}] names {', '.join(sorted(m))}, which the call never mentions"
-                             for i, m in bad) or None
+            return "; ".join([f"summary[{i}] names {', '.join(sorted(m))}, which the call never mentions"
+                              for i, m in bad] + [
+                f"{where} is written in {name} ({', '.join(dict.fromkeys(own[:4]))} …), not in English"
+                for where, own in untranslated(answer)]) or None
 
         answer, first = await self._ask("analysis", [
             {"role": "system", "content": ANALYSIS_SYSTEM},
@@ -401,6 +445,20 @@ class Analyzer:
         if dropped:
             log.warning("dropped %d summary bullet(s) naming numbers or names the call never mentions", len(dropped))
         summary = tuple(b.strip().lstrip("-• ").strip() for i, b in enumerate(answer["summary"]) if i not in dropped)
+        sub_topic, follow_up = answer["sub_topic"].strip(), tuple(a.strip() for a in answer["follow_up_actions"])
+        kept = {"summary": list(summary), "sub_topic": sub_topic, "follow_up_actions": list(follow_up)}
+        if still := untranslated(kept):  # the model kept to the call's language when asked again: translated
+            log.warning("the analysis wrote %s in %s after it was asked for English: translating them",
+                        ", ".join(where for where, _ in still), name)
+            texts = {"sub_topic": sub_topic} | {f"summary[{i}]": b for i, b in enumerate(summary)} | {
+                f"follow_up_actions[{i}]": a for i, a in enumerate(follow_up)}
+            wheres = [where for where, _ in still]
+            english_texts, more = await self._translate([Utterance("unknown", 0.0, texts[w]) for w in wheres], language)
+            used += more
+            texts.update(zip(wheres, english_texts))
+            sub_topic = texts["sub_topic"]
+            summary = tuple(texts[f"summary[{i}]"] for i in range(len(summary)))
+            follow_up = tuple(texts[f"follow_up_actions[{i}]"] for i in range(len(follow_up)))
         english_lines = translation if translation and language != "en" else [
             replace(u, text=t) for u, t in zip(utterances, translated_lines)]
         translated = render_transcript(english_lines, unknown_label="")
@@ -414,11 +472,11 @@ class Analyzer:
             prompt_version=PROMPT_VERSION,
             seconds=time.perf_counter() - started,
             completion_tokens=used,
-            sub_topic=answer["sub_topic"].strip(),
+            sub_topic=sub_topic,
             agent_sentiment=answer.get("agent_sentiment", ""),
             customer_sentiment=answer.get("customer_sentiment", ""),
             resolved=answer["resolved"],
-            follow_up_actions=tuple(a.strip() for a in answer["follow_up_actions"]),
+            follow_up_actions=follow_up,
             translated_lines=translated_lines,
             parts=max(parts, 1),
             dropped_bullets=len(dropped),
