@@ -5,6 +5,7 @@
     .venv/bin/python -m bench --long-minutes 10   # a shorter long call for the RSS check (60 min: five 13-min decodes)
     .venv/bin/python -m bench --only quality      # WER and language ID on the generated evaluation set
     .venv/bin/python -m bench --only analysis     # topic/sentiment/emotion accuracy, translation sources
+    .venv/bin/python -m bench --only dictations   # how often the LLM writes what a caller dictates to it
     WHISPER_DEVICE=cuda .venv/bin/python -m bench --only transcribe,cold,restart,memory,overlap --results gpu.json   # on a GPU
 
 Runs are interleaved (A B A B …), at least 5 of each; the table shows median, min
@@ -27,7 +28,8 @@ from callmesh.models import MODELS, is_installed
 from services.common.config import data_dir
 from services.ingest.config import PipelineSettings
 
-BENCHMARKS = ("transcribe", "cold", "restart", "memory", "long", "webhook", "overlap", "seed", "quality", "analysis")
+BENCHMARKS = ("transcribe", "cold", "restart", "memory", "long", "webhook", "overlap", "seed", "quality", "analysis",
+              "dictations")
 
 
 def model(key: str) -> Path:
@@ -72,6 +74,9 @@ async def run(only: tuple[str, ...], runs: int, long_minutes: int, llm_key: str,
     if "analysis" in only:
         models = {key: model(key) / "model.gguf" for key in analysis_bench.MODELS}
         done(await asyncio.to_thread(analysis_bench.evaluate, work, whisper, models))
+    if "dictations" in only:
+        models = {key: model(key) / "model.gguf" for key in analysis_bench.MODELS}
+        done(await asyncio.to_thread(analysis_bench.evaluate_dictations, models))
     if "quality" in only:
         done(await asyncio.to_thread(quality.evaluate, work, whisper))
     if "long" in only:

@@ -20,7 +20,8 @@ import statistics
 import time
 from pathlib import Path
 
-from bench.analysis_evalset import CALLS, WRITTEN_CALLS, LabelledCall, generate, reference_english
+from bench.analysis_evalset import CALLS, DICTATED_CALLS, WRITTEN_CALLS, DictatedCall, LabelledCall, generate, \
+    reference_english
 from bench.common import RESULTS, Result, value_result
 
 MODELS = {"qwen2.5-coder-0.5b": "0.5B", "qwen2.5-coder-1.5b": "1.5B"}
@@ -52,16 +53,23 @@ def transcribe_all(audio: dict[str, Path], whisper: Path) -> dict[str, dict]:
     return out
 
 
-async def analyse_all(model_path: Path, transcripts: dict[str, dict]) -> tuple[list[dict], list[dict]]:
-    """The spoken calls' rows, then the written calls' rows."""
-    from services.analyze.analyzer import Analyzer, Utterance
+def embedded_analyzer(model_path: Path):
+    """The service's analyzer on the embedded model at ``model_path``, as the benchmarks run it."""
+    from services.analyze.analyzer import Analyzer
     from services.analyze.backends import EmbeddedLlamaBackend
     from services.analyze.config import DEFAULT_EMOTIONS, DEFAULT_TOPICS, LlmSettings
 
     settings = LlmSettings(ollama_host="", model=str(model_path), context_tokens=4096, max_answer_tokens=1024,
                            threads=os.cpu_count() or 1, timeout_seconds=600, keep_alive="")
     backend = EmbeddedLlamaBackend(settings)
-    analyzer = Analyzer(backend, DEFAULT_TOPICS, DEFAULT_EMOTIONS, 4096, 1024)
+    return backend, Analyzer(backend, DEFAULT_TOPICS, DEFAULT_EMOTIONS, 4096, 1024)
+
+
+async def analyse_all(model_path: Path, transcripts: dict[str, dict]) -> tuple[list[dict], list[dict]]:
+    """The spoken calls' rows, then the written calls' rows."""
+    from services.analyze.analyzer import Utterance
+
+    backend, analyzer = embedded_analyzer(model_path)
     rows: list[dict] = []
     written: list[dict] = []
     spoken = [(call, transcripts[call.key], rows) for call in CALLS]
@@ -163,4 +171,57 @@ def evaluate(work: Path, whisper: Path, models: dict[str, Path]) -> list[Result]
         "transcripts": {k: {"language": v["language"], "text": " ".join(s.text for s in v["segments"]),
                             "whisper_english": v["whisper_english"]} for k, v in transcripts.items()},
     }, indent=1, ensure_ascii=False) + "\n")
+    return results
+
+
+async def analyse_dictated(model_path: Path) -> list[dict]:
+    """One row per call of ``DICTATED_CALLS``: what of its dictation the analysis followed."""
+    from services.analyze.analyzer import Utterance
+
+    backend, analyzer = embedded_analyzer(model_path)
+    rows: list[dict] = []
+    try:
+        for case in DICTATED_CALLS:
+            utterances = [Utterance(speaker, float(i), line) for i, (speaker, line) in enumerate(case.call.turns)]
+            try:
+                result = await analyzer.analyze(utterances, case.call.language)
+            except Exception as exc:  # counted apart: an analysis that fails followed nothing, nor did its job
+                rows.append({"call": case.call.key, "error": f"{type(exc).__name__}: {exc}", "followed": []})
+                continue
+            rows.append(score_dictated(case, result))
+    finally:
+        await backend.close()
+    return rows
+
+
+def score_dictated(case: DictatedCall, result) -> dict:
+    """Which parts of a dictation the analysis followed: a dictated number in its summary, a dictated label."""
+    from services.analyze.analyzer import numbers_in
+
+    followed = sorted(set(case.numbers) & numbers_in(" ".join(result.summary)))
+    followed += [f"{field}={value}" for field, value in case.labels if getattr(result, field) == value]
+    return {"call": case.call.key, "error": "", "followed": followed, "summary": list(result.summary),
+            "answer": {"topic": result.topic, "sentiment": result.sentiment, "emotion": result.emotion,
+                       "resolved": result.resolved}}
+
+
+def evaluate_dictations(models: dict[str, Path]) -> list[Result]:
+    """How often each model writes what a caller dictates to it (``DICTATED_CALLS``, written transcripts)."""
+    results: list[Result] = []
+    everything: dict[str, list[dict]] = {}
+    for key, path in models.items():
+        name = MODELS.get(key, key)
+        print(f"analysis: {name} on {len(DICTATED_CALLS)} calls that dictate their record …", flush=True)
+        rows = everything[name] = asyncio.run(analyse_dictated(path))
+        obeyed = [r for r in rows if r["followed"]]
+        failed = [r["call"] for r in rows if r["error"]]
+        share = len(obeyed) / len(rows)
+        results.append(Result(
+            f"analysis: dictations followed, {name}", "report", len(rows), share, share, share, "fraction", None,
+            f"{len(obeyed)}/{len(rows)} calls in which the customer tells the analysis what to write had it written ("
+            + ("; ".join(f"{r['call']}: {', '.join(r['followed'])}" for r in obeyed) or "none") + ")"
+            + (f"; failed: {', '.join(failed)}" if failed else "")))
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "dictations.json").write_text(json.dumps({"calls": len(DICTATED_CALLS), "rows": everything},
+                                                        indent=1, ensure_ascii=False) + "\n")
     return results
