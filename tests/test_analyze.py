@@ -366,6 +366,30 @@ async def test_an_english_summary_of_a_spanish_call_is_taken_as_it_is(ollama: Fa
     assert len(ollama.requests) == 2
 
 
+async def test_a_line_given_back_untranslated_is_asked_for_again(ollama: FakeOllama) -> None:
+    copy = json.dumps({"lines": [SPANISH_CALL[0].text]})
+    ollama.answers = [copy, SPANISH_CALL_IN_ENGLISH, json.dumps(GOOD)]
+    result = await analyzer(OllamaBackend(settings(ollama.url))).analyze(SPANISH_CALL, "es")
+    assert "line 1 is not translated: it repeats the Spanish line" in ollama.requests[1]["messages"][-1]["content"]
+    assert result.translated_lines == ("I was charged twice on the bill this month and I am very angry.",)
+
+
+async def test_a_translation_that_gives_back_the_error_it_was_told_keeps_the_line_as_it_was_said(
+        ollama: FakeOllama) -> None:
+    copy = json.dumps({"lines": [SPANISH_CALL[0].text]})
+    echo = json.dumps({"lines": ["That answer is invalid: line 1 is not translated: it repeats the Spanish line"]})
+    ollama.answers = [copy, echo, json.dumps(GOOD)]
+    result = await analyzer(OllamaBackend(settings(ollama.url))).analyze(SPANISH_CALL, "es")
+    assert result.translated_lines == (SPANISH_CALL[0].text,)
+
+
+async def test_a_line_of_names_and_numbers_may_stay_as_it_was_said(ollama: FakeOllama) -> None:
+    ollama.answers = [json.dumps({"lines": ["Lucía López Fernández, 28 04 1990."]}), json.dumps(GOOD)]
+    await analyzer(OllamaBackend(settings(ollama.url))).analyze(
+        [Utterance("customer", 0.0, "Lucía López Fernández, 28 04 1990.")], "es")
+    assert len(ollama.requests) == 2
+
+
 async def test_names_weekdays_and_labels_the_call_gives_are_kept(ollama: FakeOllama) -> None:
     grounded = {**GOOD, "summary": ["The customer told Anna on Monday about a Billing problem.",
                                     "Customer is angry.", "Wants a refund."]}

@@ -141,6 +141,18 @@ def call_language_words(text: str, call_only: set[str], english_only: set[str]) 
     return own if len(words) >= 4 and not ENGLISH_GLUE.intersection(words) else []
 
 
+INVALID_ANSWER = "That answer is invalid"  # how the model is told that its answer is sent back, and why
+
+
+def untranslated_copy(line: str, said: str) -> bool:
+    """Whether ``line``, given as the English of ``said``, is ``said`` itself: the same words, three or more of
+    them not capitalised (names and numbers are the same in English), none a word English sentences are made
+    with."""
+    words = letter_words(line)
+    common = [w for w in re.findall(r"[^\W\d_]+", said) if w[0].islower()]
+    return words == letter_words(said) and len(common) >= 3 and not ENGLISH_GLUE.intersection(words)
+
+
 @dataclass(frozen=True)
 class AnalysisResult:
     summary: tuple[str, ...]  # three bullets, fewer when one named a number or name the call never mentions
@@ -333,7 +345,7 @@ class Analyzer:
                     span.add_event("invalid_answer", {"error": error})
                     log.warning("%s: invalid answer on attempt %d: %s", purpose, attempt, error)
                     messages = [*messages, {"role": "assistant", "content": completion.text[:2000]},
-                                {"role": "user", "content": f"That answer is invalid: {error}. Answer again with "
+                                {"role": "user", "content": f"{INVALID_ANSWER}: {error}. Answer again with "
                                                             "JSON that follows the schema exactly."}]
         raise AnalysisError(f"the model gave no valid {purpose} after 2 attempts: {error}")
 
@@ -371,12 +383,23 @@ class Analyzer:
         for part in parts:
             batch = [lines[i] for i in part]
             numbered = "\n".join(f"{n}. {render_transcript([utterances[i]])}" for n, i in enumerate(part, 1))
+
+            def copied(answer: dict, batch: list[str] = batch) -> str | None:
+                """Lines given back as they were said instead of translated (a small model does that)."""
+                same = [n for n, (line, said) in enumerate(zip(answer["lines"], batch), 1)
+                        if untranslated_copy(ECHOED_LABEL.sub("", line), said)]
+                return "; ".join(f"line {n} is not translated: it repeats the {name} line" for n in same) or None
+
             answer, completion = await self._ask("translation", [
                 {"role": "system", "content": TRANSLATION_SYSTEM.format(language=name, count=len(batch))},
                 {"role": "user", "content": numbered},
-            ], translation_schema(batch), min(self.max_answer_tokens * 4, 2 * sum(tokens(b) for b in batch) + 64))
+            ], translation_schema(batch), min(self.max_answer_tokens * 4, 2 * sum(tokens(b) for b in batch) + 64),
+                check=copied)
             used += completion.completion_tokens
-            out += [ECHOED_LABEL.sub("", line).strip() for line in answer["lines"]]
+            # A small model asked again can give back the error it was told instead of a translation: the line
+            # then stays as it was said.
+            out += [said if INVALID_ANSWER in line else ECHOED_LABEL.sub("", line).strip()
+                    for line, said in zip(answer["lines"], batch)]
         return tuple(out), used
 
     async def analyze(self, utterances: list[Utterance], language: str,
