@@ -380,6 +380,7 @@ async def test_a_translation_that_gives_back_the_error_it_was_told_keeps_the_lin
     echo = json.dumps({"lines": ["That answer is invalid: line 1 is not translated: it repeats the Spanish line"]})
     ollama.answers = [copy, echo, json.dumps(GOOD)]
     result = await analyzer(OllamaBackend(settings(ollama.url))).analyze(SPANISH_CALL, "es")
+    assert "line 1 is not translated" in ollama.requests[1]["messages"][-1]["content"]
     assert result.translated_lines == (SPANISH_CALL[0].text,)
 
 
