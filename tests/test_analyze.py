@@ -335,26 +335,18 @@ SPANISH_CALL_IN_ENGLISH = json.dumps({"lines": ["I was charged twice on the bill
 BULLET_IN_SPANISH = "El cliente dice que le han cobrado dos veces la factura."
 
 
-async def test_a_summary_written_in_the_calls_language_is_asked_for_again_in_english(ollama: FakeOllama) -> None:
-    in_spanish = {**GOOD, "summary": [BULLET_IN_SPANISH, "Customer is angry.", "Wants a refund."]}
-    ollama.answers = [SPANISH_CALL_IN_ENGLISH, json.dumps(in_spanish), json.dumps(GOOD)]
-    result = await analyzer(OllamaBackend(settings(ollama.url))).analyze(SPANISH_CALL, "es")
-    assert result.summary == tuple(GOOD["summary"])
-    assert "summary[0] is written in Spanish (han, cobrado, dos, veces …), not in English" in \
-        ollama.requests[2]["messages"][-1]["content"]
-
-
-async def test_a_summary_still_in_the_calls_language_when_asked_again_is_translated(ollama: FakeOllama) -> None:
+async def test_a_summary_written_in_the_calls_language_is_translated(ollama: FakeOllama) -> None:
     in_spanish = {**GOOD, "summary": [BULLET_IN_SPANISH, "Customer is angry.", "Wants a refund."],
                   "sub_topic": "factura"}
     bullet_in_english = "The customer says the bill was charged twice."
-    ollama.answers = [SPANISH_CALL_IN_ENGLISH, json.dumps(in_spanish), json.dumps(in_spanish),
+    ollama.answers = [SPANISH_CALL_IN_ENGLISH, json.dumps(in_spanish),
                       json.dumps({"lines": [bullet_in_english, "bill"]})]
     result = await analyzer(OllamaBackend(settings(ollama.url))).analyze(SPANISH_CALL, "es")
     assert result.summary == (bullet_in_english, "Customer is angry.", "Wants a refund.")
-    assert result.sub_topic == "bill"
-    asked = ollama.requests[3]["messages"][-1]["content"]
+    assert result.sub_topic == "bill" and result.sentiment == GOOD["sentiment"]
+    asked = ollama.requests[2]["messages"][-1]["content"]
     assert BULLET_IN_SPANISH in asked and "factura" in asked and "Customer is angry." not in asked
+    assert len(ollama.requests) == 3  # the analysis is not asked for again
 
 
 async def test_an_english_summary_of_a_spanish_call_is_taken_as_it_is(ollama: FakeOllama) -> None:

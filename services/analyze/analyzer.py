@@ -438,23 +438,24 @@ class Analyzer:
 
         # A small model sometimes writes the summary in the call's language: found by the words the call said
         # that its English translation does not (none for an English call, nor without a translation).
-        call_words, english_words = set(letter_words(" ".join(u.text for u in utterances))), set(
-            letter_words(" ".join(english)))
-        call_only, english_only = (call_words - english_words, english_words - call_words) if english else (set(), set())
+        call_words = set(letter_words(" ".join(u.text for u in utterances)))
+        english_words = set(letter_words(" ".join(english)))
+        call_only = call_words - english_words if english else set()
+        english_only = english_words - call_words
         name = LANGUAGE_NAMES.get(language, language)
 
         def untranslated(answer: dict) -> list[tuple[str, list[str]]]:
             """Where the answer's free text is in the call's language: (field, the call's words in it)."""
-            texts = [(f"summary[{i}]", b) for i, b in enumerate(answer["summary"])] + [("sub_topic", answer["sub_topic"])]
+            texts = [(f"summary[{i}]", b) for i, b in enumerate(answer["summary"])]
+            texts += [("sub_topic", answer["sub_topic"])]
             texts += [(f"follow_up_actions[{i}]", a) for i, a in enumerate(answer["follow_up_actions"])]
-            return [(where, own) for where, text in texts if (own := call_language_words(text, call_only, english_only))]
+            return [(where, own) for where, text in texts
+                    if (own := call_language_words(text, call_only, english_only))]
 
         def grounding(answer: dict) -> str | None:
             bad = ungrounded(answer)
-            return "; ".join([f"summary[{i}] names {', '.join(sorted(m))}, which the call never mentions"
-                              for i, m in bad] + [
-                f"{where} is written in {name} ({', '.join(dict.fromkeys(own[:4]))} …), not in English"
-                for where, own in untranslated(answer)]) or None
+            return "; ".join(f"summary[{i}] names {', '.join(sorted(m))}, which the call never mentions"
+                             for i, m in bad) or None
 
         answer, first = await self._ask("analysis", [
             {"role": "system", "content": ANALYSIS_SYSTEM},
@@ -470,9 +471,11 @@ class Analyzer:
         summary = tuple(b.strip().lstrip("-• ").strip() for i, b in enumerate(answer["summary"]) if i not in dropped)
         sub_topic, follow_up = answer["sub_topic"].strip(), tuple(a.strip() for a in answer["follow_up_actions"])
         kept = {"summary": list(summary), "sub_topic": sub_topic, "follow_up_actions": list(follow_up)}
-        if still := untranslated(kept):  # the model kept to the call's language when asked again: translated
-            log.warning("the analysis wrote %s in %s after it was asked for English: translating them",
-                        ", ".join(where for where, _ in still), name)
+        # Translated, not asked for again: a whole analysis again costs more, can change the labels, and the
+        # small model answered in the call's language again.
+        if still := untranslated(kept):
+            log.warning("the analysis wrote %s in %s, not in English: translating them (%s …)",
+                        ", ".join(where for where, _ in still), name, ", ".join(dict.fromkeys(still[0][1][:4])))
             texts = {"sub_topic": sub_topic} | {f"summary[{i}]": b for i, b in enumerate(summary)} | {
                 f"follow_up_actions[{i}]": a for i, a in enumerate(follow_up)}
             wheres = [where for where, _ in still]
