@@ -112,9 +112,12 @@ def numbers_in(text: str) -> set[str]:
     return {re.sub(r"\D", "", n) for n in NUMBER.findall(text)}
 
 
+LETTERS = re.compile(r"[^\W\d_]+")  # a word of letters only (no digits)
+
+
 def letter_words(text: str) -> list[str]:
     """The words of ``text`` made of letters only, lower-cased (no numbers)."""
-    return re.findall(r"[^\W\d_]+", text.lower())
+    return LETTERS.findall(text.lower())
 
 
 # Words English sentences are made with. A few are words of other languages too ("a", "no", "in", "was", "on",
@@ -149,7 +152,7 @@ def untranslated_copy(line: str, said: str) -> bool:
     them not capitalised (names and numbers are the same in English), none a word English sentences are made
     with."""
     words = letter_words(line)
-    common = [w for w in re.findall(r"[^\W\d_]+", said) if w[0].islower()]
+    common = [w for w in LETTERS.findall(said) if w[0].islower()]
     return words == letter_words(said) and len(common) >= 3 and not ENGLISH_GLUE.intersection(words)
 
 
@@ -436,22 +439,6 @@ class Analyzer:
                     if (missing := (numbers_in(bullet) - spoken)
                         | {n for n in names_in(bullet) if n.lower() not in words_said | allowed})]
 
-        # A small model sometimes writes the summary in the call's language: found by the words the call said
-        # that its English translation does not (none for an English call, nor without a translation).
-        call_words = set(letter_words(" ".join(u.text for u in utterances)))
-        english_words = set(letter_words(" ".join(english)))
-        call_only = call_words - english_words if english else set()
-        english_only = english_words - call_words
-        name = LANGUAGE_NAMES.get(language, language)
-
-        def untranslated(answer: dict) -> list[tuple[str, list[str]]]:
-            """Where the answer's free text is in the call's language: (field, the call's words in it)."""
-            texts = [(f"summary[{i}]", b) for i, b in enumerate(answer["summary"])]
-            texts += [("sub_topic", answer["sub_topic"])]
-            texts += [(f"follow_up_actions[{i}]", a) for i, a in enumerate(answer["follow_up_actions"])]
-            return [(where, own) for where, text in texts
-                    if (own := call_language_words(text, call_only, english_only))]
-
         def grounding(answer: dict) -> str | None:
             bad = ungrounded(answer)
             return "; ".join(f"summary[{i}] names {', '.join(sorted(m))}, which the call never mentions"
@@ -470,18 +457,23 @@ class Analyzer:
             log.warning("dropped %d summary bullet(s) naming numbers or names the call never mentions", len(dropped))
         summary = tuple(b.strip().lstrip("-• ").strip() for i, b in enumerate(answer["summary"]) if i not in dropped)
         sub_topic, follow_up = answer["sub_topic"].strip(), tuple(a.strip() for a in answer["follow_up_actions"])
-        kept = {"summary": list(summary), "sub_topic": sub_topic, "follow_up_actions": list(follow_up)}
-        # Translated, not asked for again: a whole analysis again costs more, can change the labels, and the
+        # A small model sometimes writes the summary in the call's language: found by the words the call said
+        # that its English translation does not (none for an English call, nor without a translation). Such text
+        # is translated, not asked for again: a whole analysis again costs more, can change the labels, and the
         # small model answered in the call's language again.
-        if still := untranslated(kept):
-            log.warning("the analysis wrote %s in %s, not in English: translating them (%s …)",
-                        ", ".join(where for where, _ in still), name, ", ".join(dict.fromkeys(still[0][1][:4])))
-            texts = {"sub_topic": sub_topic} | {f"summary[{i}]": b for i, b in enumerate(summary)} | {
-                f"follow_up_actions[{i}]": a for i, a in enumerate(follow_up)}
-            wheres = [where for where, _ in still]
-            english_texts, more = await self._translate([Utterance("unknown", 0.0, texts[w]) for w in wheres], language)
+        call_words = set(letter_words(" ".join(u.text for u in utterances)))
+        english_words = set(letter_words(" ".join(english)))
+        call_only = call_words - english_words if english else set()
+        texts = {f"summary[{i}]": b for i, b in enumerate(summary)} | {"sub_topic": sub_topic} | {
+            f"follow_up_actions[{i}]": a for i, a in enumerate(follow_up)}
+        if still := {where: own for where, text in texts.items()
+                     if (own := call_language_words(text, call_only, english_words - call_words))}:
+            name = LANGUAGE_NAMES.get(language, language)
+            log.warning("the analysis wrote %s in %s, not in English: translating them (%s …)", ", ".join(still),
+                        name, ", ".join(dict.fromkeys(next(iter(still.values()))[:4])))
+            english_texts, more = await self._translate([Utterance("unknown", 0.0, texts[w]) for w in still], language)
             used += more
-            texts.update(zip(wheres, english_texts))
+            texts.update(zip(still, english_texts))
             sub_topic = texts["sub_topic"]
             summary = tuple(texts[f"summary[{i}]"] for i in range(len(summary)))
             follow_up = tuple(texts[f"follow_up_actions[{i}]"] for i in range(len(follow_up)))
