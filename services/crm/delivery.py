@@ -14,7 +14,6 @@ record: the delivery is marked failed with the CRM's answer.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import enum
 import json
@@ -24,12 +23,11 @@ from urllib.parse import urlsplit
 
 import aiohttp
 from opentelemetry import trace
-from opentelemetry.metrics import Observation
 
 from services.common.database import UNAVAILABLE_ERRORS, OutageLog, delete_in_batches
 from services.common.https import https_context, is_this_machine, untrusted_certificate
 from services.common.logs import call_context
-from services.common.metrics import meter
+from services.common.metrics import outcome_counter
 from services.common.retry import backoff_delay, sleep_or_wake
 from services.common.telemetry import client_trace_config, context_from, shown_url, tracer
 from services.common.webhooks import signature_headers
@@ -41,13 +39,9 @@ _tracer = tracer(__name__)
 
 RETRYABLE_STATUS = {408, 425, 429}
 RETENTION_CHECK_SECONDS = 3600.0  # how often delivered records past their retention are looked for
-_meter = meter(__name__)
-# Counted in a plain dict and read at each scrape, as ingest counts its webhooks.
-attempt_outcomes: collections.Counter[str] = collections.Counter()
-_meter.create_observable_counter(
-    "callmesh.crm.delivery_attempts", description="POSTs to the CRM (outcome: delivered, retry, unauthorized (a 401 "
-    "or 403: the CRM refuses our credentials; the record waits), failed)",
-    callbacks=[lambda _: [Observation(n, {"outcome": outcome}) for outcome, n in attempt_outcomes.items()]])
+attempt_outcomes = outcome_counter(__name__, "callmesh.crm.delivery_attempts", "POSTs to the CRM (outcome: delivered, "
+                                   "retry, unauthorized (a 401 or 403: the CRM refuses our credentials; the record "
+                                   "waits), failed)")
 
 
 class Posted(enum.Enum):

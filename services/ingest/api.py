@@ -9,7 +9,6 @@ error and its stage when it failed, and the CRM record when done.
 from __future__ import annotations
 
 import asyncio
-import collections
 import functools
 import json
 import logging
@@ -29,7 +28,7 @@ from opentelemetry.metrics import Observation
 
 from services.common.database import UNAVAILABLE_ERRORS, outage_cause
 from services.common.logs import call_context, printable_line
-from services.common.metrics import add_metrics_route, meter
+from services.common.metrics import add_metrics_route, meter, outcome_counter
 from services.common.telemetry import current_traceparent, server_span_middleware, shown_url, trace_id_hex
 from services.ingest.config import DownloadSettings
 from services.ingest.openapi import openapi_document
@@ -44,13 +43,8 @@ from services.ingest.web import WebPages, authorized
 
 log = logging.getLogger(__name__)
 _meter = meter(__name__)
-# Counted in a plain dict and read at each scrape: an OpenTelemetry counter's add() costs a twentieth
-# of a webhook's CPU, this costs nothing measurable.
-_webhooks: collections.Counter[str] = collections.Counter()
-_meter.create_observable_counter(
-    "callmesh.webhooks", description="Webhooks answered (outcome: accepted, duplicate, relinked (a new recording "
-    "link for a known call), or the HTTP status of a refusal)",
-    callbacks=[lambda _: [Observation(n, {"outcome": outcome}) for outcome, n in _webhooks.items()]])
+_webhooks = outcome_counter(__name__, "callmesh.webhooks", "Webhooks answered (outcome: accepted, duplicate, "
+                            "relinked (a new recording link for a known call), or the HTTP status of a refusal)")
 
 MAX_BODY_BYTES = 64 * 1024
 STORE_RETRY_AFTER_SECONDS = 5  # the Retry-After of a request the job store could not serve
