@@ -24,9 +24,9 @@ from callmesh.standins import CrmReceiver, Recorder, post_webhook
 from tests.postgres_server import PostgresServer
 from tests.test_chaos import statuses
 
-pytestmark = pytest.mark.models
-
 CALLS = 40
+DEADLINE_SECONDS = 1500  # 40 calls on two cores take about 700 s; the suite's 900 s per test is too tight
+pytestmark = [pytest.mark.models, pytest.mark.timeout(DEADLINE_SECONDS + 300)]
 RECORDINGS = ("en-internet-angry.wav", "es-billing-angry-8k.mp3")
 
 
@@ -67,7 +67,7 @@ async def test_two_ingest_and_two_crm_replicas_process_each_call_once_while_one_
                 assert sorted(ack["duplicate"] for _, ack in acks) == [False, True]
 
             killed = False
-            deadline = time.monotonic() + 1500
+            deadline = time.monotonic() + DEADLINE_SECONDS
             current: dict[str, str] = {}
             while time.monotonic() < deadline:
                 current = await statuses(session, urls[0])
