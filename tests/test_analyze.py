@@ -321,6 +321,14 @@ async def test_a_bullet_still_invented_after_the_retry_is_dropped(ollama: FakeOl
     assert result.summary == ("Customer is angry.", "Wants a refund.") and result.dropped_bullets == 1
 
 
+async def test_a_summary_asked_for_again_that_comes_back_broken_keeps_the_first_answer_less_the_invented_bullet(
+        ollama: FakeOllama) -> None:
+    invented = {**GOOD, "summary": ["Customer was billed 45 euros twice.", "Customer is angry.", "Wants a refund."]}
+    ollama.answers = [json.dumps(invented), "not JSON at all"]
+    result = await analyzer(OllamaBackend(settings(ollama.url))).analyze(CALL, "en")
+    assert result.summary == ("Customer is angry.", "Wants a refund.") and result.dropped_bullets == 1
+
+
 async def test_a_summary_naming_someone_the_call_never_mentions_is_retried(ollama: FakeOllama) -> None:
     invented = {**GOOD, "summary": ["The customer spoke to John about a double charge.", "Customer is angry.",
                                     "Wants a refund."]}
@@ -374,6 +382,15 @@ async def test_a_translation_that_gives_back_the_error_it_was_told_keeps_the_lin
     result = await analyzer(OllamaBackend(settings(ollama.url))).analyze(SPANISH_CALL, "es")
     assert "line 1 is not translated" in ollama.requests[1]["messages"][-1]["content"]
     assert result.translated_lines == (SPANISH_CALL[0].text,)
+
+
+async def test_a_translation_asked_for_again_that_comes_back_broken_keeps_the_first_answer(
+        ollama: FakeOllama) -> None:
+    copy = json.dumps({"lines": [SPANISH_CALL[0].text]})
+    cut_off = '{"lines": ["I was charged twice on the bill this month and I am very'  # the token budget ran out
+    ollama.answers = [copy, cut_off, json.dumps(GOOD)]
+    result = await analyzer(OllamaBackend(settings(ollama.url))).analyze(SPANISH_CALL, "es")
+    assert result.translated_lines == (SPANISH_CALL[0].text,) and result.topic == GOOD["topic"]
 
 
 async def test_a_line_of_names_and_numbers_may_stay_as_it_was_said(ollama: FakeOllama) -> None:

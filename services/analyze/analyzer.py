@@ -323,8 +323,12 @@ class Analyzer:
 
     async def _ask(self, purpose: str, messages: list[dict[str, str]], schema: dict, max_tokens: int,
                    check: Callable[[dict], str | None] | None = None) -> tuple[dict, Completion]:
-        """Ask, validate (schema, then ``check``), and on a bad answer ask once more with the error."""
+        """Ask, validate (schema, then ``check``), and on a bad answer ask once more with the error. An answer
+        that only ``check`` found fault with is kept when the one asked for again is not valid at all: a check
+        makes an answer better when it can, never a call fail (the 0.5B, told that it had copied lines instead of
+        translating them, answered with JSON cut off at its token budget)."""
         error = ""
+        checked: tuple[dict, Completion] | None = None  # valid, but not to the check's liking
         for attempt in (1, 2):
             with _tracer.start_as_current_span(f"llm.{purpose}", attributes={
                 "llm.model": self.backend.name, "llm.attempt": attempt, "llm.prompt_version": PROMPT_VERSION,
@@ -341,12 +345,16 @@ class Analyzer:
                     answer = _parse(completion, schema)
                     problem = check(answer) if check and attempt == 1 else None
                     if problem:
+                        checked = answer, completion
                         raise ValueError(problem)
                     return answer, completion
                 except ValueError as exc:
                     error = str(exc)
                     span.add_event("invalid_answer", {"error": error})
                     log.warning("%s: invalid answer on attempt %d: %s", purpose, attempt, error)
+                    if attempt == 2 and checked is not None:
+                        log.warning("%s: keeping the first answer, which was valid", purpose)
+                        return checked
                     messages = [*messages, {"role": "assistant", "content": completion.text[:2000]},
                                 {"role": "user", "content": f"{INVALID_ANSWER}: {error}. Answer again with "
                                                             "JSON that follows the schema exactly."}]
