@@ -24,8 +24,8 @@ import pytest_asyncio
 from aiohttp import web
 
 from callcenter.v1 import analyze_pb2, analyze_pb2_grpc, common_pb2
-from services.analyze.analyzer import (EMOTION_MEANINGS, TOPIC_MEANINGS, AnalysisError, Analyzer, TranscriptTooLong, Utterance,
-                                       analysis_schema, notes_schema)
+from services.analyze.analyzer import (EMOTION_MEANINGS, LANGUAGE_NAMES, TOPIC_MEANINGS, AnalysisError, Analyzer,
+                                       TranscriptTooLong, Utterance, analysis_schema, notes_schema)
 from services.analyze.backends import BackendUnavailable, EmbeddedLlamaBackend, OllamaBackend
 from services.analyze.config import DEFAULT_EMOTIONS, DEFAULT_TOPICS, LlmSettings
 from services.analyze.servicer import AnalysisServicer
@@ -142,6 +142,12 @@ async def test_prompt_says_what_each_known_label_means_and_offers_others_by_name
 
 def test_every_default_topic_has_a_meaning() -> None:
     assert set(DEFAULT_TOPICS) <= set(TOPIC_MEANINGS)
+
+
+def test_every_language_whisper_can_detect_has_a_name_for_the_prompts() -> None:
+    from faster_whisper.tokenizer import _LANGUAGE_CODES
+
+    assert set(_LANGUAGE_CODES) == set(LANGUAGE_NAMES)
 
 
 async def test_other_languages_are_translated_in_a_request_of_their_own(ollama: FakeOllama) -> None:
