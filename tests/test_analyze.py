@@ -132,7 +132,8 @@ async def test_prompt_says_what_each_known_label_means_and_offers_others_by_name
     ollama.answers = [json.dumps({**GOOD, field: labels[-1]})]
     configured = Analyzer(OllamaBackend(settings(ollama.url)), labels if field == "topic" else DEFAULT_TOPICS,
                           labels if field == "emotion" else DEFAULT_EMOTIONS, 4096, 512)
-    result = await configured.analyze(CALL, "en")
+    # A call in which the customer names no feeling (one named would outweigh the model's emotion)
+    result = await configured.analyze([Utterance("customer", 0.0, "I was billed twice. I want my money back.")], "en")
     assert getattr(result, field) == labels[-1]
     prompt = ollama.requests[0]["messages"][1]["content"]
     assert (f"Allowed {field}s: {labels[0]} ({meanings[labels[0]]}); {labels[1]} ({meanings[labels[1]]}); "
@@ -421,6 +422,37 @@ async def test_numbers_the_customer_said_may_be_summarised(ollama: FakeOllama) -
     result = await analyzer(OllamaBackend(settings(ollama.url))).analyze(
         [Utterance("customer", 0, "You charged me 1250.00 euros!")], "en")
     assert result.summary[0] == "Customer was billed 1,250.00 euros." and len(ollama.requests) == 1
+
+
+async def test_a_feeling_the_customer_names_outweighs_the_models_emotion(ollama: FakeOllama) -> None:
+    ollama.answers = [json.dumps({**GOOD, "emotion": "frustrated"})]
+    result = await analyzer(OllamaBackend(settings(ollama.url))).analyze([Utterance(
+        "unknown", 0, "I was charged twice for my phone bill this month, and am really angry about it.")], "en")
+    assert result.emotion == "angry"
+    assert result.sentiment == GOOD["sentiment"] and result.topic == GOOD["topic"]
+
+
+async def test_a_feeling_named_in_the_translation_of_a_call_counts(ollama: FakeOllama) -> None:
+    ollama.answers = [SPANISH_CALL_IN_ENGLISH, json.dumps({**GOOD, "emotion": "frustrated"})]
+    result = await analyzer(OllamaBackend(settings(ollama.url))).analyze(SPANISH_CALL, "es")
+    assert result.emotion == "angry"
+
+
+@pytest.mark.parametrize("lines, emotions", [
+    ([("customer", "I'm not angry, just tired of waiting."), ("agent", "I understand.")], DEFAULT_EMOTIONS),
+    ([("customer", "I was worried last week, but it arrived."), ("agent", "Good to hear.")], DEFAULT_EMOTIONS),
+    ([("customer", "I'm worried about the bill and I am furious about the fee.")], DEFAULT_EMOTIONS),
+    ([("customer", "Why is my bill so high?"), ("agent", "I'm confused by this charge too, one moment.")],
+     DEFAULT_EMOTIONS),
+    ([("customer", "I am really angry about this bill.")], ("calm", "satisfied", "upset")),
+], ids=["negated", "past", "two-feelings", "the-agents-words", "not-a-configured-emotion"])
+async def test_a_feeling_the_customer_does_not_name_as_theirs_now_leaves_the_models_emotion(
+        ollama: FakeOllama, lines: list[tuple[str, str]], emotions: tuple[str, ...]) -> None:
+    call = [Utterance(speaker, float(i), text) for i, (speaker, text) in enumerate(lines)]
+    each = {"customer_sentiment": "neutral", "agent_sentiment": "neutral"} if len(lines) > 1 else {}
+    ollama.answers = [json.dumps({**GOOD, "emotion": "calm", **each})]
+    result = await Analyzer(OllamaBackend(settings(ollama.url)), DEFAULT_TOPICS, emotions, 4096, 512).analyze(call, "en")
+    assert result.emotion == "calm"
 
 
 @pytest.mark.models
