@@ -238,6 +238,9 @@ def metric_families_the_code_defines() -> set[str]:
                 r'create_(counter|observable_counter|histogram|observable_gauge)\(\s*"([a-z_.]+)"([^)]*)', text):
             base = name.replace(".", "_") + ("_seconds" if 'unit="s"' in rest else "")
             families.add(base + "_total" if kind.endswith("counter") else base)
+        # services.common.metrics.outcome_counter(meter_name, "name", description): a counter too
+        families |= {name.replace(".", "_") + "_total" for name in
+                     re.findall(r'outcome_counter\([^,()]+,\s*"([a-z_.]+)"', text)}
     return families
 
 
